@@ -4,7 +4,7 @@ CC      ?= cc
 ARCH    ?= -march=native
 CFLAGS  ?= -O2 -g
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(ARCH) -Wall -Wextra -Wno-unused-parameter -pthread -I. -MMD -MP
-LDLIBS  += -lmicrohttpd -lsystemd -lcjson -lpcre2-8 -lutf8proc -lm -pthread
+LDLIBS  += -lmicrohttpd -luv -lsystemd -lcjson -lpcre2-8 -lutf8proc -lm -pthread
 
 # The CUDA backend is built whenever nvcc is found (CI compiles and links it
 # even without a GPU). CUDA=0 turns it off.

@@ -33,7 +33,7 @@ static void usage(FILE *f) {
             "  serve --model DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]\n"
             "      [--max-num-seqs N] [--num-kv-blocks N] [--threads N] [--api-key KEY]\n"
             "      [--max-queue N] [--max-num-batched-tokens N] [--shutdown-grace SECONDS]\n"
-            "      [--config FILE.json]\n"
+            "      [--http-threads N] [--config FILE.json]\n"
             "                                       OpenAI-compatible HTTP server\n"
             "  inspect --model DIR                  architecture, parameters, dtypes, memory\n"
             "  bench-membw                          measure host copy bandwidth\n"
@@ -42,7 +42,7 @@ static void usage(FILE *f) {
 
 typedef struct cli_opts {
     const char *model, *prompt, *system, *device, *host, *served_name, *api_key;
-    int chat, max_tokens, threads, ignore_eos, show_ids, port, max_num_seqs, kv_blocks, max_queue, max_batched;
+    int chat, max_tokens, threads, ignore_eos, show_ids, port, max_num_seqs, kv_blocks, max_queue, max_batched, http_threads;
     double grace;
     int set_temperature, set_top_p, set_top_k; /* else generation_config.json decides */
     cJSON *config;    /* --config document: its strings back some fields */
@@ -98,6 +98,7 @@ static int parse_flags(int argc, char **argv, cli_opts *o) {
         else if (!strcmp(a, "--host")) { NEED_VALUE o->host = v; }
         else if (!strcmp(a, "--api-key")) { NEED_VALUE o->api_key = v; }
         else if (!strcmp(a, "--max-num-batched-tokens")) { NEED_VALUE if (parse_int(a, v, 1, 1 << 20, &l)) return -1; o->max_batched = (int)l; }
+        else if (!strcmp(a, "--http-threads")) { NEED_VALUE if (parse_int(a, v, 1, 256, &l)) return -1; o->http_threads = (int)l; }
         else if (!strcmp(a, "--max-queue")) { NEED_VALUE if (parse_int(a, v, 1, 1 << 20, &l)) return -1; o->max_queue = (int)l; }
         else if (!strcmp(a, "--shutdown-grace")) { NEED_VALUE if (parse_num(a, v, 0, 3600, &d)) return -1; o->grace = d; }
         else if (!strcmp(a, "--served-model-name")) { NEED_VALUE o->served_name = v; }
@@ -325,8 +326,7 @@ static int cmd_inspect(int argc, char **argv) {
     return rc;
 }
 
-/* Serves until SIGINT or SIGTERM. The signals are blocked before any thread
- * starts, so only this thread receives them (in sigwait). */
+/* Serves until SIGINT or SIGTERM; this thread runs the engine loop. */
 static int cmd_serve(int argc, char **argv) {
     cli_opts o;
     if (parse_args(argc, argv, &o)) {
@@ -334,11 +334,6 @@ static int cmd_serve(int argc, char **argv) {
         return 2;
     }
     log_set_level(LOG_INFO);
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
     nb_err e = {{0}};
     nb_backend_opts bo = {.device = o.device, .threads = o.threads};
     nb_backend *be = NULL;
@@ -352,16 +347,13 @@ static int cmd_serve(int argc, char **argv) {
         !(ct = chat_template_load(o.model, &e)) || !(m = model_load(o.model, be, &mo, &e)))
         goto out;
     nb_server_opts so = {.host = o.host, .port = o.port, .model_name = o.served_name ? o.served_name : o.model,
-                         .max_num_seqs = o.max_num_seqs, .api_key = o.api_key, .max_queue = o.max_queue};
+                         .max_num_seqs = o.max_num_seqs, .api_key = o.api_key, .max_queue = o.max_queue,
+                         .http_threads = o.http_threads};
     if (!(srv = server_start(m, tok, ct, &so, &e))) goto out;
     log_info("serving %s on http://%s:%d (model id \"%s\")", o.model, so.host ? so.host : "127.0.0.1",
              so.port ? so.port : 8000, so.model_name);
     sd_notify(0, "READY=1");
-    int sig;
-    sigwait(&set, &sig);
-    sd_notify(0, "STOPPING=1");
-    log_info("signal %d: no new connections; draining for up to %.0f s", sig, o.grace);
-    int left = server_drain(srv, o.grace);
+    int left = server_run(srv, o.grace);
     if (left) log_warn("%d requests still running after the grace period are cancelled", left);
     rc = 0;
 out:

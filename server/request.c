@@ -9,7 +9,23 @@
 #include "common/util.h"
 #include "server/server_int.h"
 
-
+void req_unref(srv_req *r) {
+    if (--r->refs > 0) return;
+    for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
+    for (int i = 0; r->ch && i < r->n; i++) {
+        srv_choice *c = &r->ch[i];
+        detok_free(c->dt);
+        free(c->text);
+        free(c->ids);
+        free(c->tok_end);
+        free(c->lp);
+        free(c->top_lp);
+        free(c->top_ids);
+    }
+    free(r->ch);
+    free(r->prompt);
+    free(r);
+}
 
 static int fail(req_error *x, unsigned status, const char *param, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 static int fail(req_error *x, unsigned status, const char *param, const char *fmt, ...) {
@@ -150,9 +166,9 @@ int request_parse(const nb_server *s, const char *body, size_t len, srv_req *r, 
         fail(x, 400, "user", "'user' must be a string");
         goto out;
     }
-    /* Only one choice per request so far: n > 1 is refused plainly rather
-     * than silently ignored. */
-    if ((got = num_field(root, "n", 1, 1, 1, &v, x)) < 0) goto out;
+    r->n = 1;
+    if ((got = num_field(root, "n", 1, SRV_MAX_N, 1, &v, x)) < 0) goto out;
+    if (got) r->n = (int)v;
     /* logprobs: completions take a count of alternatives (0-20), chat a
      * boolean plus top_logprobs (0-20). */
     int want_lp = 0, n_top = 0;
@@ -173,10 +189,6 @@ int request_parse(const nb_server *s, const char *body, size_t len, srv_req *r, 
         n_top = (int)v;
     }
     if (want_lp) {
-        if (r->stream) {
-            fail(x, 400, "logprobs", "'logprobs' with 'stream' is not supported yet");
-            goto out;
-        }
         r->opts.logprobs = n_top + 1;
         r->n_top = n_top;
     }

@@ -1,5 +1,5 @@
-/* The OpenAI-compatible HTTP front end (first slice): libmicrohttpd with a
- * thread per connection, one engine thread running continuous batching. */
+/* The OpenAI-compatible HTTP daemon: libmicrohttpd (a pool of epoll worker
+ * threads) in front of one libuv engine loop running continuous batching. */
 #ifndef NB_SERVER_H
 #define NB_SERVER_H
 
@@ -18,16 +18,19 @@ typedef struct nb_server_opts {
     size_t max_body;        /* request body limit in bytes (default 1 MiB) */
     const char *api_key;    /* when set, requests need "Authorization: Bearer KEY" */
     int max_queue;          /* requests in flight before new ones get 429 (default 256) */
+    int http_threads;       /* libmicrohttpd worker threads (default 4) */
 } nb_server_opts;
 
 /* Starts serving; the model, tokenizer and template stay owned by the caller
  * and must outlive the server. */
 nb_server *server_start(nb_model *m, const nb_tokenizer *tok, const nb_chat_template *ct, const nb_server_opts *o,
                         nb_err *e);
-/* Stops accepting connections and waits up to grace_s seconds for the
- * requests in flight to finish. Returns how many were still unfinished. */
-int server_drain(nb_server *s, double grace_s);
-/* Cancels what is in flight, joins the threads, frees the server. */
+/* Runs the engine loop on the calling thread until SIGINT or SIGTERM: then
+ * stops accepting connections (systemd hears STOPPING=1), lets the requests
+ * in flight finish for up to grace_s seconds and cancels the rest (a second
+ * signal cancels at once). Returns how many requests were cancelled. */
+int server_run(nb_server *s, double grace_s);
+/* Cancels what is in flight, stops the HTTP workers, frees the server. */
 void server_stop(nb_server *s);
 
 #endif
