@@ -85,6 +85,7 @@ test-venv:
 # Benchmarks print measurements and ratios; they never gate tests.
 bench: all
 	scripts/bench_cpu.sh $(BENCH_MODELS)
+	scripts/bench_quant.sh $(BENCH_MODELS)
 
 # Regenerates the committed fixtures (needs torch/transformers in .venv).
 fixtures:

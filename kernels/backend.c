@@ -9,8 +9,8 @@ size_t nb_dtype_size(nb_dtype t) {
     case NB_F32: return 4;
     case NB_BF16: return 2;
     case NB_F16: return 2;
+    default: return 0; /* packed: see quant_data_bytes */
     }
-    return 0;
 }
 
 const char *nb_dtype_name(nb_dtype t) {
@@ -18,8 +18,34 @@ const char *nb_dtype_name(nb_dtype t) {
     case NB_F32: return "F32";
     case NB_BF16: return "BF16";
     case NB_F16: return "F16";
+    case NB_WINT8: return "WINT8";
+    case NB_WINT4: return "WINT4";
+    case NB_WINT2: return "WINT2";
+    case NB_FP8_B128: return "FP8_B128";
+    default: break;
     }
     return "?";
+}
+
+const char *nb_kv_dtype_name(nb_kv_dtype t) {
+    switch (t) {
+    case NB_KV_F32: return "float32";
+    case NB_KV_BF16: return "bf16";
+    case NB_KV_INT8: return "int8";
+    case NB_KV_FP8: return "float8_e4m3fn";
+    }
+    return "?";
+}
+
+size_t nb_kv_block_bytes(nb_kv_dtype t, int n_kv_heads, int head_dim) {
+    size_t vals = (size_t)NB_KV_BLOCK_SIZE * (size_t)n_kv_heads * (size_t)head_dim;
+    switch (t) {
+    case NB_KV_F32: return vals * 4;
+    case NB_KV_BF16: return vals * 2;
+    case NB_KV_INT8:
+    case NB_KV_FP8: return vals + (size_t)NB_KV_BLOCK_SIZE * (size_t)n_kv_heads * sizeof(float);
+    }
+    return 0;
 }
 
 nb_backend *backend_create(const nb_backend_opts *opts, nb_err *e) {

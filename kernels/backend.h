@@ -9,9 +9,12 @@
  *  - weights are row-major [rows = out features, cols = in features], as in a
  *    Hugging Face nn.Linear, stored as F32, BF16 or F16 (quantized formats
  *    come with quant/); all accumulation is FP32;
- *  - the KV cache is paged: per layer one K and one V buffer of
- *    [num_blocks][block_size][n_kv_heads][head_dim] FP32; a sequence owns a
- *    list of blocks (its block table) and token i of it lives in slot
+ *  - the KV cache is paged: per layer one K and one V buffer of num_blocks
+ *    blocks; a block holds [block_size][n_kv_heads][head_dim] values of the
+ *    cache dtype, then (INT8 and FP8 only) [block_size][n_kv_heads] FP32
+ *    scales, one per token per head, computed as the token is written
+ *    (value = stored * scale). A sequence owns a list of blocks (its block
+ *    table) and token i of it lives in slot
  *    block_table[i / block_size] * block_size + i % block_size.
  */
 #ifndef NB_BACKEND_H
@@ -28,16 +31,27 @@ typedef enum nb_dtype {
     NB_F32 = 0,
     NB_BF16 = 1,
     NB_F16 = 2,
+    /* weight-only quantized formats (layouts in quant/quant.h) */
+    NB_WINT8 = 3,
+    NB_WINT4 = 4,
+    NB_WINT2 = 5,
+    NB_FP8_B128 = 6, /* E4M3 with one FP32 scale per 128x128 block */
+    NB_DTYPE_COUNT
 } nb_dtype;
 
 size_t nb_dtype_size(nb_dtype t);
 const char *nb_dtype_name(nb_dtype t);
 
-/* A weight matrix (or vector, rows == 1) resident in backend memory. */
+/* A weight matrix (or vector, rows == 1) resident in backend memory. For the
+ * quantized dtypes, data holds the packed values and scale/scale2/group
+ * describe how to read them back (quant/quant.h). */
 typedef struct nb_weight {
     nb_dtype dtype;
     int64_t rows, cols;
     const void *data;
+    const void *scale;  /* quantized dtypes only */
+    const void *scale2; /* NB_WINT2: per-row super scales */
+    int group;          /* NB_WINT4, NB_WINT2: columns per scale group */
 } nb_weight;
 
 /* Where each token of a step sits. Host pointers; they must stay valid until
@@ -54,10 +68,23 @@ typedef struct nb_batch {
     const int32_t *block_tables; /* [n_seqs][max_blocks] */
 } nb_batch;
 
+/* KV cache element types (--kv-cache-dtype). */
+typedef enum nb_kv_dtype {
+    NB_KV_F32 = 0, /* the CPU default: activations are FP32 */
+    NB_KV_BF16,
+    NB_KV_INT8,    /* symmetric, scale = max|x| / 127 per token per head */
+    NB_KV_FP8,     /* E4M3, scale = max|x| / 448 per token per head */
+} nb_kv_dtype;
+
+const char *nb_kv_dtype_name(nb_kv_dtype t);
+/* Bytes of one KV block (values and scales) for one of K or V. */
+size_t nb_kv_block_bytes(nb_kv_dtype t, int n_kv_heads, int head_dim);
+
 /* Shapes of one attention layer. */
 typedef struct nb_attn_shape {
     int n_heads, n_kv_heads, head_dim;
     float scale; /* usually 1/sqrt(head_dim) */
+    nb_kv_dtype kv_dtype;
 } nb_attn_shape;
 
 typedef struct nb_backend nb_backend;
@@ -102,14 +129,14 @@ typedef struct nb_backend_ops {
                  const float *inv_freq, int interleaved);
     /* Writes the step's K and V ([n_tokens][n_kv_heads*head_dim]) into the
      * layer's cache at the batch slots. */
-    void (*kv_write)(nb_backend *b, float *k_cache, float *v_cache, const float *k,
+    void (*kv_write)(nb_backend *b, void *k_cache, void *v_cache, const float *k,
                      const float *v, const nb_attn_shape *s);
     /* Causal paged attention: out[t] = softmax(q[t] K^T * scale) V over the
      * positions 0..pos[t] of the token's sequence, read through its block
      * table (so K/V of this step must be written first). GQA: query head h
      * reads KV head h / (n_heads / n_kv_heads). */
-    void (*attention)(nb_backend *b, float *out, const float *q, const float *k_cache,
-                      const float *v_cache, const nb_attn_shape *s);
+    void (*attention)(nb_backend *b, float *out, const float *q, const void *k_cache,
+                      const void *v_cache, const nb_attn_shape *s);
     /* In-place softmax over n rows of width cols. */
     void (*softmax)(nb_backend *b, float *x, int n, int cols);
     /* out[i] = x[rows[i]] for n_rows rows of width cols; rows is a host array. */

@@ -8,6 +8,8 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "engine/generate.h"
+#include "engine/perplexity.h"
+#include "engine/quantize.h"
 #include "engine/model/chat_template.h"
 #include "engine/model/model.h"
 #include "engine/model/tokenizer.h"
@@ -29,19 +31,34 @@ static void usage(FILE *f) {
             "      [--chat] [--system TEXT] [--max-tokens N] [--temperature T] [--top-k K]\n"
             "      [--top-p P] [--min-p P] [--repetition-penalty R] [--presence-penalty P]\n"
             "      [--frequency-penalty F] [--seed S] [--ignore-eos] [--threads N] [--device cpu]\n"
-            "      [--show-ids] [--verbose]\n"
+            "      [--show-ids] [--verbose] [--quantization NAME|JSON] [--kv-cache-dtype T]\n"
             "  serve --model DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]\n"
             "      [--max-num-seqs N] [--num-kv-blocks N] [--threads N] [--api-key KEY]\n"
             "      [--max-queue N] [--max-num-batched-tokens N] [--shutdown-grace SECONDS]\n"
-            "      [--http-threads N] [--config FILE.json]\n"
+            "      [--http-threads N] [--quantization NAME|JSON] [--kv-cache-dtype T]\n"
+            "      [--config FILE.json]\n"
             "                                       OpenAI-compatible HTTP server\n"
-            "  inspect --model DIR                  architecture, parameters, dtypes, memory\n"
+            "  inspect --model DIR [--quantization NAME|JSON] [--quant-report]\n"
+            "                                       architecture, parameters, dtypes, memory;\n"
+            "                                       with --quant-report each matrix's quantization error\n"
+            "  quantize --model IN --out OUT --quantization wint2|wint4|wint8|block_wise_fp8|JSON\n"
+            "      [--calib FILE] [--calib-tokens N] [--method gptq|rtn] [--threads N]\n"
+            "                                       write a quantized checkpoint\n"
+            "  perplexity --model DIR --file TEXT [--ctx N] [--quantization ...] [--kv-cache-dtype T]\n"
+            "                                       perplexity of the model on a text file\n"
+            "\n"
+            "quantization: none, wint8, wint4, wint2 (offline), block_wise_fp8, or a JSON object\n"
+            "  {\"quantization\": \"mix_quant\", \"dense_quant_type\": \"wint8\", \"kv_cache_quant_type\": \"int8\"};\n"
+            "  --kv-cache-dtype: auto, bf16, int8, float8_e4m3fn\n"
             "  bench-membw                          measure host copy bandwidth\n"
             "  version                              print the version\n");
 }
 
 typedef struct cli_opts {
     const char *model, *prompt, *system, *device, *host, *served_name, *api_key;
+    const char *quantization, *kv_dtype, *out, *calib, *method, *file;
+    int ctx;
+    int quant_report, calib_tokens;
     int chat, max_tokens, threads, ignore_eos, show_ids, port, max_num_seqs, kv_blocks, max_queue, max_batched, http_threads;
     double grace;
     int set_temperature, set_top_p, set_top_k; /* else generation_config.json decides */
@@ -96,6 +113,15 @@ static int parse_flags(int argc, char **argv, cli_opts *o) {
         else if (!strcmp(a, "--system")) { NEED_VALUE o->system = v; }
         else if (!strcmp(a, "--device")) { NEED_VALUE o->device = v; }
         else if (!strcmp(a, "--host")) { NEED_VALUE o->host = v; }
+        else if (!strcmp(a, "--quantization")) { NEED_VALUE o->quantization = v; }
+        else if (!strcmp(a, "--kv-cache-dtype")) { NEED_VALUE o->kv_dtype = v; }
+        else if (!strcmp(a, "--quant-report")) o->quant_report = 1;
+        else if (!strcmp(a, "--out")) { NEED_VALUE o->out = v; }
+        else if (!strcmp(a, "--calib")) { NEED_VALUE o->calib = v; }
+        else if (!strcmp(a, "--file")) { NEED_VALUE o->file = v; }
+        else if (!strcmp(a, "--ctx")) { NEED_VALUE if (parse_int(a, v, 2, 1 << 20, &l)) return -1; o->ctx = (int)l; }
+        else if (!strcmp(a, "--method")) { NEED_VALUE o->method = v; }
+        else if (!strcmp(a, "--calib-tokens")) { NEED_VALUE if (parse_int(a, v, 16, 1 << 20, &l)) return -1; o->calib_tokens = (int)l; }
         else if (!strcmp(a, "--api-key")) { NEED_VALUE o->api_key = v; }
         else if (!strcmp(a, "--max-num-batched-tokens")) { NEED_VALUE if (parse_int(a, v, 1, 1 << 20, &l)) return -1; o->max_batched = (int)l; }
         else if (!strcmp(a, "--http-threads")) { NEED_VALUE if (parse_int(a, v, 1, 256, &l)) return -1; o->http_threads = (int)l; }
@@ -163,6 +189,8 @@ static int load_config(const char *path, cli_opts *o) {
         } else if (cJSON_IsNumber(it)) {
             snprintf(value, sizeof value, "%.17g", it->valuedouble);
             o->config_argv[o->config_argc++] = xstrdup(value);
+        } else if (cJSON_IsObject(it) && !strcmp(it->string, "quantization")) {
+            o->config_argv[o->config_argc++] = cJSON_PrintUnformatted(it);
         } else {
             fprintf(stderr, "nibble: --config %s: \"%s\" must be a string, number or boolean\n", path, it->string);
             return -1;
@@ -201,6 +229,16 @@ static int parse_args(int argc, char **argv, cli_opts *o) {
         rc = -1;
     }
     return rc;
+}
+
+/* The quantization the flags ask for; prints one line on a bad setting. */
+static int make_plan(const cli_opts *o, nb_quant_plan *p) {
+    nb_err e;
+    if (quant_plan_parse(o->quantization, o->kv_dtype, p, &e)) {
+        fprintf(stderr, "nibble: %s\n", e.msg);
+        return -1;
+    }
+    return 0;
 }
 
 /* Renders the chat template (or takes the raw prompt) and tokenizes it. */
@@ -242,9 +280,10 @@ static int cmd_generate(int argc, char **argv) {
         cli_opts_free(&o);
         return 2;
     }
-    if (!o.prompt) {
+    nb_quant_plan plan;
+    if (!o.prompt) fprintf(stderr, "nibble: generate needs --prompt TEXT\n");
+    if (!o.prompt || make_plan(&o, &plan)) {
         cli_opts_free(&o);
-        fprintf(stderr, "nibble: generate needs --prompt TEXT\n");
         return 2;
     }
     nb_err e = {{0}};
@@ -258,7 +297,7 @@ static int cmd_generate(int argc, char **argv) {
     double t0 = util_now();
     /* The prompt is tokenized first so the KV cache is sized to this one
      * sequence (prompt + max_tokens), not to the model's whole context. */
-    nb_model_opts mo = {0};
+    nb_model_opts mo = {.quant = &plan, .quant_report = o.quant_report ? stderr : NULL};
     if (!(be = backend_create(&bo, &e)) || !(tok = tokenizer_load(o.model, &e)) ||
         build_prompt(&o, tok, &ids, &n_ids, &e))
         goto out;
@@ -304,16 +343,36 @@ out:
 
 static int cmd_inspect(int argc, char **argv) {
     cli_opts o;
-    int rc = 0;
-    if (parse_args(argc, argv, &o)) {
+    nb_quant_plan plan;
+    if (parse_args(argc, argv, &o) || make_plan(&o, &plan)) {
         cli_opts_free(&o);
         return 2;
     }
     nb_err e = {{0}};
+    int rc = 0;
     if (model_inspect(o.model, stdout, &e)) {
-        fprintf(stderr, "nibble: %s\n", e.msg);
         rc = 1;
-    } else {
+    } else if (o.quant_report || o.quantization || o.kv_dtype) {
+        /* bind the model as it would serve, reporting each quantized matrix */
+        nb_backend_opts bo = {.device = "cpu", .threads = o.threads};
+        nb_backend *be = backend_create(&bo, &e);
+        nb_model_opts mo = {.quant = &plan, .quant_report = o.quant_report ? stdout : NULL, .num_kv_blocks = 1};
+        if (o.quant_report) printf("quantization report (relative Frobenius error of W, and of x W^T on 16 Gaussian rows):\n");
+        nb_model *m = be ? model_load(o.model, be, &mo, &e) : NULL;
+        if (m) {
+            char name[32];
+            const nb_quant_plan *p = model_quant_plan(m);
+            printf("quantization:   %s (%s), KV cache %s\n", p->method, quant_plan_name(p, name, sizeof name),
+                   nb_kv_dtype_name(p->kv));
+            for (int t = 0; t < NB_DTYPE_COUNT; t++)
+                if (model_weight_bytes(m, (nb_dtype)t))
+                    printf("resident %-9s %.2f MiB\n", nb_dtype_name((nb_dtype)t), model_weight_bytes(m, (nb_dtype)t) / 1048576.0);
+        }
+        rc = m ? 0 : 1;
+        model_free(m);
+        backend_destroy(be);
+    }
+    if (rc == 0) {
         int ndev = cuda_device_count();
         printf("cuda devices:   %d\n", ndev);
         for (int i = 0; i < ndev; i++) {
@@ -321,6 +380,75 @@ static int cmd_inspect(int argc, char **argv) {
             cuda_device_describe(i, buf, sizeof buf);
             printf("  [%d] %s\n", i, buf);
         }
+    } else {
+        fprintf(stderr, "nibble: %s\n", e.msg);
+    }
+    cli_opts_free(&o);
+    return rc;
+}
+
+/* Perplexity of the model (as quantized by the flags) on a text file. */
+static int cmd_perplexity(int argc, char **argv) {
+    cli_opts o;
+    nb_quant_plan plan;
+    if (parse_args(argc, argv, &o) || make_plan(&o, &plan)) {
+        cli_opts_free(&o);
+        return 2;
+    }
+    if (!o.file) {
+        fprintf(stderr, "nibble: perplexity needs --file TEXT\n");
+        cli_opts_free(&o);
+        return 2;
+    }
+    nb_err e = {{0}};
+    int rc = 1, ctx = o.ctx ? o.ctx : 256;
+    nb_backend_opts bo = {.device = o.device, .threads = o.threads};
+    nb_backend *be = NULL;
+    nb_tokenizer *tok = NULL;
+    nb_model *m = NULL;
+    int32_t *ids = NULL;
+    size_t n = 0, scored = 0;
+    double ppl = 0, t0 = util_now();
+    char *text = util_read_file(o.file, NULL, &e);
+    nb_model_opts mo = {.quant = &plan, .num_kv_blocks = (ctx + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE};
+    if (text && (be = backend_create(&bo, &e)) && (tok = tokenizer_load(o.model, &e)) &&
+        !tokenizer_encode(tok, text, strlen(text), 1, &ids, &n, &e) && (m = model_load(o.model, be, &mo, &e)) &&
+        !perplexity_run(m, ids, n, ctx, &ppl, &scored, &e)) {
+        char name[32];
+        printf("perplexity %.4f over %zu tokens (windows of %d), %s, %.1f s\n", ppl, scored, ctx,
+               quant_plan_name(model_quant_plan(m), name, sizeof name), util_now() - t0);
+        rc = 0;
+    }
+    if (rc) fprintf(stderr, "nibble: %s\n", e.msg);
+    free(text);
+    free(ids);
+    model_free(m);
+    tokenizer_free(tok);
+    backend_destroy(be);
+    cli_opts_free(&o);
+    return rc;
+}
+
+/* Writes a quantized checkpoint (engine/quantize.c). */
+static int cmd_quantize(int argc, char **argv) {
+    cli_opts o;
+    nb_quant_plan plan;
+    if (parse_args(argc, argv, &o) || make_plan(&o, &plan)) {
+        cli_opts_free(&o);
+        return 2;
+    }
+    int rc = 2;
+    if (!o.out) fprintf(stderr, "nibble: quantize needs --out DIR\n");
+    else if (!o.quantization) fprintf(stderr, "nibble: quantize needs --quantization NAME|JSON\n");
+    else if (o.method && strcmp(o.method, "gptq") && strcmp(o.method, "rtn"))
+        fprintf(stderr, "nibble: --method must be gptq or rtn, got \"%s\"\n", o.method);
+    else {
+        nb_err e = {{0}};
+        nb_quantize_opts qo = {.in = o.model, .out = o.out, .plan = &plan, .calib = o.calib,
+                               .calib_tokens = o.calib_tokens, .rtn = o.method && !strcmp(o.method, "rtn"),
+                               .threads = o.threads, .report = stdout};
+        rc = quantize_model(&qo, &e) ? 1 : 0;
+        if (rc) fprintf(stderr, "nibble: %s\n", e.msg);
     }
     cli_opts_free(&o);
     return rc;
@@ -342,7 +470,13 @@ static int cmd_serve(int argc, char **argv) {
     nb_chat_template *ct = NULL;
     nb_server *srv = NULL;
     int rc = 1;
-    nb_model_opts mo = {.num_kv_blocks = o.kv_blocks, .max_batch_tokens = o.max_batched};
+    nb_quant_plan plan;
+    if (make_plan(&o, &plan)) {
+        cli_opts_free(&o);
+        return 2;
+    }
+    nb_model_opts mo = {.num_kv_blocks = o.kv_blocks, .max_batch_tokens = o.max_batched, .quant = &plan,
+                        .quant_report = o.quant_report ? stderr : NULL};
     if (!(be = backend_create(&bo, &e)) || !(tok = tokenizer_load(o.model, &e)) ||
         !(ct = chat_template_load(o.model, &e)) || !(m = model_load(o.model, be, &mo, &e)))
         goto out;
@@ -398,6 +532,8 @@ int main(int argc, char **argv) {
     log_set_level(LOG_WARN);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc - 2, argv + 2);
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc - 2, argv + 2);
+    if (!strcmp(cmd, "quantize")) return cmd_quantize(argc - 2, argv + 2);
+    if (!strcmp(cmd, "perplexity")) return cmd_perplexity(argc - 2, argv + 2);
     if (!strcmp(cmd, "serve")) return cmd_serve(argc - 2, argv + 2);
     if (!strcmp(cmd, "bench-membw")) return cmd_bench_membw();
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {

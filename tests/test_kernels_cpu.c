@@ -56,7 +56,7 @@ static nb_weight make_weight(nb_dtype t, int64_t rows, int64_t cols, float **val
         }
     }
     *vals = v;
-    return (nb_weight){t, rows, cols, data};
+    return (nb_weight){.dtype = t, .rows = rows, .cols = cols, .data = data};
 }
 
 /* |got - ref| <= TOL * max(|ref|, scale) for every element; returns the
@@ -187,7 +187,7 @@ static void check_attention(int n_heads, int n_kv, int hd) {
             memcpy(vc + sl * kv_row, vd[s] + p * kv_row, sizeof(float) * kv_row);
         }
     nb_batch batch = {n, pos, seq_of, slot, NSEQ, MAXB, &tables[0][0]};
-    nb_attn_shape shape = {n_heads, n_kv, hd, 1.0f / sqrtf((float)hd)};
+    nb_attn_shape shape = {.n_heads = n_heads, .n_kv_heads = n_kv, .head_dim = hd, .scale = 1.0f / sqrtf((float)hd)};
     float *q = rand_floats(n * q_row);
     float *o1 = xmalloc(sizeof(float) * n * q_row), *o3 = xmalloc(sizeof(float) * n * q_row);
 
@@ -243,6 +243,59 @@ static void test_attention(void) {
     static const int ratios[] = {1, 2, 4}, hds[] = {16, 64, 128};
     for (int r = 0; r < 3; r++)
         for (int d = 0; d < 3; d++) check_attention(2 * ratios[r], 2, hds[d]);
+}
+
+
+/* Quantized KV caches: rows read back within the format's rounding, and
+ * attention over them close to attention over the FP32 cache. */
+static void test_attention_kv_dtypes(void) {
+    enum { L = 70, NKV = 2, NH = 4, HD = 64, NBLK = 5 };
+    static const struct {
+        nb_kv_dtype t;
+        double row_tol, out_tol; /* row: relative to the row's max |x|; out: absolute (values in [-1, 1]) */
+    } kinds[] = {{NB_KV_BF16, 1.0 / 256, 1e-2}, {NB_KV_INT8, 0.5 / 127 + 1e-6, 2e-2}, {NB_KV_FP8, 1.0 / 16, 6e-2}};
+    size_t kv_row = (size_t)NKV * HD, q_row = (size_t)NH * HD;
+    float *k = rand_floats(L * kv_row), *v = rand_floats(L * kv_row), *q = rand_floats(L * q_row);
+    int32_t pos[L], seq_of[L], table[NBLK];
+    for (int i = 0; i < L; i++) pos[i] = i, seq_of[i] = 0;
+    for (int i = 0; i < NBLK; i++) table[i] = NBLK - 1 - i; /* reversed: non-contiguous */
+    int32_t slot[L];
+    for (int i = 0; i < L; i++) slot[i] = table[i / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + i % NB_KV_BLOCK_SIZE;
+    nb_batch batch = {L, pos, seq_of, slot, 1, NBLK, table};
+    nb_attn_shape f32 = {NH, NKV, HD, 0.125f, NB_KV_F32};
+    float *o_ref = xmalloc(sizeof(float) * L * q_row), *o = xmalloc(sizeof(float) * L * q_row);
+    void *kc = be1->ops->alloc(be1, NBLK * nb_kv_block_bytes(NB_KV_F32, NKV, HD));
+    void *vc = be1->ops->alloc(be1, NBLK * nb_kv_block_bytes(NB_KV_F32, NKV, HD));
+    be1->ops->set_batch(be1, &batch);
+    be1->ops->kv_write(be1, kc, vc, k, v, &f32);
+    be1->ops->attention(be1, o_ref, q, kc, vc, &f32);
+    be1->ops->free(be1, kc), be1->ops->free(be1, vc);
+    for (size_t c = 0; c < sizeof kinds / sizeof kinds[0]; c++) {
+        nb_attn_shape sh = f32;
+        sh.kv_dtype = kinds[c].t;
+        size_t bb = nb_kv_block_bytes(sh.kv_dtype, NKV, HD);
+        kc = be1->ops->alloc(be1, NBLK * bb), vc = be1->ops->alloc(be1, NBLK * bb);
+        be1->ops->kv_write(be1, kc, vc, k, v, &sh);
+        double worst_row = 0, worst_out = 0;
+        float buf[HD];
+        for (int t = 0; t < L; t++)
+            for (int h = 0; h < NKV; h++) {
+                const float *x = k + t * kv_row + (size_t)h * HD, *r = cpu_kv_row(kc, &sh, (size_t)slot[t], h, buf);
+                double amax = 0, err = 0;
+                for (int d = 0; d < HD; d++) amax = fmax(amax, fabs(x[d])), err = fmax(err, fabs(x[d] - r[d]));
+                if (err / amax > worst_row) worst_row = err / amax;
+            }
+        be1->ops->attention(be1, o, q, kc, vc, &sh);
+        for (size_t i = 0; i < L * q_row; i++) worst_out = fmax(worst_out, fabs(o[i] - o_ref[i]));
+        printf("  kv %-13s row error %.2e of max|x|, attention error %.2e (%zu bytes per block vs %zu)\n",
+               nb_kv_dtype_name(sh.kv_dtype), worst_row, worst_out, bb, nb_kv_block_bytes(NB_KV_F32, NKV, HD));
+        CHECK(worst_row <= kinds[c].row_tol, "%s: row error %g > %g", nb_kv_dtype_name(sh.kv_dtype), worst_row,
+              kinds[c].row_tol);
+        CHECK(worst_out <= kinds[c].out_tol && worst_out > 0, "%s: attention error %g (limit %g)",
+              nb_kv_dtype_name(sh.kv_dtype), worst_out, kinds[c].out_tol);
+        be1->ops->free(be1, kc), be1->ops->free(be1, vc);
+    }
+    free(k), free(v), free(q), free(o_ref), free(o);
 }
 
 /* ---- rope -------------------------------------------------------------- */
@@ -524,6 +577,7 @@ int main(void) {
     RUN(test_matmul_sweep);
     RUN(test_matmul_large);
     RUN(test_attention);
+    RUN(test_attention_kv_dtypes);
     RUN(test_rope);
     RUN(test_rmsnorm);
     RUN(test_embedding_bias);

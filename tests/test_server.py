@@ -358,6 +358,34 @@ finally:
     srv.send_signal(signal.SIGTERM)
     srv.wait(timeout=10)
 
+# a quantized server (JSON setting, as in a config file): its greedy text is
+# what `nibble generate` prints with the same setting
+QSET = '{"quantization": "mix_quant", "dense_quant_type": "wint4", "kv_cache_quant_type": "int8"}'
+PORT = free_port()
+BASE = f"http://127.0.0.1:{PORT}"
+srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--model", MODEL, "--port", str(PORT),
+                        "--quantization", QSET], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+try:
+    for _ in range(100):
+        try:
+            if call("/health", timeout=1)[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.1)
+    status, body = call("/v1/completions", {"prompt": "Hello there", "max_tokens": 12, "temperature": 0,
+                                            "ignore_eos": True})
+    g = subprocess.run([os.environ.get("NIBBLE", "bin/nibble"), "generate", "--model", MODEL, "--quantization", QSET,
+                        "--prompt", "Hello there", "--max-tokens", "12", "--temperature", "0", "--ignore-eos"],
+                       capture_output=True, text=True, timeout=60)
+    text = json.loads(body)["choices"][0]["text"] if status == 200 else None
+    check("a W4A16C8 server answers what generate prints with the same setting",
+          status == 200 and g.returncode == 0 and text + "\n" == g.stdout, f"{status} {body[:200]} vs {g.stdout!r}")
+finally:
+    srv.send_signal(signal.SIGTERM)
+    srv.wait(timeout=10)
+log = srv.stderr.read().decode()
+check("its start-up log names W4A16C8 and the packed bytes", "W4A16C8" in log and "WINT4" in log, log[-400:])
+
 # drain on SIGTERM and 429 beyond --max-queue, on the largest fixture
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"

@@ -6,71 +6,9 @@
 
 #include "common/log.h"
 #include "common/util.h"
+#include "engine/model/model_int.h"
 #include "engine/model/safetensors.h"
-
-typedef struct nb_layer {
-    nb_weight attn_norm, ffn_norm;
-    nb_weight wq, wk, wv, wo;
-    nb_weight bq, bk, bv, bo;       /* present when the config says so */
-    nb_weight q_norm, k_norm;       /* Qwen3 */
-    nb_weight gate, up, down;
-    nb_weight b_gate, b_up, b_down; /* present with mlp_bias */
-} nb_layer;
-
-/* model_free walks a layer as an array of weights. */
-_Static_assert(sizeof(nb_layer) % sizeof(nb_weight) == 0, "nb_layer holds only nb_weight fields");
-
-struct nb_model {
-    nb_model_config cfg;
-    nb_backend *be;
-    st_model *st;
-    nb_weight embed, final_norm, lm_head;
-    nb_layer *layers;
-    float *inv_freq;
-
-    int num_blocks;
-    float **k_cache, **v_cache; /* [n_layers] */
-
-    /* activation workspace for max_tokens tokens */
-    int max_tokens;
-    float *x, *xn, *q, *k, *v, *att, *gate, *up, *last, *logits;
-};
-
-static int bind_dtype(st_dtype t, nb_dtype *out) {
-    switch (t) {
-    case ST_F32: *out = NB_F32; return 0;
-    case ST_BF16: *out = NB_BF16; return 0;
-    case ST_F16: *out = NB_F16; return 0;
-    default: return -1;
-    }
-}
-
-/* Binds tensor `name` as a [rows, cols] weight (rows == 0: a vector of cols).
- * A missing optional tensor leaves w zeroed. */
-static int bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, int optional,
-                nb_err *e) {
-    const st_tensor *t = st_find(m->st, name);
-    memset(w, 0, sizeof *w);
-    if (!t) return optional ? 0 : nb_errf(e, "tensor '%s' not found in the checkpoint", name);
-    int vec = rows == 0;
-    int ok = vec ? (t->ndim == 1 && t->shape[0] == cols)
-                 : (t->ndim == 2 && t->shape[0] == rows && t->shape[1] == cols);
-    if (!ok) {
-        char got[96] = "", *p = got;
-        for (int i = 0; i < t->ndim && p < got + sizeof got - 24; i++)
-            p += sprintf(p, "%s%lld", i ? ", " : "", (long long)t->shape[i]);
-        if (vec) return nb_errf(e, "%s: tensor '%s' has shape [%s], expected [%lld]", t->file, name, got, (long long)cols);
-        return nb_errf(e, "%s: tensor '%s' has shape [%s], expected [%lld, %lld]", t->file, name, got,
-                       (long long)rows, (long long)cols);
-    }
-    if (bind_dtype(t->dtype, &w->dtype))
-        return nb_errf(e, "%s: tensor '%s' has dtype %s; expected F32, BF16 or F16", t->file, name,
-                       st_dtype_name(t->dtype));
-    w->rows = vec ? 1 : rows;
-    w->cols = cols;
-    w->data = m->be->ops->weight_load(m->be, t->data, t->nbytes);
-    return 0;
-}
+#include "quant/quant.h"
 
 static int bind_layer(nb_model *m, int i, nb_err *e) {
     const nb_model_config *c = &m->cfg;
@@ -78,15 +16,19 @@ static int bind_layer(nb_model *m, int i, nb_err *e) {
     int64_t H = c->hidden_size, q_dim = (int64_t)c->n_heads * c->head_dim,
             kv_dim = (int64_t)c->n_kv_heads * c->head_dim, F = c->intermediate_size;
     char n[160];
+    nb_dtype d = m->plan.dense;
 #define B(field, suffix, rows, cols, opt)                                  \
     (snprintf(n, sizeof n, "model.layers.%d.%s", i, suffix),               \
-     bind(m, &L->field, n, rows, cols, opt, e))
+     model_bind(m, &L->field, n, rows, cols, opt, e))
+#define LIN(field, suffix, rows, cols)                                     \
+    (snprintf(n, sizeof n, "model.layers.%d.%s", i, suffix),               \
+     model_bind_linear(m, &L->field, n, rows, cols, d, e))
     if (B(attn_norm, "input_layernorm.weight", 0, H, 0) ||
         B(ffn_norm, "post_attention_layernorm.weight", 0, H, 0) ||
-        B(wq, "self_attn.q_proj.weight", q_dim, H, 0) || B(wk, "self_attn.k_proj.weight", kv_dim, H, 0) ||
-        B(wv, "self_attn.v_proj.weight", kv_dim, H, 0) || B(wo, "self_attn.o_proj.weight", H, q_dim, 0) ||
-        B(gate, "mlp.gate_proj.weight", F, H, 0) || B(up, "mlp.up_proj.weight", F, H, 0) ||
-        B(down, "mlp.down_proj.weight", H, F, 0))
+        LIN(wq, "self_attn.q_proj.weight", q_dim, H) || LIN(wk, "self_attn.k_proj.weight", kv_dim, H) ||
+        LIN(wv, "self_attn.v_proj.weight", kv_dim, H) || LIN(wo, "self_attn.o_proj.weight", H, q_dim) ||
+        LIN(gate, "mlp.gate_proj.weight", F, H) || LIN(up, "mlp.up_proj.weight", F, H) ||
+        LIN(down, "mlp.down_proj.weight", H, F))
         return -1;
     if (c->qkv_bias && (B(bq, "self_attn.q_proj.bias", 0, q_dim, 0) || B(bk, "self_attn.k_proj.bias", 0, kv_dim, 0) ||
                         B(bv, "self_attn.v_proj.bias", 0, kv_dim, 0)))
@@ -99,6 +41,7 @@ static int bind_layer(nb_model *m, int i, nb_err *e) {
                        B(k_norm, "self_attn.k_norm.weight", 0, c->head_dim, 0)))
         return -1;
 #undef B
+#undef LIN
     return 0;
 }
 
@@ -111,18 +54,22 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
     nb_model *m = xcalloc(1, sizeof *m);
     m->be = be;
     if (config_load(dir, &m->cfg, e)) goto fail;
+    nb_quant_plan none;
+    if (!opts || !opts->quant) quant_plan_parse(NULL, NULL, &none, e);
+    if (quant_plan_resolve(dir, opts && opts->quant ? opts->quant : &none, &m->plan, e)) goto fail;
+    m->report = opts ? opts->quant_report : NULL;
     const nb_model_config *c = &m->cfg;
     m->st = st_open(dir, e);
     if (!m->st) goto fail;
 
     int64_t V = c->vocab_size, H = c->hidden_size;
     m->layers = xcalloc((size_t)c->n_layers, sizeof *m->layers);
-    if (bind(m, &m->embed, "model.embed_tokens.weight", V, H, 0, e) ||
-        bind(m, &m->final_norm, "model.norm.weight", 0, H, 0, e))
+    if (model_bind(m, &m->embed, "model.embed_tokens.weight", V, H, 0, e) ||
+        model_bind(m, &m->final_norm, "model.norm.weight", 0, H, 0, e))
         goto fail;
     if (c->tie_embeddings) {
         m->lm_head = m->embed;
-    } else if (bind(m, &m->lm_head, "lm_head.weight", V, H, 0, e)) {
+    } else if (model_bind(m, &m->lm_head, "lm_head.weight", V, H, 0, e)) {
         goto fail;
     }
     for (int i = 0; i < c->n_layers; i++)
@@ -139,12 +86,12 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
      * sequences; the default (and the cap for a single one) is one context. */
     int full_ctx = (c->max_position + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE;
     m->num_blocks = opts && opts->num_kv_blocks > 0 ? opts->num_kv_blocks : full_ctx;
-    size_t kv_floats = (size_t)m->num_blocks * NB_KV_BLOCK_SIZE * c->n_kv_heads * c->head_dim;
-    m->k_cache = xcalloc((size_t)c->n_layers, sizeof(float *));
-    m->v_cache = xcalloc((size_t)c->n_layers, sizeof(float *));
+    size_t kv_bytes = (size_t)m->num_blocks * nb_kv_block_bytes(m->plan.kv, c->n_kv_heads, c->head_dim);
+    m->k_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
+    m->v_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
     for (int i = 0; i < c->n_layers; i++) {
-        m->k_cache[i] = act_alloc(m, kv_floats);
-        m->v_cache[i] = act_alloc(m, kv_floats);
+        m->k_cache[i] = be->ops->alloc(be, kv_bytes);
+        m->v_cache[i] = be->ops->alloc(be, kv_bytes);
     }
     size_t T = (size_t)m->max_tokens, qd = (size_t)c->n_heads * c->head_dim,
            kvd = (size_t)c->n_kv_heads * c->head_dim;
@@ -158,9 +105,16 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
     m->up = act_alloc(m, T * c->intermediate_size);
     m->last = act_alloc(m, T * H);
     m->logits = act_alloc(m, T * V);
-    log_info("loaded %s (%s, %d layers, hidden %d) in %.2f s; KV cache %d blocks of %d tokens (%.1f MiB)",
-             dir, c->arch_name, c->n_layers, c->hidden_size, util_now() - t0, m->num_blocks,
-             NB_KV_BLOCK_SIZE, 2.0 * c->n_layers * kv_floats * sizeof(float) / (1 << 20));
+    char qname[32], wbytes[256] = "";
+    for (int t = 0, len = 0; t < NB_DTYPE_COUNT; t++)
+        if (m->bytes_by[t])
+            len += snprintf(wbytes + len, sizeof wbytes - (size_t)len, "%s%s %.1f MiB", len ? ", " : "",
+                            nb_dtype_name((nb_dtype)t), m->bytes_by[t] / 1048576.0);
+    log_info("loaded %s (%s, %d layers, hidden %d) in %.2f s; %s (%s); weights %s; KV cache %d blocks of %d "
+             "tokens, %s (%.1f MiB)",
+             dir, c->arch_name, c->n_layers, c->hidden_size, util_now() - t0, quant_plan_name(&m->plan, qname, sizeof qname),
+             m->plan.method, wbytes, m->num_blocks, NB_KV_BLOCK_SIZE, nb_kv_dtype_name(m->plan.kv),
+             2.0 * c->n_layers * kv_bytes / (1 << 20));
     return m;
 fail:
     nb_err_wrap(e, "%s", dir);
@@ -184,18 +138,29 @@ void model_free(nb_model *m) {
         /* weight_free releases backend copies; every nb_weight is a plain struct */
         nb_weight *w = (nb_weight *)m->layers;
         size_t n = (size_t)m->cfg.n_layers * (sizeof(nb_layer) / sizeof(nb_weight));
-        for (size_t i = 0; i < n; i++)
+        for (size_t i = 0; i < n; i++) {
             if (w[i].data) be->ops->weight_free(be, w[i].data);
+            if (w[i].scale) be->ops->weight_free(be, w[i].scale);
+            if (w[i].scale2) be->ops->weight_free(be, w[i].scale2);
+        }
     }
     if (m->embed.data) be->ops->weight_free(be, m->embed.data);
     if (m->final_norm.data) be->ops->weight_free(be, m->final_norm.data);
     if (m->lm_head.data && m->lm_head.data != m->embed.data) be->ops->weight_free(be, m->lm_head.data);
     free(m->layers);
+    model_free_owned(m);
     st_close(m->st);
     free(m);
 }
 
 const nb_model_config *model_config(const nb_model *m) { return &m->cfg; }
+const nb_quant_plan *model_quant_plan(const nb_model *m) { return &m->plan; }
+size_t model_weight_bytes(const nb_model *m, nb_dtype t) { return t < NB_DTYPE_COUNT ? m->bytes_by[t] : 0; }
+
+void model_set_capture(nb_model *m, model_capture_fn fn, void *ctx) {
+    m->capture = fn;
+    m->capture_ctx = ctx;
+}
 int model_num_kv_blocks(const nb_model *m) { return m->num_blocks; }
 int model_max_batch_tokens(const nb_model *m) { return m->max_tokens; }
 
@@ -210,9 +175,13 @@ static void layer_forward(nb_model *m, int li, int n) {
     const nb_model_config *c = &m->cfg;
     const nb_layer *L = &m->layers[li];
     size_t H = (size_t)c->hidden_size;
-    nb_attn_shape s = {c->n_heads, c->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim)};
+    nb_attn_shape s = {c->n_heads, c->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim), m->plan.kv};
+    size_t qd = (size_t)c->n_heads * c->head_dim;
+#define CAPTURE(which, x, cols) \
+    if (m->capture) m->capture(m->capture_ctx, li, which, x, n, (int64_t)(cols))
 
     op->rmsnorm(be, m->xn, m->x, &L->attn_norm, n, c->rms_eps);
+    CAPTURE(0, m->xn, H);
     linear(m, m->q, m->xn, &L->wq, &L->bq, n);
     linear(m, m->k, m->xn, &L->wk, &L->bk, n);
     linear(m, m->v, m->xn, &L->wv, &L->bv, n);
@@ -224,15 +193,19 @@ static void layer_forward(nb_model *m, int li, int n) {
     op->rope(be, m->k, c->n_kv_heads, c->head_dim, m->inv_freq, c->rope_interleaved);
     op->kv_write(be, m->k_cache[li], m->v_cache[li], m->k, m->v, &s);
     op->attention(be, m->att, m->q, m->k_cache[li], m->v_cache[li], &s);
+    CAPTURE(1, m->att, qd);
     linear(m, m->xn, m->att, &L->wo, &L->bo, n);
     op->add(be, m->x, m->x, m->xn, (size_t)n * H);
 
     op->rmsnorm(be, m->xn, m->x, &L->ffn_norm, n, c->rms_eps);
+    CAPTURE(2, m->xn, H);
     linear(m, m->gate, m->xn, &L->gate, &L->b_gate, n);
     linear(m, m->up, m->xn, &L->up, &L->b_up, n);
     op->silu_mul(be, m->gate, m->gate, m->up, (size_t)n * c->intermediate_size);
+    CAPTURE(3, m->gate, c->intermediate_size);
     linear(m, m->xn, m->gate, &L->down, &L->b_down, n);
     op->add(be, m->x, m->x, m->xn, (size_t)n * H);
+#undef CAPTURE
 }
 
 int model_forward(nb_model *m, const int32_t *tokens, const nb_batch *batch, const int32_t *out_rows,

@@ -12,15 +12,29 @@
 
 typedef struct nb_model nb_model;
 
+#include "engine/model/quant_config.h"
+
 typedef struct nb_model_opts {
     int max_batch_tokens; /* most tokens one forward step takes (default 256) */
     int num_kv_blocks;    /* KV blocks to allocate; 0 = one full-context sequence */
+    const nb_quant_plan *quant; /* requested quantization; NULL = none (the checkpoint's config still wins) */
+    FILE *quant_report;         /* when set: one line per quantized matrix with its error */
 } nb_model_opts;
+
+/* Sees the input of every linear layer in a forward pass (CPU backend:
+ * host pointers): which is 0 for q/k/v, 1 for o_proj, 2 for gate/up, 3 for
+ * down_proj; x is [n][cols]. Used by the calibrated quantizer. */
+typedef void (*model_capture_fn)(void *ctx, int layer, int which, const float *x, int n, int64_t cols);
 
 nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts, nb_err *e);
 void model_free(nb_model *m);
 
 const nb_model_config *model_config(const nb_model *m);
+void model_set_capture(nb_model *m, model_capture_fn fn, void *ctx);
+/* The quantization plan in effect (after the checkpoint's config). */
+const nb_quant_plan *model_quant_plan(const nb_model *m);
+/* Resident weight bytes of format t. */
+size_t model_weight_bytes(const nb_model *m, nb_dtype t);
 int model_num_kv_blocks(const nb_model *m);
 int model_max_batch_tokens(const nb_model *m);
 

@@ -1,6 +1,9 @@
 /* Rotary embedding, KV-cache writes and causal paged attention on the CPU. */
 #include "kernels/cpu/cpu_ops.h"
 
+#include "common/util.h"
+#include "quant/quant.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,14 +88,69 @@ void cpu_rope(threadpool *pool, const nb_batch *batch, float *x, int n_heads, in
 
 /* ---- kv cache ---------------------------------------------------------- */
 
-void cpu_kv_write(const nb_batch *batch, float *k_cache, float *v_cache, const float *k,
+/* Where slot's values for kv head h start, and its scale (INT8/FP8). */
+static size_t kv_elem_size(nb_kv_dtype t) { return t == NB_KV_F32 ? 4 : t == NB_KV_BF16 ? 2 : 1; }
+
+static char *kv_values(const void *cache, const nb_attn_shape *s, size_t slot, int h, float **scale) {
+    size_t bb = nb_kv_block_bytes(s->kv_dtype, s->n_kv_heads, s->head_dim);
+    size_t blk = slot / NB_KV_BLOCK_SIZE, i = slot % NB_KV_BLOCK_SIZE, row = i * (size_t)s->n_kv_heads + (size_t)h;
+    char *base = (char *)cache + blk * bb;
+    if (scale)
+        *scale = (float *)(base + (size_t)NB_KV_BLOCK_SIZE * s->n_kv_heads * s->head_dim * kv_elem_size(s->kv_dtype)) +
+                 row;
+    return base + row * (size_t)s->head_dim * kv_elem_size(s->kv_dtype);
+}
+
+static void kv_store_row(void *cache, const nb_attn_shape *s, size_t slot, int h, const float *x) {
+    float *scale;
+    char *dst = kv_values(cache, s, slot, h, &scale);
+    int hd = s->head_dim;
+    if (s->kv_dtype == NB_KV_F32) {
+        memcpy(dst, x, sizeof(float) * (size_t)hd);
+        return;
+    }
+    if (s->kv_dtype == NB_KV_BF16) {
+        for (int d = 0; d < hd; d++) ((uint16_t *)dst)[d] = f32_to_bf16(x[d]);
+        return;
+    }
+    float amax = 0.0f;
+    for (int d = 0; d < hd; d++) amax = fmaxf(amax, fabsf(x[d]));
+    float sc = amax / (s->kv_dtype == NB_KV_INT8 ? 127.0f : QUANT_FP8_MAX), inv = sc > 0 ? 1.0f / sc : 0.0f;
+    *scale = sc;
+    for (int d = 0; d < hd; d++) {
+        if (s->kv_dtype == NB_KV_INT8) ((int8_t *)dst)[d] = (int8_t)lrintf(fminf(fmaxf(x[d] * inv, -127.0f), 127.0f));
+        else ((uint8_t *)dst)[d] = fp8_e4m3_from_f32(x[d] * inv);
+    }
+}
+
+const float *cpu_kv_row(const void *cache, const nb_attn_shape *s, size_t slot, int kvh, float *buf) {
+    float *scale;
+    const char *src = kv_values(cache, s, slot, kvh, &scale);
+    int hd = s->head_dim;
+    switch (s->kv_dtype) {
+    case NB_KV_F32: return (const float *)src;
+    case NB_KV_BF16:
+        for (int d = 0; d < hd; d++) buf[d] = bf16_to_f32(((const uint16_t *)src)[d]);
+        break;
+    case NB_KV_INT8:
+        for (int d = 0; d < hd; d++) buf[d] = (float)((const int8_t *)src)[d] * *scale;
+        break;
+    case NB_KV_FP8:
+        for (int d = 0; d < hd; d++) buf[d] = fp8_e4m3_to_f32(((const uint8_t *)src)[d]) * *scale;
+        break;
+    }
+    return buf;
+}
+
+void cpu_kv_write(const nb_batch *batch, void *k_cache, void *v_cache, const float *k,
                   const float *v, const nb_attn_shape *s) {
     size_t row = (size_t)s->n_kv_heads * s->head_dim;
-    for (int t = 0; t < batch->n_tokens; t++) {
-        size_t slot = (size_t)batch->slot[t];
-        memcpy(k_cache + slot * row, k + (size_t)t * row, row * sizeof(float));
-        memcpy(v_cache + slot * row, v + (size_t)t * row, row * sizeof(float));
-    }
+    for (int t = 0; t < batch->n_tokens; t++)
+        for (int h = 0; h < s->n_kv_heads; h++) {
+            size_t slot = (size_t)batch->slot[t], off = (size_t)t * row + (size_t)h * s->head_dim;
+            kv_store_row(k_cache, s, slot, h, k + off);
+            kv_store_row(v_cache, s, slot, h, v + off);
+        }
 }
 
 /* ---- attention --------------------------------------------------------- */
@@ -100,7 +158,8 @@ void cpu_kv_write(const nb_batch *batch, float *k_cache, float *v_cache, const f
 typedef struct attn_job {
     const nb_batch *batch;
     float *out;
-    const float *q, *k_cache, *v_cache;
+    const float *q;
+    const void *k_cache, *v_cache;
     const nb_attn_shape *s;
 } attn_job;
 
@@ -111,7 +170,7 @@ static void attn_one(const attn_job *j, int t, int h) {
     const nb_attn_shape *s = j->s;
     const nb_batch *b = j->batch;
     int hd = s->head_dim, group = s->n_heads / s->n_kv_heads, kvh = h / group;
-    size_t kv_row = (size_t)s->n_kv_heads * hd;
+    float rowbuf[CPU_MAX_HEAD_DIM];
     const float *q = j->q + ((size_t)t * s->n_heads + h) * hd;
     float *o = j->out + ((size_t)t * s->n_heads + h) * hd;
     const int32_t *table = b->block_tables + (size_t)b->seq_of[t] * b->max_blocks;
@@ -126,7 +185,7 @@ static void attn_one(const attn_job *j, int t, int h) {
         float sc[NB_KV_BLOCK_SIZE];
         float bmax = -INFINITY;
         for (int i = 0; i < nb; i++) {
-            const float *kr = j->k_cache + (base + i) * kv_row + (size_t)kvh * hd;
+            const float *kr = cpu_kv_row(j->k_cache, s, base + (size_t)i, kvh, rowbuf);
             sc[i] = cpu_dot_f32(q, kr, hd) * s->scale;
             if (sc[i] > bmax) bmax = sc[i];
         }
@@ -140,7 +199,7 @@ static void attn_one(const attn_job *j, int t, int h) {
         for (int i = 0; i < nb; i++) {
             float p = expf(sc[i] - run_max);
             run_sum += p;
-            cpu_axpy_f32(acc, p, j->v_cache + (base + i) * kv_row + (size_t)kvh * hd, hd);
+            cpu_axpy_f32(acc, p, cpu_kv_row(j->v_cache, s, base + (size_t)i, kvh, rowbuf), hd);
         }
     }
     float inv = 1.0f / run_sum;
@@ -153,7 +212,7 @@ static void attn_task(void *arg, int task) {
 }
 
 void cpu_attention(threadpool *pool, const nb_batch *batch, float *out, const float *q,
-                   const float *k_cache, const float *v_cache, const nb_attn_shape *s) {
+                   const void *k_cache, const void *v_cache, const nb_attn_shape *s) {
     check_head_dim("attention", s->head_dim);
     if (s->n_kv_heads <= 0 || s->n_heads % s->n_kv_heads) {
         fprintf(stderr, "nibble: cpu attention: %d heads not a multiple of %d kv heads\n", s->n_heads,

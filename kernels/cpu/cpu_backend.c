@@ -195,13 +195,13 @@ static void cpu_rope_op(nb_backend *b, float *x, int n_heads, int head_dim, cons
     cpu_rope(impl(b)->pool, cur_batch(b, "rope"), x, n_heads, head_dim, inv_freq, interleaved);
 }
 
-static void cpu_kv_write_op(nb_backend *b, float *k_cache, float *v_cache, const float *k,
+static void cpu_kv_write_op(nb_backend *b, void *k_cache, void *v_cache, const float *k,
                             const float *v, const nb_attn_shape *s) {
     cpu_kv_write(cur_batch(b, "kv_write"), k_cache, v_cache, k, v, s);
 }
 
-static void cpu_attention_op(nb_backend *b, float *out, const float *q, const float *k_cache,
-                             const float *v_cache, const nb_attn_shape *s) {
+static void cpu_attention_op(nb_backend *b, float *out, const float *q, const void *k_cache,
+                             const void *v_cache, const nb_attn_shape *s) {
     cpu_attention(impl(b)->pool, cur_batch(b, "attention"), out, q, k_cache, v_cache, s);
 }
 

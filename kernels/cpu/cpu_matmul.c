@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "common/util.h"
+#include "quant/quant.h"
 
 #define AINLINE static inline __attribute__((always_inline))
 
@@ -57,6 +58,10 @@ void cpu_row_to_f32(float *out, const void *src, nb_dtype t, int64_t n) {
 /* ---- portable reference ------------------------------------------------ */
 
 void cpu_matmul_scalar(float *out, const float *x, const nb_weight *w, int M) {
+    if (w->dtype >= NB_WINT8) {
+        quant_matmul_ref(out, x, w, M);
+        return;
+    }
     int64_t N = w->rows, K = w->cols;
     for (int m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n++) {
@@ -198,6 +203,10 @@ static const tile_fn TILES[3][TM][TN] = {TILE_TABLE(f32), TILE_TABLE(bf16), TILE
 
 void cpu_matmul_block(float *out, const float *x, const nb_weight *w, int m0, int m1, int64_t n0,
                       int64_t n1) {
+    if (w->dtype >= NB_WINT8) {
+        quant_matmul_block(out, x, w, m0, m1, n0, n1);
+        return;
+    }
     int64_t N = w->rows, K = w->cols;
     size_t wrow = (size_t)K * nb_dtype_size(w->dtype);
     const char *wd = w->data;
@@ -218,6 +227,10 @@ void cpu_matmul_block(float *out, const float *x, const nb_weight *w, int m0, in
 
 void cpu_matmul_block(float *out, const float *x, const nb_weight *w, int m0, int m1, int64_t n0,
                       int64_t n1) {
+    if (w->dtype >= NB_WINT8) {
+        quant_matmul_block(out, x, w, m0, m1, n0, n1);
+        return;
+    }
     int64_t N = w->rows, K = w->cols;
     size_t wrow = (size_t)K * nb_dtype_size(w->dtype);
     for (int m = m0; m < m1; m++)
@@ -236,7 +249,7 @@ void cpu_matmul_block(float *out, const float *x, const nb_weight *w, int m0, in
 
 typedef struct mm_job {
     float *out;
-    const float *x;
+    const float *x; /* for packed formats, x as quant_act_rows made it */
     const nb_weight *w;
     int M;
     int64_t n_chunk; /* weight rows per task */
@@ -251,7 +264,8 @@ static void mm_task(void *arg, int task) {
     if (n1 > j->w->rows) n1 = j->w->rows;
     int m0 = rt * j->m_chunk, m1 = m0 + j->m_chunk;
     if (m1 > j->M) m1 = j->M;
-    cpu_matmul_block(j->out, j->x, j->w, m0, m1, n0, n1);
+    if (j->w->dtype >= NB_WINT8) quant_matmul_block_act(j->out, j->x, j->w, m0, m1, n0, n1);
+    else cpu_matmul_block(j->out, j->x, j->w, m0, m1, n0, n1);
 }
 
 void cpu_matmul(threadpool *pool, float *out, const float *x, const nb_weight *w, int M) {
@@ -260,7 +274,7 @@ void cpu_matmul(threadpool *pool, float *out, const float *x, const nb_weight *w
     int threads = threadpool_size(pool);
     /* Column chunks of about 128 KiB of weights: small enough to stay in L2
      * while every x row passes over them, many enough to balance threads. */
-    size_t wrow = (size_t)K * nb_dtype_size(w->dtype);
+    size_t wrow = w->dtype >= NB_WINT8 ? quant_data_bytes(w->dtype, 1, K) : (size_t)K * nb_dtype_size(w->dtype);
     int64_t chunk = wrow ? (int64_t)((128u << 10) / wrow) : N;
     chunk = chunk < 4 ? 4 : chunk & ~(int64_t)3;
     int64_t min_tasks = (int64_t)threads * 4;
@@ -285,7 +299,15 @@ void cpu_matmul(threadpool *pool, float *out, const float *x, const nb_weight *w
         cpu_matmul_block(out, x, w, 0, M, 0, N);
         return;
     }
+    /* FP8 activations are quantized once here, not once per task */
+    float *xa = NULL;
+    if (w->dtype == NB_FP8_B128) {
+        xa = xmalloc(sizeof(float) * (size_t)M * (size_t)K);
+        quant_act_rows(xa, x, w, M);
+        j.x = xa;
+    }
     threadpool_run(pool, j.n_col_tasks * n_row_tasks, mm_task, &j);
+    free(xa);
 }
 
 /* ---- vector helpers for attention -------------------------------------- */

@@ -43,9 +43,12 @@ void cpu_scale_f32(float *y, float a, int n);                /* y *= a */
  * (kernels/cpu/cpu_attention.c); shapes as in backend.h. */
 void cpu_rope(threadpool *pool, const nb_batch *batch, float *x, int n_heads, int head_dim,
               const float *inv_freq, int interleaved);
-void cpu_kv_write(const nb_batch *batch, float *k_cache, float *v_cache, const float *k,
+void cpu_kv_write(const nb_batch *batch, void *k_cache, void *v_cache, const float *k,
                   const float *v, const nb_attn_shape *s);
 void cpu_attention(threadpool *pool, const nb_batch *batch, float *out, const float *q,
-                   const float *k_cache, const float *v_cache, const nb_attn_shape *s);
+                   const void *k_cache, const void *v_cache, const nb_attn_shape *s);
+/* One cached K or V row (one token, one kv head) as FP32: a pointer into the
+ * cache for F32, else decoded into buf (head_dim floats). */
+const float *cpu_kv_row(const void *cache, const nb_attn_shape *s, size_t slot, int kvh, float *buf);
 
 #endif

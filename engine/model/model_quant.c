@@ -1,0 +1,227 @@
+/* Binding weights to the backend: plain tensors as they are in the mmapped
+ * checkpoint, linear weights packed (an offline checkpoint's tensors) or
+ * quantized at load from BF16/F16/F32, with an optional per-matrix error
+ * report.
+ *
+ * Offline checkpoints (written by `nibble quantize`, and Hugging Face FP8)
+ * name a linear layer's tensors after its weight, e.g. for
+ * model.layers.0.mlp.down_proj:
+ *   .weight              I8 [N][K] (wint8), U8 [N][K/2] (wint4),
+ *                        U8 [N][K/4] (wint2), F8_E4M3 [N][K] (fp8)
+ *   .weight_scale        BF16 [N] (wint8), BF16 [N][K/group] (wint4),
+ *                        U8 [N][K/64] codes (wint2)
+ *   .weight_super_scale  BF16 [N] (wint2)
+ *   .weight_scale_inv    F32 or BF16 [ceil(N/128)][ceil(K/128)] (fp8)
+ * The layouts are those of quant/quant.h. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "engine/model/model_int.h"
+#include "quant/quant.h"
+
+static void *own(nb_model *m, size_t bytes) {
+    if (m->n_owned == m->cap_owned) m->owned = xrealloc(m->owned, sizeof(void *) * (size_t)(m->cap_owned = m->cap_owned * 2 + 16));
+    return m->owned[m->n_owned++] = xcalloc(1, bytes ? bytes : 1);
+}
+
+void model_free_owned(nb_model *m) {
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
+    m->owned = NULL;
+    m->n_owned = m->cap_owned = 0;
+}
+
+static int shape_str(const st_tensor *t, char *buf, size_t n) {
+    size_t len = 0;
+    buf[0] = 0;
+    for (int i = 0; i < t->ndim && len + 24 < n; i++)
+        len += (size_t)snprintf(buf + len, n - len, "%s%lld", i ? ", " : "", (long long)t->shape[i]);
+    return 0;
+}
+
+static int has_shape(const st_tensor *t, int64_t rows, int64_t cols) {
+    return rows == 0 ? (t->ndim == 1 && t->shape[0] == cols)
+                     : (t->ndim == 2 && t->shape[0] == rows && t->shape[1] == cols);
+}
+
+static int plain_dtype(st_dtype t, nb_dtype *out) {
+    switch (t) {
+    case ST_F32: *out = NB_F32; return 0;
+    case ST_BF16: *out = NB_BF16; return 0;
+    case ST_F16: *out = NB_F16; return 0;
+    default: return -1;
+    }
+}
+
+/* Hands host bytes to the backend and counts them as format t. */
+static const void *load(nb_model *m, nb_dtype t, const void *host, size_t bytes) {
+    m->bytes_by[t] += bytes;
+    return m->be->ops->weight_load(m->be, host, bytes);
+}
+
+int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, int optional, nb_err *e) {
+    const st_tensor *t = st_find(m->st, name);
+    memset(w, 0, sizeof *w);
+    if (!t) return optional ? 0 : nb_errf(e, "tensor '%s' not found in the checkpoint", name);
+    if (!has_shape(t, rows, cols)) {
+        char got[96];
+        shape_str(t, got, sizeof got);
+        if (rows == 0)
+            return nb_errf(e, "%s: tensor '%s' has shape [%s], expected [%lld]", t->file, name, got, (long long)cols);
+        return nb_errf(e, "%s: tensor '%s' has shape [%s], expected [%lld, %lld]", t->file, name, got,
+                       (long long)rows, (long long)cols);
+    }
+    if (plain_dtype(t->dtype, &w->dtype))
+        return nb_errf(e, "%s: tensor '%s' has dtype %s; expected F32, BF16 or F16", t->file, name,
+                       st_dtype_name(t->dtype));
+    w->rows = rows == 0 ? 1 : rows;
+    w->cols = cols;
+    w->data = load(m, w->dtype, t->data, t->nbytes);
+    return 0;
+}
+
+/* A companion tensor of `name` (".weight" -> ".weight_scale" etc.). */
+static const st_tensor *companion(const nb_model *m, const char *name, const char *suffix) {
+    char n[256];
+    snprintf(n, sizeof n, "%s%s", name, suffix);
+    return st_find(m->st, n);
+}
+
+/* Scales stored as BF16/F16/F32 -> FP32 in a buffer the model owns, handed
+ * to the backend. */
+static const void *scales_f32(nb_model *m, const st_tensor *t, int64_t rows, int64_t cols, const char *what, nb_err *e) {
+    nb_dtype d;
+    if (!t) return nb_errf(e, "%s not found in the checkpoint", what), NULL;
+    if (!has_shape(t, rows, cols) || plain_dtype(t->dtype, &d)) {
+        char got[96];
+        shape_str(t, got, sizeof got);
+        nb_errf(e, "%s: tensor '%s' is %s [%s], expected floats [%lld, %lld]", t->file, t->name,
+                st_dtype_name(t->dtype), got, (long long)(rows ? rows : 1), (long long)cols);
+        return NULL;
+    }
+    float *out = own(m, sizeof(float) * (size_t)(rows ? rows : 1) * (size_t)cols);
+    nb_weight src = {.dtype = d, .rows = rows ? rows : 1, .cols = cols, .data = t->data};
+    for (int64_t r = 0; r < src.rows; r++) quant_dequant_row(&src, r, out + r * cols);
+    return m->be->ops->weight_load(m->be, out, sizeof(float) * (size_t)src.rows * (size_t)cols);
+}
+
+/* The packed tensors of an offline checkpoint, bound where they lie. */
+static int bind_packed(nb_model *m, nb_weight *w, const st_tensor *t, const char *name, int64_t N, int64_t K,
+                       nb_err *e) {
+    char sname[256];
+    snprintf(sname, sizeof sname, "%s_scale", name);
+    w->rows = N;
+    w->cols = K;
+    if (t->dtype == ST_I8 && has_shape(t, N, K)) {
+        w->dtype = NB_WINT8;
+        if (!(w->scale = scales_f32(m, companion(m, name, "_scale"), 0, N, sname, e))) return -1;
+    } else if (t->dtype == ST_U8 && has_shape(t, N, K / 2) && K % 2 == 0) {
+        const st_tensor *s = companion(m, name, "_scale");
+        int64_t groups = s && s->ndim == 2 ? s->shape[1] : 0;
+        if (groups <= 0 || K % groups) return nb_errf(e, "%s: wint4 needs a [%lld, K/group] scale tensor", sname, (long long)N);
+        w->dtype = NB_WINT4;
+        w->group = (int)(K / groups);
+        if (!(w->scale = scales_f32(m, s, N, groups, sname, e))) return -1;
+    } else if (t->dtype == ST_U8 && has_shape(t, N, K / 4) && K % 4 == 0) {
+        const st_tensor *s = companion(m, name, "_scale");
+        w->dtype = NB_WINT2;
+        w->group = QUANT_WINT2_GROUP;
+        if (!s || s->dtype != ST_U8 || !has_shape(s, N, K / QUANT_WINT2_GROUP))
+            return nb_errf(e, "%s: wint2 needs U8 codes [%lld, %lld]", sname, (long long)N, (long long)(K / QUANT_WINT2_GROUP));
+        w->scale = load(m, NB_WINT2, s->data, s->nbytes);
+        snprintf(sname, sizeof sname, "%s_super_scale", name);
+        if (!(w->scale2 = scales_f32(m, companion(m, name, "_super_scale"), 0, N, sname, e))) return -1;
+    } else if (t->dtype == ST_F8_E4M3 && has_shape(t, N, K)) {
+        w->dtype = NB_FP8_B128;
+        snprintf(sname, sizeof sname, "%s_scale_inv", name);
+        int64_t br = (N + QUANT_FP8_BLOCK - 1) / QUANT_FP8_BLOCK, bc = (K + QUANT_FP8_BLOCK - 1) / QUANT_FP8_BLOCK;
+        if (!(w->scale = scales_f32(m, companion(m, name, "_scale_inv"), br, bc, sname, e))) return -1;
+    } else {
+        char got[96];
+        shape_str(t, got, sizeof got);
+        return nb_errf(e, "%s: tensor '%s' is %s [%s]: not a packed format of a [%lld, %lld] weight", t->file, name,
+                       st_dtype_name(t->dtype), got, (long long)N, (long long)K);
+    }
+    nb_err ce;
+    if (quant_check(w->dtype, N, K, w->group, &ce)) return nb_errf(e, "%s: %s", name, ce.msg);
+    w->data = load(m, w->dtype, t->data, t->nbytes);
+    if (w->dtype != NB_WINT2) m->bytes_by[w->dtype] += quant_scale_bytes(w->dtype, N, K, w->group);
+    else m->bytes_by[w->dtype] += quant_scale2_bytes(w->dtype, N);
+    return 0;
+}
+
+/* Relative error of the layer's output on 16 Gaussian sample rows. */
+static double output_error(const float *W, const nb_weight *q) {
+    int M = 16;
+    int64_t N = q->rows, K = q->cols;
+    float *x = xmalloc(sizeof(float) * (size_t)(M * K)), *y = xmalloc(sizeof(float) * (size_t)(M * N)),
+          *yq = xmalloc(sizeof(float) * (size_t)(M * N));
+    uint64_t st = 0x9e3779b97f4a7c15ull;
+    for (int64_t i = 0; i < M * K; i++) { /* Box-Muller on a fixed LCG: the same inputs every run */
+        st = st * 6364136223846793005ull + 1442695040888963407ull;
+        double u1 = ((st >> 11) + 1.0) / 9007199254740993.0;
+        st = st * 6364136223846793005ull + 1442695040888963407ull;
+        double u2 = (st >> 11) / 9007199254740992.0;
+        x[i] = (float)(sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2));
+    }
+    nb_weight ref = {.dtype = NB_F32, .rows = N, .cols = K, .data = W};
+    quant_matmul_ref(y, x, &ref, M);
+    quant_matmul_ref(yq, x, q, M);
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < M * N; i++) {
+        num += ((double)y[i] - yq[i]) * ((double)y[i] - yq[i]);
+        den += (double)y[i] * y[i];
+    }
+    free(x);
+    free(y);
+    free(yq);
+    return den > 0 ? sqrt(num / den) : 0.0;
+}
+
+int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, int64_t K, nb_dtype target,
+                      nb_err *e) {
+    const st_tensor *t = st_find(m->st, name);
+    if (t && (t->dtype == ST_I8 || t->dtype == ST_U8 || t->dtype == ST_F8_E4M3)) {
+        memset(w, 0, sizeof *w);
+        return bind_packed(m, w, t, name, N, K, e);
+    }
+    if (model_bind(m, w, name, N, K, 0, e)) return -1;
+    if (target == NB_BF16 || target == NB_F32 || target == NB_F16) return 0;
+    if (target == NB_WINT2)
+        return nb_errf(e, "%s: wint2 is offline only; write a checkpoint with `nibble quantize --quantization wint2`",
+                       name);
+    if (m->plan.is_quantized)
+        return nb_errf(e, "%s: quantization_config says is_quantized but the tensor is %s", name, nb_dtype_name(w->dtype));
+    /* quantize now: rows to FP32, pack, hand the packed bytes over */
+    nb_weight src = *w;
+    m->bytes_by[src.dtype] -= (size_t)N * (size_t)K * nb_dtype_size(src.dtype);
+    int group = quant_pick_group(&m->plan, target, K);
+    if (quant_check(target, N, K, group, e)) return nb_err_wrap(e, "%s", name);
+    float *W = xmalloc(sizeof(float) * (size_t)N * (size_t)K);
+    for (int64_t r = 0; r < N; r++) quant_dequant_row(&src, r, W + r * K);
+    size_t db = quant_data_bytes(target, N, K), sb = quant_scale_bytes(target, N, K, group),
+           s2b = quant_scale2_bytes(target, N);
+    void *data = own(m, db), *scale = own(m, sb), *scale2 = s2b ? own(m, s2b) : NULL;
+    if (quant_pack(target, W, N, K, group, data, scale, scale2, e)) {
+        free(W);
+        return nb_err_wrap(e, "%s", name);
+    }
+    memset(w, 0, sizeof *w);
+    *w = (nb_weight){.dtype = target, .rows = N, .cols = K, .group = group};
+    w->data = load(m, target, data, db);
+    w->scale = m->be->ops->weight_load(m->be, scale, sb);
+    m->bytes_by[target] += sb + s2b;
+    if (scale2) w->scale2 = m->be->ops->weight_load(m->be, scale2, s2b);
+    if (m->report) {
+        nb_weight host = {.dtype = target, .rows = N, .cols = K, .data = data, .scale = scale, .scale2 = scale2, .group = group};
+        fprintf(m->report, "%-44s %-9s [%lld x %lld] group %-4d weight error %.4f  output error %.4f\n", name,
+                nb_dtype_name(target), (long long)N, (long long)K, group, quant_rel_error(W, &host),
+                output_error(W, &host));
+    }
+    free(W);
+    return 0;
+}

@@ -1,0 +1,316 @@
+/* out = x @ w^T on packed weights (layouts in quant/quant.h).
+ *
+ * The kernels widen each packed vector of weights to FP32 in registers
+ * (integer unpack, then one multiply by its row's or group's scale, the
+ * very expression quant_dequant_row uses, so every weight equals the
+ * reference's bit for bit) and use it for a tile of TM x rows, as the
+ * BF16 kernels in kernels/cpu/cpu_matmul.c do. No matrix is ever
+ * dequantized in memory: the packed bytes are read once per tile of x rows.
+ * The only difference from the reference is the order of the sums (lanes,
+ * then a fixed horizontal sum), the same for every element whatever the
+ * block bounds, so threads and batch sizes give identical results.
+ *
+ * block_wise_fp8 also quantizes activations per token per 128 columns
+ * (fp8_act_row); the quantized-and-rescaled rows are made once per call. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+#include "quant/quant.h"
+
+#define AINLINE static inline __attribute__((always_inline))
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* x with each 128-column block replaced by e4m3(x / sx) * sx,
+ * sx = max|block| / 448 (0 where the block is all zero). */
+static void fp8_act_row(float *out, const float *x, int64_t K) {
+    for (int64_t k0 = 0; k0 < K; k0 += QUANT_FP8_BLOCK) {
+        int64_t k1 = k0 + QUANT_FP8_BLOCK < K ? k0 + QUANT_FP8_BLOCK : K;
+        float m = 0.0f;
+        for (int64_t k = k0; k < k1; k++) m = fmaxf(m, fabsf(x[k]));
+        float sx = m / QUANT_FP8_MAX;
+        for (int64_t k = k0; k < k1; k++)
+            out[k] = sx == 0.0f ? 0.0f : fp8_e4m3_to_f32(fp8_e4m3_from_f32(x[k] / sx)) * sx;
+    }
+}
+
+int quant_act_rows(float *out, const float *x, const nb_weight *w, int M) {
+    if (w->dtype != NB_FP8_B128) return 0;
+    for (int m = 0; m < M; m++) fp8_act_row(out + (size_t)m * w->cols, x + (size_t)m * w->cols, w->cols);
+    return 1;
+}
+
+/* Rows [m0, m1) of x as the product uses them, returned as if indexed from
+ * row 0; *owned is the copy to free, if one was made. */
+static const float *act_rows(const float *x, const nb_weight *w, int m0, int m1, float **owned) {
+    *owned = NULL;
+    if (w->dtype != NB_FP8_B128) return x;
+    int64_t K = w->cols;
+    float *p = xmalloc(sizeof(float) * (size_t)(m1 - m0) * (size_t)K);
+    quant_act_rows(p, x + (size_t)m0 * K, w, m1 - m0);
+    *owned = p;
+    return p - (size_t)m0 * K;
+}
+
+void quant_matmul_block(float *out, const float *x, const nb_weight *w, int m0, int m1, int64_t n0, int64_t n1) {
+    float *owned;
+    quant_matmul_block_act(out, act_rows(x, w, m0, m1, &owned), w, m0, m1, n0, n1);
+    free(owned);
+}
+
+void quant_matmul_ref(float *out, const float *x, const nb_weight *w, int M) {
+    int64_t N = w->rows, K = w->cols;
+    float *owned, *row = xmalloc(sizeof(float) * (size_t)K);
+    const float *xa = act_rows(x, w, 0, M, &owned);
+    for (int64_t n = 0; n < N; n++) {
+        quant_dequant_row(w, n, row);
+        for (int m = 0; m < M; m++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++) s += xa[(size_t)m * K + k] * row[k];
+            out[(size_t)m * N + n] = s;
+        }
+    }
+    free(row);
+    free(owned);
+}
+
+/* One weight (n, k) as FP32: the same arithmetic as quant_dequant_row. */
+AINLINE float wone(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
+    int64_t K = w->cols;
+    const uint8_t *d = w->data;
+    const float *fs = w->scale;
+    switch (t) {
+    case NB_WINT8: return (float)((const int8_t *)d)[n * K + k] * fs[n];
+    case NB_WINT4: {
+        uint8_t b = d[n * (K / 2) + k / 2];
+        return (float)((k % 2 ? b >> 4 : b & 15) - 8) * fs[n * (K / w->group) + k / w->group];
+    }
+    case NB_WINT2: {
+        uint8_t code = ((const uint8_t *)w->scale)[n * (K / QUANT_WINT2_GROUP) + k / QUANT_WINT2_GROUP];
+        return quant_wint2_value((d[n * (K / 4) + k / 4] >> (2 * (k % 4))) & 3, code, ((const float *)w->scale2)[n]);
+    }
+    default: return fp8_e4m3_to_f32(d[n * K + k]) * fs[(n / QUANT_FP8_BLOCK) * ceil_div(K, QUANT_FP8_BLOCK) + k / QUANT_FP8_BLOCK];
+    }
+}
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+
+#if defined(__AVX512F__)
+
+#define VL 16
+#define TM 4
+#define TN 4
+typedef __m512 vf;
+#define vzero() _mm512_setzero_ps()
+#define vloadx(p) _mm512_loadu_ps(p)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vsub(a, b) _mm512_sub_ps(a, b)
+#define vset1(a) _mm512_set1_ps(a)
+#define vhsum(v) _mm512_reduce_add_ps(v)
+
+/* 16 int8 -> 16 floats */
+AINLINE vf cvt_i8(const void *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* 8 bytes -> 16 nibbles in column order (low nibble first), minus 8: each
+ * byte b becomes the 32-bit lane lo | hi << 16, read back as 16-bit lanes. */
+AINLINE vf cvt_u4(const void *p) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i t = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0x0f)),
+                                _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xf0)), 12));
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepi16_epi32(t), _mm512_set1_epi32(8)));
+}
+
+/* Spreads the four 2-bit fields of each 32-bit lane's low byte over its
+ * four bytes, in column order. */
+AINLINE __m128i spread_u2(__m128i b) {
+    __m128i t = _mm_and_si128(b, _mm_set1_epi32(3));
+    t = _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 6), _mm_set1_epi32(0x300)));
+    t = _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 12), _mm_set1_epi32(0x30000)));
+    return _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 18), _mm_set1_epi32(0x3000000)));
+}
+
+/* 4 bytes -> 16 2-bit values */
+AINLINE vf cvt_u2(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    __m128i t = spread_u2(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v)));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(t));
+}
+
+/* 16 E4M3 bytes -> 16 floats: exponent and mantissa moved into FP32's
+ * fields make 2^-120 times the value (subnormals included), then one exact
+ * multiply by 2^120. */
+AINLINE vf cvt_fp8(const void *p) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    __m512i mag = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7f)), 20);
+    __m512i sgn = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(mag, sgn)), _mm512_set1_ps(0x1p120f));
+}
+
+#else /* AVX2 */
+
+#define VL 8
+#define TM 2
+#define TN 4
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vloadx(p) _mm256_loadu_ps(p)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vsub(a, b) _mm256_sub_ps(a, b)
+#define vset1(a) _mm256_set1_ps(a)
+
+/* Fixed pairwise order, as in cpu_matmul.c. */
+AINLINE float vhsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AINLINE vf cvt_i8(const void *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* 4 bytes -> 8 nibbles in column order, minus 8 (see the AVX-512 one) */
+AINLINE vf cvt_u4(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    __m128i b = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(v));
+    __m128i t = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi32(0x0f)),
+                             _mm_slli_epi32(_mm_and_si128(b, _mm_set1_epi32(0xf0)), 12));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepi16_epi32(t), _mm256_set1_epi32(8)));
+}
+
+AINLINE __m128i spread_u2(__m128i b) {
+    __m128i t = _mm_and_si128(b, _mm_set1_epi32(3));
+    t = _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 6), _mm_set1_epi32(0x300)));
+    t = _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 12), _mm_set1_epi32(0x30000)));
+    return _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 18), _mm_set1_epi32(0x3000000)));
+}
+
+/* 2 bytes -> 8 2-bit values */
+AINLINE vf cvt_u2(const void *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    __m128i t = spread_u2(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v)));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(t));
+}
+
+AINLINE vf cvt_fp8(const void *p) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i mag = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7f)), 20);
+    __m256i sgn = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+    return _mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(mag, sgn)), _mm256_set1_ps(0x1p120f));
+}
+
+#endif
+
+/* VL weights (n, k..k+VL-1) as FP32. k is a multiple of VL and the vector
+ * never straddles a scale group (quant_check: groups are multiples of 16
+ * or whole rows; FP8 blocks are 128). */
+AINLINE vf wvec(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
+    int64_t K = w->cols;
+    const uint8_t *d = w->data;
+    const float *fs = w->scale;
+    switch (t) {
+    case NB_WINT8: return vmul(cvt_i8(d + n * K + k), vset1(fs[n]));
+    case NB_WINT4: return vmul(cvt_u4(d + n * (K / 2) + k / 2), vset1(fs[n * (K / w->group) + k / w->group]));
+    case NB_WINT2: {
+        uint8_t code = ((const uint8_t *)w->scale)[n * (K / QUANT_WINT2_GROUP) + k / QUANT_WINT2_GROUP];
+        float step = quant_wint2_step(code, ((const float *)w->scale2)[n]);
+        return vmul(vsub(cvt_u2(d + n * (K / 4) + k / 4), vset1((float)(code >> 4) * 0.25f)), vset1(step));
+    }
+    default:
+        return vmul(cvt_fp8(d + n * K + k),
+                    vset1(fs[(n / QUANT_FP8_BLOCK) * ceil_div(K, QUANT_FP8_BLOCK) + k / QUANT_FP8_BLOCK]));
+    }
+}
+
+/* out[i*N + j] = x[i] . w[n + j] for i < tm, j < tn. */
+AINLINE void tile(int tm, int tn, nb_dtype t, float *out, const float *x, const nb_weight *w, int64_t n) {
+    int64_t K = w->cols, N = w->rows;
+    vf acc[TM][TN];
+#pragma GCC unroll 4
+    for (int i = 0; i < tm; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < tn; j++) acc[i][j] = vzero();
+    int64_t k = 0;
+    /* per-channel WINT4 with K % VL != 0 leaves a tail to the scalar loop */
+    for (; k + VL <= K; k += VL) {
+        vf wv[TN];
+#pragma GCC unroll 4
+        for (int j = 0; j < tn; j++) wv[j] = wvec(t, w, n + j, k);
+#pragma GCC unroll 4
+        for (int i = 0; i < tm; i++) {
+            vf xv = vloadx(x + (size_t)i * K + k);
+#pragma GCC unroll 4
+            for (int j = 0; j < tn; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < tm; i++)
+        for (int j = 0; j < tn; j++) {
+            float s = vhsum(acc[i][j]);
+            for (int64_t kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * wone(t, w, n + j, kk);
+            out[(size_t)i * N + j] = s;
+        }
+}
+
+typedef void (*qtile_fn)(float *out, const float *x, const nb_weight *w, int64_t n);
+
+#define QTILE_FN(name, T, tm, tn) \
+    static void name(float *out, const float *x, const nb_weight *w, int64_t n) { tile(tm, tn, T, out, x, w, n); }
+#define QTILE_ROW(T, sfx, tm)                 \
+    QTILE_FN(qt_##sfx##_##tm##x1, T, tm, 1)  \
+    QTILE_FN(qt_##sfx##_##tm##x2, T, tm, 2)  \
+    QTILE_FN(qt_##sfx##_##tm##x3, T, tm, 3)  \
+    QTILE_FN(qt_##sfx##_##tm##x4, T, tm, 4)
+#define QTROW(sfx, tm) {qt_##sfx##_##tm##x1, qt_##sfx##_##tm##x2, qt_##sfx##_##tm##x3, qt_##sfx##_##tm##x4}
+#if TM == 4
+#define QTILE_DTYPE(T, sfx) QTILE_ROW(T, sfx, 1) QTILE_ROW(T, sfx, 2) QTILE_ROW(T, sfx, 3) QTILE_ROW(T, sfx, 4)
+#define QTABLE(sfx) {QTROW(sfx, 1), QTROW(sfx, 2), QTROW(sfx, 3), QTROW(sfx, 4)}
+#else
+#define QTILE_DTYPE(T, sfx) QTILE_ROW(T, sfx, 1) QTILE_ROW(T, sfx, 2)
+#define QTABLE(sfx) {QTROW(sfx, 1), QTROW(sfx, 2)}
+#endif
+
+QTILE_DTYPE(NB_WINT8, w8)
+QTILE_DTYPE(NB_WINT4, w4)
+QTILE_DTYPE(NB_WINT2, w2)
+QTILE_DTYPE(NB_FP8_B128, f8)
+
+/* [dtype - NB_WINT8][tm-1][tn-1] */
+static const qtile_fn QTILES[4][TM][TN] = {QTABLE(w8), QTABLE(w4), QTABLE(w2), QTABLE(f8)};
+
+void quant_matmul_block_act(float *out, const float *xa, const nb_weight *w, int m0, int m1, int64_t n0,
+                            int64_t n1) {
+    int64_t N = w->rows, K = w->cols;
+    for (int m = m0; m < m1; m += TM) {
+        int tm = m1 - m < TM ? m1 - m : TM;
+        for (int64_t n = n0; n < n1; n += TN) {
+            int tn = n1 - n < TN ? (int)(n1 - n) : TN;
+            QTILES[w->dtype - NB_WINT8][tm - 1][tn - 1](out + (size_t)m * N + n, xa + (size_t)m * K, w, n);
+        }
+    }
+}
+
+#else /* portable build */
+
+void quant_matmul_block_act(float *out, const float *xa, const nb_weight *w, int m0, int m1, int64_t n0,
+                            int64_t n1) {
+    int64_t N = w->rows, K = w->cols;
+    for (int m = m0; m < m1; m++)
+        for (int64_t n = n0; n < n1; n++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++) s += xa[(size_t)m * K + k] * wone(w->dtype, w, n, k);
+            out[(size_t)m * N + n] = s;
+        }
+}
+
+#endif
