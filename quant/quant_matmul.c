@@ -98,6 +98,15 @@ AINLINE float wone(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 
+/* Spreads the four 2-bit fields of each 32-bit lane's low byte over its
+ * four bytes, in column order. */
+AINLINE __m128i spread_u2(__m128i b) {
+    __m128i t = _mm_and_si128(b, _mm_set1_epi32(3));
+    t = _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 6), _mm_set1_epi32(0x300)));
+    t = _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 12), _mm_set1_epi32(0x30000)));
+    return _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 18), _mm_set1_epi32(0x3000000)));
+}
+
 #if defined(__AVX512F__)
 
 #define VL 16
@@ -124,15 +133,6 @@ AINLINE vf cvt_u4(const void *p) {
     __m256i t = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0x0f)),
                                 _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xf0)), 12));
     return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepi16_epi32(t), _mm512_set1_epi32(8)));
-}
-
-/* Spreads the four 2-bit fields of each 32-bit lane's low byte over its
- * four bytes, in column order. */
-AINLINE __m128i spread_u2(__m128i b) {
-    __m128i t = _mm_and_si128(b, _mm_set1_epi32(3));
-    t = _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 6), _mm_set1_epi32(0x300)));
-    t = _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 12), _mm_set1_epi32(0x30000)));
-    return _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 18), _mm_set1_epi32(0x3000000)));
 }
 
 /* 4 bytes -> 16 2-bit values */
@@ -186,13 +186,6 @@ AINLINE vf cvt_u4(const void *p) {
     __m128i t = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi32(0x0f)),
                              _mm_slli_epi32(_mm_and_si128(b, _mm_set1_epi32(0xf0)), 12));
     return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepi16_epi32(t), _mm256_set1_epi32(8)));
-}
-
-AINLINE __m128i spread_u2(__m128i b) {
-    __m128i t = _mm_and_si128(b, _mm_set1_epi32(3));
-    t = _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 6), _mm_set1_epi32(0x300)));
-    t = _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 12), _mm_set1_epi32(0x30000)));
-    return _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 18), _mm_set1_epi32(0x3000000)));
 }
 
 /* 2 bytes -> 8 2-bit values */

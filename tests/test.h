@@ -50,4 +50,20 @@ static int t_passed, t_failed, t_cur_failed;
         return t_failed ? 1 : 0;                                            \
     } while (0)
 
+/* A small seeded generator for test data: xorshift64, uniform in [0, 1)
+ * and Gaussian (Box-Muller). Each test binary has its own state. */
+static unsigned long long t_rng_state = 0x9e3779b97f4a7c15ull;
+
+static inline double urand(void) {
+    t_rng_state ^= t_rng_state << 13;
+    t_rng_state ^= t_rng_state >> 7;
+    t_rng_state ^= t_rng_state << 17;
+    return (double)(t_rng_state >> 11) / 9007199254740992.0;
+}
+
+static inline float gauss(void) {
+    double u = urand() + 1e-12, v = urand();
+    return (float)(sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v));
+}
+
 #endif

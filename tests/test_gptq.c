@@ -12,19 +12,6 @@
 #include "quant/quant.h"
 #include "tests/test.h"
 
-static uint64_t rng_state = 0x2545f4914f6cdd1dull;
-
-static double urand(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (double)(rng_state >> 11) / 9007199254740992.0;
-}
-
-static float gauss(void) {
-    double u = urand() + 1e-12, v = urand();
-    return (float)(sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v));
-}
 
 /* n rows of x = z A + outliers in a few channels, z Gaussian with rank r. */
 static float *inputs(int n, int64_t K, const float *A, int r) {

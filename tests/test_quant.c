@@ -10,19 +10,6 @@
 #include "quant/quant.h"
 #include "tests/test.h"
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-
-static double urand(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (double)(rng_state >> 11) / 9007199254740992.0;
-}
-
-static float gauss(void) {
-    double u = urand() + 1e-12, v = urand();
-    return (float)(sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v));
-}
 
 static float *gauss_matrix(int64_t rows, int64_t cols, float sd) {
     float *w = xmalloc(sizeof(float) * (size_t)(rows * cols));
