@@ -269,17 +269,23 @@ static void on_watch(uv_timer_t *h) {
 }
 
 /* The grace period is over (or a second signal came): cancel what is left. */
+/* Answers every waiting and running request with a shutdown error (under
+ * s->mu; the connections go on l to be resumed after unlocking). */
+static void fail_all_locked(nb_server *s, resume_list *l) {
+    while (s->pending) {
+        srv_req *r = s->pending;
+        s->pending = r->next;
+        req_complete(s, r, "server shutting down", l);
+    }
+    while (s->active) req_abort(s, s->active, "server shutting down", l);
+}
+
 static void on_grace(uv_timer_t *h) {
     nb_server *s = h->data;
     resume_list l = {.n = 0};
     pthread_mutex_lock(&s->mu);
     s->left = s->n_live;
-    while (s->pending) {
-        srv_req *r = s->pending;
-        s->pending = r->next;
-        req_complete(s, r, "server shutting down", &l);
-    }
-    while (s->active) req_abort(s, s->active, "server shutting down", &l);
+    fail_all_locked(s, &l);
     pthread_mutex_unlock(&s->mu);
     resume_all(s, &l);
     loop_close(s);
@@ -360,12 +366,7 @@ void server_stop(nb_server *s) {
     resume_list l = {.n = 0};
     pthread_mutex_lock(&s->mu);
     s->stopping = 1;
-    while (s->pending) { /* raced in after the loop ended */
-        srv_req *r = s->pending;
-        s->pending = r->next;
-        req_complete(s, r, "server shutting down", &l);
-    }
-    while (s->active) req_abort(s, s->active, "server shutting down", &l);
+    fail_all_locked(s, &l); /* requests that raced in after the loop ended */
     pthread_mutex_unlock(&s->mu);
     resume_all(s, &l);
     /* Let answered connections flush their last bytes before closing them. */

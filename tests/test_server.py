@@ -38,6 +38,16 @@ PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
 
 
+def wait_healthy():
+    """Polls /health for up to ~10 s while the server loads."""
+    for _ in range(100):
+        try:
+            if call("/health", timeout=1)[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+
+
 def call(path, body=None, method=None, raw=None, timeout=60):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(BASE + path, data=data, method=method or ("POST" if data is not None else "GET"))
@@ -55,12 +65,7 @@ with open(os.path.join(MODEL, "reference.json")) as f:
 srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--model", MODEL, "--port", str(PORT), "--served-model-name", "qwen2",
                         "--max-num-seqs", "8", "--threads", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 try:
-    for _ in range(100):
-        try:
-            if call("/health", timeout=1)[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
+    wait_healthy()
     status, body = call("/health")
     check("health", status == 200, body)
     status, body = call("/v1/models")
@@ -315,12 +320,7 @@ srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--mode
                         "--max-num-batched-tokens", "32"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 try:
-    for _ in range(100):
-        try:
-            if call("/health", timeout=1)[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
+    wait_healthy()
     results = [None] * 16
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, call("/v1/completions", greedy)))
                for i in range(16)]
@@ -343,12 +343,7 @@ BASE = f"http://127.0.0.1:{PORT}"
 srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--model", MODEL, "--port", str(PORT),
                         "--api-key", "sekret"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 try:
-    for _ in range(100):
-        try:
-            if call("/health", timeout=1)[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
+    wait_healthy()
     status, body = call("/v1/models")
     check("api key required", status == 401 and "error" in json.loads(body), body)
     req = urllib.request.Request(BASE + "/v1/models", headers={"Authorization": "Bearer sekret"})
@@ -366,12 +361,7 @@ BASE = f"http://127.0.0.1:{PORT}"
 srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--model", MODEL, "--port", str(PORT),
                         "--quantization", QSET], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 try:
-    for _ in range(100):
-        try:
-            if call("/health", timeout=1)[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
+    wait_healthy()
     status, body = call("/v1/completions", {"prompt": "Hello there", "max_tokens": 12, "temperature": 0,
                                             "ignore_eos": True})
     g = subprocess.run([os.environ.get("NIBBLE", "bin/nibble"), "generate", "--model", MODEL, "--quantization", QSET,
@@ -394,12 +384,7 @@ srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--conf
                         "--port", str(PORT), "--max-queue", "1", "--threads", "1", "--shutdown-grace", "120"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 try:
-    for _ in range(100):
-        try:
-            if call("/health", timeout=1)[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
+    wait_healthy()
     def metric(name):
         m = call("/metrics")[1]
         return int(dict(l.split() for l in m.splitlines() if l and not l.startswith("#"))[name])
