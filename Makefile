@@ -29,7 +29,7 @@ CU_SRC   := $(wildcard kernels/cuda/*.cu)
 ifeq ($(CUDA),1)
 CFLAGS   += -DNB_HAVE_CUDA
 CU_OBJ   := $(patsubst %.cu,build/%.o,$(CU_SRC))
-LDLIBS   += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart
+LDLIBS   += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart -lstdc++
 endif
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(patsubst tests/%.c,build/tests/%,$(TEST_SRC))

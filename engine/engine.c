@@ -34,6 +34,7 @@ struct nb_engine {
     uint64_t next_arrival, preemptions, steps, prefix_hit_tokens;
     /* step scratch */
     int32_t *tok, *pos, *slot, *seq_of, *rows, *tables;
+    int32_t *ids; /* argmax per logit row, for all-greedy steps */
     eseq **batch_seq;
     int *take;
     float *logits;
@@ -60,6 +61,7 @@ nb_engine *engine_create(nb_model *m, const nb_engine_opts *o, nb_err *e) {
     g->slot = xmalloc(sizeof(int32_t) * T);
     g->seq_of = xmalloc(sizeof(int32_t) * T);
     g->rows = xmalloc(sizeof(int32_t) * S);
+    g->ids = xmalloc(sizeof(int32_t) * S);
     g->tables = xmalloc(sizeof(int32_t) * S * (size_t)g->max_blocks);
     g->batch_seq = xmalloc(sizeof(eseq *) * S);
     g->take = xmalloc(sizeof(int) * S);
@@ -125,6 +127,7 @@ void engine_free(nb_engine *g) {
     free(g->slot);
     free(g->seq_of);
     free(g->rows);
+    free(g->ids);
     free(g->tables);
     free(g->batch_seq);
     free(g->take);
@@ -293,7 +296,7 @@ static int schedule(nb_engine *g) {
 
 int engine_step(nb_engine *g, nb_err *e) {
     int nb = schedule(g);
-    int n_tok = 0, n_rows = 0;
+    int n_tok = 0, n_rows = 0, greedy = 0;
     for (int b = 0; b < nb; b++) {
         eseq *s = g->batch_seq[b];
         memcpy(g->tables + (size_t)b * g->max_blocks, s->blocks, sizeof(int32_t) * (size_t)s->n_blocks);
@@ -308,7 +311,16 @@ int engine_step(nb_engine *g, nb_err *e) {
     }
     if (nb > 0) {
         nb_batch batch = {n_tok, g->pos, g->seq_of, g->slot, nb, g->max_blocks, g->tables};
-        if (model_forward(g->m, g->tok, &batch, g->rows, n_rows, g->logits, e)) return -1;
+        /* When every row is a plain greedy pick, the backend's argmax
+         * answers and the logits never leave the device. */
+        greedy = n_rows > 0;
+        for (int b = 0; b < nb && greedy; b++) {
+            eseq *s = g->batch_seq[b];
+            if (s->n_computed + (size_t)g->take[b] == s->n_tokens) greedy = !s->lp && sampler_is_greedy(s->smp);
+        }
+        if (greedy ? model_forward_argmax(g->m, g->tok, &batch, g->rows, n_rows, g->ids, e)
+                   : model_forward(g->m, g->tok, &batch, g->rows, n_rows, g->logits, e))
+            return -1;
         g->steps++;
     }
     int r = 0;
@@ -317,9 +329,14 @@ int engine_step(nb_engine *g, nb_err *e) {
         s->n_computed += (size_t)g->take[b];
         prefix_register(g, s);
         if (s->n_computed != s->n_tokens) continue;
-        float *lg = g->logits + (size_t)r++ * g->c->vocab_size;
-        if (s->lp) memcpy(g->raw, lg, sizeof(float) * (size_t)g->c->vocab_size);
-        int32_t id = sampler_sample(s->smp, lg);
+        int32_t id;
+        if (greedy) {
+            id = g->ids[r++];
+        } else {
+            float *lg = g->logits + (size_t)r++ * g->c->vocab_size;
+            if (s->lp) memcpy(g->raw, lg, sizeof(float) * (size_t)g->c->vocab_size);
+            id = sampler_sample(s->smp, lg);
+        }
         if (s->lp) {
             size_t t = s->n_tokens - s->n_prompt, k = (size_t)s->opts.logprobs - 1;
             s->lp[t] = sampler_logprobs(g->raw, g->c->vocab_size, id, (int)k, s->top_ids + t * k, s->top_lp + t * k);

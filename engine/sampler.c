@@ -238,6 +238,12 @@ static int sampler_top_p_select(const float *pr, int32_t *ids, int n, double tar
     return m > 0 ? m : 1;
 }
 
+int sampler_is_greedy(const nb_sampler *s) {
+    const nb_sampling_params *p = &s->p;
+    return p->temperature < SAMPLER_GREEDY_EPS && p->repetition_penalty == 1.0f && p->presence_penalty == 0.0f &&
+           p->frequency_penalty == 0.0f;
+}
+
 int32_t sampler_sample(nb_sampler *s, float *lg) {
     const nb_sampling_params *p = &s->p;
     int V = s->vocab;

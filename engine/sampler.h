@@ -42,6 +42,9 @@ void sampler_accept(nb_sampler *s, int32_t id);
  * overwritten: it is scratch) and returns the chosen id. Does not call
  * sampler_accept; the caller does once the token is kept. */
 int32_t sampler_sample(nb_sampler *s, float *logits);
+/* Whether sampler_sample is the plain argmax of the logits (greedy, no
+ * penalties): the caller may then take the argmax where the logits are. */
+int sampler_is_greedy(const nb_sampler *s);
 
 /* Log-softmax of the original logits row (before penalties and temperature):
  * writes the n_top best ids and their logprobs, best first (lower id on

@@ -2,6 +2,7 @@
 #include "kernels/backend.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 size_t nb_dtype_size(nb_dtype t) {
@@ -49,20 +50,33 @@ size_t nb_kv_block_bytes(nb_kv_dtype t, int n_kv_heads, int head_dim) {
 }
 
 nb_backend *backend_create(const nb_backend_opts *opts, nb_err *e) {
-    const char *dev = opts && opts->device ? opts->device : "cpu";
+    const char *dev = opts && opts->device ? opts->device : "auto";
     int threads = opts ? opts->threads : 0;
+    if (strcmp(dev, "auto") == 0) dev = cuda_device_count() > 0 ? "cuda" : "cpu";
     if (strcmp(dev, "cpu") == 0) return cpu_backend_create(threads, e);
-    if (strcmp(dev, "cuda") == 0) {
+    if (strcmp(dev, "cuda") == 0 || strncmp(dev, "cuda:", 5) == 0) {
 #ifdef NB_HAVE_CUDA
-        nb_errf(e, "device cuda: the CUDA forward is not implemented yet (%d device(s) found); use "
-                   "--device cpu",
-                cuda_device_count());
+        int id = 0, n = cuda_device_count();
+        if (dev[4] == ':') {
+            char *end;
+            long v = strtol(dev + 5, &end, 10);
+            if (*end || end == dev + 5 || v < 0 || v > 1024) {
+                nb_errf(e, "device '%s': expected cuda or cuda:N", dev);
+                return NULL;
+            }
+            id = (int)v;
+        }
+        if (id >= n) {
+            nb_errf(e, "device %s: %d CUDA device(s) found", dev, n);
+            return NULL;
+        }
+        return cuda_backend_create(id, e);
 #else
         nb_errf(e, "device cuda: CUDA backend not available in this build");
-#endif
         return NULL;
+#endif
     }
-    nb_errf(e, "unknown device '%s' (expected cpu or cuda)", dev);
+    nb_errf(e, "unknown device '%s' (expected auto, cpu, cuda or cuda:N)", dev);
     return NULL;
 }
 

@@ -113,6 +113,10 @@ typedef struct nb_backend_ops {
      * out may equal x. */
     void (*rmsnorm)(nb_backend *b, float *out, const float *x, const nb_weight *w,
                     int n, float eps);
+    /* x += delta, then out = rmsnorm(x) * w (the residual add fused with the
+     * next norm); n rows of w->cols. out may equal delta, not x. */
+    void (*add_rmsnorm)(nb_backend *b, float *out, float *x, const float *delta, const nb_weight *w,
+                        int n, float eps);
     /* out[M,N] = x[M,K] @ w^T (w is [N,K]), FP32 accumulation. */
     void (*matmul)(nb_backend *b, float *out, const float *x, const nb_weight *w, int M);
     /* x[r] += bias for M rows of bias->cols. */
@@ -148,6 +152,25 @@ typedef struct nb_backend_ops {
     /* Waits for queued work (no-op on CPU). */
     void (*sync)(nb_backend *b);
     void (*destroy)(nb_backend *b);
+
+    /* Whether matmul takes weights of dtype t. */
+    int (*supports)(nb_backend *b, nb_dtype t);
+    /* Device memory: free and total bytes. Returns -1 where memory is the
+     * host's and not worth budgeting (CPU). */
+    int (*mem_info)(nb_backend *b, size_t *free_bytes, size_t *total_bytes);
+    /* Recorded op sequences (CUDA graphs). graph_begin(key) returns 1 when
+     * it has replayed the sequence recorded under key: the caller skips it.
+     * It returns 0 when the caller must issue the ops itself and then call
+     * graph_end(), which records them under key (if the backend records) and
+     * runs them. A recorded sequence may only depend on device memory and on
+     * the batch passed to set_batch before graph_begin, never on host
+     * arguments of the ops; the caller picks keys so that one key always
+     * means one op sequence with the same shapes. key 0 records nothing. */
+    int (*graph_begin)(nb_backend *b, uint64_t key);
+    void (*graph_end)(nb_backend *b);
+
+    /* The KV cache type used when the configuration names none. */
+    nb_kv_dtype kv_default;
 } nb_backend_ops;
 
 struct nb_backend {
@@ -156,7 +179,7 @@ struct nb_backend {
 };
 
 typedef struct nb_backend_opts {
-    const char *device; /* "cpu" (default) */
+    const char *device; /* "cpu", "cuda", or NULL/"auto": cuda when a GPU is present */
     int threads;        /* CPU worker threads; 0 = number of online cores */
 } nb_backend_opts;
 
@@ -166,6 +189,8 @@ void backend_destroy(nb_backend *b);
 
 /* Implementations (kernels/cpu, kernels/cuda). */
 nb_backend *cpu_backend_create(int threads, nb_err *e);
+/* The CUDA backend on device `device` (kernels/cuda). */
+nb_backend *cuda_backend_create(int device, nb_err *e);
 /* Number of usable CUDA devices; 0 when none or not built with CUDA. */
 int cuda_device_count(void);
 /* One line describing CUDA device i into buf. */

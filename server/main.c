@@ -30,13 +30,13 @@ static void usage(FILE *f) {
             "  generate --model DIR --prompt TEXT   generate text, printing tokens as they come\n"
             "      [--chat] [--system TEXT] [--max-tokens N] [--temperature T] [--top-k K]\n"
             "      [--top-p P] [--min-p P] [--repetition-penalty R] [--presence-penalty P]\n"
-            "      [--frequency-penalty F] [--seed S] [--ignore-eos] [--threads N] [--device cpu]\n"
+            "      [--frequency-penalty F] [--seed S] [--ignore-eos] [--threads N] [--device D]\n"
             "      [--show-ids] [--verbose] [--quantization NAME|JSON] [--kv-cache-dtype T]\n"
             "  serve --model DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]\n"
             "      [--max-num-seqs N] [--num-kv-blocks N] [--threads N] [--api-key KEY]\n"
             "      [--max-queue N] [--max-num-batched-tokens N] [--shutdown-grace SECONDS]\n"
             "      [--http-threads N] [--quantization NAME|JSON] [--kv-cache-dtype T]\n"
-            "      [--config FILE.json]\n"
+            "      [--device D] [--gpu-memory-utilization F] [--config FILE.json]\n"
             "                                       OpenAI-compatible HTTP server\n"
             "  inspect --model DIR [--quantization NAME|JSON] [--quant-report]\n"
             "                                       architecture, parameters, dtypes, memory;\n"
@@ -50,6 +50,8 @@ static void usage(FILE *f) {
             "quantization: none, wint8, wint4, wint2 (offline), block_wise_fp8, or a JSON object\n"
             "  {\"quantization\": \"mix_quant\", \"dense_quant_type\": \"wint8\", \"kv_cache_quant_type\": \"int8\"};\n"
             "  --kv-cache-dtype: auto, bf16, int8, float8_e4m3fn\n"
+            "device: auto (cuda when a GPU is present, else cpu), cpu, cuda, cuda:N;\n"
+            "  --gpu-memory-utilization F: share of GPU memory for weights, activations and KV (0.9)\n"
             "  bench-membw                          measure host copy bandwidth\n"
             "  version                              print the version\n");
 }
@@ -60,7 +62,7 @@ typedef struct cli_opts {
     int ctx;
     int quant_report, calib_tokens;
     int chat, max_tokens, threads, ignore_eos, show_ids, port, max_num_seqs, kv_blocks, max_queue, max_batched, http_threads;
-    double grace;
+    double grace, gpu_mem_util;
     int set_temperature, set_top_p, set_top_k; /* else generation_config.json decides */
     cJSON *config;    /* --config document: its strings back some fields */
     char **config_argv; /* the document as flags */
@@ -126,6 +128,7 @@ static int parse_flags(int argc, char **argv, cli_opts *o) {
         else if (!strcmp(a, "--max-num-batched-tokens")) { NEED_VALUE if (parse_int(a, v, 1, 1 << 20, &l)) return -1; o->max_batched = (int)l; }
         else if (!strcmp(a, "--http-threads")) { NEED_VALUE if (parse_int(a, v, 1, 256, &l)) return -1; o->http_threads = (int)l; }
         else if (!strcmp(a, "--max-queue")) { NEED_VALUE if (parse_int(a, v, 1, 1 << 20, &l)) return -1; o->max_queue = (int)l; }
+        else if (!strcmp(a, "--gpu-memory-utilization")) { NEED_VALUE if (parse_num(a, v, 0.01, 1, &d)) return -1; o->gpu_mem_util = d; }
         else if (!strcmp(a, "--shutdown-grace")) { NEED_VALUE if (parse_num(a, v, 0, 3600, &d)) return -1; o->grace = d; }
         else if (!strcmp(a, "--served-model-name")) { NEED_VALUE o->served_name = v; }
         else if (!strcmp(a, "--port")) { NEED_VALUE if (parse_int(a, v, 1, 65535, &l)) return -1; o->port = (int)l; }
@@ -203,7 +206,7 @@ static int load_config(const char *path, cli_opts *o) {
 static int parse_args(int argc, char **argv, cli_opts *o) {
     memset(o, 0, sizeof *o);
     o->max_tokens = 128;
-    o->device = "cpu";
+    o->device = "auto";
     o->grace = 30;
     sampling_params_default(&o->sp);
     char **rest = xmalloc(sizeof(char *) * (size_t)(argc + 1));
@@ -476,7 +479,7 @@ static int cmd_serve(int argc, char **argv) {
         return 2;
     }
     nb_model_opts mo = {.num_kv_blocks = o.kv_blocks, .max_batch_tokens = o.max_batched, .quant = &plan,
-                        .quant_report = o.quant_report ? stderr : NULL};
+                        .quant_report = o.quant_report ? stderr : NULL, .gpu_mem_util = (float)o.gpu_mem_util};
     if (!(be = backend_create(&bo, &e)) || !(tok = tokenizer_load(o.model, &e)) ||
         !(ct = chat_template_load(o.model, &e)) || !(m = model_load(o.model, be, &mo, &e)))
         goto out;

@@ -491,7 +491,7 @@ static void test_backend_create(void) {
     nb_backend_opts o = {NULL, 2};
     nb_backend *b = backend_create(&o, &e);
     REQUIRE(b != NULL, "default device: %s", e.msg);
-    CHECK(!strcmp(b->ops->name, "cpu"), "default is cpu");
+    CHECK(!strcmp(b->ops->name, cuda_device_count() > 0 ? "cuda" : "cpu"), "default is cuda when a GPU is present, else cpu");
     backend_destroy(b);
     o.device = "cpu";
     o.threads = 0; /* one per core */
@@ -500,8 +500,14 @@ static void test_backend_create(void) {
     backend_destroy(b);
     o.device = "tpu";
     CHECK(backend_create(&o, &e) == NULL && strstr(e.msg, "tpu"), "unknown device: %s", e.msg);
-    o.device = "cuda";
-    CHECK(backend_create(&o, &e) == NULL && strstr(e.msg, "cuda"), "cuda is not wired yet: %s", e.msg);
+    o.device = "cuda:x";
+    CHECK(backend_create(&o, &e) == NULL && strstr(e.msg, "cuda:x"), "bad device index: %s", e.msg);
+    o.device = "cuda:1000";
+    CHECK(backend_create(&o, &e) == NULL && strstr(e.msg, "cuda:1000"), "missing device: %s", e.msg);
+    if (cuda_device_count() == 0) {
+        o.device = "cuda";
+        CHECK(backend_create(&o, &e) == NULL && strstr(e.msg, "cuda"), "cuda without a GPU: %s", e.msg);
+    }
     CHECK(cpu_backend_create(-1, &e) == NULL, "negative threads must fail");
 
     char buf[256];

@@ -45,6 +45,49 @@ static int bind_layer(nb_model *m, int i, nb_err *e) {
     return 0;
 }
 
+/* Most KV blocks sized from device memory: more than this many tokens of
+ * cache would only fill host-side tables. */
+#define KV_MAX_AUTO_BLOCKS (1 << 18)
+
+/* Sizes and allocates the paged KV cache. An explicit block count wins; on a
+ * backend that budgets device memory, the cache gets what is free beyond the
+ * (1 - gpu_memory_utilization) share of the device; elsewhere it holds one
+ * full-context sequence (more only helps with many sequences). */
+static int alloc_kv_cache(nb_model *m, const nb_model_opts *opts, nb_err *e) {
+    const nb_model_config *c = &m->cfg;
+    nb_backend *be = m->be;
+    size_t per_block = 2 * (size_t)c->n_layers * nb_kv_block_bytes(m->plan.kv, c->n_kv_heads, c->head_dim);
+    int full_ctx = (c->max_position + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE;
+    size_t free_b = 0, total_b = 0;
+    if (opts && opts->num_kv_blocks > 0) {
+        m->num_blocks = opts->num_kv_blocks;
+    } else if (be->ops->mem_info(be, &free_b, &total_b) == 0) {
+        double util = opts && opts->gpu_mem_util > 0 ? opts->gpu_mem_util : 0.9;
+        double keep = (1.0 - util) * (double)total_b;
+        double avail = (double)free_b - keep;
+        if (avail < (double)per_block)
+            return nb_errf(e, "no device memory left for the KV cache: %.2f GiB free of %.2f GiB after weights "
+                              "and activations, %.2f GiB kept back by --gpu-memory-utilization %.2f",
+                           free_b / 1073741824.0, total_b / 1073741824.0, keep / 1073741824.0, util);
+        double n = avail / (double)per_block;
+        m->num_blocks = n > KV_MAX_AUTO_BLOCKS ? KV_MAX_AUTO_BLOCKS : (int)n;
+        log_info("KV cache: %.2f GiB free of %.2f GiB after weights and activations, utilization %.2f: %d blocks "
+                 "(%lld tokens, %.1f full contexts)",
+                 free_b / 1073741824.0, total_b / 1073741824.0, util, m->num_blocks,
+                 (long long)m->num_blocks * NB_KV_BLOCK_SIZE, (double)m->num_blocks / full_ctx);
+    } else {
+        m->num_blocks = full_ctx;
+    }
+    size_t kv_bytes = per_block / 2 / (size_t)c->n_layers * (size_t)m->num_blocks;
+    m->k_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
+    m->v_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
+    for (int i = 0; i < c->n_layers; i++) {
+        m->k_cache[i] = be->ops->alloc(be, kv_bytes);
+        m->v_cache[i] = be->ops->alloc(be, kv_bytes);
+    }
+    return 0;
+}
+
 static void *act_alloc(nb_model *m, size_t floats) {
     return m->be->ops->alloc(m->be, floats * sizeof(float));
 }
@@ -57,6 +100,12 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
     nb_quant_plan none;
     if (!opts || !opts->quant) quant_plan_parse(NULL, NULL, &none, e);
     if (quant_plan_resolve(dir, opts && opts->quant ? opts->quant : &none, &m->plan, e)) goto fail;
+    if (!m->plan.kv_set) m->plan.kv = be->ops->kv_default;
+    if (!be->ops->supports(be, m->plan.dense)) {
+        nb_errf(e, "%s weights are not supported by the %s backend yet; use --device cpu",
+                nb_dtype_name(m->plan.dense), be->ops->name);
+        goto fail;
+    }
     m->report = opts ? opts->quant_report : NULL;
     const nb_model_config *c = &m->cfg;
     m->st = st_open(dir, e);
@@ -82,17 +131,6 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
     free(inv);
 
     m->max_tokens = opts && opts->max_batch_tokens > 0 ? opts->max_batch_tokens : 256;
-    /* More blocks than one full-context sequence are only useful with many
-     * sequences; the default (and the cap for a single one) is one context. */
-    int full_ctx = (c->max_position + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE;
-    m->num_blocks = opts && opts->num_kv_blocks > 0 ? opts->num_kv_blocks : full_ctx;
-    size_t kv_bytes = (size_t)m->num_blocks * nb_kv_block_bytes(m->plan.kv, c->n_kv_heads, c->head_dim);
-    m->k_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
-    m->v_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
-    for (int i = 0; i < c->n_layers; i++) {
-        m->k_cache[i] = be->ops->alloc(be, kv_bytes);
-        m->v_cache[i] = be->ops->alloc(be, kv_bytes);
-    }
     size_t T = (size_t)m->max_tokens, qd = (size_t)c->n_heads * c->head_dim,
            kvd = (size_t)c->n_kv_heads * c->head_dim;
     m->x = act_alloc(m, T * H);
@@ -105,6 +143,10 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
     m->up = act_alloc(m, T * c->intermediate_size);
     m->last = act_alloc(m, T * H);
     m->logits = act_alloc(m, T * V);
+    /* The KV cache comes last so that a device backend can give it what the
+     * weights and activations left. */
+    if (alloc_kv_cache(m, opts, e)) goto fail;
+    size_t kv_bytes = (size_t)m->num_blocks * nb_kv_block_bytes(m->plan.kv, c->n_kv_heads, c->head_dim);
     char qname[32], wbytes[256] = "";
     for (int t = 0, len = 0; t < NB_DTYPE_COUNT; t++)
         if (m->bytes_by[t])
@@ -180,7 +222,9 @@ static void layer_forward(nb_model *m, int li, int n) {
 #define CAPTURE(which, x, cols) \
     if (m->capture) m->capture(m->capture_ctx, li, which, x, n, (int64_t)(cols))
 
-    op->rmsnorm(be, m->xn, m->x, &L->attn_norm, n, c->rms_eps);
+    /* the previous layer's MLP output still waits in xn to be added */
+    if (li == 0) op->rmsnorm(be, m->xn, m->x, &L->attn_norm, n, c->rms_eps);
+    else op->add_rmsnorm(be, m->xn, m->x, m->xn, &L->attn_norm, n, c->rms_eps);
     CAPTURE(0, m->xn, H);
     linear(m, m->q, m->xn, &L->wq, &L->bq, n);
     linear(m, m->k, m->xn, &L->wk, &L->bk, n);
@@ -195,21 +239,19 @@ static void layer_forward(nb_model *m, int li, int n) {
     op->attention(be, m->att, m->q, m->k_cache[li], m->v_cache[li], &s);
     CAPTURE(1, m->att, qd);
     linear(m, m->xn, m->att, &L->wo, &L->bo, n);
-    op->add(be, m->x, m->x, m->xn, (size_t)n * H);
-
-    op->rmsnorm(be, m->xn, m->x, &L->ffn_norm, n, c->rms_eps);
+    op->add_rmsnorm(be, m->xn, m->x, m->xn, &L->ffn_norm, n, c->rms_eps);
     CAPTURE(2, m->xn, H);
     linear(m, m->gate, m->xn, &L->gate, &L->b_gate, n);
     linear(m, m->up, m->xn, &L->up, &L->b_up, n);
     op->silu_mul(be, m->gate, m->gate, m->up, (size_t)n * c->intermediate_size);
     CAPTURE(3, m->gate, c->intermediate_size);
-    linear(m, m->xn, m->gate, &L->down, &L->b_down, n);
-    op->add(be, m->x, m->x, m->xn, (size_t)n * H);
+    linear(m, m->xn, m->gate, &L->down, &L->b_down, n); /* added by the next layer's norm */
 #undef CAPTURE
 }
 
-int model_forward(nb_model *m, const int32_t *tokens, const nb_batch *batch, const int32_t *out_rows,
-                  int n_out, float *logits, nb_err *e) {
+/* The step up to the logits of out_rows, left in m->logits on the backend. */
+static int forward_logits(nb_model *m, const int32_t *tokens, const nb_batch *batch, const int32_t *out_rows,
+                          int n_out, nb_err *e) {
     const nb_model_config *c = &m->cfg;
     int n = batch->n_tokens;
     if (n <= 0 || n > m->max_tokens)
@@ -230,12 +272,35 @@ int model_forward(nb_model *m, const int32_t *tokens, const nb_batch *batch, con
     nb_backend *be = m->be;
     op->set_batch(be, batch);
     op->embedding(be, m->x, &m->embed, tokens, n);
-    for (int li = 0; li < c->n_layers; li++) layer_forward(m, li, n);
+    /* A decode-only step (one token per sequence) issues the same ops for
+     * the same token count, whatever the positions: the backend may record
+     * them once and replay them. Prefill steps and calibration runs (host
+     * callbacks) issue theirs every time. */
+    uint64_t key = batch->n_seqs == n && !m->capture ? (uint64_t)n : 0;
+    if (!op->graph_begin(be, key)) {
+        for (int li = 0; li < c->n_layers; li++) layer_forward(m, li, n);
+        op->add(be, m->x, m->x, m->xn, (size_t)n * c->hidden_size);
+        op->graph_end(be);
+    }
     if (n_out == 0) return 0;
     op->gather_rows(be, m->last, m->x, out_rows, n_out, c->hidden_size);
     op->rmsnorm(be, m->last, m->last, &m->final_norm, n_out, c->rms_eps);
     op->matmul(be, m->logits, m->last, &m->lm_head, n_out);
-    op->download(be, logits, m->logits, sizeof(float) * (size_t)n_out * c->vocab_size);
+    return 0;
+}
+
+int model_forward(nb_model *m, const int32_t *tokens, const nb_batch *batch, const int32_t *out_rows,
+                  int n_out, float *logits, nb_err *e) {
+    if (forward_logits(m, tokens, batch, out_rows, n_out, e)) return -1;
+    if (n_out > 0)
+        m->be->ops->download(m->be, logits, m->logits, sizeof(float) * (size_t)n_out * m->cfg.vocab_size);
+    return 0;
+}
+
+int model_forward_argmax(nb_model *m, const int32_t *tokens, const nb_batch *batch, const int32_t *out_rows,
+                         int n_out, int32_t *ids, nb_err *e) {
+    if (forward_logits(m, tokens, batch, out_rows, n_out, e)) return -1;
+    if (n_out > 0) m->be->ops->argmax(m->be, ids, m->logits, n_out, m->cfg.vocab_size);
     return 0;
 }
 

@@ -19,6 +19,7 @@ typedef struct nb_model_opts {
     int num_kv_blocks;    /* KV blocks to allocate; 0 = one full-context sequence */
     const nb_quant_plan *quant; /* requested quantization; NULL = none (the checkpoint's config still wins) */
     FILE *quant_report;         /* when set: one line per quantized matrix with its error */
+    float gpu_mem_util;         /* share of device memory to use (0 = 0.9); sizes the KV cache when num_kv_blocks is 0 */
 } nb_model_opts;
 
 /* Sees the input of every linear layer in a forward pass (CPU backend:
@@ -43,6 +44,12 @@ int model_max_batch_tokens(const nb_model *m);
  * the n_out step rows listed in out_rows go to logits[n_out][vocab]. */
 int model_forward(nb_model *m, const int32_t *tokens, const nb_batch *batch,
                   const int32_t *out_rows, int n_out, float *logits, nb_err *e);
+
+/* As model_forward, but only the argmax of each logit row (lowest id on
+ * ties) comes back, in ids[n_out], computed on the backend: a GPU step then
+ * copies n_out ids to the host instead of n_out x vocab floats. */
+int model_forward_argmax(nb_model *m, const int32_t *tokens, const nb_batch *batch,
+                         const int32_t *out_rows, int n_out, int32_t *ids, nb_err *e);
 
 /* Architecture, parameter count, dtypes and memory of the model in dir,
  * without binding it to a backend. */

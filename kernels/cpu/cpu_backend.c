@@ -140,6 +140,16 @@ static void cpu_rmsnorm(nb_backend *b, float *out, const float *x, const nb_weig
     if (wf != stack_w) free(wf);
 }
 
+static void cpu_add(nb_backend *b, float *out, const float *a, const float *c, size_t n);
+
+/* The CPU gains nothing from fusing: the add, then the norm, in the same
+ * order as the unfused ops. */
+static void cpu_add_rmsnorm(nb_backend *b, float *out, float *x, const float *delta, const nb_weight *w, int n,
+                            float eps) {
+    cpu_add(b, x, x, delta, (size_t)n * (size_t)w->cols);
+    cpu_rmsnorm(b, out, x, w, n, eps);
+}
+
 static void cpu_matmul_op(nb_backend *b, float *out, const float *x, const nb_weight *w, int M) {
     cpu_matmul(impl(b)->pool, out, x, w, M);
 }
@@ -255,6 +265,15 @@ static void cpu_argmax(nb_backend *b, int32_t *ids, const float *x, int n, int c
 
 static void cpu_sync(nb_backend *b) {}
 
+static int cpu_supports(nb_backend *b, nb_dtype t) { return t >= 0 && t < NB_DTYPE_COUNT; }
+
+static int cpu_mem_info(nb_backend *b, size_t *free_bytes, size_t *total_bytes) { return -1; }
+
+/* The CPU records nothing: every step issues its ops. */
+static int cpu_graph_begin(nb_backend *b, uint64_t key) { return 0; }
+
+static void cpu_graph_end(nb_backend *b) {}
+
 static void cpu_destroy(nb_backend *b) {
     if (!b) return;
     threadpool_destroy(impl(b)->pool);
@@ -273,6 +292,7 @@ static const nb_backend_ops CPU_OPS = {
     .set_batch = cpu_set_batch,
     .embedding = cpu_embedding,
     .rmsnorm = cpu_rmsnorm,
+    .add_rmsnorm = cpu_add_rmsnorm,
     .matmul = cpu_matmul_op,
     .add_bias = cpu_add_bias,
     .add = cpu_add,
@@ -285,6 +305,11 @@ static const nb_backend_ops CPU_OPS = {
     .argmax = cpu_argmax,
     .sync = cpu_sync,
     .destroy = cpu_destroy,
+    .supports = cpu_supports,
+    .mem_info = cpu_mem_info,
+    .graph_begin = cpu_graph_begin,
+    .graph_end = cpu_graph_end,
+    .kv_default = NB_KV_F32,
 };
 
 nb_backend *cpu_backend_create(int threads, nb_err *e) {

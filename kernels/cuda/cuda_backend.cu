@@ -1,0 +1,435 @@
+// The CUDA backend: device memory, the step's batch metadata, recorded
+// decode steps (CUDA graphs), and the ops table over the kernels in
+// cuda_ops.cu, cuda_matmul.cu and cuda_attention.cu.
+//
+// Everything runs on one stream. Ops return as soon as their work is queued;
+// upload, download, argmax and sync wait for it. Activations stay FP32 as the
+// interface says; the GEMMs read them as BF16 where tensor cores need it.
+#include <string.h>
+
+#include "kernels/cuda/cuda_int.h"
+
+extern "C" {
+#include "common/log.h"
+}
+
+void cuda_check(cudaError_t rc, const char *what, const char *file, int line) {
+    if (rc == cudaSuccess) return;
+    fprintf(stderr, "nibble: cuda: %s (%s:%d): %s\n", what, file, line, cudaGetErrorString(rc));
+    abort();
+}
+
+void cublas_check(cublasStatus_t rc, const char *what, const char *file, int line) {
+    if (rc == CUBLAS_STATUS_SUCCESS) return;
+    fprintf(stderr, "nibble: cublasLt: %s (%s:%d): status %d\n", what, file, line, (int)rc);
+    abort();
+}
+
+// cuBLASLt scratch: enough for its split-K and stream-K algorithms.
+#define LT_WORKSPACE (32u << 20)
+
+// ---- memory -------------------------------------------------------------
+
+static void *cu_alloc(nb_backend *b, size_t bytes) {
+    void *p = NULL;
+    cudaError_t rc = cudaMalloc(&p, bytes ? bytes : 1);
+    if (rc != cudaSuccess) {
+        fprintf(stderr, "nibble: cuda: out of device memory allocating %zu bytes: %s\n", bytes,
+                cudaGetErrorString(rc));
+        abort();
+    }
+    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_impl(b)->stream));
+    return p;
+}
+
+static void cu_free(nb_backend *b, void *p) {
+    if (!p) return;
+    // queued kernels may still use p
+    CUDA_CHECK(cudaStreamSynchronize(cuda_impl(b)->stream));
+    CUDA_CHECK(cudaFree(p));
+}
+
+static void cu_upload(nb_backend *b, void *dst, const void *src, size_t bytes) {
+    cudaStream_t s = cuda_impl(b)->stream;
+    if (!bytes) return;
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s));
+    CUDA_CHECK(cudaStreamSynchronize(s)); // src may be reused once we return
+}
+
+static void cu_download(nb_backend *b, void *dst, const void *src, size_t bytes) {
+    cudaStream_t s = cuda_impl(b)->stream;
+    if (!bytes) return;
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s));
+    CUDA_CHECK(cudaStreamSynchronize(s));
+}
+
+static const void *cu_weight_load(nb_backend *b, const void *host, size_t bytes) {
+    void *p = NULL;
+    cudaError_t rc = cudaMalloc(&p, bytes ? bytes : 1);
+    if (rc != cudaSuccess) {
+        fprintf(stderr, "nibble: cuda: out of device memory loading %zu bytes of weights (%zu MiB loaded): %s\n",
+                bytes, cuda_impl(b)->weight_bytes >> 20, cudaGetErrorString(rc));
+        abort();
+    }
+    cu_upload(b, p, host, bytes);
+    cuda_impl(b)->weight_bytes += bytes;
+    return p;
+}
+
+static void cu_weight_free(nb_backend *b, const void *p) { cu_free(b, (void *)p); }
+
+void cuda_scratch(cuda_backend *c, void **buf, size_t *cap, size_t bytes) {
+    if (bytes <= *cap) return;
+    size_t n = *cap ? *cap : 1u << 20;
+    while (n < bytes) n *= 2;
+    if (*buf) {
+        if (c->n_retired == c->cap_retired) {
+            c->cap_retired = c->cap_retired ? 2 * c->cap_retired : 8;
+            c->retired = (void **)realloc(c->retired, sizeof(void *) * (size_t)c->cap_retired);
+            if (!c->retired) abort();
+        }
+        c->retired[c->n_retired++] = *buf;
+    }
+    void *p = NULL;
+    if (cudaMalloc(&p, n) != cudaSuccess) {
+        fprintf(stderr, "nibble: cuda: out of device memory for %zu bytes of scratch\n", n);
+        abort();
+    }
+    *buf = p;
+    *cap = n;
+}
+
+// ---- batch metadata -----------------------------------------------------
+
+// Host and device images share one layout:
+//   pos, seq_of, slot [cap_tokens] | tiles [cap_tokens] | block_tables [cap_seqs][bt_stride]
+static size_t meta_bytes(int cap_tokens, int cap_seqs, int bt_stride) {
+    return sizeof(int32_t) * 3 * (size_t)cap_tokens + sizeof(cuda_tile) * (size_t)cap_tokens +
+           sizeof(int32_t) * (size_t)cap_seqs * (size_t)bt_stride;
+}
+
+static void meta_reserve(cuda_backend *c, const nb_batch *bt) {
+    if (bt->n_tokens <= c->cap_tokens && bt->n_seqs <= c->cap_seqs && bt->max_blocks <= c->bt_stride) return;
+    // Recorded graphs point into the old buffers and bake the old stride.
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    cuda_graphs_clear(c);
+    int ct = c->cap_tokens, cs = c->cap_seqs, st = c->bt_stride;
+    while (ct < bt->n_tokens) ct = ct ? 2 * ct : 256;
+    while (cs < bt->n_seqs) cs = cs ? 2 * cs : 64;
+    if (st < bt->max_blocks) st = bt->max_blocks;
+    size_t bytes = meta_bytes(ct, cs, st);
+    if (c->meta_host) CUDA_CHECK(cudaFreeHost(c->meta_host));
+    if (c->meta_dev) CUDA_CHECK(cudaFree(c->meta_dev));
+    free(c->host_pos);
+    CUDA_CHECK(cudaMallocHost((void **)&c->meta_host, bytes));
+    CUDA_CHECK(cudaMalloc((void **)&c->meta_dev, bytes));
+    c->host_pos = (int32_t *)malloc(sizeof(int32_t) * (size_t)ct);
+    if (!c->host_pos) abort();
+    c->meta_cap = bytes;
+    c->cap_tokens = ct, c->cap_seqs = cs, c->bt_stride = st;
+}
+
+static void cu_set_batch(nb_backend *b, const nb_batch *bt) {
+    cuda_backend *c = cuda_impl(b);
+    meta_reserve(c, bt);
+    // the previous step's copy out of meta_host must be done before we
+    // overwrite it (a step ends with a download, so this rarely waits)
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    int n = bt->n_tokens, T = c->cap_tokens;
+    int32_t *h = (int32_t *)c->meta_host;
+    memcpy(h, bt->pos, sizeof(int32_t) * (size_t)n);
+    memcpy(h + T, bt->seq_of, sizeof(int32_t) * (size_t)n);
+    memcpy(h + 2 * T, bt->slot, sizeof(int32_t) * (size_t)n);
+    memcpy(c->host_pos, bt->pos, sizeof(int32_t) * (size_t)n);
+    // prefill tiles: runs of consecutive tokens of one sequence, cut every
+    // CUDA_ATTN_TILE_TOKENS
+    cuda_tile *tiles = (cuda_tile *)(h + 3 * T);
+    int nt = 0, max_pos = 0;
+    for (int t = 0; t < n; t++) {
+        if (bt->pos[t] > max_pos) max_pos = bt->pos[t];
+        if (nt > 0 && bt->seq_of[t] == bt->seq_of[t - 1] && tiles[nt - 1].n_tok < CUDA_ATTN_TILE_TOKENS) {
+            tiles[nt - 1].n_tok++;
+        } else {
+            tiles[nt].tok0 = t;
+            tiles[nt].n_tok = 1;
+            nt++;
+        }
+    }
+    int32_t *tables = (int32_t *)(tiles + T);
+    for (int s = 0; s < bt->n_seqs; s++)
+        memcpy(tables + (size_t)s * c->bt_stride, bt->block_tables + (size_t)s * bt->max_blocks,
+               sizeof(int32_t) * (size_t)bt->max_blocks);
+    // One copy: the used prefix of the token arrays would need four, and
+    // the image is small next to a step's work.
+    size_t used = (size_t)((char *)(tables + (size_t)bt->n_seqs * c->bt_stride) - c->meta_host);
+    CUDA_CHECK(cudaMemcpyAsync(c->meta_dev, c->meta_host, used, cudaMemcpyHostToDevice, c->stream));
+
+    int32_t *d = (int32_t *)c->meta_dev;
+    c->batch.n_tokens = n;
+    c->batch.n_seqs = bt->n_seqs;
+    c->batch.bt_stride = c->bt_stride;
+    c->batch.n_tiles = nt;
+    c->batch.max_pos = max_pos;
+    c->batch.pos = d;
+    c->batch.seq_of = d + T;
+    c->batch.slot = d + 2 * T;
+    c->batch.tiles = (const cuda_tile *)(d + 3 * T);
+    c->batch.block_tables = (const int32_t *)((const cuda_tile *)(d + 3 * T) + T);
+    c->has_batch = 1;
+}
+
+static const cuda_batch *cur_batch(cuda_backend *c, const char *op) {
+    if (!c->has_batch) {
+        fprintf(stderr, "nibble: cuda %s called before set_batch\n", op);
+        abort();
+    }
+    return &c->batch;
+}
+
+// Copies a host index array to the device for one op. The staging buffer
+// is reused, so wait until the last op that read it has run.
+static const int32_t *stage_indices(cuda_backend *c, const int32_t *idx, int n) {
+    if (c->capturing) {
+        fprintf(stderr, "nibble: cuda: an op with host indices inside a recorded step\n");
+        abort();
+    }
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    size_t bytes = sizeof(int32_t) * (size_t)(n > 0 ? n : 1);
+    if (bytes > c->idx_cap) {
+        if (c->idx_host) CUDA_CHECK(cudaFreeHost(c->idx_host));
+        if (c->idx_dev) CUDA_CHECK(cudaFree(c->idx_dev));
+        size_t cap = bytes < 4096 ? 4096 : bytes * 2;
+        CUDA_CHECK(cudaMallocHost((void **)&c->idx_host, cap));
+        CUDA_CHECK(cudaMalloc((void **)&c->idx_dev, cap));
+        c->idx_cap = cap;
+    }
+    memcpy(c->idx_host, idx, sizeof(int32_t) * (size_t)n);
+    CUDA_CHECK(cudaMemcpyAsync(c->idx_dev, c->idx_host, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice,
+                               c->stream));
+    return c->idx_dev;
+}
+
+// ---- ops ----------------------------------------------------------------
+
+static void cu_embedding(nb_backend *b, float *out, const nb_weight *table, const int32_t *tokens, int n) {
+    cuda_backend *c = cuda_impl(b);
+    for (int t = 0; t < n; t++)
+        if (tokens[t] < 0 || tokens[t] >= table->rows) {
+            // model_forward validates ids; reaching here is a bug
+            fprintf(stderr, "nibble: cuda embedding: token id %d out of range [0, %lld)\n", tokens[t],
+                    (long long)table->rows);
+            abort();
+        }
+    cuda_embedding(c, out, table, stage_indices(c, tokens, n), n);
+}
+
+static void cu_rmsnorm(nb_backend *b, float *out, const float *x, const nb_weight *w, int n, float eps) {
+    cuda_rmsnorm(cuda_impl(b), out, x, w, n, eps);
+}
+
+static void cu_add_rmsnorm(nb_backend *b, float *out, float *x, const float *delta, const nb_weight *w, int n,
+                           float eps) {
+    cuda_add_rmsnorm(cuda_impl(b), out, x, delta, w, n, eps);
+}
+
+static void cu_matmul(nb_backend *b, float *out, const float *x, const nb_weight *w, int M) {
+    cuda_matmul(cuda_impl(b), out, x, w, M);
+}
+
+static void cu_add_bias(nb_backend *b, float *x, const nb_weight *bias, int M) {
+    cuda_add_bias(cuda_impl(b), x, bias, M);
+}
+
+static void cu_add(nb_backend *b, float *out, const float *a, const float *c2, size_t n) {
+    cuda_add(cuda_impl(b), out, a, c2, n);
+}
+
+static void cu_silu_mul(nb_backend *b, float *out, const float *gate, const float *up, size_t n) {
+    cuda_silu_mul(cuda_impl(b), out, gate, up, n);
+}
+
+static void cu_rope(nb_backend *b, float *x, int n_heads, int head_dim, const float *inv_freq, int interleaved) {
+    cuda_backend *c = cuda_impl(b);
+    cur_batch(c, "rope");
+    cuda_rope(c, x, n_heads, head_dim, inv_freq, interleaved);
+}
+
+static void cu_kv_write(nb_backend *b, void *k_cache, void *v_cache, const float *k, const float *v,
+                        const nb_attn_shape *s) {
+    cuda_backend *c = cuda_impl(b);
+    cur_batch(c, "kv_write");
+    cuda_kv_write(c, k_cache, v_cache, k, v, s);
+}
+
+static void cu_attention(nb_backend *b, float *out, const float *q, const void *k_cache, const void *v_cache,
+                         const nb_attn_shape *s) {
+    cuda_backend *c = cuda_impl(b);
+    cur_batch(c, "attention");
+    cuda_attention(c, out, q, k_cache, v_cache, s);
+}
+
+static void cu_softmax(nb_backend *b, float *x, int n, int cols) { cuda_softmax(cuda_impl(b), x, n, cols); }
+
+static void cu_gather_rows(nb_backend *b, float *out, const float *x, const int32_t *rows, int n_rows, int cols) {
+    cuda_backend *c = cuda_impl(b);
+    if (n_rows <= 0) return;
+    cuda_gather_rows(c, out, x, stage_indices(c, rows, n_rows), n_rows, cols);
+}
+
+static void cu_argmax(nb_backend *b, int32_t *ids, const float *x, int n, int cols) {
+    cuda_backend *c = cuda_impl(b);
+    if (n <= 0) return;
+    int32_t *dev = (int32_t *)stage_indices(c, ids, n); // reuses the staging pair for the answer
+    cuda_argmax(c, dev, x, n, cols);
+    CUDA_CHECK(cudaMemcpyAsync(c->idx_host, dev, sizeof(int32_t) * (size_t)n, cudaMemcpyDeviceToHost, c->stream));
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    memcpy(ids, c->idx_host, sizeof(int32_t) * (size_t)n);
+}
+
+static void cu_sync(nb_backend *b) { CUDA_CHECK(cudaStreamSynchronize(cuda_impl(b)->stream)); }
+
+static int cu_supports(nb_backend *b, nb_dtype t) { return t == NB_F32 || t == NB_BF16 || t == NB_F16; }
+
+static int cu_mem_info(nb_backend *b, size_t *free_bytes, size_t *total_bytes) {
+    CUDA_CHECK(cudaStreamSynchronize(cuda_impl(b)->stream));
+    CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+    return 0;
+}
+
+// ---- graphs -------------------------------------------------------------
+
+void cuda_graphs_clear(cuda_backend *c) {
+    for (int i = 0; i < c->n_graphs; i++) CUDA_CHECK(cudaGraphExecDestroy(c->graphs[i].exec));
+    c->n_graphs = 0;
+    if (c->n_retired) CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    for (int i = 0; i < c->n_retired; i++) CUDA_CHECK(cudaFree(c->retired[i]));
+    c->n_retired = 0;
+}
+
+static int cu_graph_begin(nb_backend *b, uint64_t key) {
+    cuda_backend *c = cuda_impl(b);
+    if (key == 0) return 0;
+    for (int i = 0; i < c->n_graphs; i++)
+        if (c->graphs[i].key == key) {
+            CUDA_CHECK(cudaGraphLaunch(c->graphs[i].exec, c->stream));
+            return 1;
+        }
+    if (c->n_graphs == CUDA_MAX_GRAPHS) return 0; // full: this size runs eagerly
+    // Relaxed: scratch may grow (cudaMalloc) while the step is recorded.
+    CUDA_CHECK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeRelaxed));
+    c->capturing = key;
+    return 0;
+}
+
+static void cu_graph_end(nb_backend *b) {
+    cuda_backend *c = cuda_impl(b);
+    if (!c->capturing) return;
+    cudaGraph_t g = NULL;
+    CUDA_CHECK(cudaStreamEndCapture(c->stream, &g));
+    cudaGraphExec_t exec = NULL;
+    cudaError_t rc = cudaGraphInstantiate(&exec, g, 0);
+    if (rc != cudaSuccess) {
+        // The recorded ops have not run, so the step cannot go on without
+        // them; a graph the driver refuses is a bug in what we recorded.
+        fprintf(stderr, "nibble: cuda: recording a decode step failed: %s\n", cudaGetErrorString(rc));
+        abort();
+    }
+    CUDA_CHECK(cudaGraphDestroy(g));
+    c->graphs[c->n_graphs].key = c->capturing;
+    c->graphs[c->n_graphs].exec = exec;
+    c->n_graphs++;
+    c->capturing = 0;
+    // recording ran nothing: run it now
+    CUDA_CHECK(cudaGraphLaunch(exec, c->stream));
+}
+
+// ---- lifetime -------------------------------------------------------------
+
+static void cu_destroy(nb_backend *b) {
+    if (!b) return;
+    cuda_backend *c = cuda_impl(b);
+    cudaStreamSynchronize(c->stream);
+    cuda_graphs_clear(c);
+    free(c->retired);
+    cuda_gemm_algos_free(c);
+    if (c->lt) cublasLtDestroy(c->lt);
+    cudaFree(c->lt_ws);
+    cudaFree(c->conv);
+    cudaFree(c->attn_part);
+    cudaFree(c->meta_dev);
+    cudaFree(c->idx_dev);
+    if (c->meta_host) cudaFreeHost(c->meta_host);
+    if (c->idx_host) cudaFreeHost(c->idx_host);
+    free(c->host_pos);
+    if (c->stream) cudaStreamDestroy(c->stream);
+    free(c);
+    free(b);
+}
+
+static nb_backend_ops make_ops(void) {
+    nb_backend_ops o;
+    memset(&o, 0, sizeof o);
+    o.name = "cuda";
+    o.alloc = cu_alloc;
+    o.free = cu_free;
+    o.upload = cu_upload;
+    o.download = cu_download;
+    o.weight_load = cu_weight_load;
+    o.weight_free = cu_weight_free;
+    o.set_batch = cu_set_batch;
+    o.embedding = cu_embedding;
+    o.rmsnorm = cu_rmsnorm;
+    o.add_rmsnorm = cu_add_rmsnorm;
+    o.matmul = cu_matmul;
+    o.add_bias = cu_add_bias;
+    o.add = cu_add;
+    o.silu_mul = cu_silu_mul;
+    o.rope = cu_rope;
+    o.kv_write = cu_kv_write;
+    o.attention = cu_attention;
+    o.softmax = cu_softmax;
+    o.gather_rows = cu_gather_rows;
+    o.argmax = cu_argmax;
+    o.sync = cu_sync;
+    o.destroy = cu_destroy;
+    o.supports = cu_supports;
+    o.mem_info = cu_mem_info;
+    o.graph_begin = cu_graph_begin;
+    o.graph_end = cu_graph_end;
+    o.kv_default = NB_KV_BF16;
+    return o;
+}
+
+static const nb_backend_ops CUDA_OPS = make_ops();
+
+extern "C" nb_backend *cuda_backend_create(int device, nb_err *e) {
+    cudaError_t rc = cudaSetDevice(device);
+    if (rc != cudaSuccess) {
+        nb_errf(e, "cuda:%d: %s", device, cudaGetErrorString(rc));
+        cudaGetLastError();
+        return NULL;
+    }
+    cuda_backend *c = (cuda_backend *)calloc(1, sizeof *c);
+    nb_backend *b = (nb_backend *)calloc(1, sizeof *b);
+    if (!c || !b) abort();
+    b->ops = &CUDA_OPS;
+    b->impl = c;
+    c->device = device;
+    if ((rc = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess ||
+        (rc = cudaMalloc(&c->lt_ws, LT_WORKSPACE)) != cudaSuccess) {
+        nb_errf(e, "cuda:%d: %s", device, cudaGetErrorString(rc));
+        cu_destroy(b);
+        return NULL;
+    }
+    c->lt_ws_size = LT_WORKSPACE;
+    if (cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS) {
+        c->lt = NULL;
+        nb_errf(e, "cuda:%d: cuBLASLt did not start", device);
+        cu_destroy(b);
+        return NULL;
+    }
+    char desc[256];
+    cuda_device_describe(device, desc, sizeof desc);
+    log_info("cuda backend: %s", desc);
+    return b;
+}

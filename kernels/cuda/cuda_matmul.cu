@@ -1,0 +1,193 @@
+// out[M,N] = x[M,K] @ w^T on the GPU.
+//
+// Small M (decode): a GEMV-style kernel that streams each weight row once
+// with 16-byte loads and keeps the activations FP32; it is bound by memory
+// bandwidth, as decode is. Larger M: cuBLASLt on tensor cores, activations
+// rounded to BF16 (F16 for F16 weights) and FP32 accumulation and output,
+// with the algorithm picked by cuBLASLt's heuristic once per shape.
+#include <string.h>
+
+#include "kernels/cuda/cuda_int.h"
+
+// Largest M the GEMV kernel takes: its accumulators live in registers.
+#define GEMV_MAX_M 8
+#define GEMV_WARPS 8
+
+// ---- small M --------------------------------------------------------------
+
+__device__ __forceinline__ void load_vec(float *dst, const float *w) {
+    float4 v = *(const float4 *)w;
+    dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+}
+__device__ __forceinline__ void load_vec(float *dst, const __nv_bfloat16 *w) {
+    uint4 v = *(const uint4 *)w;
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __bfloat1622float2(h[i]);
+        dst[2 * i] = f.x, dst[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void load_vec(float *dst, const __half *w) {
+    uint4 v = *(const uint4 *)w;
+    const __half2 *h = (const __half2 *)&v;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __half22float2(h[i]);
+        dst[2 * i] = f.x, dst[2 * i + 1] = f.y;
+    }
+}
+
+// One warp per output column n: lanes walk the weight row in 16-byte
+// vectors, each multiplied into all MT activation rows, then the warp sums.
+// vec: the row length is a multiple of the vector width (else one element
+// per lane per step).
+template <typename T, int MT>
+__global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const float *x, const T *w, int N, int K,
+                                                               int vec) {
+    constexpr int V = 16 / sizeof(T);
+    int lane = threadIdx.x & 31;
+    int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N) return;
+    const T *wr = w + (size_t)n * K;
+    float acc[MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m] = 0.0f;
+    if (vec) {
+#pragma unroll 4
+        for (int k = lane * V; k < K; k += 32 * V) {
+            float wv[V];
+            load_vec(wv, wr + k);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                const float *xr = x + (size_t)m * K + k;
+#pragma unroll
+                for (int i = 0; i < V; i += 4) {
+                    float4 xv = *(const float4 *)(xr + i);
+                    acc[m] += wv[i] * xv.x + wv[i + 1] * xv.y + wv[i + 2] * xv.z + wv[i + 3] * xv.w;
+                }
+            }
+        }
+    } else {
+        for (int k = lane; k < K; k += 32) {
+            float wv = cuda_to_f32(wr[k]);
+#pragma unroll
+            for (int m = 0; m < MT; m++) acc[m] += wv * x[(size_t)m * K + k];
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        float s = cuda_warp_sum(acc[m]);
+        if (lane == 0) out[(size_t)m * N + n] = s;
+    }
+}
+
+template <typename T>
+static void gemv_launch(cudaStream_t st, float *out, const float *x, const T *w, int M, int N, int K) {
+    constexpr int V = 16 / sizeof(T);
+    int vec = K % V == 0 && ((uintptr_t)x % 16) == 0 && ((uintptr_t)w % 16) == 0;
+    dim3 grid((unsigned)((N + GEMV_WARPS - 1) / GEMV_WARPS)), block(GEMV_WARPS * 32);
+    switch (M) {
+#define CASE(m) \
+    case m: gemv_kernel<T, m><<<grid, block, 0, st>>>(out, x, w, N, K, vec); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    default: abort();
+    }
+    CUDA_LAUNCHED();
+}
+
+// ---- larger M: cuBLASLt ---------------------------------------------------
+
+struct cuda_gemm_algo {
+    nb_dtype t;
+    int M;
+    int64_t N, K;
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t a, b, d;
+    cublasLtMatmulAlgo_t algo;
+};
+
+void cuda_gemm_algos_free(cuda_backend *c) {
+    for (int i = 0; i < c->n_algos; i++) {
+        cuda_gemm_algo *g = &c->algos[i];
+        cublasLtMatrixLayoutDestroy(g->a);
+        cublasLtMatrixLayoutDestroy(g->b);
+        cublasLtMatrixLayoutDestroy(g->d);
+        cublasLtMatmulDescDestroy(g->op);
+    }
+    free(c->algos);
+    c->algos = NULL;
+    c->n_algos = c->cap_algos = 0;
+}
+
+// Column-major view of the row-major product: D (N x M, ld N) =
+// op(A) B with A = w as K x N (ld K) transposed, B = x as K x M (ld K).
+static const cuda_gemm_algo *gemm_algo(cuda_backend *c, nb_dtype t, int M, int64_t N, int64_t K) {
+    for (int i = 0; i < c->n_algos; i++) {
+        cuda_gemm_algo *g = &c->algos[i];
+        if (g->t == t && g->M == M && g->N == N && g->K == K) return g;
+    }
+    if (c->n_algos == c->cap_algos) {
+        c->cap_algos = c->cap_algos ? 2 * c->cap_algos : 32;
+        c->algos = (cuda_gemm_algo *)realloc(c->algos, sizeof(cuda_gemm_algo) * (size_t)c->cap_algos);
+        if (!c->algos) abort();
+    }
+    cuda_gemm_algo *g = &c->algos[c->n_algos];
+    memset(g, 0, sizeof *g);
+    g->t = t, g->M = M, g->N = N, g->K = K;
+    cudaDataType ab = t == NB_BF16 ? CUDA_R_16BF : t == NB_F16 ? CUDA_R_16F : CUDA_R_32F;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&g->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t ta = CUBLAS_OP_T;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(g->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&g->a, ab, (uint64_t)K, (uint64_t)N, K));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&g->b, ab, (uint64_t)K, (uint64_t)M, K));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&g->d, CUDA_R_32F, (uint64_t)N, (uint64_t)M, N));
+    cublasLtMatmulPreference_t pref;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    uint64_t ws = c->lt_ws_size;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, g->op, g->a, g->b, g->d, g->d, pref, 1, &res, &found));
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (found < 1) {
+        fprintf(stderr, "nibble: cublasLt has no algorithm for %s [%d x %lld] x [%lld x %lld]^T\n", nb_dtype_name(t),
+                M, (long long)K, (long long)N, (long long)K);
+        abort();
+    }
+    g->algo = res.algo;
+    c->n_algos++;
+    return g;
+}
+
+static void lt_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+    const void *B = x;
+    if (w->dtype != NB_F32) {
+        size_t n = (size_t)M * (size_t)w->cols;
+        cuda_scratch(c, &c->conv, &c->conv_cap, n * 2);
+        cuda_convert(c, c->conv, w->dtype, x, n);
+        B = c->conv;
+    }
+    const cuda_gemm_algo *g = gemm_algo(c, w->dtype, M, w->rows, w->cols);
+    float alpha = 1.0f, beta = 0.0f;
+    CUBLAS_CHECK(cublasLtMatmul(c->lt, g->op, &alpha, w->data, g->a, B, g->b, &beta, out, g->d, out, g->d, &g->algo,
+                                c->lt_ws, c->lt_ws_size, c->stream));
+}
+
+void cuda_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+    int N = (int)w->rows, K = (int)w->cols;
+    if (M <= 0 || N <= 0) return;
+    if (M > GEMV_MAX_M) {
+        lt_matmul(c, out, x, w, M);
+        return;
+    }
+    switch (w->dtype) {
+    case NB_F32: gemv_launch(c->stream, out, x, (const float *)w->data, M, N, K); break;
+    case NB_BF16: gemv_launch(c->stream, out, x, (const __nv_bfloat16 *)w->data, M, N, K); break;
+    case NB_F16: gemv_launch(c->stream, out, x, (const __half *)w->data, M, N, K); break;
+    default:
+        fprintf(stderr, "nibble: cuda matmul: %s weights are not supported\n", nb_dtype_name(w->dtype));
+        abort();
+    }
+}
