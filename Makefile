@@ -30,12 +30,19 @@ ifeq ($(CUDA),1)
 CFLAGS   += -DNB_HAVE_CUDA
 CU_OBJ   := $(patsubst %.cu,build/%.o,$(CU_SRC))
 LDLIBS   += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart -lstdc++
+# GPU benchmarks (scripts/bench_gpu.sh): built with the CUDA backend, so CI compiles them
+BENCH_BIN := build/bench/bench_cuda
 endif
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(patsubst tests/%.c,build/tests/%,$(TEST_SRC))
+# GPU tests (tests/gpu): `make test` builds them, `make test-gpu` runs them.
+GPU_TEST_SRC := $(wildcard tests/gpu/*.c)
+GPU_TEST_BIN := $(patsubst tests/%.c,build/tests/%,$(GPU_TEST_SRC))
+GPU_TEST_RUN := build/tests/gpu/test_cuda_ops build/tests/gpu/test_cuda_attention $(filter-out build/tests/gpu/test_cuda_ops build/tests/gpu/test_cuda_attention,$(GPU_TEST_BIN))
+COMPUTE_SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || ls $(CUDA_HOME)/bin/compute-sanitizer 2>/dev/null)
 
-.PHONY: all run test test-venv bench deps clean fixtures smollm2
-all: bin/nibble
+.PHONY: all run test test-gpu test-venv bench deps clean fixtures smollm2
+all: bin/nibble $(BENCH_BIN)
 
 bin/nibble: build/server/main.o $(LIB_OBJ) $(CU_OBJ)
 	@mkdir -p $(dir $@)
@@ -52,6 +59,12 @@ build/%.o: %.cu
 build/tests/%: build/tests/%.o $(LIB_OBJ) $(CU_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+# bench_cuda calls cudart and cuBLAS itself (copy bandwidth, the cuBLAS reference)
+build/bench/bench_cuda.o: CFLAGS += -isystem $(CUDA_HOME)/include
+build/bench/bench_cuda: build/bench/bench_cuda.o $(LIB_OBJ) $(CU_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcublas
 
 # Installs missing Debian packages (needs root or sudo) and nothing else.
 deps:
@@ -74,18 +87,44 @@ $(PY):
 	python3 -m venv .venv
 
 test: deps test-venv
-	@$(MAKE) --no-print-directory all $(TEST_BIN)
+	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN)
 	@scripts/run_tests.sh $(TEST_BIN) tests/test_cli.py tests/test_server.py tests/test_openai_client.py
+
+# On a machine with a CUDA GPU: the CUDA backend op by op and the model end
+# to end against the CPU backend, the op tests again under compute-sanitizer
+# memcheck (when installed), then the CLI and server tests with every
+# generate and serve on the GPU (NIBBLE_DEVICE=cuda). Runs every part, then
+# fails if any did; without a CUDA build or device it fails at once.
+test-gpu:
+	@[ "$(CUDA)" = 1 ] || { echo "test-gpu: this build has no CUDA backend (nvcc not found; set NVCC or CUDA_HOME)" >&2; exit 1; }
+	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN)
+	@n=$$(bin/nibble inspect --model tests/fixtures/models/qwen2 2>/dev/null | sed -n 's/^cuda devices: *//p'); \
+	[ "$${n:-0}" -gt 0 ] || { echo "test-gpu: no CUDA device found (cuda_device_count() = $${n:-0})" >&2; exit 1; }
+	@failed=""; \
+	scripts/run_tests.sh $(GPU_TEST_RUN) || failed="$$failed tests/gpu"; \
+	if [ -n "$(COMPUTE_SANITIZER)" ]; then \
+		for t in build/tests/gpu/test_cuda_ops build/tests/gpu/test_cuda_attention; do \
+			echo "== $(COMPUTE_SANITIZER) --tool memcheck $$t"; \
+			$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $$t || failed="$$failed memcheck:$$t"; \
+		done; \
+	else echo "== compute-sanitizer not found (PATH, $(CUDA_HOME)/bin): memcheck skipped"; fi; \
+	NIBBLE_DEVICE=cuda scripts/run_tests.sh tests/test_cli.py tests/test_server.py || failed="$$failed cli/server"; \
+	if [ -n "$$failed" ]; then echo "test-gpu: FAILED:$$failed" >&2; exit 1; fi; \
+	echo "test-gpu: all passed"
 
 # The official openai client for the HTTP tests, in the repo's venv.
 test-venv:
 	@[ -x $(PY) ] || python3 -m venv .venv
 	@$(PY) -c 'import openai' 2>/dev/null || $(PY) -m pip install -q openai
 
-# Benchmarks print measurements and ratios; they never gate tests.
+# Benchmarks print measurements and ratios; they never gate tests. The GPU
+# ones (scripts/bench_gpu.sh; SYNTH_DIR names where the synthetic 8B model
+# goes) run when nvidia-smi sees a GPU.
 bench: all
 	scripts/bench_cpu.sh $(BENCH_MODELS)
 	scripts/bench_quant.sh $(BENCH_MODELS)
+	@if nvidia-smi -L >/dev/null 2>&1; then scripts/bench_gpu.sh; \
+	else echo "GPU benchmarks skipped: no GPU present (nvidia-smi -L lists none)"; fi
 
 # Regenerates the committed fixtures (needs torch/transformers in .venv).
 fixtures:

@@ -143,7 +143,8 @@ typedef struct nb_backend_ops {
                       const void *v_cache, const nb_attn_shape *s);
     /* In-place softmax over n rows of width cols. */
     void (*softmax)(nb_backend *b, float *x, int n, int cols);
-    /* out[i] = x[rows[i]] for n_rows rows of width cols; rows is a host array. */
+    /* out[i] = x[rows[i]] for n_rows rows of width cols; rows is a host array;
+     * out and x must not overlap. */
     void (*gather_rows)(nb_backend *b, float *out, const float *x, const int32_t *rows,
                         int n_rows, int cols);
     /* ids[r] = argmax of row r (lowest index on ties); ids is a host array. */

@@ -12,10 +12,20 @@ import sys
 NIBBLE = "bin/nibble"
 MODELS = "tests/fixtures/models"
 FIXTURES = ["llama", "mistral", "qwen2", "qwen3", "ernie"]
+# NIBBLE_DEVICE (make test-gpu sets cuda) puts every generate and serve on
+# that device; runs with quantized weights always take --device cpu, the
+# only backend with kernels for them (--device auto would pick a GPU).
+DEVICE = os.environ.get("NIBBLE_DEVICE")
 passed = failed = 0
 
 
-def run(*args, timeout=120):
+def run(*args, timeout=120, cpu_only=False):
+    args = list(args)
+    if args and args[0] in ("generate", "serve"):
+        if cpu_only or "--quantization" in args:
+            args[1:1] = ["--device", "cpu"]
+        elif DEVICE:
+            args[1:1] = ["--device", DEVICE]
     return subprocess.run([NIBBLE, *args], capture_output=True, text=True, timeout=timeout)
 
 
@@ -92,7 +102,16 @@ bad = [
     (["quantize", "--model", d, "--quantization", "wint4"], "--out"),
     (["quantize", "--model", d, "--out", "build/tests/q-bad", "--quantization", "none"], "quantiz"),
     (["perplexity", "--model", d], "--file"),
+    (["generate", "--model", d, "--prompt", "x", "--device", "cuda:x"], "cuda:x"),
+    (["generate", "--model", d, "--prompt", "x", "--device", "cuda:99"], "cuda:99"),
+    (["generate", "--model", d, "--prompt", "x", "--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
+    (["serve", "--config", "configs/fixture-llama.json", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
 ]
+# on a machine without a GPU, asking for one is an error, not a silent CPU run
+n_gpus = int(next((l.split()[-1] for l in run("inspect", "--model", d).stdout.splitlines()
+                   if l.startswith("cuda devices:")), "0"))
+if n_gpus == 0:
+    bad.append((["generate", "--model", d, "--prompt", "x", "--device", "cuda"], "cuda"))
 for args, expect in bad:
     r = run(*args)
     lines = [l for l in r.stderr.splitlines() if l.strip()]
@@ -112,7 +131,7 @@ if r.returncode == 0:
         qc = json.load(f).get("quantization_config", {})
     check("its config.json has quantization_config", qc.get("quantization") == "wint4" and qc.get("is_quantized"), str(qc))
     gen = ["--prompt", "Once upon a time", "--max-tokens", "12", "--temperature", "0", "--ignore-eos"]
-    a = run("generate", "--model", out, *gen)
+    a = run("generate", "--model", out, *gen, cpu_only=True)
     b = run("generate", "--model", L, "--quantization", "wint4", *gen)
     check("offline wint4 generates what online wint4 does", a.returncode == 0 and a.stdout == b.stdout,
           f"{a.stdout!r} vs {b.stdout!r} {a.stderr[-200:]}")

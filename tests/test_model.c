@@ -2,7 +2,6 @@
  * logits within 1e-3 (relative to the largest logit) of FP32 transformers,
  * 32 greedy tokens identical, the same through chunked prefill and inside a
  * multi-sequence batch; bad config.json and checkpoints give clear errors. */
-#include <cjson/cJSON.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -10,47 +9,11 @@
 #include "common/util.h"
 #include "engine/generate.h"
 #include "engine/model/model.h"
+#include "tests/fixture_ref.h"
 #include "test.h"
 
 static const char *FIXTURES[] = {"llama", "mistral", "qwen2", "qwen3", "ernie"};
 #define N_FIX (int)(sizeof FIXTURES / sizeof FIXTURES[0])
-
-typedef struct ref {
-    int32_t *prompt;
-    int n_prompt;
-    float *logits;
-    int n_logits;
-    int32_t greedy[64];
-    int n_greedy;
-} ref;
-
-static int ref_load(const char *name, ref *r) {
-    char path[256];
-    snprintf(path, sizeof path, "tests/fixtures/models/%s/reference.json", name);
-    nb_err e;
-    char *text = util_read_file(path, NULL, &e);
-    if (!text) return -1;
-    cJSON *j = cJSON_Parse(text);
-    free(text);
-    if (!j) return -1;
-    cJSON *p = cJSON_GetObjectItem(j, "prompt_ids"), *l = cJSON_GetObjectItem(j, "logits"),
-          *g = cJSON_GetObjectItem(j, "greedy");
-    r->n_prompt = cJSON_GetArraySize(p);
-    r->prompt = xmalloc(sizeof(int32_t) * (size_t)r->n_prompt);
-    for (int i = 0; i < r->n_prompt; i++) r->prompt[i] = cJSON_GetArrayItem(p, i)->valueint;
-    r->n_logits = cJSON_GetArraySize(l);
-    r->logits = xmalloc(sizeof(float) * (size_t)r->n_logits);
-    for (int i = 0; i < r->n_logits; i++) r->logits[i] = (float)cJSON_GetArrayItem(l, i)->valuedouble;
-    r->n_greedy = cJSON_GetArraySize(g);
-    for (int i = 0; i < r->n_greedy && i < 64; i++) r->greedy[i] = cJSON_GetArrayItem(g, i)->valueint;
-    cJSON_Delete(j);
-    return 0;
-}
-
-static void ref_free(ref *r) {
-    free(r->prompt);
-    free(r->logits);
-}
 
 /* max |a-b| / max |b| */
 static double rel_err(const float *a, const float *b, int n) {

@@ -15,7 +15,16 @@ import urllib.error
 import urllib.request
 
 MODEL = "tests/fixtures/models/qwen2"
+# NIBBLE_DEVICE (make test-gpu sets cuda) puts every serve and generate on
+# that device; quantized weights always take --device cpu, the only backend
+# with kernels for them (--device auto would pick a GPU).
+DEVICE = os.environ.get("NIBBLE_DEVICE")
 passed = failed = 0
+
+
+def nibble(cmd, *args, cpu_only=False):
+    dev = ["--device", "cpu"] if cpu_only else ["--device", DEVICE] if DEVICE else []
+    return [os.environ.get("NIBBLE", "bin/nibble"), cmd, *dev, *args]
 
 
 def check(name, cond, detail=""):
@@ -62,8 +71,8 @@ def call(path, body=None, method=None, raw=None, timeout=60):
 with open(os.path.join(MODEL, "reference.json")) as f:
     REF = json.load(f)
 
-srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--model", MODEL, "--port", str(PORT), "--served-model-name", "qwen2",
-                        "--max-num-seqs", "8", "--threads", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+srv = subprocess.Popen(nibble("serve", "--model", MODEL, "--port", str(PORT), "--served-model-name", "qwen2",
+                        "--max-num-seqs", "8", "--threads", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 try:
     wait_healthy()
     status, body = call("/health")
@@ -315,9 +324,9 @@ finally:
 # returns its solo greedy text
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
-srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--model", MODEL, "--port", str(PORT),
+srv = subprocess.Popen(nibble("serve", "--model", MODEL, "--port", str(PORT),
                         "--num-kv-blocks", "12", "--max-num-seqs", "16", "--served-model-name", "qwen2",
-                        "--max-num-batched-tokens", "32"],
+                        "--max-num-batched-tokens", "32"),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 try:
     wait_healthy()
@@ -340,8 +349,8 @@ finally:
 # --api-key
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
-srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--model", MODEL, "--port", str(PORT),
-                        "--api-key", "sekret"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+srv = subprocess.Popen(nibble("serve", "--model", MODEL, "--port", str(PORT),
+                        "--api-key", "sekret"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 try:
     wait_healthy()
     status, body = call("/v1/models")
@@ -358,14 +367,15 @@ finally:
 QSET = '{"quantization": "mix_quant", "dense_quant_type": "wint4", "kv_cache_quant_type": "int8"}'
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
-srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--model", MODEL, "--port", str(PORT),
-                        "--quantization", QSET], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+srv = subprocess.Popen(nibble("serve", "--model", MODEL, "--port", str(PORT),
+                        "--quantization", QSET, cpu_only=True), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 try:
     wait_healthy()
     status, body = call("/v1/completions", {"prompt": "Hello there", "max_tokens": 12, "temperature": 0,
                                             "ignore_eos": True})
-    g = subprocess.run([os.environ.get("NIBBLE", "bin/nibble"), "generate", "--model", MODEL, "--quantization", QSET,
-                        "--prompt", "Hello there", "--max-tokens", "12", "--temperature", "0", "--ignore-eos"],
+    g = subprocess.run(nibble("generate", "--model", MODEL, "--quantization", QSET,
+                        "--prompt", "Hello there", "--max-tokens", "12", "--temperature", "0", "--ignore-eos",
+                        cpu_only=True),
                        capture_output=True, text=True, timeout=60)
     text = json.loads(body)["choices"][0]["text"] if status == 200 else None
     check("a W4A16C8 server answers what generate prints with the same setting",
@@ -380,8 +390,8 @@ check("its start-up log names W4A16C8 and the packed bytes", "W4A16C8" in log an
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
 # (from configs/fixture-llama.json, whose max_queue 64 the flag overrides)
-srv = subprocess.Popen([os.environ.get("NIBBLE", "bin/nibble"), "serve", "--config", "configs/fixture-llama.json",
-                        "--port", str(PORT), "--max-queue", "1", "--threads", "1", "--shutdown-grace", "120"],
+srv = subprocess.Popen(nibble("serve", "--config", "configs/fixture-llama.json",
+                        "--port", str(PORT), "--max-queue", "1", "--threads", "1", "--shutdown-grace", "120"),
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 try:
     wait_healthy()

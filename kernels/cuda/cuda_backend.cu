@@ -44,8 +44,11 @@ static void *cu_alloc(nb_backend *b, size_t bytes) {
 
 static void cu_free(nb_backend *b, void *p) {
     if (!p) return;
-    // queued kernels may still use p
-    CUDA_CHECK(cudaStreamSynchronize(cuda_impl(b)->stream));
+    cuda_backend *c = cuda_impl(b);
+    // queued kernels may still use p, and recorded steps may point at it
+    // (a model freed and another loaded on the same backend)
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    if (c->n_graphs) cuda_graphs_clear(c);
     CUDA_CHECK(cudaFree(p));
 }
 

@@ -106,6 +106,7 @@ struct cuda_gemm_algo {
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t a, b, d;
     cublasLtMatmulAlgo_t algo;
+    int fallback; // cuBLASLt found no algorithm for this shape
 };
 
 void cuda_gemm_algos_free(cuda_backend *c) {
@@ -151,17 +152,25 @@ static const cuda_gemm_algo *gemm_algo(cuda_backend *c, nb_dtype t, int M, int64
     int found = 0;
     CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, g->op, g->a, g->b, g->d, g->d, pref, 1, &res, &found));
     cublasLtMatmulPreferenceDestroy(pref);
-    if (found < 1) {
-        fprintf(stderr, "nibble: cublasLt has no algorithm for %s [%d x %lld] x [%lld x %lld]^T\n", nb_dtype_name(t),
-                M, (long long)K, (long long)N, (long long)K);
-        abort();
-    }
-    g->algo = res.algo;
+    // No algorithm (odd leading dimensions, say): the GEMV kernel takes the
+    // product eight rows at a time.
+    g->fallback = found < 1;
+    if (!g->fallback) g->algo = res.algo;
     c->n_algos++;
     return g;
 }
 
+static void gemv_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
+
 static void lt_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+    const cuda_gemm_algo *g = gemm_algo(c, w->dtype, M, w->rows, w->cols);
+    if (g->fallback) {
+        for (int m0 = 0; m0 < M; m0 += GEMV_MAX_M) {
+            int mt = M - m0 < GEMV_MAX_M ? M - m0 : GEMV_MAX_M;
+            gemv_matmul(c, out + (size_t)m0 * w->rows, x + (size_t)m0 * w->cols, w, mt);
+        }
+        return;
+    }
     const void *B = x;
     if (w->dtype != NB_F32) {
         size_t n = (size_t)M * (size_t)w->cols;
@@ -169,19 +178,13 @@ static void lt_matmul(cuda_backend *c, float *out, const float *x, const nb_weig
         cuda_convert(c, c->conv, w->dtype, x, n);
         B = c->conv;
     }
-    const cuda_gemm_algo *g = gemm_algo(c, w->dtype, M, w->rows, w->cols);
     float alpha = 1.0f, beta = 0.0f;
     CUBLAS_CHECK(cublasLtMatmul(c->lt, g->op, &alpha, w->data, g->a, B, g->b, &beta, out, g->d, out, g->d, &g->algo,
                                 c->lt_ws, c->lt_ws_size, c->stream));
 }
 
-void cuda_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+static void gemv_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
     int N = (int)w->rows, K = (int)w->cols;
-    if (M <= 0 || N <= 0) return;
-    if (M > GEMV_MAX_M) {
-        lt_matmul(c, out, x, w, M);
-        return;
-    }
     switch (w->dtype) {
     case NB_F32: gemv_launch(c->stream, out, x, (const float *)w->data, M, N, K); break;
     case NB_BF16: gemv_launch(c->stream, out, x, (const __nv_bfloat16 *)w->data, M, N, K); break;
@@ -190,4 +193,10 @@ void cuda_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w
         fprintf(stderr, "nibble: cuda matmul: %s weights are not supported\n", nb_dtype_name(w->dtype));
         abort();
     }
+}
+
+void cuda_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+    if (M <= 0 || w->rows <= 0) return;
+    if (M > GEMV_MAX_M) lt_matmul(c, out, x, w, M);
+    else gemv_matmul(c, out, x, w, M);
 }

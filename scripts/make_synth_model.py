@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Writes a synthetic Llama-3-8B-shaped checkpoint for the GPU benchmarks.
+
+    python3 scripts/make_synth_model.py OUT_DIR [--layers 32] [--device auto|cuda|cpu]
+
+The directory is a complete Hugging Face model: config.json
+(LlamaForCausalLM, hidden 4096, intermediate 14336, 32 heads, 8 KV heads,
+head_dim 128, vocab 128256, rope_theta 500000, untied lm_head, bfloat16),
+generation_config.json, sharded safetensors (model-0000X-of-0000N.safetensors
+of about --shard-gb each, plus model.safetensors.index.json) and a tokenizer.
+Weights are random BF16, normal with std 0.02 (norms are ones): the model
+computes noise, it only has the real model's shapes and bytes (~16 GB at 32
+layers).
+
+The tokenizer is the llama fixture's (tests/fixtures/models/llama, a small
+Llama-3-style BPE): prompts encode to ids below its vocabulary, and ids above
+it, which the model can produce, decode to nothing. bos/eos in the configs are
+the fixture tokenizer's ids so that both agree.
+
+Needs only torch and safetensors (no transformers). Tensors are generated on
+the GPU when there is one (much faster) and written one shard at a time, so
+host memory stays near one shard. Shards are written under a temporary name
+and renamed; the index is written last, so a directory with
+model.safetensors.index.json is complete.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER_DIR = os.path.join(ROOT, "tests", "fixtures", "models", "llama")
+
+HIDDEN = 4096
+INTERMEDIATE = 14336
+HEADS = 32
+KV_HEADS = 8
+HEAD_DIM = 128
+VOCAB = 128256
+STD = 0.02
+
+
+def die(msg):
+    print(f"make_synth_model: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+try:
+    import torch
+    from safetensors.torch import save_file
+except ImportError as exc:  # one clear line, not a traceback
+    die(f"needs torch and safetensors in this python ({sys.executable}): {exc}")
+
+
+def tensor_plan(layers):
+    """(name, shape, is_norm) in checkpoint order: embedding, layers, norm, lm_head."""
+    q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    plan = [("model.embed_tokens.weight", (VOCAB, HIDDEN), False)]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        plan += [
+            (p + "input_layernorm.weight", (HIDDEN,), True),
+            (p + "self_attn.q_proj.weight", (q, HIDDEN), False),
+            (p + "self_attn.k_proj.weight", (kv, HIDDEN), False),
+            (p + "self_attn.v_proj.weight", (kv, HIDDEN), False),
+            (p + "self_attn.o_proj.weight", (HIDDEN, q), False),
+            (p + "post_attention_layernorm.weight", (HIDDEN,), True),
+            (p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN), False),
+            (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN), False),
+            (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE), False),
+        ]
+    plan += [("model.norm.weight", (HIDDEN,), True), ("lm_head.weight", (VOCAB, HIDDEN), False)]
+    return plan
+
+
+def nbytes(shape):
+    n = 2  # bfloat16
+    for d in shape:
+        n *= d
+    return n
+
+
+def split_shards(plan, shard_bytes):
+    """Consecutive tensors, a new shard whenever the next one would overflow."""
+    shards, cur, size = [], [], 0
+    for t in plan:
+        b = nbytes(t[1])
+        if cur and size + b > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += b
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def special_ids():
+    """bos/eos ids of the fixture tokenizer, looked up by their content."""
+    with open(os.path.join(TOKENIZER_DIR, "tokenizer.json")) as f:
+        tok = json.load(f)
+    with open(os.path.join(TOKENIZER_DIR, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    ids = {a["content"]: a["id"] for a in tok.get("added_tokens", [])}
+    ids.update(tok["model"]["vocab"])
+
+    def lookup(key):
+        v = cfg.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        if v not in ids:
+            die(f"{TOKENIZER_DIR}: {key} {v!r} is not in tokenizer.json")
+        return ids[v]
+
+    return lookup("bos_token"), lookup("eos_token"), len(tok["model"]["vocab"])
+
+
+def write_configs(out, layers, bos, eos, seed):
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "head_dim": HEAD_DIM,
+        "hidden_act": "silu",
+        "hidden_size": HIDDEN,
+        "initializer_range": STD,
+        "intermediate_size": INTERMEDIATE,
+        "max_position_embeddings": 8192,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": HEADS,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": KV_HEADS,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": VOCAB,
+        "nibble_synthetic": f"random N(0, {STD}) weights, seed {seed}, written by scripts/make_synth_model.py",
+    }
+    gen = {"bos_token_id": bos, "eos_token_id": eos}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(TOKENIZER_DIR, name), os.path.join(out, name))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers (default 32, as Llama-3-8B)")
+    ap.add_argument("--device", default="auto", help="where to generate the tensors: auto, cuda or cpu")
+    ap.add_argument("--shard-gb", type=float, default=4.0, help="largest shard in GB (default 4)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.layers < 1:
+        die("--layers must be at least 1")
+    if args.device == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        die("--device cuda: torch sees no CUDA device")
+    elif args.device in ("cuda", "cpu"):
+        dev = args.device
+    else:
+        die(f"--device {args.device!r}: expected auto, cuda or cpu")
+
+    out = args.out_dir
+    os.makedirs(out, exist_ok=True)
+    index_path = os.path.join(out, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        os.remove(index_path)  # incomplete until rewritten at the end
+    for old in os.listdir(out):  # shards of an earlier run (maybe another layer count)
+        if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors(\.tmp)?", old):
+            os.remove(os.path.join(out, old))
+
+    plan = tensor_plan(args.layers)
+    total = sum(nbytes(s) for _, s, _ in plan)
+    free = shutil.disk_usage(out).free
+    if free < total * 1.02:
+        die(f"{out}: {total / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free")
+    shards = split_shards(plan, int(args.shard_gb * 1e9))
+    n = len(shards)
+    bos, eos, tok_vocab = special_ids()
+    write_configs(out, args.layers, bos, eos, args.seed)
+    print(f"make_synth_model: {out}: LlamaForCausalLM, {args.layers} layers, "
+          f"{len(plan)} tensors, {total / 1e9:.2f} GB BF16 in {n} shard(s), generated on {dev}; "
+          f"tokenizer vocab {tok_vocab} of the model's {VOCAB}", flush=True)
+
+    weight_map = {}
+    t_start = time.time()
+    k = 0  # tensor index, for per-tensor seeds
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        with torch.no_grad():
+            for name, shape, is_norm in shard:
+                if is_norm:
+                    t = torch.ones(shape, dtype=torch.bfloat16)
+                else:
+                    g = torch.Generator(device=dev).manual_seed(args.seed * 1000003 + k)
+                    t = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(0.0, STD, generator=g).cpu()
+                tensors[name] = t.contiguous()
+                weight_map[name] = fname
+                k += 1
+        tmp = os.path.join(out, fname + ".tmp")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, os.path.join(out, fname))
+        size = sum(nbytes(s) for _, s, _ in shard)
+        del tensors
+        print(f"  {fname}: {len(shard)} tensors, {size / 1e9:.2f} GB ({time.time() - t_start:.0f} s)", flush=True)
+
+    with open(index_path + ".tmp", "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    os.replace(index_path + ".tmp", index_path)
+    print(f"make_synth_model: done in {time.time() - t_start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

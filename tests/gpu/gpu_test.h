@@ -1,0 +1,183 @@
+/* Shared by the GPU op tests (tests/gpu/test_cuda_ops.c, test_cuda_attention.c):
+ * the two backends, seeded inputs, copies to and from the GPU, twin weights,
+ * error measures, and the case name printed if a test dies inside an op. */
+#ifndef NB_GPU_TEST_H
+#define NB_GPU_TEST_H
+
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/util.h"
+#include "kernels/backend.h"
+#include "tests/test.h"
+
+static nb_backend *cpu, *gpu;
+
+/* ---- helpers ------------------------------------------------------------ */
+
+/* The case being run, printed if the process dies inside an op (a CUDA
+ * error aborts with the kernel's file and line, not the shape). */
+static char t_where[256];
+#define WHERE(...) snprintf(t_where, sizeof t_where, __VA_ARGS__)
+
+static inline void on_fatal(int sig) {
+    static const char pre[] = "  died during: ";
+    ssize_t r = write(2, pre, sizeof pre - 1);
+    r = write(2, t_where, strlen(t_where));
+    r = write(2, "\n", 1);
+    (void)r;
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static inline int irand(int n) { return (int)(urand() * n); } /* [0, n) */
+
+static inline float *randn(size_t n, float scale) {
+    float *p = xmalloc(sizeof(float) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) p[i] = gauss() * scale;
+    return p;
+}
+
+static inline void *to_gpu(const void *host, size_t bytes) {
+    void *d = gpu->ops->alloc(gpu, bytes);
+    gpu->ops->upload(gpu, d, host, bytes);
+    return d;
+}
+
+static inline float *from_gpu(const void *dev, size_t n_floats) {
+    float *h = xmalloc(sizeof(float) * (n_floats ? n_floats : 1));
+    gpu->ops->download(gpu, h, dev, sizeof(float) * n_floats);
+    return h;
+}
+
+static inline float *copy_floats(const float *x, size_t n) {
+    float *p = xmalloc(sizeof(float) * (n ? n : 1));
+    memcpy(p, x, sizeof(float) * n);
+    return p;
+}
+
+/* A weight on both backends: the CPU's reads the host bytes, the GPU's is
+ * the weight_load copy of them. */
+typedef struct twin_weight {
+    nb_weight c, g;
+} twin_weight;
+
+static inline twin_weight make_weight(nb_dtype t, int64_t rows, int64_t cols, float scale) {
+    size_t n = (size_t)(rows * cols), bytes = n * nb_dtype_size(t);
+    void *data = xmalloc(bytes + 16);
+    for (size_t i = 0; i < n; i++) {
+        float v = gauss() * scale;
+        if (t == NB_BF16) ((uint16_t *)data)[i] = f32_to_bf16(v);
+        else if (t == NB_F16) ((uint16_t *)data)[i] = f32_to_f16(v);
+        else ((float *)data)[i] = v;
+    }
+    twin_weight w;
+    w.c = (nb_weight){.dtype = t, .rows = rows, .cols = cols, .data = data};
+    w.g = w.c;
+    w.g.data = gpu->ops->weight_load(gpu, data, bytes);
+    return w;
+}
+
+static inline void free_weight(twin_weight *w) {
+    gpu->ops->weight_free(gpu, w->g.data);
+    free((void *)w->c.data);
+}
+
+static inline double norm2(const float *x, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return sqrt(s);
+}
+
+/* ||got - ref|| / max(||ref||, floor): the error of a whole output. A NaN
+ * or inf in got makes it NaN or inf, which fails every "<= bound" check. */
+static inline double rel_l2(const float *got, const float *ref, size_t n, double floor) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)got[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    den = sqrt(den);
+    if (den < floor) den = floor;
+    if (den == 0) return num == 0 ? 0 : INFINITY;
+    return sqrt(num) / den;
+}
+
+/* max |got - ref| / max |ref| (NaN if got has one). */
+static inline double rel_max(const float *got, const float *ref, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - ref[i]);
+        if (isnan(d)) return NAN;
+        if (d > num) num = d;
+        if (fabs(ref[i]) > den) den = fabs(ref[i]);
+    }
+    if (den == 0) return num == 0 ? 0 : INFINITY;
+    return num / den;
+}
+
+/* max over elements of |got - ref| / |ref| (|ref| floored at 1e-20). */
+static inline double rel_elem(const float *got, const float *ref, size_t n) {
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - ref[i]), s = fabs(ref[i]);
+        if (isnan(d)) return NAN;
+        d /= s > 1e-20 ? s : 1e-20;
+        if (d > worst) worst = d;
+    }
+    return worst;
+}
+
+/* Elements whose bits differ. */
+static inline size_t n_mismatch(const float *a, const float *b, size_t n) {
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad += memcmp(a + i, b + i, sizeof(float)) != 0;
+    return bad;
+}
+
+static inline void note_worst(double *worst, double err) {
+    if (isnan(err) || err > *worst) *worst = err;
+}
+
+/* ---- device ---------------------------------------------------------------- */
+
+
+static inline void test_device(void) {
+    char buf[256] = "";
+    int n = cuda_device_count();
+    cuda_device_describe(0, buf, sizeof buf);
+    REQUIRE(n > 0, "no CUDA device (cuda_device_count() = %d; %s): these tests need a GPU", n, buf);
+    printf("  %s\n", buf);
+    nb_err e = {{0}};
+    nb_backend_opts o = {.device = "cuda"};
+    gpu = backend_create(&o, &e);
+    REQUIRE(gpu != NULL, "cuda backend: %s", e.msg);
+    CHECK(!strcmp(gpu->ops->name, "cuda"), "device \"cuda\" gave the %s backend", gpu->ops->name);
+}
+
+/* ---- batches ---------------------------------------------------------------- */
+
+
+/* A batch that only rope reads (positions), but whole, as set_batch copies
+ * every array: one sequence whose slots are its positions' order. */
+typedef struct plain_batch {
+    nb_batch b;
+    int32_t *pos, *seq_of, *slot, *table;
+} plain_batch;
+
+static inline void plain_batch_init(plain_batch *p, int n) {
+    int nb = (n + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE;
+    p->pos = xmalloc(sizeof(int32_t) * n), p->seq_of = xcalloc((size_t)n, sizeof(int32_t));
+    p->slot = xmalloc(sizeof(int32_t) * n), p->table = xmalloc(sizeof(int32_t) * nb);
+    for (int t = 0; t < n; t++) p->pos[t] = t, p->slot[t] = t;
+    for (int i = 0; i < nb; i++) p->table[i] = i;
+    p->b = (nb_batch){n, p->pos, p->seq_of, p->slot, 1, nb, p->table};
+}
+
+static inline void plain_batch_free(plain_batch *p) { free(p->pos), free(p->seq_of), free(p->slot), free(p->table); }
+
+#endif

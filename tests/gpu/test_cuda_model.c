@@ -1,0 +1,355 @@
+/* The model end to end on the CUDA backend against the CPU backend, on every
+ * committed fixture (`make test-gpu`; `make test` only builds this), once
+ * with the KV cache in BF16 (the CUDA default) and once in FP32, the same
+ * type on both backends:
+ *  - the prompt's last-position logits within 2e-2 (max |diff| / max
+ *    |logit|, the measure of tests/test_model.c) of the CPU's: in one step,
+ *    in chunks of 5, and one token at a time (each step then a one-token
+ *    decode step, recorded once as a CUDA graph and replayed at every later
+ *    position);
+ *  - 32 greedy tokens from generate_run (the engine: decode steps recorded
+ *    and replayed, argmax on the device) identical on both backends and to
+ *    transformers' (reference.json);
+ *  - one step of two sequences, a whole prompt beside the first 9 tokens of
+ *    it in other blocks: both logit rows against the CPU, and the second
+ *    against a solo run of it on the GPU;
+ *  - 8 sequences of different lengths decoding together through
+ *    model_forward for 6 steps, the CPU's greedy token fed to both: the
+ *    recorded 8-token step is replayed with new positions, slots and block
+ *    tables (also after a 7-token step recorded its own graph), every
+ *    step's logits against the CPU's.
+ * Each model gets a fresh CUDA backend: a recorded step points at the
+ * buffers of the model that recorded it. Needs a CUDA device; fails (not
+ * skips) without one. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "engine/generate.h"
+#include "engine/model/model.h"
+#include "tests/fixture_ref.h"
+#include "tests/test.h"
+
+/* GPU logits against CPU logits: the GPU's prefill GEMMs read activations
+ * as BF16 (F16 for F16 weights), which moves logits by ~1e-3 of the
+ * largest. */
+#define LOGIT_TOL 2e-2
+
+static nb_backend *cpu;
+
+
+/* max |a - b| / max |b|; NaN in a gives NaN */
+static double rel_err(const float *a, const float *b, int n) {
+    double num = 0, den = 0;
+    for (int i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (isnan(d)) return NAN;
+        if (d > num) num = d;
+        if (fabs(b[i]) > den) den = fabs(b[i]);
+    }
+    return num / (den > 0 ? den : 1);
+}
+
+static int32_t argmax(const float *x, int n) {
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static nb_backend *gpu_backend(void) {
+    nb_err e = {{0}};
+    nb_backend_opts o = {.device = "cuda"};
+    nb_backend *b = backend_create(&o, &e);
+    if (!b) fprintf(stderr, "  cuda backend: %s\n", e.msg);
+    return b;
+}
+
+static nb_model *load(nb_backend *be, const char *name, const nb_quant_plan *plan) {
+    char dir[256];
+    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
+    nb_err e = {{0}};
+    nb_model_opts o = {.max_batch_tokens = 256, .num_kv_blocks = 64, .quant = plan};
+    nb_model *m = model_load(dir, be, &o, &e);
+    if (!m) fprintf(stderr, "  load %s on %s: %s\n", dir, be->ops->name, e.msg);
+    return m;
+}
+
+/* The prompt as one sequence whose blocks are laid out backwards, in steps
+ * of at most `chunk` tokens; the last position's logits. */
+static int run_prompt(nb_model *m, const ref *r, int chunk, float *logits) {
+    int nb = (r->n_prompt + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE, total = model_num_kv_blocks(m);
+    int32_t *table = xmalloc(sizeof(int32_t) * (size_t)nb);
+    for (int i = 0; i < nb; i++) table[i] = total - 1 - 2 * i;
+    int32_t pos[256], slot[256], seq[256];
+    int rc = 0;
+    for (int start = 0; start < r->n_prompt && rc == 0; start += chunk) {
+        int n = r->n_prompt - start < chunk ? r->n_prompt - start : chunk;
+        for (int t = 0; t < n; t++) {
+            int p = start + t;
+            pos[t] = p, seq[t] = 0;
+            slot[t] = table[p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
+        }
+        nb_batch b = {n, pos, seq, slot, 1, nb, table};
+        int32_t last = n - 1;
+        nb_err e = {{0}};
+        int want = start + n == r->n_prompt;
+        rc = model_forward(m, r->prompt + start, &b, &last, want, logits, &e);
+        if (rc) fprintf(stderr, "  forward: %s\n", e.msg);
+    }
+    free(table);
+    return rc;
+}
+
+static void check_logits(nb_model *mc, nb_model *mg, const ref *r, const char *what) {
+    int V = model_config(mc)->vocab_size;
+    float *lc = xmalloc(sizeof(float) * (size_t)V), *lg = xmalloc(sizeof(float) * (size_t)V);
+    static const int chunks[] = {256, 5, 1};
+    for (int i = 0; i < 3; i++) {
+        if (run_prompt(mc, r, chunks[i], lc) || run_prompt(mg, r, chunks[i], lg)) {
+            CHECK(0, "%s: forward failed (chunks of %d)", what, chunks[i]);
+            continue;
+        }
+        double err = rel_err(lg, lc, V);
+        CHECK(err <= LOGIT_TOL, "%s: prompt logits in chunks of %d: relative error %.3e vs the CPU", what, chunks[i],
+              err);
+        if (i == 0 && V == r->n_logits)
+            printf("  %s: last-position logits, relative error %.2e vs the CPU, %.2e vs transformers\n", what, err,
+                   rel_err(lg, r->logits, V));
+    }
+    free(lc), free(lg);
+}
+
+static int32_t *greedy(nb_model *m, const ref *r, size_t *n) {
+    nb_gen_opts go = {.max_tokens = r->n_greedy, .ignore_eos = 1};
+    sampling_params_default(&go.sampling);
+    go.sampling.temperature = 0;
+    int32_t *out = NULL;
+    nb_err e = {{0}};
+    *n = 0;
+    if (generate_run(m, r->prompt, (size_t)r->n_prompt, &go, NULL, NULL, &out, n, NULL, &e)) {
+        fprintf(stderr, "  generate: %s\n", e.msg);
+        return NULL;
+    }
+    return out;
+}
+
+/* Index of the first difference, or -1. */
+static int first_diff(const int32_t *a, const int32_t *b, int n) {
+    for (int i = 0; i < n; i++)
+        if (a[i] != b[i]) return i;
+    return -1;
+}
+
+static void check_greedy(nb_model *mc, nb_model *mg, const ref *r, const char *what) {
+    size_t nc = 0, ng = 0;
+    int32_t *tc = greedy(mc, r, &nc), *tg = greedy(mg, r, &ng);
+    CHECK(tc && tg, "%s: generate_run failed (cpu %s, cuda %s)", what, tc ? "ok" : "failed", tg ? "ok" : "failed");
+    if (tc && tg) {
+        CHECK(nc == (size_t)r->n_greedy && ng == (size_t)r->n_greedy, "%s: %zu (cpu) and %zu (cuda) tokens, want %d",
+              what, nc, ng, r->n_greedy);
+        int n = (int)(nc < ng ? nc : ng);
+        if (n > r->n_greedy) n = r->n_greedy;
+        int d = first_diff(tg, tc, n);
+        CHECK(d < 0, "%s: greedy token %d is %d on cuda, %d on cpu", what, d, d >= 0 ? tg[d] : 0, d >= 0 ? tc[d] : 0);
+        d = first_diff(tg, r->greedy, n);
+        CHECK(d < 0, "%s: greedy token %d is %d on cuda, transformers gives %d", what, d, d >= 0 ? tg[d] : 0,
+              d >= 0 ? r->greedy[d] : 0);
+    }
+    free(tc), free(tg);
+}
+
+/* One step of two sequences: A runs its whole prompt while B (its first 9
+ * tokens, in other blocks) runs alongside. */
+static void check_batched(nb_model *mc, nb_model *mg, const ref *r, const char *what) {
+    int V = model_config(mc)->vocab_size;
+    int na = r->n_prompt, nbt = 9;
+    if (na <= nbt || na + nbt > 256 || na > 8 * NB_KV_BLOCK_SIZE) {
+        CHECK(0, "%s: prompt of %d tokens does not suit the batched test", what, na);
+        return;
+    }
+    int32_t tables[2][8] = {{10, 3, 7, 20, 21, 22, 23, 24}, {5, 30, 31, 32, 33, 34, 35, 36}};
+    int32_t tok[256], pos[256], slot[256], seq[256];
+    int n = 0;
+    for (int s = 0; s < 2; s++)
+        for (int p = 0; p < (s == 0 ? na : nbt); p++, n++) {
+            tok[n] = r->prompt[p], pos[n] = p, seq[n] = s;
+            slot[n] = tables[s][p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
+        }
+    nb_batch b = {n, pos, seq, slot, 2, 8, &tables[0][0]};
+    int32_t rows[2] = {na - 1, n - 1};
+    float *lc = xmalloc(sizeof(float) * 2 * (size_t)V), *lg = xmalloc(sizeof(float) * 2 * (size_t)V);
+    float *solo = xmalloc(sizeof(float) * (size_t)V);
+    nb_err e = {{0}};
+    int rc = model_forward(mc, tok, &b, rows, 2, lc, &e);
+    CHECK(rc == 0, "%s: batched forward on cpu: %s", what, e.msg);
+    int rg = model_forward(mg, tok, &b, rows, 2, lg, &e);
+    CHECK(rg == 0, "%s: batched forward on cuda: %s", what, e.msg);
+    if (rc == 0 && rg == 0) {
+        double ea = rel_err(lg, lc, V), eb = rel_err(lg + V, lc + V, V);
+        CHECK(ea <= LOGIT_TOL && eb <= LOGIT_TOL, "%s: two sequences in a step: relative errors %.3e (A), %.3e (B)",
+              what, ea, eb);
+    }
+    /* B alone on the GPU, in yet other blocks: the same tiles and GEMM
+     * inputs as in the batch, so only FP32 summation order may differ */
+    int32_t tb[1] = {40}, sl[16], seq0[16] = {0}, last = nbt - 1;
+    for (int p = 0; p < nbt; p++) sl[p] = 40 * NB_KV_BLOCK_SIZE + p;
+    nb_batch bb = {nbt, pos + na, seq0, sl, 1, 1, tb};
+    rc = model_forward(mg, r->prompt, &bb, &last, 1, solo, &e);
+    CHECK(rc == 0, "%s: solo forward on cuda: %s", what, e.msg);
+    if (rc == 0 && rg == 0) {
+        double err = rel_err(lg + V, solo, V);
+        CHECK(err <= 1e-3, "%s: sequence B batched vs solo on cuda: relative error %.3e", what, err);
+    }
+    free(lc), free(lg), free(solo);
+}
+
+/* 8 sequences (prompt prefixes of 1 .. n_prompt tokens, each prefilled
+ * alone) then 6 decode steps of one token per sequence: steps 1, 2, 4, 5, 6
+ * have 8 tokens (graph key 8: recorded at step 1, replayed after), step 3
+ * has 7 (key 7), step 5 takes the sequences in reverse order. Block tables
+ * come from a shuffled pool. */
+static void check_decode_batch(nb_model *mc, nb_model *mg, const ref *r, const char *what) {
+    enum { NS = 8, MAXB = 8, STEPS = 6 };
+    int V = model_config(mc)->vocab_size;
+    if (model_num_kv_blocks(mc) < NS * MAXB || model_num_kv_blocks(mg) < NS * MAXB ||
+        r->n_prompt + STEPS > MAXB * NB_KV_BLOCK_SIZE) {
+        CHECK(0, "%s: the decode test needs %d KV blocks and a prompt under %d tokens", what, NS * MAXB,
+              MAXB * NB_KV_BLOCK_SIZE - STEPS);
+        return;
+    }
+    int perm[NS * MAXB];
+    for (int i = 0; i < NS * MAXB; i++) perm[i] = i;
+    for (int i = NS * MAXB - 1; i > 0; i--) {
+        int j = (int)(urand() * (i + 1)), t = perm[i];
+        perm[i] = perm[j], perm[j] = t;
+    }
+    int32_t tables[NS][MAXB];
+    for (int s = 0; s < NS; s++)
+        for (int b = 0; b < MAXB; b++) tables[s][b] = perm[s * MAXB + b];
+    int len[NS], ok = 1;
+    int32_t next[NS];
+    float *lc = xmalloc(sizeof(float) * NS * (size_t)V), *lg = xmalloc(sizeof(float) * NS * (size_t)V);
+    nb_err e = {{0}};
+    for (int s = 0; s < NS && ok; s++) {
+        int n = len[s] = 1 + s * (r->n_prompt - 1) / (NS - 1);
+        int32_t pos[MAXB * NB_KV_BLOCK_SIZE], slot[MAXB * NB_KV_BLOCK_SIZE], seq0[MAXB * NB_KV_BLOCK_SIZE];
+        for (int p = 0; p < n; p++) {
+            pos[p] = p, seq0[p] = 0;
+            slot[p] = tables[s][p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
+        }
+        nb_batch b = {n, pos, seq0, slot, 1, MAXB, tables[s]};
+        int32_t last = n - 1;
+        ok = !model_forward(mc, r->prompt, &b, &last, 1, lc, &e) && !model_forward(mg, r->prompt, &b, &last, 1, lg, &e);
+        CHECK(ok, "%s: prefill of sequence %d: %s", what, s, e.msg);
+        if (!ok) break;
+        double err = rel_err(lg, lc, V);
+        CHECK(err <= LOGIT_TOL, "%s: prefill of sequence %d (%d tokens): relative error %.3e", what, s, n, err);
+        next[s] = argmax(lc, V);
+    }
+    double worst = 0;
+    for (int k = 0; k < STEPS && ok; k++) {
+        int order[NS], n = 0;
+        for (int i = 0; i < NS; i++) {
+            int s = k == 4 ? NS - 1 - i : i;
+            if (k == 2 && s == 3) continue; /* 7 tokens */
+            order[n++] = s;
+        }
+        int32_t tok[NS], pos[NS], seq_of[NS], slot[NS], rows[NS], tabs[NS][MAXB];
+        for (int i = 0; i < n; i++) {
+            int s = order[i];
+            tok[i] = next[s], pos[i] = len[s], seq_of[i] = i, rows[i] = i;
+            slot[i] = tables[s][len[s] / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + len[s] % NB_KV_BLOCK_SIZE;
+            memcpy(tabs[i], tables[s], sizeof tabs[i]);
+        }
+        nb_batch b = {n, pos, seq_of, slot, n, MAXB, &tabs[0][0]};
+        ok = !model_forward(mc, tok, &b, rows, n, lc, &e) && !model_forward(mg, tok, &b, rows, n, lg, &e);
+        CHECK(ok, "%s: decode step %d: %s", what, k + 1, e.msg);
+        if (!ok) break;
+        for (int i = 0; i < n; i++) {
+            int s = order[i];
+            double err = rel_err(lg + (size_t)i * V, lc + (size_t)i * V, V);
+            CHECK(err <= LOGIT_TOL, "%s: decode step %d (%d tokens), sequence %d at position %d: relative error %.3e",
+                  what, k + 1, n, s, len[s], err);
+            if (isnan(err) || err > worst) worst = err;
+            next[s] = argmax(lc + (size_t)i * V, V);
+            len[s]++;
+        }
+    }
+    if (ok) printf("  %s: 8 sequences decoding, worst relative error %.2e over %d steps\n", what, worst, STEPS);
+    free(lc), free(lg);
+}
+
+static void check_kv(const char *name, const ref *r, const char *kv) {
+    char what[64];
+    snprintf(what, sizeof what, "%s, kv %s", name, kv);
+    nb_quant_plan plan;
+    nb_err e = {{0}};
+    if (quant_plan_parse(NULL, kv, &plan, &e)) {
+        CHECK(0, "%s: %s", what, e.msg);
+        return;
+    }
+    nb_backend *gpu = gpu_backend();
+    if (!gpu) {
+        CHECK(0, "%s: no cuda backend", what);
+        return;
+    }
+    nb_model *mc = load(cpu, name, &plan), *mg = load(gpu, name, &plan);
+    CHECK(mc && mg, "%s: model did not load (cpu %s, cuda %s)", what, mc ? "ok" : "failed", mg ? "ok" : "failed");
+    if (mc && mg) {
+        CHECK(model_quant_plan(mg)->kv == plan.kv && model_quant_plan(mc)->kv == plan.kv, "%s: KV cache %s on cuda",
+              what, nb_kv_dtype_name(model_quant_plan(mg)->kv));
+        CHECK(model_config(mc)->vocab_size == r->n_logits, "%s: vocab %d vs %d reference logits", what,
+              model_config(mc)->vocab_size, r->n_logits);
+        check_logits(mc, mg, r, what);
+        check_greedy(mc, mg, r, what);
+        check_batched(mc, mg, r, what);
+        check_decode_batch(mc, mg, r, what);
+    }
+    model_free(mg);
+    model_free(mc);
+    backend_destroy(gpu);
+}
+
+static void check_fixture(const char *name) {
+    ref r;
+    REQUIRE(ref_load(name, &r) == 0, "%s: reference.json unreadable", name);
+    static const char *kvs[] = {"bf16", "float32"};
+    for (int k = 0; k < 2; k++) check_kv(name, &r, kvs[k]);
+    ref_free(&r);
+}
+
+static void test_device(void) {
+    char buf[256] = "";
+    int n = cuda_device_count();
+    cuda_device_describe(0, buf, sizeof buf);
+    REQUIRE(n > 0, "no CUDA device (cuda_device_count() = %d; %s): these tests need a GPU", n, buf);
+    printf("  %s\n", buf);
+}
+
+static void test_llama(void) { check_fixture("llama"); }
+static void test_mistral(void) { check_fixture("mistral"); }
+static void test_qwen2(void) { check_fixture("qwen2"); }
+static void test_qwen3(void) { check_fixture("qwen3"); }
+static void test_ernie(void) { check_fixture("ernie"); }
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    log_set_level(LOG_WARN); /* not a "loaded ..." line per model */
+    RUN(test_device);
+    if (t_failed) TEST_DONE("test_cuda_model");
+    nb_err e = {{0}};
+    cpu = cpu_backend_create(0, &e);
+    if (!cpu) {
+        fprintf(stderr, "cpu backend: %s\n", e.msg);
+        return 1;
+    }
+    RUN(test_llama);
+    RUN(test_mistral);
+    RUN(test_qwen2);
+    RUN(test_qwen3);
+    RUN(test_ernie);
+    backend_destroy(cpu);
+    TEST_DONE("test_cuda_model");
+}
