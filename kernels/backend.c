@@ -72,7 +72,7 @@ nb_backend *backend_create(const nb_backend_opts *opts, nb_err *e) {
         }
         return cuda_backend_create(id, e);
 #else
-        nb_errf(e, "device cuda: CUDA backend not available in this build");
+        nb_errf(e, "device %s: CUDA backend not available in this build", dev);
         return NULL;
 #endif
     }
