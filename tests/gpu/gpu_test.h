@@ -159,6 +159,25 @@ static inline void test_device(void) {
     CHECK(!strcmp(gpu->ops->name, "cuda"), "device \"cuda\" gave the %s backend", gpu->ops->name);
 }
 
+/* Start-up shared by the op-test binaries: the GPU (test_device) and the
+ * CPU reference backend. Returns 0 when both are there. */
+static inline int gpu_tests_start(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    signal(SIGABRT, on_fatal);
+    signal(SIGSEGV, on_fatal);
+    WHERE("start-up");
+    RUN(test_device);
+    if (t_failed) return -1;
+    nb_err e = {{0}};
+    cpu = cpu_backend_create(0, &e);
+    if (!cpu) {
+        fprintf(stderr, "cpu backend: %s\n", e.msg);
+        t_failed++;
+        return -1;
+    }
+    return 0;
+}
+
 /* ---- batches ---------------------------------------------------------------- */
 
 

@@ -483,18 +483,7 @@ static void test_graphs(void) {
 }
 
 int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    signal(SIGABRT, on_fatal);
-    signal(SIGSEGV, on_fatal);
-    WHERE("start-up");
-    RUN(test_device);
-    if (t_failed) TEST_DONE("test_cuda_attention");
-    nb_err e = {{0}};
-    cpu = cpu_backend_create(0, &e);
-    if (!cpu) {
-        fprintf(stderr, "cpu backend: %s\n", e.msg);
-        return 1;
-    }
+    if (gpu_tests_start()) TEST_DONE("test_cuda_attention");
     RUN(test_attention_decode);
     RUN(test_attention_prefill);
     RUN(test_graphs);
