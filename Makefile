@@ -61,8 +61,8 @@ build/tests/%: build/tests/%.o $(LIB_OBJ) $(CU_OBJ)
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
 # bench_cuda calls cudart and cuBLAS itself (copy bandwidth, the cuBLAS reference)
-build/bench/bench_cuda.o: CFLAGS += -isystem $(CUDA_HOME)/include
-build/bench/bench_cuda: build/bench/bench_cuda.o $(LIB_OBJ) $(CU_OBJ)
+build/bench/%.o: CFLAGS += -isystem $(CUDA_HOME)/include
+build/bench/bench_cuda: build/bench/bench_cuda.o build/bench/bench_cuda_util.o build/bench/bench_cuda_ops.o build/bench/bench_cuda_quant.o $(LIB_OBJ) $(CU_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcublas
 

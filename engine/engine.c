@@ -34,7 +34,8 @@ struct nb_engine {
     uint64_t next_arrival, preemptions, steps, prefix_hit_tokens;
     /* step scratch */
     int32_t *tok, *pos, *slot, *seq_of, *rows, *tables;
-    int32_t *ids; /* argmax per logit row, for all-greedy steps */
+    int32_t *ids;            /* sampled per logit row, when the backend samples */
+    nb_sample_row *smp_rows; /* [S] those rows' sampling */
     eseq **batch_seq;
     int *take;
     float *logits;
@@ -62,6 +63,7 @@ nb_engine *engine_create(nb_model *m, const nb_engine_opts *o, nb_err *e) {
     g->seq_of = xmalloc(sizeof(int32_t) * T);
     g->rows = xmalloc(sizeof(int32_t) * S);
     g->ids = xmalloc(sizeof(int32_t) * S);
+    g->smp_rows = xmalloc(sizeof(nb_sample_row) * S);
     g->tables = xmalloc(sizeof(int32_t) * S * (size_t)g->max_blocks);
     g->batch_seq = xmalloc(sizeof(eseq *) * S);
     g->take = xmalloc(sizeof(int) * S);
@@ -128,6 +130,7 @@ void engine_free(nb_engine *g) {
     free(g->seq_of);
     free(g->rows);
     free(g->ids);
+    free(g->smp_rows);
     free(g->tables);
     free(g->batch_seq);
     free(g->take);
@@ -296,7 +299,7 @@ static int schedule(nb_engine *g) {
 
 int engine_step(nb_engine *g, nb_err *e) {
     int nb = schedule(g);
-    int n_tok = 0, n_rows = 0, greedy = 0;
+    int n_tok = 0, n_rows = 0, on_backend = 0;
     for (int b = 0; b < nb; b++) {
         eseq *s = g->batch_seq[b];
         memcpy(g->tables + (size_t)b * g->max_blocks, s->blocks, sizeof(int32_t) * (size_t)s->n_blocks);
@@ -311,15 +314,22 @@ int engine_step(nb_engine *g, nb_err *e) {
     }
     if (nb > 0) {
         nb_batch batch = {n_tok, g->pos, g->seq_of, g->slot, nb, g->max_blocks, g->tables};
-        /* When every row is a plain greedy pick, the backend's argmax
-         * answers and the logits never leave the device. */
-        greedy = n_rows > 0;
-        for (int b = 0; b < nb && greedy; b++) {
+        /* The backend samples where the logits are (only ids cross to the
+         * host) unless a row wants logprobs, which need the whole row. */
+        on_backend = n_rows > 0;
+        for (int b = 0; b < nb; b++) {
             eseq *s = g->batch_seq[b];
-            if (s->n_computed + (size_t)g->take[b] == s->n_tokens) greedy = !s->lp && sampler_is_greedy(s->smp);
+            if (s->n_computed + (size_t)g->take[b] == s->n_tokens) on_backend &= !s->lp;
         }
-        if (greedy ? model_forward_argmax(g->m, g->tok, &batch, g->rows, n_rows, g->ids, e)
-                   : model_forward(g->m, g->tok, &batch, g->rows, n_rows, g->logits, e))
+        if (on_backend) {
+            int r = 0;
+            for (int b = 0; b < nb; b++) {
+                eseq *s = g->batch_seq[b];
+                if (s->n_computed + (size_t)g->take[b] == s->n_tokens) sampler_row(s->smp, &g->smp_rows[r++]);
+            }
+        }
+        if (on_backend ? model_forward_sample(g->m, g->tok, &batch, g->rows, n_rows, g->smp_rows, g->ids, e)
+                       : model_forward(g->m, g->tok, &batch, g->rows, n_rows, g->logits, e))
             return -1;
         g->steps++;
     }
@@ -330,7 +340,7 @@ int engine_step(nb_engine *g, nb_err *e) {
         prefix_register(g, s);
         if (s->n_computed != s->n_tokens) continue;
         int32_t id;
-        if (greedy) {
+        if (on_backend) {
             id = g->ids[r++];
         } else {
             float *lg = g->logits + (size_t)r++ * g->c->vocab_size;

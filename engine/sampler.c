@@ -1,13 +1,17 @@
-/* Sampler: vLLM's order of operations on one row of FP32 logits.
+/* Sampler: a sequence's sampling state (parameters, RNG, the penalties'
+ * history). The row arithmetic itself, vLLM's order of
  *
  *   repetition penalty -> frequency/presence penalties -> temperature
- *   -> top-k -> top-p -> min-p -> draw from the renormalised softmax.
+ *   -> top-k -> top-p -> min-p -> draw from the renormalised softmax,
+ *
+ * is sample_row_ref (kernels/cpu/cpu_sample.c), which the backends' sample
+ * ops equal, so the draw can run where the logits are.
  *
  * Random numbers come from xoshiro256** (Blackman and Vigna), its 256-bit
- * state filled from the 64-bit seed by four splitmix64 steps. Each random
- * draw consumes exactly one 64-bit output whose top 53 bits make a double in
- * [0, 1), so a fixed seed and identical logits give the same token sequence on
- * every run and machine (given the same libm expf). */
+ * state filled from the 64-bit seed by four splitmix64 steps. Each
+ * non-greedy step consumes exactly one 64-bit output whose top 53 bits make
+ * a double in [0, 1), so a fixed seed and identical logits give the same
+ * token sequence on every run and machine. */
 #include "engine/sampler.h"
 
 #include <math.h>
@@ -19,17 +23,21 @@
 #include "common/util.h"
 
 /* Below this temperature the softmax is numerically one-hot; vLLM uses the
- * same epsilon to switch to greedy. */
+ * same epsilon to switch to greedy (as does sample_row_ref). */
 #define SAMPLER_GREEDY_EPS 1e-5f
 
 struct nb_sampler {
     nb_sampling_params p;
     int vocab;
-    uint64_t rng[4];    /* xoshiro256** state */
-    uint8_t *in_prompt; /* [vocab] 1 if the token occurs in the prompt */
-    int32_t *out_count; /* [vocab] times the token was generated */
-    int32_t *idx;       /* [vocab] scratch: candidate token ids */
-    float *prob;        /* [vocab] scratch: unnormalised probabilities */
+    uint64_t rng[4]; /* xoshiro256** state */
+    /* The penalties' history as a list of distinct tokens, so that a step
+     * hands the backend what it touches and not a vocabulary-sized array. */
+    int n_hist;
+    int32_t *hist_ids;   /* [vocab] */
+    int32_t *hist_count; /* [vocab] times generated; 0: prompt only */
+    int32_t *hist_at;    /* [vocab] index into hist_ids, -1 if unseen */
+    int32_t *idx;        /* [vocab] scratch for sample_row_ref */
+    float *prob;         /* [vocab] scratch for sample_row_ref */
 };
 
 void sampling_params_default(nb_sampling_params *p) {
@@ -96,8 +104,10 @@ nb_sampler *sampler_create(const nb_sampling_params *p, int vocab_size) {
         seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 32) ^ (uint64_t)(uintptr_t)s;
     }
     for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&seed);
-    s->in_prompt = xcalloc((size_t)vocab_size, 1);
-    s->out_count = xcalloc((size_t)vocab_size, sizeof(int32_t));
+    s->hist_ids = xmalloc(sizeof(int32_t) * (size_t)vocab_size);
+    s->hist_count = xmalloc(sizeof(int32_t) * (size_t)vocab_size);
+    s->hist_at = xmalloc(sizeof(int32_t) * (size_t)vocab_size);
+    for (int i = 0; i < vocab_size; i++) s->hist_at[i] = -1;
     s->idx = xmalloc(sizeof(int32_t) * (size_t)vocab_size);
     s->prob = xmalloc(sizeof(float) * (size_t)vocab_size);
     return s;
@@ -105,35 +115,56 @@ nb_sampler *sampler_create(const nb_sampling_params *p, int vocab_size) {
 
 void sampler_free(nb_sampler *s) {
     if (!s) return;
-    free(s->in_prompt);
-    free(s->out_count);
+    free(s->hist_ids);
+    free(s->hist_count);
+    free(s->hist_at);
     free(s->idx);
     free(s->prob);
     free(s);
 }
 
+/* The history entry of a valid id, added on first sight. */
+static int32_t *sampler_hist(nb_sampler *s, int32_t id) {
+    if (s->hist_at[id] < 0) {
+        s->hist_at[id] = s->n_hist;
+        s->hist_ids[s->n_hist] = id;
+        s->hist_count[s->n_hist++] = 0;
+    }
+    return &s->hist_count[s->hist_at[id]];
+}
+
 void sampler_add_prompt(nb_sampler *s, const int32_t *ids, size_t n) {
     for (size_t i = 0; i < n; i++)
-        if (ids[i] >= 0 && ids[i] < s->vocab) s->in_prompt[ids[i]] = 1;
+        if (ids[i] >= 0 && ids[i] < s->vocab) sampler_hist(s, ids[i]);
 }
 
 void sampler_accept(nb_sampler *s, int32_t id) {
-    if (id >= 0 && id < s->vocab) s->out_count[id]++;
+    if (id >= 0 && id < s->vocab) (*sampler_hist(s, id))++;
 }
 
 /* ---- sampling ---- */
 
-static void sampler_apply_penalties(const nb_sampler *s, float *lg) {
+void sampler_row(nb_sampler *s, nb_sample_row *r) {
     const nb_sampling_params *p = &s->p;
-    int rep = p->repetition_penalty != 1.0f;
-    int pen = p->presence_penalty != 0 || p->frequency_penalty != 0;
-    if (!rep && !pen) return;
-    for (int i = 0; i < s->vocab; i++) {
-        int32_t c = s->out_count[i];
-        if (rep && (c || s->in_prompt[i]))
-            lg[i] = lg[i] > 0 ? lg[i] / p->repetition_penalty : lg[i] * p->repetition_penalty;
-        if (c) lg[i] -= p->frequency_penalty * (float)c + p->presence_penalty;
-    }
+    r->temperature = p->temperature;
+    r->top_k = p->top_k;
+    r->top_p = p->top_p;
+    r->min_p = p->min_p;
+    r->repetition_penalty = p->repetition_penalty;
+    r->presence_penalty = p->presence_penalty;
+    r->frequency_penalty = p->frequency_penalty;
+    /* a greedy row draws nothing, so its RNG stream is not advanced */
+    r->u = p->temperature < SAMPLER_GREEDY_EPS ? 0.0 : xoshiro_uniform(s->rng);
+    int pen = p->repetition_penalty != 1.0f || p->presence_penalty != 0 || p->frequency_penalty != 0;
+    r->n_hist = pen ? s->n_hist : 0;
+    r->hist_ids = s->hist_ids;
+    r->hist_count = s->hist_count;
+}
+
+int32_t sampler_sample(nb_sampler *s, float *lg) {
+    nb_sample_row r;
+    sampler_row(s, &r);
+    return sample_row_ref(lg, s->vocab, &r, s->prob, s->idx);
 }
 
 /* First index of the largest value; NaNs are skipped. -1 if all are NaN. */
@@ -146,158 +177,6 @@ static int sampler_argmax(const float *x, int n) {
 
 /* a ranks before b: higher value first, lower id on ties */
 static int sampler_before(const float *v, int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }
-
-static int sampler_cmp_desc(const void *a, const void *b, void *keys) {
-    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
-    const float *v = keys;
-    if (sampler_before(v, i, j)) return -1;
-    return sampler_before(v, j, i) ? 1 : 0;
-}
-
-/* Min-heap on rank (root = worst kept) so top-k costs O(V log k), not a sort. */
-static void sampler_heap_down(int32_t *h, int n, int i, const float *v) {
-    for (;;) {
-        int l = 2 * i + 1, r = l + 1, m = i;
-        if (l < n && sampler_before(v, h[m], h[l])) m = l;
-        if (r < n && sampler_before(v, h[m], h[r])) m = r;
-        if (m == i) return;
-        int32_t t = h[i];
-        h[i] = h[m];
-        h[m] = t;
-        i = m;
-    }
-}
-
-/* Writes the k best ids of v into out, sorted best first. */
-static void sampler_top_k(const float *v, int n, int k, int32_t *out) {
-    for (int i = 0; i < k; i++) out[i] = i;
-    for (int i = k / 2 - 1; i >= 0; i--) sampler_heap_down(out, k, i, v);
-    for (int i = k; i < n; i++) {
-        if (sampler_before(v, i, out[0])) {
-            out[0] = i;
-            sampler_heap_down(out, k, 0, v);
-        }
-    }
-    qsort_r(out, (size_t)k, sizeof(int32_t), sampler_cmp_desc, (void *)v);
-}
-
-/* Length of the shortest prefix of sorted ids whose mass reaches top_p * mass,
- * i.e. a token is kept when the mass ranked strictly above it is below that
- * (vLLM keeps the top token always). Returns -1 if the prefix never reaches it. */
-static int sampler_top_p_len(const float *pr, const int32_t *ids, int n, double target) {
-    double acc = 0;
-    for (int i = 0; i < n; i++) {
-        acc += pr[ids[i]];
-        if (acc >= target) return i + 1;
-    }
-    return -1;
-}
-
-static void sampler_swap(int32_t *a, int32_t *b) {
-    int32_t t = *a;
-    *a = *b;
-    *b = t;
-}
-
-/* Top-p without top-k: reorders ids so that ids[0..m) is the top-p set and
- * returns m, without sorting. Quickselect on probability mass: partition
- * around a pivot; if the better side alone reaches the target the answer lies
- * there, otherwise keep it and the pivot and look for the rest on the worse
- * side. Expected O(n), where a sort of a 150k vocabulary would be O(n log n)
- * on every step. The rank order is total (ties broken by id), so the set
- * equals the prefix of a full sort. */
-static int sampler_top_p_select(const float *pr, int32_t *ids, int n, double target) {
-    int lo = 0, hi = n;
-    while (hi - lo > 1) {
-        int mid = lo + (hi - lo) / 2;
-        /* median of three to the end as pivot: sorted input stays O(n) */
-        if (sampler_before(pr, ids[mid], ids[lo])) sampler_swap(&ids[mid], &ids[lo]);
-        if (sampler_before(pr, ids[hi - 1], ids[lo])) sampler_swap(&ids[hi - 1], &ids[lo]);
-        if (sampler_before(pr, ids[mid], ids[hi - 1])) sampler_swap(&ids[mid], &ids[hi - 1]);
-        int32_t pivot = ids[hi - 1];
-        int store = lo;
-        double better = 0;
-        for (int i = lo; i < hi - 1; i++) {
-            if (sampler_before(pr, ids[i], pivot)) {
-                better += pr[ids[i]];
-                sampler_swap(&ids[i], &ids[store++]);
-            }
-        }
-        sampler_swap(&ids[store], &ids[hi - 1]);
-        if (better >= target) {
-            hi = store;
-        } else if (better + pr[pivot] >= target) {
-            return store + 1;
-        } else {
-            target -= better + pr[pivot];
-            lo = store + 1;
-        }
-    }
-    /* one token left in range: it completes the set (or rounding ran out) */
-    int m = hi > lo ? lo + 1 : lo;
-    return m > 0 ? m : 1;
-}
-
-int sampler_is_greedy(const nb_sampler *s) {
-    const nb_sampling_params *p = &s->p;
-    return p->temperature < SAMPLER_GREEDY_EPS && p->repetition_penalty == 1.0f && p->presence_penalty == 0.0f &&
-           p->frequency_penalty == 0.0f;
-}
-
-int32_t sampler_sample(nb_sampler *s, float *lg) {
-    const nb_sampling_params *p = &s->p;
-    int V = s->vocab;
-    sampler_apply_penalties(s, lg);
-    int best = sampler_argmax(lg, V);
-    if (best < 0) return 0;
-    float mx = lg[best];
-    if (p->temperature < SAMPLER_GREEDY_EPS || isinf(mx)) return best;
-
-    /* Probabilities relative to the top token (which gets exactly 1), so
-     * min-p's "min_p * p_max" is simply min_p. */
-    float *pr = s->prob;
-    double total = 0;
-    for (int i = 0; i < V; i++) {
-        pr[i] = isnan(lg[i]) ? 0.0f : expf((lg[i] - mx) / p->temperature);
-        total += pr[i];
-    }
-
-    int k = p->top_k > 0 && p->top_k < V ? p->top_k : 0;
-    int n;
-    if (k) {
-        sampler_top_k(pr, V, k, s->idx);
-        n = k;
-        if (p->top_p < 1.0f) {
-            double kept = 0;
-            for (int i = 0; i < k; i++) kept += pr[s->idx[i]];
-            int m = sampler_top_p_len(pr, s->idx, k, (double)p->top_p * kept);
-            if (m > 0) n = m;
-        }
-        /* min-p on a list sorted best first is a prefix cut */
-        while (n > 1 && !(pr[s->idx[n - 1]] >= p->min_p && pr[s->idx[n - 1]] > 0)) n--;
-    } else {
-        /* Zero-probability tokens can never be drawn, and tokens below min_p
-         * are cut whatever top-p keeps, so both are dropped up front. */
-        n = 0;
-        for (int i = 0; i < V; i++)
-            if (pr[i] >= p->min_p && pr[i] > 0) s->idx[n++] = i;
-        /* top-p's target is a share of the whole vocabulary's mass; when the
-         * min-p survivors cannot reach it, min-p is the tighter filter. */
-        if (p->top_p < 1.0f) n = sampler_top_p_select(pr, s->idx, n, (double)p->top_p * total);
-    }
-
-    double mass = 0;
-    for (int i = 0; i < n; i++) mass += pr[s->idx[i]];
-    double r = xoshiro_uniform(s->rng) * mass, acc = 0;
-    int32_t last = best;
-    for (int i = 0; i < n; i++) {
-        float q = pr[s->idx[i]];
-        acc += q;
-        last = s->idx[i];
-        if (r < acc) return last;
-    }
-    return last; /* rounding left r at the very top of the range */
-}
 
 /* ---- logprobs ---- */
 

@@ -1,7 +1,8 @@
 /* Picks the next token from a row of FP32 logits, one sequence at a time, in
  * vLLM's order: repetition penalty, frequency/presence penalties,
  * temperature, top-k, top-p, min-p, then a seeded draw from the softmax of
- * what remains. One sampler per sequence holds its RNG and token counts. */
+ * what remains (sample_row_ref in kernels/backend.h). One sampler per
+ * sequence holds its RNG and token history. */
 #ifndef NB_SAMPLER_H
 #define NB_SAMPLER_H
 
@@ -9,6 +10,7 @@
 #include <stdint.h>
 
 #include "common/err.h"
+#include "kernels/backend.h"
 
 typedef struct nb_sampling_params {
     float temperature;        /* 0 (or < 1e-5) => greedy: argmax, lowest id on ties */
@@ -42,9 +44,11 @@ void sampler_accept(nb_sampler *s, int32_t id);
  * overwritten: it is scratch) and returns the chosen id. Does not call
  * sampler_accept; the caller does once the token is kept. */
 int32_t sampler_sample(nb_sampler *s, float *logits);
-/* Whether sampler_sample is the plain argmax of the logits (greedy, no
- * penalties): the caller may then take the argmax where the logits are. */
-int sampler_is_greedy(const nb_sampler *s);
+/* The step's row for a backend's sample op: the parameters, the history
+ * (only when a penalty is on) and, unless greedy, one draw from the RNG.
+ * The history pointers stay valid until the next sampler_accept. Does not
+ * call sampler_accept. */
+void sampler_row(nb_sampler *s, nb_sample_row *r);
 
 /* Log-softmax of the original logits row (before penalties and temperature):
  * writes the n_top best ids and their logprobs, best first (lower id on

@@ -87,6 +87,33 @@ typedef struct nb_attn_shape {
     nb_kv_dtype kv_dtype;
 } nb_attn_shape;
 
+/* One logits row's sampling (engine/sampler.h has the parameters' meaning):
+ * the parameters, the uniform number the sequence's RNG drew for the step,
+ * and the tokens the penalties touch. */
+typedef struct nb_sample_row {
+    float temperature; /* < 1e-5: greedy (argmax after the penalties) */
+    int top_k;
+    float top_p, min_p;
+    float repetition_penalty, presence_penalty, frequency_penalty;
+    double u;                  /* in [0, 1): where the draw lands in the kept mass */
+    int n_hist;                /* distinct tokens in the prompt or the output so far */
+    const int32_t *hist_ids;   /* [n_hist] host; no id twice */
+    const int32_t *hist_count; /* [n_hist] times generated (0: in the prompt only) */
+} nb_sample_row;
+
+/* The reference every backend's sample op equals (kernels/cpu/cpu_sample.c),
+ * in vLLM's order: penalties on the history tokens (written into logits),
+ * temperature, then the kept set: the shortest prefix of the tokens ranked
+ * by probability (lower id first on ties) that satisfies top-k, top-p (mass
+ * >= top_p of the top-k mass, or of the whole mass without top-k) and min-p
+ * (probability >= min_p times the top one); at least the top token. The
+ * draw walks the kept tokens in id order and returns the first whose
+ * running mass exceeds u times the kept mass. Probabilities are
+ * (float)exp((double)((logit - max) / temperature)) and masses are summed in
+ * double, so backends differ only where u lands within rounding of a
+ * boundary. prob and idx are [vocab] scratch. */
+int32_t sample_row_ref(float *logits, int vocab, const nb_sample_row *r, float *prob, int32_t *idx);
+
 typedef struct nb_backend nb_backend;
 
 typedef struct nb_backend_ops {
@@ -149,6 +176,10 @@ typedef struct nb_backend_ops {
                         int n_rows, int cols);
     /* ids[r] = argmax of row r (lowest index on ties); ids is a host array. */
     void (*argmax)(nb_backend *b, int32_t *ids, const float *x, int n, int cols);
+    /* ids[r] = sample_row_ref(row r of x, cols, &rows[r]) for n rows; ids
+     * and rows (with their history arrays) are host memory; x is scratch
+     * afterwards. */
+    void (*sample)(nb_backend *b, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows);
 
     /* Waits for queued work (no-op on CPU). */
     void (*sync)(nb_backend *b);
@@ -172,6 +203,10 @@ typedef struct nb_backend_ops {
 
     /* The KV cache type used when the configuration names none. */
     nb_kv_dtype kv_default;
+    /* graph_begin records and replays (CUDA). The model then pads decode
+     * steps to a few batch sizes, so that a few recordings serve every
+     * batch; where nothing is recorded padding would only add work. */
+    int records_graphs;
 } nb_backend_ops;
 
 struct nb_backend {

@@ -11,7 +11,8 @@
 # Environment: SYNTH_DIR (default /tmp/nibble-synth-8b), LAYERS (32, used
 # only when the model is created), CONTEXT (prompt tokens per sequence, 512),
 # STEPS (timed decode steps, 64), BATCHES (1,8,32,64), PYTHON (python3, with
-# torch and safetensors), BENCH_FLAGS (more bench_cuda flags, e.g. --no-graph).
+# torch and safetensors), BENCH_FLAGS (more bench_cuda flags, e.g. --no-graph),
+# QUANTS (wint8 wint4 block_wise_fp8; empty to skip), QUANT_BATCHES (1,32).
 set -e
 BIN=${BIN:-build/bench/bench_cuda}
 SYNTH_DIR=${SYNTH_DIR:-/tmp/nibble-synth-8b}
@@ -20,6 +21,8 @@ CONTEXT=${CONTEXT:-512}
 STEPS=${STEPS:-64}
 BATCHES=${BATCHES:-1,8,32,64}
 PYTHON=${PYTHON:-python3}
+QUANTS=${QUANTS-wint8 wint4 block_wise_fp8}
+QUANT_BATCHES=${QUANT_BATCHES:-1,32}
 
 make --no-print-directory all
 if [ ! -x "$BIN" ]; then
@@ -41,3 +44,10 @@ fi
 echo "== bench_cuda --model $SYNTH_DIR"
 # shellcheck disable=SC2086
 "$BIN" --model "$SYNTH_DIR" --context "$CONTEXT" --steps "$STEPS" --batches "$BATCHES" $BENCH_FLAGS
+
+for q in $QUANTS; do
+    echo "== bench_cuda --model $SYNTH_DIR --quantization $q"
+    # shellcheck disable=SC2086
+    "$BIN" --model "$SYNTH_DIR" --quantization "$q" --context "$CONTEXT" --steps "$STEPS" --batches "$QUANT_BATCHES" \
+        $BENCH_FLAGS
+done

@@ -13,8 +13,7 @@ NIBBLE = "bin/nibble"
 MODELS = "tests/fixtures/models"
 FIXTURES = ["llama", "mistral", "qwen2", "qwen3", "ernie"]
 # NIBBLE_DEVICE (make test-gpu sets cuda) puts every generate and serve on
-# that device; runs with quantized weights always take --device cpu, the
-# only backend with kernels for them (--device auto would pick a GPU).
+# that device (quantized ones included) unless a check needs the CPU.
 DEVICE = os.environ.get("NIBBLE_DEVICE")
 passed = failed = 0
 
@@ -22,7 +21,7 @@ passed = failed = 0
 def run(*args, timeout=120, cpu_only=False):
     args = list(args)
     if args and args[0] in ("generate", "serve"):
-        if cpu_only or "--quantization" in args:
+        if cpu_only:
             args[1:1] = ["--device", "cpu"]
         elif DEVICE:
             args[1:1] = ["--device", DEVICE]
@@ -131,7 +130,7 @@ if r.returncode == 0:
         qc = json.load(f).get("quantization_config", {})
     check("its config.json has quantization_config", qc.get("quantization") == "wint4" and qc.get("is_quantized"), str(qc))
     gen = ["--prompt", "Once upon a time", "--max-tokens", "12", "--temperature", "0", "--ignore-eos"]
-    a = run("generate", "--model", out, *gen, cpu_only=True)
+    a = run("generate", "--model", out, *gen)
     b = run("generate", "--model", L, "--quantization", "wint4", *gen)
     check("offline wint4 generates what online wint4 does", a.returncode == 0 and a.stdout == b.stdout,
           f"{a.stdout!r} vs {b.stdout!r} {a.stderr[-200:]}")

@@ -171,6 +171,55 @@ static void test_batched_sequences(void) {
     ref_free(&r);
 }
 
+/* Padded decode steps: on a backend that records graphs the model pads a
+ * decode step of n sequences to a few sizes (3 -> 4, 5 -> 8, 11 -> 16) with
+ * tokens of their own in a spare KV block. The CPU backend's ops are exact
+ * whatever the batch size, so a copy of its op table that claims to record
+ * must give every real row the same logits, bit for bit, as the plain CPU
+ * backend; and the padding must not touch the real sequences' blocks. */
+static void test_decode_padding(void) {
+    nb_backend_ops rec_ops = *be->ops;
+    rec_ops.records_graphs = 1;
+    nb_backend rec = {&rec_ops, be->impl}; /* shares be's state; never destroyed itself */
+    nb_model *mp = load(&rec, "qwen2", 64), *mu = load(be, "qwen2", 64);
+    REQUIRE(mp && mu, "load");
+    int V = model_config(mu)->vocab_size;
+    static const int sizes[] = {3, 5, 11, 16};
+    enum { MAXN = 16, PROMPT = 5 };
+    float *lp = xmalloc(sizeof(float) * MAXN * (size_t)V), *lu = xmalloc(sizeof(float) * MAXN * (size_t)V);
+    nb_err e;
+    for (int si = 0; si < 4; si++) {
+        int n = sizes[si];
+        /* n sequences, each a prompt of PROMPT tokens in block s (prefilled
+         * one sequence at a time), then one decode step together */
+        int32_t tok[MAXN], pos[MAXN], seq[MAXN], slot[MAXN], rows[MAXN], tables[MAXN][2];
+        int ok = 1;
+        for (int s = 0; s < n && ok; s++) {
+            int32_t ptok[PROMPT], ppos[PROMPT], pseq[PROMPT] = {0}, pslot[PROMPT], table[2] = {s, 63}, last = PROMPT - 1;
+            for (int p = 0; p < PROMPT; p++)
+                ptok[p] = (int32_t)((s * 31 + p * 7 + 1) % V), ppos[p] = p, pslot[p] = s * NB_KV_BLOCK_SIZE + p;
+            nb_batch pb = {PROMPT, ppos, pseq, pslot, 1, 2, table};
+            ok = !model_forward(mp, ptok, &pb, &last, 1, lp, &e) && !model_forward(mu, ptok, &pb, &last, 1, lu, &e);
+            tables[s][0] = s, tables[s][1] = 63;
+        }
+        REQUIRE(ok, "prefill: %s", e.msg);
+        for (int s = 0; s < n; s++)
+            tok[s] = (int32_t)((s * 17 + 3) % V), pos[s] = PROMPT, seq[s] = s, rows[s] = s,
+            slot[s] = s * NB_KV_BLOCK_SIZE + PROMPT;
+        nb_batch b = {n, pos, seq, slot, n, 2, &tables[0][0]};
+        ok = !model_forward(mp, tok, &b, rows, n, lp, &e) && !model_forward(mu, tok, &b, rows, n, lu, &e);
+        CHECK(ok, "decode of %d sequences: %s", n, e.msg);
+        if (ok)
+            CHECK(!memcmp(lp, lu, sizeof(float) * (size_t)n * V), "decode of %d sequences: padded logits differ", n);
+        /* a second step reads the first step's K/V: wrong slots would show */
+        for (int s = 0; s < n; s++) pos[s]++, slot[s]++;
+        ok = !model_forward(mp, tok, &b, rows, n, lp, &e) && !model_forward(mu, tok, &b, rows, n, lu, &e);
+        CHECK(ok && !memcmp(lp, lu, sizeof(float) * (size_t)n * V), "second decode step of %d sequences differs", n);
+    }
+    free(lp), free(lu);
+    model_free(mp), model_free(mu);
+}
+
 /* Out-of-range inputs to a forward step are errors, not crashes. */
 static void test_forward_rejects_bad_batch(void) {
     nb_model *m = load(be, "qwen2", 16);
@@ -295,6 +344,7 @@ int main(void) {
     RUN(test_qwen3);
     RUN(test_ernie);
     RUN(test_batched_sequences);
+    RUN(test_decode_padding);
     RUN(test_forward_rejects_bad_batch);
     RUN(test_config_errors);
     RUN(test_checkpoint_errors);

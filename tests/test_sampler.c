@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "engine/sampler.h"
+#include "kernels/backend.h"
 #include "tests/test.h"
 
 #define DRAWS 20000
@@ -502,6 +503,66 @@ static void test_logprobs(void) {
     free(lg);
 }
 
+/* The backend's sample op (what the engine calls: many rows, split over
+ * threads) equals sampler_sample one row at a time, for rows built by
+ * sampler_row with their own parameters, histories and seeds; and a
+ * sampler's stream is the same whichever of the two draws it. */
+static void test_backend_sample_op(void) {
+    enum { V = 3000, R = 12 };
+    nb_err e = {{0}};
+    nb_backend *be = cpu_backend_create(3, &e);
+    REQUIRE(be != NULL, "cpu backend: %s", e.msg);
+    float *x = malloc(sizeof(float) * R * V), *row = malloc(sizeof(float) * V);
+    nb_sampler *a[R], *b[R];
+    nb_sample_row rows[R];
+    for (int r = 0; r < R; r++) {
+        nb_sampling_params p = seeded(1000 + (uint64_t)r);
+        p.temperature = r % 4 == 0 ? 0.0f : 0.5f + 0.1f * (float)r;
+        p.top_k = r % 3 == 1 ? 10 * r : 0;
+        p.top_p = r % 2 ? 0.85f : 1.0f;
+        p.min_p = r % 5 == 2 ? 0.05f : 0.0f;
+        p.repetition_penalty = r % 4 == 3 ? 1.5f : 1.0f;
+        p.frequency_penalty = r % 4 == 0 ? 0.5f : 0.0f;
+        a[r] = sampler_create(&p, V);
+        b[r] = sampler_create(&p, V);
+    }
+    int same = 1;
+    for (int step = 0; step < 20; step++) {
+        for (int i = 0; i < R * V; i++) x[i] = rand_unit() * 12.0f - 6.0f;
+        for (int r = 0; r < R; r++) sampler_row(a[r], &rows[r]);
+        int32_t got[R];
+        float *copy = malloc(sizeof(float) * R * V);
+        memcpy(copy, x, sizeof(float) * R * V);
+        be->ops->sample(be, got, copy, R, V, rows);
+        free(copy);
+        for (int r = 0; r < R; r++) {
+            memcpy(row, x + (size_t)r * V, sizeof(float) * V);
+            int32_t want = sampler_sample(b[r], row);
+            same &= want == got[r];
+            sampler_accept(a[r], got[r]);
+            sampler_accept(b[r], want);
+        }
+    }
+    CHECK(same, "the backend op and sampler_sample drew different tokens");
+    /* the history reaches the op: a greedy row whose top token was generated
+     * before loses it to the penalty */
+    nb_sampling_params p = seeded(5);
+    p.temperature = 0;
+    p.presence_penalty = 2.0f;
+    nb_sampler *s = sampler_create(&p, V);
+    for (int i = 0; i < V; i++) x[i] = 0.0f;
+    x[42] = 1.0f, x[7] = 0.5f;
+    sampler_accept(s, 42);
+    sampler_row(s, &rows[0]);
+    int32_t id;
+    be->ops->sample(be, &id, x, 1, V, rows);
+    CHECK(id == 7, "presence penalty through the op: got %d, want 7", id);
+    sampler_free(s);
+    for (int r = 0; r < R; r++) sampler_free(a[r]), sampler_free(b[r]);
+    free(x), free(row);
+    backend_destroy(be);
+}
+
 int main(void) {
     RUN(test_validate);
     RUN(test_greedy_ties);
@@ -514,5 +575,6 @@ int main(void) {
     RUN(test_seed);
     RUN(test_penalties);
     RUN(test_logprobs);
+    RUN(test_backend_sample_op);
     TEST_DONE("sampler");
 }

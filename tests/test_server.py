@@ -16,8 +16,7 @@ import urllib.request
 
 MODEL = "tests/fixtures/models/qwen2"
 # NIBBLE_DEVICE (make test-gpu sets cuda) puts every serve and generate on
-# that device; quantized weights always take --device cpu, the only backend
-# with kernels for them (--device auto would pick a GPU).
+# that device, quantized ones included.
 DEVICE = os.environ.get("NIBBLE_DEVICE")
 passed = failed = 0
 
@@ -368,14 +367,13 @@ QSET = '{"quantization": "mix_quant", "dense_quant_type": "wint4", "kv_cache_qua
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
 srv = subprocess.Popen(nibble("serve", "--model", MODEL, "--port", str(PORT),
-                        "--quantization", QSET, cpu_only=True), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                        "--quantization", QSET), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 try:
     wait_healthy()
     status, body = call("/v1/completions", {"prompt": "Hello there", "max_tokens": 12, "temperature": 0,
                                             "ignore_eos": True})
     g = subprocess.run(nibble("generate", "--model", MODEL, "--quantization", QSET,
-                        "--prompt", "Hello there", "--max-tokens", "12", "--temperature", "0", "--ignore-eos",
-                        cpu_only=True),
+                        "--prompt", "Hello there", "--max-tokens", "12", "--temperature", "0", "--ignore-eos"),
                        capture_output=True, text=True, timeout=60)
     text = json.loads(body)["choices"][0]["text"] if status == 200 else None
     check("a W4A16C8 server answers what generate prints with the same setting",

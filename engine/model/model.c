@@ -78,7 +78,9 @@ static int alloc_kv_cache(nb_model *m, const nb_model_opts *opts, nb_err *e) {
     } else {
         m->num_blocks = full_ctx;
     }
-    size_t kv_bytes = per_block / 2 / (size_t)c->n_layers * (size_t)m->num_blocks;
+    /* one block more for the padding of recorded decode steps */
+    int n_alloc = m->num_blocks + (be->ops->records_graphs ? 1 : 0);
+    size_t kv_bytes = per_block / 2 / (size_t)c->n_layers * (size_t)n_alloc;
     m->k_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
     m->v_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
     for (int i = 0; i < c->n_layers; i++) {
@@ -176,6 +178,7 @@ void model_free(nb_model *m) {
     }
     free(m->k_cache);
     free(m->v_cache);
+    free(m->pad_tok), free(m->pad_pos), free(m->pad_seq), free(m->pad_slot), free(m->pad_tables);
     if (m->layers) {
         /* weight_free releases backend copies; every nb_weight is a plain struct */
         nb_weight *w = (nb_weight *)m->layers;
@@ -249,6 +252,55 @@ static void layer_forward(nb_model *m, int li, int n) {
 #undef CAPTURE
 }
 
+/* The batch size a decode step of n sequences is padded to: few sizes, so
+ * few recordings serve every batch (as vLLM's capture sizes), at a cost of
+ * at most 1/8 more tokens up to 256 and 1/16 up to 512. */
+static int decode_pad_size(int n) {
+    if (n <= 8) {
+        int p = 1;
+        while (p < n) p *= 2;
+        return p;
+    }
+    if (n <= 256) return (n + 7) / 8 * 8;
+    if (n <= 512) return (n + 31) / 32 * 32;
+    return n;
+}
+
+/* Rebuilds a decode step padded with tokens of their own one-token
+ * sequences at position 0 of the spare block (they all write the same
+ * K/V there, and their rows are never read). Returns 0 when no padding is
+ * needed or it would not fit the activations. */
+static int decode_pad(nb_model *m, const int32_t *tokens, const nb_batch *b, nb_batch *out) {
+    int n = b->n_tokens, np = decode_pad_size(n), mb = b->max_blocks;
+    if (np == n || np > m->max_tokens) return 0;
+    if (!m->pad_tok) {
+        size_t T = (size_t)m->max_tokens;
+        m->pad_tok = xmalloc(sizeof(int32_t) * T), m->pad_pos = xmalloc(sizeof(int32_t) * T);
+        m->pad_seq = xmalloc(sizeof(int32_t) * T), m->pad_slot = xmalloc(sizeof(int32_t) * T);
+    }
+    size_t tables = (size_t)np * (size_t)mb;
+    if (tables > m->pad_tables_cap) {
+        free(m->pad_tables);
+        m->pad_tables = xmalloc(sizeof(int32_t) * tables);
+        m->pad_tables_cap = tables;
+    }
+    memcpy(m->pad_tok, tokens, sizeof(int32_t) * (size_t)n);
+    memcpy(m->pad_pos, b->pos, sizeof(int32_t) * (size_t)n);
+    memcpy(m->pad_seq, b->seq_of, sizeof(int32_t) * (size_t)n);
+    memcpy(m->pad_slot, b->slot, sizeof(int32_t) * (size_t)n);
+    memcpy(m->pad_tables, b->block_tables, sizeof(int32_t) * (size_t)n * (size_t)mb);
+    for (int t = n; t < np; t++) {
+        m->pad_tok[t] = 0;
+        m->pad_pos[t] = 0;
+        m->pad_seq[t] = t;
+        m->pad_slot[t] = m->num_blocks * NB_KV_BLOCK_SIZE;
+        int32_t *row = m->pad_tables + (size_t)t * mb;
+        for (int j = 0; j < mb; j++) row[j] = m->num_blocks;
+    }
+    *out = (nb_batch){np, m->pad_pos, m->pad_seq, m->pad_slot, np, mb, m->pad_tables};
+    return 1;
+}
+
 /* The step up to the logits of out_rows, left in m->logits on the backend. */
 static int forward_logits(nb_model *m, const int32_t *tokens, const nb_batch *batch, const int32_t *out_rows,
                           int n_out, nb_err *e) {
@@ -270,14 +322,20 @@ static int forward_logits(nb_model *m, const int32_t *tokens, const nb_batch *ba
 
     const nb_backend_ops *op = m->be->ops;
     nb_backend *be = m->be;
-    op->set_batch(be, batch);
-    op->embedding(be, m->x, &m->embed, tokens, n);
     /* A decode-only step (one token per sequence) issues the same ops for
      * the same token count, whatever the positions: the backend may record
      * them once and replay them. Prefill steps and calibration runs (host
      * callbacks) issue theirs every time. */
-    uint64_t key = batch->n_seqs == n && !m->capture ? (uint64_t)n : 0;
-    if (!op->graph_begin(be, key)) {
+    int decode = batch->n_seqs == n && !m->capture;
+    nb_batch padded;
+    if (decode && op->records_graphs && decode_pad(m, tokens, batch, &padded)) {
+        tokens = m->pad_tok;
+        batch = &padded;
+        n = padded.n_tokens;
+    }
+    op->set_batch(be, batch);
+    op->embedding(be, m->x, &m->embed, tokens, n);
+    if (!op->graph_begin(be, decode ? (uint64_t)n : 0)) {
         for (int li = 0; li < c->n_layers; li++) layer_forward(m, li, n);
         op->add(be, m->x, m->x, m->xn, (size_t)n * c->hidden_size);
         op->graph_end(be);
@@ -297,10 +355,10 @@ int model_forward(nb_model *m, const int32_t *tokens, const nb_batch *batch, con
     return 0;
 }
 
-int model_forward_argmax(nb_model *m, const int32_t *tokens, const nb_batch *batch, const int32_t *out_rows,
-                         int n_out, int32_t *ids, nb_err *e) {
+int model_forward_sample(nb_model *m, const int32_t *tokens, const nb_batch *batch, const int32_t *out_rows,
+                         int n_out, const nb_sample_row *rows, int32_t *ids, nb_err *e) {
     if (forward_logits(m, tokens, batch, out_rows, n_out, e)) return -1;
-    if (n_out > 0) m->be->ops->argmax(m->be, ids, m->logits, n_out, m->cfg.vocab_size);
+    if (n_out > 0) m->be->ops->sample(m->be, ids, m->logits, n_out, m->cfg.vocab_size, rows);
     return 0;
 }
 

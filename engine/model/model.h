@@ -45,11 +45,12 @@ int model_max_batch_tokens(const nb_model *m);
 int model_forward(nb_model *m, const int32_t *tokens, const nb_batch *batch,
                   const int32_t *out_rows, int n_out, float *logits, nb_err *e);
 
-/* As model_forward, but only the argmax of each logit row (lowest id on
- * ties) comes back, in ids[n_out], computed on the backend: a GPU step then
- * copies n_out ids to the host instead of n_out x vocab floats. */
-int model_forward_argmax(nb_model *m, const int32_t *tokens, const nb_batch *batch,
-                         const int32_t *out_rows, int n_out, int32_t *ids, nb_err *e);
+/* As model_forward, but each logit row is sampled on the backend under
+ * rows[r] (sample_row_ref) and only the ids come back, in ids[n_out]: a GPU
+ * step then copies n_out ids to the host instead of n_out x vocab floats. */
+int model_forward_sample(nb_model *m, const int32_t *tokens, const nb_batch *batch,
+                         const int32_t *out_rows, int n_out, const nb_sample_row *rows, int32_t *ids,
+                         nb_err *e);
 
 /* Architecture, parameter count, dtypes and memory of the model in dir,
  * without binding it to a backend. */

@@ -37,6 +37,11 @@ struct nb_model {
 
     int num_blocks;
     void **k_cache, **v_cache; /* [n_layers] */
+    /* Padded decode steps (backends that record graphs): the padding
+     * tokens write and read block num_blocks, one past the engine's, and
+     * the step is rebuilt in these host arrays (allocated on first use). */
+    int32_t *pad_tok, *pad_pos, *pad_seq, *pad_slot, *pad_tables;
+    size_t pad_tables_cap;
 
     /* activation workspace for max_tokens tokens */
     int max_tokens;

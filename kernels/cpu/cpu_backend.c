@@ -18,6 +18,10 @@ typedef struct cpu_backend {
     threadpool *pool;
     nb_batch batch; /* copied by set_batch; its arrays belong to the caller */
     int has_batch;
+    /* sample: per-task scratch for sample_row_ref, [threads][cap] each */
+    float *sample_prob;
+    int32_t *sample_idx;
+    size_t sample_cap;
 } cpu_backend;
 
 static cpu_backend *impl(nb_backend *b) { return b->impl; }
@@ -274,8 +278,43 @@ static int cpu_graph_begin(nb_backend *b, uint64_t key) { return 0; }
 
 static void cpu_graph_end(nb_backend *b) {}
 
+/* Rows are independent: task j takes rows j, j + tasks, ... with scratch j. */
+typedef struct sample_job {
+    cpu_backend *c;
+    int32_t *ids;
+    float *x;
+    int n, cols, tasks;
+    const nb_sample_row *rows;
+} sample_job;
+
+static void sample_task(void *arg, int task) {
+    sample_job *j = arg;
+    float *prob = j->c->sample_prob + (size_t)task * j->cols;
+    int32_t *idx = j->c->sample_idx + (size_t)task * j->cols;
+    for (int r = task; r < j->n; r += j->tasks)
+        j->ids[r] = sample_row_ref(j->x + (size_t)r * j->cols, j->cols, &j->rows[r], prob, idx);
+}
+
+static void cpu_sample(nb_backend *b, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows) {
+    cpu_backend *c = impl(b);
+    int threads = threadpool_size(c->pool), tasks = n < threads ? n : threads;
+    if (tasks <= 0) return;
+    size_t need = (size_t)threads * (size_t)cols;
+    if (need > c->sample_cap) {
+        free(c->sample_prob);
+        free(c->sample_idx);
+        c->sample_prob = xmalloc(sizeof(float) * need);
+        c->sample_idx = xmalloc(sizeof(int32_t) * need);
+        c->sample_cap = need;
+    }
+    sample_job j = {c, ids, x, n, cols, tasks, rows};
+    threadpool_run(c->pool, tasks, sample_task, &j);
+}
+
 static void cpu_destroy(nb_backend *b) {
     if (!b) return;
+    free(impl(b)->sample_prob);
+    free(impl(b)->sample_idx);
     threadpool_destroy(impl(b)->pool);
     free(b->impl);
     free(b);
@@ -303,6 +342,7 @@ static const nb_backend_ops CPU_OPS = {
     .softmax = cpu_softmax,
     .gather_rows = cpu_gather_rows,
     .argmax = cpu_argmax,
+    .sample = cpu_sample,
     .sync = cpu_sync,
     .destroy = cpu_destroy,
     .supports = cpu_supports,

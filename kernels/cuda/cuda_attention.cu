@@ -7,9 +7,11 @@
 // query heads of the group against that part, and a second kernel merges the
 // parts. The grid covers the longest context the block tables allow, so it
 // does not change from step to step and a recorded step can be replayed.
-// Prefill: one block per tile of up to 16 query tokens of one sequence and a
-// chunk of the group's query heads; K/V stream through shared memory 32
-// positions at a time with an online softmax (flash-style), on CUDA cores.
+// Prefill (any other step): one block per tile of up to 16 query tokens of
+// one sequence and a chunk of the group's query heads; K/V stream through
+// shared memory with an online softmax (flash-style). head_dim a multiple of
+// 16 runs on tensor cores (BF16 mma, FP32 accumulation); other head_dims on
+// CUDA cores in FP32 (prefill_dispatch says exactly when each runs).
 #include <cuda_fp8.h>
 
 #include "kernels/cuda/cuda_int.h"
@@ -20,6 +22,11 @@
 #define PF_THREADS 128
 #define PF_TK 32    // KV positions per shared-memory chunk
 #define PF_ACC 64   // output accumulators per thread
+#define TC_THREADS 128
+#define TC_WARPS 4
+#define TC_ROWS 64            // query rows (token, head) per block: one m16 tile per warp
+#define TC_KV 64              // KV positions per shared-memory chunk
+#define TC_VW ((TC_KV + 8) / 2) // V^T row stride in 32-bit words (see the bank note)
 
 // ---- cache access ---------------------------------------------------------
 
@@ -266,7 +273,7 @@ static void decode_launch(cuda_backend *c, float *out, const attn_args &a) {
     CUDA_LAUNCHED();
 }
 
-// ---- prefill ----------------------------------------------------------------
+// ---- prefill on CUDA cores (the fallback: see prefill_dispatch) --------------
 
 // Rows of a tile: (token i, head g) as r = i * gn + g. Shared memory:
 // Qs [rmax][D], Ks [PF_TK][D+1] (odd stride: no bank conflicts across j),
@@ -399,6 +406,339 @@ static void prefill_launch(cuda_backend *c, float *out, const attn_args &a) {
     CUDA_LAUNCHED();
 }
 
+// ---- prefill on tensor cores --------------------------------------------------
+//
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D[16x8] = A[16x16] B[16x8]
+// + C, one warp. Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
+// floating point type"), with g = lane >> 2 (groupID), t = lane & 3
+// (threadID_in_group); each .b32 register holds two BF16, the lower column
+// (A) or lower k (B) in the low 16 bits:
+//   A (row-major): a[0] = (row g,   cols 2t, 2t+1)   a[1] = (row g+8, cols 2t, 2t+1)
+//                  a[2] = (row g,   cols 2t+8, 2t+9) a[3] = (row g+8, cols 2t+8, 2t+9)
+//   B ("col": k pairs adjacent): b[0] = (k 2t, 2t+1; col n = g)  b[1] = (k 2t+8, 2t+9; col g)
+//   C/D (FP32): c[0], c[1] = (row g, cols 2t, 2t+1)  c[2], c[3] = (row g+8, cols 2t, 2t+1)
+// So a row-major [n][k] array (K rows: position x head dim; V^T rows: head dim
+// x position) gives B as two aligned 32-bit loads, and the S = Q K^T
+// accumulators of two adjacent 8-column tiles are exactly the A fragment of
+// P for the P V product (FlashAttention-2's register reuse): no shuffles.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "attn_prefill_tc_kernel needs sm_80 or newer (BF16 mma.m16n8k16)"
+#endif
+
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two values rounded to nearest-even BF16, lo in the low half (the order the
+// fragments above want).
+__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
+    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+// Eight values of a cache row from element d (a multiple of 8), as the CPU
+// reads them (kv_get): F32 as stored, BF16 widened, INT8/FP8 code times the
+// row's scale in FP32. Vector loads: rows start 16-byte aligned when
+// head_dim % 16 == 0 and the cache is (the launcher checks).
+template <int KV>
+__device__ __forceinline__ void kv_load8(const char *vals, int d, float scale, float (&x)[8]) {
+    if (KV == NB_KV_F32) {
+        const float4 *p = (const float4 *)((const float *)vals + d);
+        float4 u = p[0], v = p[1];
+        x[0] = u.x, x[1] = u.y, x[2] = u.z, x[3] = u.w, x[4] = v.x, x[5] = v.y, x[6] = v.z, x[7] = v.w;
+    } else if (KV == NB_KV_BF16) {
+        uint4 u = *(const uint4 *)((const __nv_bfloat16 *)vals + d);
+        uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            x[2 * i] = __uint_as_float(w[i] << 16);
+            x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+    } else {
+        uint2 u = *(const uint2 *)(vals + d);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            uint32_t byte = ((i < 4 ? u.x : u.y) >> (8 * (i & 3))) & 0xffu;
+            if (KV == NB_KV_INT8) {
+                x[i] = (float)(int8_t)byte * scale;
+            } else {
+                __nv_fp8_e4m3 v;
+                v.__x = (__nv_fp8_storage_t)byte;
+                x[i] = (float)v * scale;
+            }
+        }
+    }
+}
+
+// Eight values of position p (zeros past the context, whose table entries
+// may be -1) for kv head h.
+template <int KV>
+__device__ __forceinline__ void kv_fetch8(const char *cache, const int32_t *table, int p, int kv_end, int h, int d,
+                                          const attn_args &a, float (&x)[8]) {
+    if (p >= kv_end) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) x[i] = 0.0f;
+        return;
+    }
+    int slot = table[p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
+    kv_row r = kv_locate<KV>(cache, slot, h, a.n_kv, a.D, a.block_bytes);
+    kv_load8<KV>(r.vals, d, r.scale, x);
+}
+
+// Dynamic shared memory of the tensor-core kernel for head_dim D: the main
+// loop's Qs [TC_ROWS][D+8] and Ks [TC_KV][D+8] BF16 and Vt [D][TC_KV+8] BF16,
+// or the epilogue's Os [TC_WARPS*16][D+8] FP32 and (m, l) [TC_WARPS*16][2]
+// laid over them, whichever is larger (the main loop's, for every D >= 4).
+// D = 64: 27 KB, 128: 52 KB, 256: 102 KB.
+static size_t tc_smem_bytes(int D) {
+    size_t main_loop = sizeof(uint16_t) * ((size_t)(TC_ROWS + TC_KV) * (D + 8) + (size_t)D * (TC_KV + 8));
+    size_t epilogue = sizeof(float) * ((size_t)TC_WARPS * 16 * (D + 8) + TC_WARPS * 16 * 2);
+    return main_loop > epilogue ? main_loop : epilogue;
+}
+
+// grid (tiles, kv heads x head chunks), TC_THREADS threads. Rows r = i * gn +
+// g (token i of the tile, query head g0 + g of kv head h), R = n_tok * gn <=
+// 64 of them in MT m16 tiles. The 4 warps split as (m tile, KV slice): with
+// MTp = MT rounded up to a power of two, warp w owns m tile w % MTp and slice
+// w / MTp of every chunk (KS = 4 / MTp slices of CW = 64 / KS positions), so
+// a small tile (a decode token in a mixed step, or an MHA tile of 16 rows)
+// still keeps all four warps busy; each warp keeps its own online-softmax
+// state (m, l, O) and the epilogue merges the slices. Scores are in the log2
+// domain: Q is pre-multiplied by scale * log2(e), so p = exp2(s - m).
+//
+// Smem strides: Qs/Ks rows of D+8 BF16 (D/2+4 words, = 4 mod 8 since D % 16
+// == 0) and Vt rows of TC_KV+8 (36 words): the fragment loads, word
+// row * stride + t for rows g = 0..7 and t = 0..3, hit 32 distinct banks.
+static_assert(CUDA_ATTN_TILE_TOKENS <= TC_ROWS, "a tile's rows of one query head must fit a tensor-core block");
+
+template <int KV, int DMAX>
+__global__ void __launch_bounds__(TC_THREADS) attn_prefill_tc_kernel(float *out, attn_args a, cuda_batch b,
+                                                                     int g_tile) {
+    extern __shared__ __align__(16) uint32_t smw[];
+    __shared__ int rpos[TC_ROWS];
+    __shared__ int kv_end_s;
+    const int D = a.D, G = a.n_heads / a.n_kv, QW = (D + 8) / 2, DG = D / 8;
+    int n_gchunks = (G + g_tile - 1) / g_tile;
+    int h = blockIdx.y / n_gchunks, g0 = (blockIdx.y % n_gchunks) * g_tile;
+    int gn = min(g_tile, G - g0);
+    cuda_tile tile = b.tiles[blockIdx.x];
+    int R = tile.n_tok * gn;
+    int MT = (R + 15) / 16, MTp = MT == 3 ? 4 : MT, KS = TC_WARPS / MTp, CW = TC_KV / KS;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    int mt = warp % MTp, ks = warp / MTp;
+    bool active = mt < MT; // only warp 3 when MT == 3 idles
+    uint32_t *Qs = smw, *Ks = Qs + TC_ROWS * QW, *Vt = Ks + TC_KV * QW;
+    const int32_t *table = b.block_tables + (size_t)b.seq_of[tile.tok0] * b.bt_stride;
+
+    // Q as BF16 once, pre-scaled; rows past R are zeros (computed, never written)
+    const float qscale = a.scale * 1.4426950408889634f;
+    for (int e = threadIdx.x; e < MT * 16 * (D / 2); e += TC_THREADS) {
+        int r = e / (D / 2), dp = e % (D / 2);
+        uint32_t w = 0;
+        if (r < R) {
+            int tok = tile.tok0 + r / gn, head = h * G + g0 + r % gn;
+            const float *qr = a.q + ((size_t)tok * a.n_heads + head) * D + 2 * dp;
+            w = bf16x2(qr[0] * qscale, qr[1] * qscale);
+        }
+        Qs[r * QW + dp] = w;
+    }
+    // padding rows take a real position of the tile, so every row sees
+    // position 0 and its running max is finite by the end
+    for (int r = threadIdx.x; r < TC_ROWS; r += TC_THREADS) rpos[r] = b.pos[tile.tok0 + (r < R ? r / gn : 0)];
+    if (threadIdx.x == 0) {
+        int mx = 0;
+        for (int i = 0; i < tile.n_tok; i++) mx = max(mx, b.pos[tile.tok0 + i]);
+        kv_end_s = mx + 1;
+    }
+    __syncthreads();
+    const int kv_end = kv_end_s;
+    // this thread's rows (g and g+8 of the warp's m tile) and the warp's last
+    // visible position: a slice past it is skipped
+    const int rp0 = rpos[mt * 16 + gid], rp1 = rpos[mt * 16 + gid + 8];
+    int wmax = max(rp0, rp1);
+    for (int o = 16; o > 0; o >>= 1) wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
+
+    float acc[DMAX / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < DMAX / 8; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; // rows g, g+8; l is this thread's columns only
+
+    for (int c0 = 0; c0 < kv_end; c0 += TC_KV) {
+        __syncthreads(); // the previous chunk's Ks/Vt are no longer read
+        // K rows: lanes along the head dimension (coalesced), 16-byte stores
+        for (int e = threadIdx.x; e < TC_KV * DG; e += TC_THREADS) {
+            int j = e / DG, d = (e % DG) * 8;
+            float x[8];
+            kv_fetch8<KV>(a.k_cache, table, c0 + j, kv_end, h, d, a, x);
+            *(uint4 *)(Ks + j * QW + d / 2) =
+                make_uint4(bf16x2(x[0], x[1]), bf16x2(x[2], x[3]), bf16x2(x[4], x[5]), bf16x2(x[6], x[7]));
+        }
+        // V transposed: a thread takes positions (2jp, 2jp+1) x 8 dims and
+        // writes one word per dim; lanes along jp keep the stores on 32
+        // distinct banks
+        for (int e = threadIdx.x; e < (TC_KV / 2) * DG; e += TC_THREADS) {
+            int jp = e % (TC_KV / 2), d = (e / (TC_KV / 2)) * 8;
+            float x0[8], x1[8];
+            kv_fetch8<KV>(a.v_cache, table, c0 + 2 * jp, kv_end, h, d, a, x0);
+            kv_fetch8<KV>(a.v_cache, table, c0 + 2 * jp + 1, kv_end, h, d, a, x1);
+#pragma unroll
+            for (int i = 0; i < 8; i++) Vt[(d + i) * TC_VW + jp] = bf16x2(x0[i], x1[i]);
+        }
+        __syncthreads();
+
+        const int p0 = c0 + ks * CW; // this warp's first position
+        if (!active || p0 > wmax) continue;
+
+        // S = Q K^T over the warp's CW positions: CW/8 n tiles
+        float s[TC_KV / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < TC_KV / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        const uint32_t *qa = Qs + (mt * 16 + gid) * QW + tig, *kb = Ks + (ks * CW + gid) * QW + tig;
+        for (int k0 = 0; k0 < D / 2; k0 += 8) { // k0 in words: 16 head dims per step
+            uint32_t af[4] = {qa[k0], qa[8 * QW + k0], qa[k0 + 4], qa[8 * QW + k0 + 4]};
+#pragma unroll
+            for (int nt = 0; nt < TC_KV / 8; nt++)
+                if (nt < CW / 8) mma_bf16_16816(s[nt], af, kb[nt * 8 * QW + k0], kb[nt * 8 * QW + k0 + 4]);
+        }
+
+        // causal mask by absolute position, then the online softmax per row
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < TC_KV / 8; nt++)
+            if (nt < CW / 8) {
+                int p = p0 + nt * 8 + 2 * tig;
+                if (p > rp0) s[nt][0] = -INFINITY;
+                if (p + 1 > rp0) s[nt][1] = -INFINITY;
+                if (p > rp1) s[nt][2] = -INFINITY;
+                if (p + 1 > rp1) s[nt][3] = -INFINITY;
+                mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+            }
+        // a row's columns sit in the 4 threads of its group
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        // a row with nothing visible yet subtracts 0, not -inf: its masked
+        // scores give exp2(-inf) = 0 (not NaN) and its correction too
+        float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
+        float corr0 = exp2f(m0 - base0), corr1 = exp2f(m1 - base1);
+        m0 = mn0, m1 = mn1;
+        // P rounded to BF16 here, and l sums the rounded values: the weights
+        // the P V mma applies are exactly the ones the output is divided by
+        float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < TC_KV / 8; nt++)
+            if (nt < CW / 8) {
+                s[nt][0] = bf16_round(exp2f(s[nt][0] - base0));
+                s[nt][1] = bf16_round(exp2f(s[nt][1] - base0));
+                s[nt][2] = bf16_round(exp2f(s[nt][2] - base1));
+                s[nt][3] = bf16_round(exp2f(s[nt][3] - base1));
+                sum0 += s[nt][0] + s[nt][1];
+                sum1 += s[nt][2] + s[nt][3];
+            }
+        l0 = l0 * corr0 + sum0;
+        l1 = l1 * corr1 + sum1;
+#pragma unroll
+        for (int nt = 0; nt < DMAX / 8; nt++)
+            if (nt < DG) acc[nt][0] *= corr0, acc[nt][1] *= corr0, acc[nt][2] *= corr1, acc[nt][3] *= corr1;
+
+        // O += P V: 16 positions per k step; P's A fragment is S tiles 2kk, 2kk+1
+        const uint32_t *vb = Vt + gid * TC_VW + ks * CW / 2 + tig;
+#pragma unroll
+        for (int kk = 0; kk < TC_KV / 16; kk++)
+            if (kk < CW / 16) {
+                uint32_t pf[4] = {bf16x2(s[2 * kk][0], s[2 * kk][1]), bf16x2(s[2 * kk][2], s[2 * kk][3]),
+                                  bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (int nt = 0; nt < DMAX / 8; nt++)
+                    if (nt < DG) {
+                        const uint32_t *v = vb + nt * 8 * TC_VW + kk * 8;
+                        mma_bf16_16816(acc[nt], pf, v[0], v[4]);
+                    }
+            }
+    }
+
+    // Epilogue: each warp's unnormalized O and (m, l) go to shared memory
+    // (over Qs/Ks/Vt), then out = sum_k 2^(m_k - M) O_k / sum_k 2^(m_k - M) l_k
+    // over the KV slices of the row's m tile, coalesced along the head dim.
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    __syncthreads();
+    const int OW = D + 8; // floats; 64-bit stores of 16 lanes cover 32 banks
+    float *Os = (float *)smw, *ml = Os + TC_WARPS * 16 * OW;
+    if (active) {
+        float *w0 = Os + (warp * 16 + gid) * OW + 2 * tig, *w1 = w0 + 8 * OW;
+#pragma unroll
+        for (int nt = 0; nt < DMAX / 8; nt++)
+            if (nt < DG) {
+                *(float2 *)(w0 + nt * 8) = make_float2(acc[nt][0], acc[nt][1]);
+                *(float2 *)(w1 + nt * 8) = make_float2(acc[nt][2], acc[nt][3]);
+            }
+        if (tig == 0) {
+            ml[(warp * 16 + gid) * 2] = m0, ml[(warp * 16 + gid) * 2 + 1] = l0;
+            ml[(warp * 16 + gid + 8) * 2] = m1, ml[(warp * 16 + gid + 8) * 2 + 1] = l1;
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < R * D; e += TC_THREADS) {
+        int r = e / D, d = e % D, rt = r >> 4, rr = r & 15;
+        // slice 0 saw position 0, so M is finite; a slice that saw nothing
+        // has m = -inf and weighs 0
+        float M = -INFINITY;
+        for (int k = 0; k < KS; k++) M = fmaxf(M, ml[((k * MTp + rt) * 16 + rr) * 2]);
+        float num = 0.0f, den = 0.0f;
+        for (int k = 0; k < KS; k++) {
+            int wr = (k * MTp + rt) * 16 + rr;
+            float f = exp2f(ml[wr * 2] - M);
+            num += f * Os[wr * OW + d];
+            den += f * ml[wr * 2 + 1];
+        }
+        int tok = tile.tok0 + r / gn, head = h * G + g0 + r % gn;
+        out[((size_t)tok * a.n_heads + head) * D + d] = num / den;
+    }
+}
+
+template <int KV, int DMAX>
+static void prefill_tc_launch(cuda_backend *c, float *out, const attn_args &a) {
+    const cuda_batch *b = &c->batch;
+    int G = a.n_heads / a.n_kv;
+    int g_tile = G < TC_ROWS / CUDA_ATTN_TILE_TOKENS ? G : TC_ROWS / CUDA_ATTN_TILE_TOKENS;
+    int n_gchunks = (G + g_tile - 1) / g_tile;
+    // Raised to what the largest head_dim of this instantiation needs, on
+    // every call as the other kernels here do: a cheap host-side setting,
+    // and no state to keep per device.
+    if (tc_smem_bytes(DMAX) > 48 * 1024)
+        CUDA_CHECK(cudaFuncSetAttribute(attn_prefill_tc_kernel<KV, DMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)tc_smem_bytes(DMAX)));
+    dim3 grid((unsigned)b->n_tiles, (unsigned)(a.n_kv * n_gchunks));
+    attn_prefill_tc_kernel<KV, DMAX><<<grid, TC_THREADS, tc_smem_bytes(a.D), c->stream>>>(out, a, *b, g_tile);
+    CUDA_LAUNCHED();
+}
+
+// Which prefill kernel runs: the tensor-core one when head_dim is a multiple
+// of 16 (its mma k step; every Llama/Qwen/Mistral-style model) and both
+// caches are 16-byte aligned (its vector loads; backend allocations always
+// are); the FP32 CUDA-core one otherwise (an even head_dim like 40 or 72, or
+// a cache pointer offset into some larger buffer).
+template <int KV>
+static void prefill_dispatch(cuda_backend *c, float *out, const attn_args &a) {
+    int aligned = (((uintptr_t)a.k_cache | (uintptr_t)a.v_cache) & 15) == 0;
+    if (a.D % 16 || !aligned) prefill_launch<KV>(c, out, a);
+    else if (a.D <= 64) prefill_tc_launch<KV, 64>(c, out, a);
+    else if (a.D <= 128) prefill_tc_launch<KV, 128>(c, out, a);
+    else prefill_tc_launch<KV, 256>(c, out, a);
+}
+
 void cuda_attention(cuda_backend *c, float *out, const float *q, const void *k_cache, const void *v_cache,
                     const nb_attn_shape *s) {
     check_shape("attention", s);
@@ -407,12 +747,13 @@ void cuda_attention(cuda_backend *c, float *out, const float *q, const void *k_c
     attn_args a = {q, (const char *)k_cache, (const char *)v_cache, s->n_heads, s->n_kv_heads, s->head_dim, s->scale,
                    nb_kv_block_bytes(s->kv_dtype, s->n_kv_heads, s->head_dim)};
     // One token per sequence: the split-context kernel (the shape a
-    // recorded decode step has); anything else: query tiles.
+    // recorded decode step has); anything else: query tiles (prefill_dispatch
+    // picks tensor cores or CUDA cores).
     int decode = b->n_seqs == b->n_tokens;
     switch (s->kv_dtype) {
-#define CASE(T)                                                               \
-    case T:                                                                   \
-        if (decode) decode_launch<T>(c, out, a); else prefill_launch<T>(c, out, a); \
+#define CASE(T)                                                                 \
+    case T:                                                                     \
+        if (decode) decode_launch<T>(c, out, a); else prefill_dispatch<T>(c, out, a); \
         break;
         CASE(NB_KV_F32) CASE(NB_KV_BF16) CASE(NB_KV_INT8) CASE(NB_KV_FP8)
 #undef CASE

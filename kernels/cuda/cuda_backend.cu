@@ -289,9 +289,13 @@ static void cu_argmax(nb_backend *b, int32_t *ids, const float *x, int n, int co
     memcpy(ids, c->idx_host, sizeof(int32_t) * (size_t)n);
 }
 
+static void cu_sample(nb_backend *b, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows) {
+    cuda_sample(cuda_impl(b), ids, x, n, cols, rows);
+}
+
 static void cu_sync(nb_backend *b) { CUDA_CHECK(cudaStreamSynchronize(cuda_impl(b)->stream)); }
 
-static int cu_supports(nb_backend *b, nb_dtype t) { return t == NB_F32 || t == NB_BF16 || t == NB_F16; }
+static int cu_supports(nb_backend *b, nb_dtype t) { return t >= 0 && t < NB_DTYPE_COUNT; }
 
 static int cu_mem_info(nb_backend *b, size_t *free_bytes, size_t *total_bytes) {
     CUDA_CHECK(cudaStreamSynchronize(cuda_impl(b)->stream));
@@ -355,6 +359,9 @@ static void cu_destroy(nb_backend *b) {
     cuda_graphs_clear(c);
     free(c->retired);
     cuda_gemm_algos_free(c);
+    cuda_fp8_free(c);
+    cuda_wint_free(c);
+    cuda_sample_free(c);
     if (c->lt) cublasLtDestroy(c->lt);
     cudaFree(c->lt_ws);
     cudaFree(c->conv);
@@ -394,12 +401,14 @@ static nb_backend_ops make_ops(void) {
     o.gather_rows = cu_gather_rows;
     o.argmax = cu_argmax;
     o.sync = cu_sync;
+    o.sample = cu_sample;
     o.destroy = cu_destroy;
     o.supports = cu_supports;
     o.mem_info = cu_mem_info;
     o.graph_begin = cu_graph_begin;
     o.graph_end = cu_graph_end;
     o.kv_default = NB_KV_BF16;
+    o.records_graphs = 1;
     return o;
 }
 

@@ -95,6 +95,16 @@ typedef struct cuda_backend {
 
     cuda_gemm_algo *algos; // cuBLASLt heuristic results per shape
     int n_algos, cap_algos;
+
+    // cuda_fp8.cu: its cuBLASLt descriptors per shape and its scratch
+    // (quantized activations and their scales), freed by cuda_fp8_free
+    struct cuda_fp8_state *fp8;
+    // cuda_wint.cu: its scratch, freed by cuda_wint_free
+    struct cuda_wint_state *wint;
+    // cuda_sample.cu: pinned and device staging of the rows, their
+    // histories and the ids, freed by cuda_sample_free
+    char *smp_host, *smp_dev;
+    size_t smp_cap;
 } cuda_backend;
 
 static inline cuda_backend *cuda_impl(nb_backend *b) { return (cuda_backend *)b->impl; }
@@ -144,6 +154,38 @@ static __device__ float cuda_block_max(float v) {
     return cuda_warp_max(v);
 }
 
+// Lowest index among the maxima; NaN never wins (every comparison with it
+// is false), as on the CPU.
+__device__ __forceinline__ void cuda_argmax_merge(float &bv, int &bi, float v, int i) {
+    if (v > bv || (v == bv && i < bi)) {
+        bv = v;
+        bi = i;
+    }
+}
+
+// Block-wide argmax of (bv, bi) pairs (start from -INFINITY, INT32_MAX);
+// every thread gets the result.
+static __device__ void cuda_block_argmax(float &bv, int &bi) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        float v = __shfl_xor_sync(0xffffffffu, bv, o);
+        int i = __shfl_xor_sync(0xffffffffu, bi, o);
+        cuda_argmax_merge(bv, bi, v, i);
+    }
+    __syncthreads(); // sv/si may still be read by a previous call
+    if (lane == 0) sv[warp] = bv, si[warp] = bi;
+    __syncthreads();
+    bv = lane < nw ? sv[lane] : -INFINITY;
+    bi = lane < nw ? si[lane] : INT32_MAX;
+    for (int o = 16; o > 0; o >>= 1) {
+        float v = __shfl_xor_sync(0xffffffffu, bv, o);
+        int i = __shfl_xor_sync(0xffffffffu, bi, o);
+        cuda_argmax_merge(bv, bi, v, i);
+    }
+}
+
 // ---- launchers (all enqueue on c->stream) ----
 
 // cuda_ops.cu
@@ -164,6 +206,21 @@ void cuda_convert(cuda_backend *c, void *out, nb_dtype t, const float *x, size_t
 // cuda_matmul.cu
 void cuda_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
 void cuda_gemm_algos_free(cuda_backend *c);
+
+// cuda_wint.cu: weight-only NB_WINT8 / NB_WINT4 / NB_WINT2 (quant/quant.h
+// layouts), FP32 activations in and out, the same contract as cuda_matmul.
+void cuda_wint_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
+void cuda_wint_free(cuda_backend *c);
+
+// cuda_fp8.cu: NB_FP8_B128 with activations quantized per token per 128
+// columns (quant/quant.h), the same contract as cuda_matmul.
+void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
+void cuda_fp8_free(cuda_backend *c);
+
+// cuda_sample.cu: ids[r] = sample_row_ref of row r for n rows (host ids
+// and rows); copies in and out and waits, so it cannot be recorded.
+void cuda_sample(cuda_backend *c, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows);
+void cuda_sample_free(cuda_backend *c);
 
 // cuda_attention.cu
 void cuda_kv_write(cuda_backend *c, void *k_cache, void *v_cache, const float *k, const float *v,

@@ -197,6 +197,13 @@ static void gemv_matmul(cuda_backend *c, float *out, const float *x, const nb_we
 
 void cuda_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
     if (M <= 0 || w->rows <= 0) return;
+    switch (w->dtype) {
+    case NB_WINT8:
+    case NB_WINT4:
+    case NB_WINT2: cuda_wint_matmul(c, out, x, w, M); return;
+    case NB_FP8_B128: cuda_fp8_matmul(c, out, x, w, M); return;
+    default: break;
+    }
     if (M > GEMV_MAX_M) lt_matmul(c, out, x, w, M);
     else gemv_matmul(c, out, x, w, M);
 }

@@ -242,41 +242,14 @@ void cuda_gather_rows(cuda_backend *c, float *out, const float *x, const int32_t
     CUDA_LAUNCHED();
 }
 
-// Lowest index among the maxima; NaN never wins (every comparison with it
-// is false), as on the CPU.
-__device__ __forceinline__ void argmax_merge(float &bv, int &bi, float v, int i) {
-    if (v > bv || (v == bv && i < bi)) {
-        bv = v;
-        bi = i;
-    }
-}
-
 __global__ void argmax_kernel(int32_t *ids, const float *x, int cols) {
     const float *r = x + (size_t)blockIdx.x * cols;
     float bv = -INFINITY;
     int bi = INT32_MAX;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) argmax_merge(bv, bi, r[i], i);
-    for (int o = 16; o > 0; o >>= 1) {
-        float v = __shfl_xor_sync(0xffffffffu, bv, o);
-        int i = __shfl_xor_sync(0xffffffffu, bi, o);
-        argmax_merge(bv, bi, v, i);
-    }
-    __shared__ float sv[32];
-    __shared__ int si[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) sv[warp] = bv, si[warp] = bi;
-    __syncthreads();
-    if (warp == 0) {
-        bv = lane < (int)(blockDim.x >> 5) ? sv[lane] : -INFINITY;
-        bi = lane < (int)(blockDim.x >> 5) ? si[lane] : INT32_MAX;
-        for (int o = 16; o > 0; o >>= 1) {
-            float v = __shfl_xor_sync(0xffffffffu, bv, o);
-            int i = __shfl_xor_sync(0xffffffffu, bi, o);
-            argmax_merge(bv, bi, v, i);
-        }
-        // a row of NaN or -inf only: index 0, as the CPU loop leaves it
-        if (lane == 0) ids[blockIdx.x] = bi == INT32_MAX ? 0 : bi;
-    }
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) cuda_argmax_merge(bv, bi, r[i], i);
+    cuda_block_argmax(bv, bi);
+    // a row of NaN only: index 0, as the CPU loop leaves it
+    if (threadIdx.x == 0) ids[blockIdx.x] = bi == INT32_MAX ? 0 : bi;
 }
 
 void cuda_argmax(cuda_backend *c, int32_t *ids_dev, const float *x, int n, int cols) {

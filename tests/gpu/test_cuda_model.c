@@ -16,7 +16,7 @@
  *  - 8 sequences of different lengths decoding together through
  *    model_forward for 6 steps, the CPU's greedy token fed to both: the
  *    recorded 8-token step is replayed with new positions, slots and block
- *    tables (also after a 7-token step recorded its own graph), every
+ *    tables (also for a 7-token step, padded to 8 and replaying it), every
  *    step's logits against the CPU's.
  * Each model gets a fresh CUDA backend: a recorded step points at the
  * buffers of the model that recorded it. Needs a CUDA device; fails (not
@@ -208,7 +208,9 @@ static void check_batched(nb_model *mc, nb_model *mg, const ref *r, const char *
 /* 8 sequences (prompt prefixes of 1 .. n_prompt tokens, each prefilled
  * alone) then 6 decode steps of one token per sequence: steps 1, 2, 4, 5, 6
  * have 8 tokens (graph key 8: recorded at step 1, replayed after), step 3
- * has 7 (key 7), step 5 takes the sequences in reverse order. Block tables
+ * has 7 (padded to 8 by the model with a token in the spare block, so it
+ * replays the same recording), step 5 takes the sequences in reverse
+ * order. Block tables
  * come from a shuffled pool. */
 static void check_decode_batch(nb_model *mc, nb_model *mg, const ref *r, const char *what) {
     enum { NS = 8, MAXB = 8, STEPS = 6 };

@@ -1,0 +1,131 @@
+/* Shared by the GPU benchmarks (bench/bench_cuda*.c): options, fatal
+ * errors, seeded data, timing of backend ops and of the cuBLAS reference,
+ * batches and KV caches. What they measure and how is described at the top
+ * of bench/bench_cuda.c. */
+#ifndef NB_BENCH_CUDA_H
+#define NB_BENCH_CUDA_H
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/backend.h"
+
+/* Llama-3-8B */
+#define HIDDEN 4096
+#define INTER 14336
+#define N_HEADS 32
+#define N_KV 8
+#define HEAD_DIM 128
+#define ROPE_THETA 500000.0
+#define RMS_EPS 1e-5f
+
+/* The Llama-3-8B linear shapes [N out][K in] the matmul benchmarks use. */
+typedef struct bench_shape {
+    const char *name;
+    int N, K;
+} bench_shape;
+#define BENCH_N_SHAPES 4
+extern const bench_shape BENCH_SHAPES[BENCH_N_SHAPES];
+/* The largest M*K, M*N and N*K over BENCH_SHAPES at M = max_m: buffer
+ * sizes that serve every shape. */
+void bench_shapes_max(int max_m, size_t *mk, size_t *mn, size_t *nk);
+
+/* The command line's settings (the process configuration). */
+typedef struct bench_options {
+    int device;
+    int graphs;      /* record timed loops as graphs */
+    double min_time; /* seconds of timed loop per figure */
+    uint64_t next_key; /* graph key of the next recorded loop */
+} bench_options;
+extern bench_options bench_opts;
+
+void bench_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+#define CK(call) bench_ck_cuda((call), #call, __FILE__, __LINE__)
+#define CKB(call) bench_ck_cublas((call), #call, __FILE__, __LINE__)
+void bench_ck_cuda(cudaError_t rc, const char *what, const char *file, int line);
+void bench_ck_cublas(cublasStatus_t rc, const char *what, const char *file, int line);
+int bench_clampi(double v, int lo, int hi);
+
+/* seeded xorshift64 data */
+uint64_t bench_rand_u64(void);
+float bench_frand(void); /* uniform in [-1, 1) */
+int32_t bench_rand_token(int vocab);
+/* n host floats that BF16 represents exactly (so FP32 and BF16 activations
+ * hold the same values), scaled by amp; bf16 (if not NULL) gets them too. */
+void bench_fill_bf16_exact(float *f, uint16_t *bf16, size_t n, float amp);
+/* A backend buffer of n random floats in [-amp, amp). */
+float *bench_dev_random(nb_backend *b, size_t n, float amp);
+
+/* Device-to-device copy bandwidth, bytes read + written per second. */
+double bench_copy_bandwidth(void);
+void bench_print_bw(const char *what, double sec, double bytes, double bw);
+
+/* one backend op call, timed by bench_time_op */
+typedef enum { K_MATMUL, K_RMSNORM, K_ADD_RMSNORM, K_ROPE, K_SILU_MUL, K_KV_WRITE, K_ATTENTION } op_kind;
+
+typedef struct op_call {
+    op_kind kind;
+    nb_backend *b;
+    float *out, *x, *y; /* y: second input (delta, up, v) */
+    const nb_weight *w;
+    int n;              /* M, rows */
+    size_t count;       /* silu_mul elements */
+    int heads;          /* rope */
+    const float *inv_freq;
+    void *kc, *vc;
+    nb_attn_shape s;
+} op_call;
+
+/* cuBLAS on a stream of its own, with its own workspace (nothing to
+ * allocate while a graph records) and device buffers, all owned here. */
+typedef struct gemm_ref {
+    cublasHandle_t h;
+    cudaStream_t st;
+    void *ws;
+    float *c;        /* [M][N] FP32 */
+    uint16_t *w, *x; /* BF16 [N][K], [M][K] */
+    int M, N, K;
+} gemm_ref;
+
+typedef struct bench_batch {
+    nb_batch b;
+    int32_t *pos, *seq_of, *slot, *tables;
+} bench_batch;
+
+void bench_op_run(const op_call *c);
+/* Seconds per call of c. graph: record the inner loop as a backend graph
+ * (when --no-graph is not given). Any set_batch the op needs is done. */
+double bench_time_op(const op_call *c, int graph);
+
+/* Buffers for products up to max_mn outputs, max_mk activations and
+ * max_nk weights. */
+void bench_gemm_open(gemm_ref *r, size_t max_mn, size_t max_mk, size_t max_nk);
+void bench_gemm_close(gemm_ref *r);
+/* Copies BF16 weights [nk] and activations [mk] from the host. */
+void bench_gemm_upload(gemm_ref *r, const uint16_t *w, size_t nk, const uint16_t *x, size_t mk);
+/* Row-major out[M][N] = x[M][K] w[N][K]^T with cublasGemmEx, BF16 in, FP32
+ * out; timed with CUDA events on r->st. */
+cublasStatus_t bench_gemm_run(const gemm_ref *r);
+double bench_time_gemm(const gemm_ref *r);
+
+void bench_batch_free(bench_batch *bb);
+/* n_seqs sequences of ctx tokens each, one query token per sequence at
+ * position ctx - 1; sequence s owns blocks s * bps .. s * bps + bps - 1. */
+void bench_batch_decode(bench_batch *bb, int n_seqs, int ctx);
+/* One sequence of n tokens at positions 0..n-1 in blocks 0, 1, ... */
+void bench_batch_prefill(bench_batch *bb, int n);
+/* Bytes of one of K or V for one token of one layer. */
+size_t bench_kv_token_bytes(const nb_attn_shape *s);
+/* Writes random K/V into the first n_slots slots of a cache through
+ * kv_write (the values are then valid for every cache type, scales
+ * included). */
+void bench_fill_kv(nb_backend *b, void *kc, void *vc, int n_slots, const nb_attn_shape *s);
+
+/* bench_cuda_ops.c: --ops */
+void bench_ops(double bw);
+/* bench_cuda_quant.c: the quantized formats' matmul against cuBLAS BF16 */
+void bench_quant_matmul(nb_backend *b, double bw);
+
+#endif

@@ -1,0 +1,156 @@
+/* bench_cuda --ops, quantized part (issue 6): ops->matmul on WINT8, WINT4
+ * (group 128 and per-channel), WINT2 and block-wise FP8 weights against
+ * cublasGemmEx on BF16 weights of the same shape, in the same run, on the
+ * Llama-3-8B shapes and M = 1 .. 4096.
+ *
+ * The packed weights are random bytes in the formats' layouts (quant/quant.h)
+ * with plausible scales: packing 117M weights through quant_pack (WINT2's
+ * code search especially) would take minutes and changes no timing. Each
+ * figure's first output row is checked against quant_matmul_ref on the host
+ * (the exact format semantics), so what is timed is also right. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench/bench_cuda.h"
+#include "common/util.h"
+#include "quant/quant.h"
+
+typedef struct qformat {
+    const char *name;
+    nb_dtype t;
+    int group; /* 0: per-channel (group = K) where the format has groups */
+} qformat;
+
+static const qformat FORMATS[] = {
+    {"wint8", NB_WINT8, 0},       {"wint4-g128", NB_WINT4, QUANT_WINT4_GROUP}, {"wint4-chan", NB_WINT4, 0},
+    {"wint2", NB_WINT2, QUANT_WINT2_GROUP}, {"fp8-b128", NB_FP8_B128, 0},
+};
+#define N_FORMATS ((int)(sizeof FORMATS / sizeof FORMATS[0]))
+
+/* A weight of the format as host bytes: random packed values and scales
+ * sized so that weights spread about like N(0, 0.02). */
+static nb_weight make_packed(const qformat *f, int N, int K) {
+    int group = f->t == NB_WINT4 || f->t == NB_WINT2 ? (f->group ? f->group : K) : 0;
+    size_t db = quant_data_bytes(f->t, N, K), sb = quant_scale_bytes(f->t, N, K, group),
+           s2b = quant_scale2_bytes(f->t, N);
+    uint8_t *data = xmalloc(db), *scale = xmalloc(sb), *scale2 = s2b ? xmalloc(s2b) : NULL;
+    for (size_t i = 0; i < db; i++) {
+        uint8_t v = (uint8_t)(bench_rand_u64() >> 56);
+        if (f->t == NB_WINT8 && v == 0x80) v = 0x81;                  /* int8 -128 is outside [-127, 127] */
+        if (f->t == NB_FP8_B128 && (v & 0x7f) == 0x7f) v ^= 1;        /* 0x7f/0xff are NaN in E4M3 */
+        data[i] = v;
+    }
+    float step = f->t == NB_WINT8 ? 0.035f / 127 : f->t == NB_WINT4 ? 0.035f / 7 : 0.035f / 448;
+    if (f->t == NB_WINT2) {
+        for (size_t i = 0; i < sb; i++) scale[i] = (uint8_t)(bench_rand_u64() >> 56);
+        for (int n = 0; n < N; n++) ((float *)scale2)[n] = quant_round_bf16(0.02f);
+    } else {
+        for (size_t i = 0; i < sb / sizeof(float); i++)
+            ((float *)scale)[i] = quant_round_bf16(step * (0.75f + 0.25f * bench_frand()));
+    }
+    return (nb_weight){.dtype = f->t, .rows = N, .cols = K, .data = data, .scale = scale, .scale2 = scale2,
+                       .group = group};
+}
+
+static nb_weight upload_packed(nb_backend *b, const nb_weight *h) {
+    nb_weight d = *h;
+    d.data = b->ops->weight_load(b, h->data, quant_data_bytes(h->dtype, h->rows, h->cols));
+    d.scale = b->ops->weight_load(b, h->scale, quant_scale_bytes(h->dtype, h->rows, h->cols, h->group));
+    size_t s2b = quant_scale2_bytes(h->dtype, h->rows);
+    d.scale2 = s2b ? b->ops->weight_load(b, h->scale2, s2b) : NULL;
+    return d;
+}
+
+static void free_packed(nb_backend *b, nb_weight *h, nb_weight *d) {
+    b->ops->weight_free(b, d->data);
+    b->ops->weight_free(b, d->scale);
+    if (d->scale2) b->ops->weight_free(b, d->scale2);
+    free((void *)h->data);
+    free((void *)h->scale);
+    free((void *)h->scale2);
+}
+
+/* max |a - b| / max |b| over n values (NaN if a has one) */
+static double rel_err(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (isnan(d)) return NAN;
+        if (d > num) num = d;
+        if (fabs(b[i]) > den) den = fabs(b[i]);
+    }
+    return den > 0 ? num / den : num;
+}
+
+void bench_quant_matmul(nb_backend *b, double bw) {
+    static const int Ms[] = {1, 2, 4, 8, 16, 32, 64, 128, 512, 4096};
+    const int n_shapes = BENCH_N_SHAPES, n_ms = (int)(sizeof Ms / sizeof Ms[0]);
+    const int max_m = Ms[n_ms - 1];
+    const nb_backend_ops *o = b->ops;
+    size_t max_mk, max_mn, max_nk;
+    bench_shapes_max(max_m, &max_mk, &max_mn, &max_nk);
+    gemm_ref r;
+    bench_gemm_open(&r, max_mn, max_mk, max_nk);
+    float *x = o->alloc(b, sizeof(float) * max_mk), *out = o->alloc(b, sizeof(float) * max_mn);
+    float *hx = xmalloc(sizeof(float) * max_mk), *row = xmalloc(sizeof(float) * max_mn),
+          *ref = xmalloc(sizeof(float) * max_mn);
+    uint16_t *hxb = xmalloc(2 * max_mk), *hw = xmalloc(2 * max_nk);
+    /* the targets of issue 6, worst case over the shapes */
+    double bw_m1[N_FORMATS], x_small[N_FORMATS], x_large[N_FORMATS];
+    for (int f = 0; f < N_FORMATS; f++) bw_m1[f] = x_small[f] = x_large[f] = INFINITY;
+
+    printf("\nquantized matmul: ops->matmul on packed weights (FP32 activations and output) vs cublasGemmEx on BF16\n"
+           "weights of the same shape (BF16 activations, FP32 output, CUBLAS_COMPUTE_32F); time per call;\n"
+           "x BF16 = cuBLAS BF16 time / format time; weight GB/s and of copy (resident bytes incl. scales) for M <= 64;\n"
+           "rel err = first output row against quant_matmul_ref (host, exact format semantics)\n");
+    printf("  %-13s %6s %6s %5s %-11s %11s %11s %8s %12s %8s %9s\n", "shape", "N", "K", "M", "format", "format us",
+           "BF16 us", "x BF16", "weight GB/s", "of copy", "rel err");
+    for (int si = 0; si < n_shapes; si++) {
+        int N = BENCH_SHAPES[si].N, K = BENCH_SHAPES[si].K;
+        size_t nk = (size_t)N * K, mk = (size_t)max_m * K;
+        bench_fill_bf16_exact(NULL, hw, nk, 0.035f);
+        bench_fill_bf16_exact(hx, hxb, mk, 1.0f);
+        bench_gemm_upload(&r, hw, nk, hxb, mk);
+        o->upload(b, x, hx, sizeof(float) * mk);
+        double t_bf16[sizeof Ms / sizeof Ms[0]];
+        for (int mi = 0; mi < n_ms; mi++) {
+            r.M = Ms[mi], r.N = N, r.K = K;
+            t_bf16[mi] = bench_time_gemm(&r);
+        }
+        for (int f = 0; f < N_FORMATS; f++) {
+            nb_weight hwq = make_packed(&FORMATS[f], N, K), dwq = upload_packed(b, &hwq);
+            double wbytes = (double)quant_weight_bytes(&hwq);
+            quant_matmul_ref(ref, hx, &hwq, 1);
+            for (int mi = 0; mi < n_ms; mi++) {
+                int M = Ms[mi];
+                o->matmul(b, out, x, &dwq, M);
+                o->download(b, row, out, sizeof(float) * (size_t)N);
+                double err = rel_err(row, ref, (size_t)N);
+                op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = &dwq, .n = M};
+                double t = bench_time_op(&c, 1), ratio = t_bf16[mi] / t;
+                printf("  %-13s %6d %6d %5d %-11s %11.2f %11.2f %8.2f", BENCH_SHAPES[si].name, N, K, M, FORMATS[f].name,
+                       t * 1e6, t_bf16[mi] * 1e6, ratio);
+                if (M <= 64) printf(" %12.1f %8.2f", wbytes / t / 1e9, wbytes / t / bw);
+                else printf(" %12s %8s", "-", "-");
+                /* FP32 activations against FP32 reference for small M; BF16
+                 * activations on tensor cores above */
+                printf(" %9.1e%s\n", err, isnan(err) || err > 2e-2 ? "  MISMATCH" : "");
+                if (M == 1 && wbytes / t / bw < bw_m1[f]) bw_m1[f] = wbytes / t / bw;
+                if (M <= 16 && ratio < x_small[f]) x_small[f] = ratio;
+                if (M >= 4096 && ratio < x_large[f]) x_large[f] = ratio;
+            }
+            free_packed(b, &hwq, &dwq);
+        }
+    }
+    printf("  issue 6 targets, worst shape: of copy at M=1 >= 0.90; wint4 x BF16 >= 3.5 for M <= 16; fp8 x BF16 >= 1.6 "
+           "at M=4096\n");
+    for (int f = 0; f < N_FORMATS; f++)
+        printf("    %-11s of copy at M=1 %5.2f   x BF16 (M <= 16) %5.2f   x BF16 (M = 4096) %5.2f\n", FORMATS[f].name,
+               bw_m1[f], x_small[f], x_large[f]);
+    o->free(b, x);
+    o->free(b, out);
+    free(hx), free(row), free(ref), free(hxb), free(hw);
+    bench_gemm_close(&r);
+}

@@ -1,0 +1,492 @@
+// Weight-only quantized matmul on the GPU: NB_WINT8, NB_WINT4 and NB_WINT2
+// weights (packed exactly as quant/quant.h lays them out, uploaded byte for
+// byte), FP32 activations in, FP32 out: out[M,N] = x[M,K] @ dequant(w)^T.
+//
+// M <= 16 (decode): wint_gemv_kernel, one warp per output column n, 8 warps
+// per block. Lanes stream the column's packed row with 16-byte loads, widen
+// each weight to FP32 with the very expression quant_dequant_row uses (so
+// every weight equals the CPU reference's bit for bit), and multiply it into
+// all MT activation rows, which stay FP32; the warp then sums. Only the FP32
+// summation order differs from quant_matmul_ref. MT is a template parameter
+// for every M in 1..16, so the weights are read once per call rather than
+// once per 8 rows: ptxas fits MT = 16 in at most 143 registers without
+// spills (a weight is dequantized 4 at a time and used for all MT rows).
+//
+// M > 16 (prefill): wint_mma_kernel on tensor cores. The activations are
+// rounded to BF16 once per call into a zero-padded scratch copy; each block
+// computes a 64x64 output tile with 4 warps (2 x 2, 32x32 each), walking K
+// in tiles of 64: cp.async brings the next tile's activations and packed
+// weight bytes into shared memory (double buffered) while the current one is
+// used; the packed tile is dequantized (FP32 arithmetic as above, then one
+// BF16 rounding) into a BF16 tile in shared memory, and fed to
+// mma.sync.m16n8k16 (BF16 x BF16 -> FP32). Shapes whose packed rows are not
+// a whole number of 16-byte chunks (WINT8 with K % 16 != 0, WINT4 with
+// K % 32 != 0 or a group that is not a multiple of 16: only odd per-channel
+// shapes) take the GEMV kernel 16 rows at a time instead.
+//
+// Follow-ups, not done here: a load-time repack of the weights into mma
+// fragment order (as Marlin does) would let each thread dequantize straight
+// into its B fragments, without the shared-memory BF16 tile and its extra
+// pass; ldmatrix for the A fragments, a 3-4 stage pipeline and 128-row tiles
+// for large M are the other obvious steps. The GEMV kernel could share its
+// activation loads across 2-4 columns per warp.
+#include "kernels/cuda/cuda_int.h"
+
+extern "C" {
+#include "quant/quant.h"
+}
+
+// Scratch of this file: the BF16 activations of the tensor-core path.
+// Grown with cuda_scratch (recorded graphs may point at an old buffer).
+struct cuda_wint_state {
+    void *act; // [M][Kp] BF16, Kp = K rounded up to WT_BK, the pad zeros
+    size_t act_cap;
+};
+
+void cuda_wint_free(cuda_backend *c) {
+    if (!c->wint) return;
+    if (c->wint->act) cudaFree(c->wint->act);
+    free(c->wint);
+    c->wint = NULL;
+}
+
+// Device pointers and shape of one packed weight, by value to the kernels.
+struct wint_args {
+    const uint8_t *data;  // packed rows, K / per_byte bytes each
+    const float *scale;   // WINT8 [N]; WINT4 [N][K / group]
+    const uint8_t *codes; // WINT2 [N][K / 64] (ls | zc << 4)
+    const float *super;   // WINT2 [N]
+    int N, K, group;
+};
+
+// Weights per packed byte.
+template <nb_dtype T> __host__ __device__ constexpr int wint_per_byte() {
+    return T == NB_WINT8 ? 1 : T == NB_WINT4 ? 2 : 4;
+}
+
+// ---- dequantization: the arithmetic of quant_dequant_row -------------------
+
+// Byte i (0..3) of a little-endian word as the int8 q of WINT8.
+__device__ __forceinline__ float q_i8(uint32_t word, int i) { return (float)(int8_t)(uint8_t)(word >> (8 * i)); }
+// Nibble i (0..7) of a word: column 2*byte + (0: low, 1: high nibble), so
+// nibble i is column i of the word's 8; q = u - 8.
+__device__ __forceinline__ float q_u4(uint32_t word, int i) { return (float)((int)((word >> (4 * i)) & 15u) - 8); }
+// 2-bit field i (0..15) of a word: byte i/4, bits 2*(i%4), i.e. column i.
+__device__ __forceinline__ float q_u2(uint32_t word, int i) { return (float)((word >> (2 * i)) & 3u); }
+
+// WINT2 group constants from its code byte, as quant_wint2_step and
+// quant_wint2_value compute them: w = (q - off) * step.
+__device__ __forceinline__ float w2_step(uint8_t code, float super) {
+    return super * (float)((code & 15) + 1) * 0.0625f;
+}
+__device__ __forceinline__ float w2_off(uint8_t code) { return (float)(code >> 4) * 0.25f; }
+
+// ---- M <= 16: GEMV -----------------------------------------------------------
+
+#define WG_WARPS 8
+#define WG_MAX_M 16
+
+// acc[m] += w . x[m][k..k+3] for all MT rows (x rows K apart, 16-byte aligned).
+template <int MT>
+__device__ __forceinline__ void fma4(float (&acc)[MT], const float *x, int K, int k, float w0, float w1, float w2,
+                                     float w3) {
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        float4 v = *(const float4 *)(x + (size_t)m * K + k);
+        acc[m] += w0 * v.x + w1 * v.y + w2 * v.z + w3 * v.w;
+    }
+}
+
+template <int MT> __device__ __forceinline__ void fma1(float (&acc)[MT], const float *x, int K, int k, float w) {
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m] += w * x[(size_t)m * K + k];
+}
+
+// One 16-byte chunk of column n's packed row at byte b (its first column is
+// b * per_byte; b is a multiple of 16).
+template <nb_dtype T, int MT>
+__device__ __forceinline__ void gemv_chunk(float (&acc)[MT], const float *x, const wint_args &a, int n, int b,
+                                           uint4 v) {
+    const int K = a.K;
+    const uint32_t word[4] = {v.x, v.y, v.z, v.w};
+    if constexpr (T == NB_WINT8) {
+        const float s = a.scale[n];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            fma4(acc, x, K, b + 4 * j, q_i8(word[j], 0) * s, q_i8(word[j], 1) * s, q_i8(word[j], 2) * s,
+                 q_i8(word[j], 3) * s);
+    } else if constexpr (T == NB_WINT4) {
+        // 32 columns k0..k0+31; groups are multiples of 16 here (chunked),
+        // so each half of the chunk has one scale
+        const int k0 = 2 * b, G = K / a.group;
+        const float *srow = a.scale + (size_t)n * G;
+        const float sh[2] = {srow[k0 / a.group], srow[(k0 + 16) / a.group]};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float s = sh[j >> 1];
+            const int k = k0 + 8 * j;
+            fma4(acc, x, K, k, q_u4(word[j], 0) * s, q_u4(word[j], 1) * s, q_u4(word[j], 2) * s,
+                 q_u4(word[j], 3) * s);
+            fma4(acc, x, K, k + 4, q_u4(word[j], 4) * s, q_u4(word[j], 5) * s, q_u4(word[j], 6) * s,
+                 q_u4(word[j], 7) * s);
+        }
+    } else {
+        // 64 columns k0..k0+63: exactly one group of 64 (b % 16 == 0)
+        const int k0 = 4 * b;
+        const uint8_t code = a.codes[(size_t)n * (K / QUANT_WINT2_GROUP) + k0 / QUANT_WINT2_GROUP];
+        const float step = w2_step(code, a.super[n]), off = w2_off(code);
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int i = 4 * c;
+                fma4(acc, x, K, k0 + 16 * j + i, (q_u2(word[j], i) - off) * step, (q_u2(word[j], i + 1) - off) * step,
+                     (q_u2(word[j], i + 2) - off) * step, (q_u2(word[j], i + 3) - off) * step);
+            }
+    }
+}
+
+// One packed byte at b, for rows that are not a whole number of 16-byte
+// chunks (or unaligned pointers). A byte never straddles a scale group:
+// groups are even (WINT4) or 64 (WINT2).
+template <nb_dtype T, int MT>
+__device__ __forceinline__ void gemv_byte(float (&acc)[MT], const float *x, const wint_args &a, int n, int b,
+                                          uint8_t byte) {
+    const int K = a.K;
+    if constexpr (T == NB_WINT8) {
+        fma1(acc, x, K, b, q_i8(byte, 0) * a.scale[n]);
+    } else if constexpr (T == NB_WINT4) {
+        const int k = 2 * b;
+        const float s = a.scale[(size_t)n * (K / a.group) + k / a.group];
+        fma1(acc, x, K, k, q_u4(byte, 0) * s);
+        fma1(acc, x, K, k + 1, q_u4(byte, 1) * s);
+    } else {
+        const int k = 4 * b;
+        const uint8_t code = a.codes[(size_t)n * (K / QUANT_WINT2_GROUP) + k / QUANT_WINT2_GROUP];
+        const float step = w2_step(code, a.super[n]), off = w2_off(code);
+#pragma unroll
+        for (int i = 0; i < 4; i++) fma1(acc, x, K, k + i, (q_u2(byte, i) - off) * step);
+    }
+}
+
+// One warp per output column n; lanes take the packed row's 16-byte chunks
+// in turn (vec) or its bytes (otherwise).
+template <nb_dtype T, int MT>
+__global__ void __launch_bounds__(WG_WARPS * 32) wint_gemv_kernel(float *out, const float *x, wint_args a, int vec) {
+    constexpr int WPB = wint_per_byte<T>();
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * WG_WARPS + (threadIdx.x >> 5);
+    if (n >= a.N) return;
+    const int rb = a.K / WPB;
+    const uint8_t *row = a.data + (size_t)n * rb;
+    float acc[MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m] = 0.0f;
+    if (vec) {
+        for (int b = lane * 16; b < rb; b += 32 * 16) gemv_chunk<T, MT>(acc, x, a, n, b, *(const uint4 *)(row + b));
+    } else {
+        for (int b = lane; b < rb; b += 32) gemv_byte<T, MT>(acc, x, a, n, b, row[b]);
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        float s = cuda_warp_sum(acc[m]);
+        if (lane == 0) out[(size_t)m * a.N + n] = s;
+    }
+}
+
+// Whether the packed rows can be read in aligned 16-byte chunks of which
+// every 8 columns share one scale: what gemv_chunk and the tensor-core
+// kernel assume. Only odd per-channel shapes (WINT8 with K % 16 != 0, WINT4
+// with K % 32 != 0) are not.
+template <nb_dtype T> static int chunked(const wint_args &a) {
+    const int rb = a.K / wint_per_byte<T>();
+    return rb % 16 == 0 && (uintptr_t)a.data % 16 == 0 && (T != NB_WINT4 || a.group % 16 == 0);
+}
+
+template <nb_dtype T>
+static void gemv_launch(cudaStream_t st, float *out, const float *x, const wint_args &a, int M) {
+    // float4 activation loads: K % 4 == 0 follows from whole chunks
+    int vec = chunked<T>(a) && (uintptr_t)x % 16 == 0;
+    dim3 grid((unsigned)((a.N + WG_WARPS - 1) / WG_WARPS)), block(WG_WARPS * 32);
+    switch (M) {
+#define CASE(m) \
+    case m: wint_gemv_kernel<T, m><<<grid, block, 0, st>>>(out, x, a, vec); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+        CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16)
+#undef CASE
+    default: abort();
+    }
+    CUDA_LAUNCHED();
+}
+
+// ---- M > 16: tensor cores ----------------------------------------------------
+
+#define WT_BM 64
+#define WT_BN 64
+#define WT_BK 64
+#define WT_THREADS 128
+// Shared-memory row stride of the BF16 tiles, in elements: 64 + 8 keeps rows
+// 16-byte aligned (cp.async, uint4 stores) and puts the 8 rows one fragment
+// load touches (row stride 36 words) in 8 different groups of 4 banks.
+#define WT_LDS 72
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    // src-size 0 reads nothing and fills the 16 bytes with zeros
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most `n` of this thread's most recent groups are pending.
+template <int n> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory");
+}
+
+__device__ __forceinline__ uint32_t ld_b32(const __nv_bfloat16 *p) { return *(const uint32_t *)p; }
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi); // .x (lo) in the low half
+    return *(const uint32_t *)&h;
+}
+
+// D = A B + D for one 16x8x16 step. The fragments (PTX ISA, "Matrix
+// Fragments for mma.m16n8k16 with floating point type"), with
+// g = lane >> 2 and t = lane % 4; each .b32 register holds two BF16, the
+// lower-indexed element in the low half:
+//   A (16x16, row major): a[0] = A[g][2t, 2t+1]      a[1] = A[g+8][2t, 2t+1]
+//                         a[2] = A[g][2t+8, 2t+9]    a[3] = A[g+8][2t+8, 2t+9]
+//   B (16x8, K x N, "col": column n's K values adjacent, which is the layout
+//   of a weight row n): b[0] = B[2t, 2t+1][g]      b[1] = B[2t+8, 2t+9][g]
+//   C, D (16x8 FP32):   d[0], d[1] = D[g][2t, 2t+1] d[2], d[3] = D[g+8][2t, 2t+1]
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// x (FP32 [M][K]) to BF16 [M][Kp], columns K..Kp-1 zero: the tensor-core
+// kernel then reads whole 64-column tiles without a K bound, and the zeros
+// cancel whatever the weights' padding dequantizes to.
+__global__ void wint_act_kernel(__nv_bfloat16 *out, const float *x, int K, int Kp, size_t total) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        size_t m = i / (size_t)Kp;
+        int k = (int)(i - m * (size_t)Kp);
+        out[i] = __float2bfloat16_rn(k < K ? x[m * (size_t)K + k] : 0.0f);
+    }
+}
+
+// The async copies of k-tile kt into one stage: the activation tile
+// (64 rows x 64 BF16 = 8 chunks of 16 bytes per row; rows past M zero) and
+// the packed weight tile (64 rows x BKB bytes; rows past N and chunks past
+// the row's end zero; a chunk is wholly in or out since the row is whole
+// chunks).
+template <nb_dtype T>
+__device__ __forceinline__ void mma_load_stage(__nv_bfloat16 *as, uint8_t *bp, const __nv_bfloat16 *act, int Kp,
+                                               int M, const wint_args &a, int m0, int n0, int kt) {
+    constexpr int WPB = wint_per_byte<T>(), BKB = WT_BK / WPB, BCH = BKB / 16;
+    const int tid = threadIdx.x, k0 = kt * WT_BK, rb = a.K / WPB;
+#pragma unroll
+    for (int i = 0; i < WT_BM * 8 / WT_THREADS; i++) {
+        const int c = tid + i * WT_THREADS, r = c >> 3, cc = c & 7, m = m0 + r;
+        // an invalid copy reads nothing, but its address stays a real one
+        const __nv_bfloat16 *src = act + (size_t)(m < M ? m : 0) * Kp + k0 + cc * 8;
+        cp_async16(as + r * WT_LDS + cc * 8, src, m < M);
+    }
+    for (int c = tid; c < WT_BN * BCH; c += WT_THREADS) {
+        const int r = c / BCH, cc = c % BCH, n = n0 + r, boff = k0 / WPB + cc * 16;
+        const bool ok = n < a.N && boff < rb;
+        cp_async16(bp + r * BKB + cc * 16, ok ? a.data + (size_t)n * rb + boff : a.data, ok);
+    }
+}
+
+// Dequantizes the packed tile of k-tile kt into bs (64 rows x 64 BF16).
+// Thread t takes row t / 2 and its 32 columns from 32 * (t % 2), in units of
+// 8 columns; a unit is wholly inside or outside K (K is a multiple of 16,
+// 32, 64 for WINT8, 4, 2 here) and wholly in one scale group (WINT4 groups
+// are multiples of 16 here: chunked). Units past K or N are zero.
+template <nb_dtype T>
+__device__ __forceinline__ void mma_dequant(__nv_bfloat16 *bs, const uint8_t *bp, const wint_args &a, int n0,
+                                            int kt) {
+    constexpr int WPB = wint_per_byte<T>(), BKB = WT_BK / WPB;
+    const int r = threadIdx.x >> 1, h = threadIdx.x & 1, n = n0 + r, K = a.K;
+    const int kb = kt * WT_BK + 32 * h;
+    const uint8_t *src = bp + r * BKB + h * (BKB / 2); // 32 columns' bytes
+    __nv_bfloat16 *dst = bs + r * WT_LDS + 32 * h;
+    float s = 0.0f, off = 0.0f;
+    if (n < a.N) {
+        if constexpr (T == NB_WINT8) s = a.scale[n];
+        if constexpr (T == NB_WINT2) {
+            // the tile's 64 columns are one group (K % 64 == 0)
+            const uint8_t code = a.codes[(size_t)n * (K / QUANT_WINT2_GROUP) + kt * WT_BK / QUANT_WINT2_GROUP];
+            s = w2_step(code, a.super[n]), off = w2_off(code);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+        const int k = kb + 8 * u;
+        float w[8];
+        if (n < a.N && k < K) {
+            if constexpr (T == NB_WINT8) {
+                const uint2 v = *(const uint2 *)(src + 8 * u);
+#pragma unroll
+                for (int i = 0; i < 4; i++) w[i] = q_i8(v.x, i) * s, w[4 + i] = q_i8(v.y, i) * s;
+            } else if constexpr (T == NB_WINT4) {
+                const uint32_t v = *(const uint32_t *)(src + 4 * u);
+                const float sg = a.scale[(size_t)n * (K / a.group) + k / a.group];
+#pragma unroll
+                for (int i = 0; i < 8; i++) w[i] = q_u4(v, i) * sg;
+            } else {
+                const uint32_t v = *(const uint16_t *)(src + 2 * u);
+#pragma unroll
+                for (int i = 0; i < 8; i++) w[i] = (q_u2(v, i) - off) * s;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) w[i] = 0.0f;
+        }
+        uint4 o;
+        o.x = pack_bf16x2(w[0], w[1]), o.y = pack_bf16x2(w[2], w[3]);
+        o.z = pack_bf16x2(w[4], w[5]), o.w = pack_bf16x2(w[6], w[7]);
+        *(uint4 *)(dst + 8 * u) = o;
+    }
+}
+
+// One 64x64 tile of out per block (blockIdx.x: columns n, blockIdx.y: rows
+// m). Warp w computes rows 32 * (w / 2) .. +31 and columns 32 * (w % 2) ..
+// +31 of it as 2 x 4 mma tiles of 16x8.
+template <nb_dtype T>
+__global__ void __launch_bounds__(WT_THREADS) wint_mma_kernel(float *out, const __nv_bfloat16 *act, int Kp, int M,
+                                                              wint_args a) {
+    constexpr int BKB = WT_BK / wint_per_byte<T>();
+    __shared__ __align__(16) __nv_bfloat16 As[2][WT_BM * WT_LDS];
+    __shared__ __align__(16) uint8_t Bp[2][WT_BN * BKB];
+    __shared__ __align__(16) __nv_bfloat16 Bs[WT_BN * WT_LDS];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int m0 = blockIdx.y * WT_BM, n0 = blockIdx.x * WT_BN;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+    const int KT = Kp / WT_BK;
+
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+    mma_load_stage<T>(As[0], Bp[0], act, Kp, M, a, m0, n0, 0);
+    cp_async_commit();
+    for (int kt = 0; kt < KT; kt++) {
+        const int st = kt & 1;
+        // stage st ^ 1 was last read in iteration kt - 1, which ended with
+        // a barrier
+        if (kt + 1 < KT) mma_load_stage<T>(As[st ^ 1], Bp[st ^ 1], act, Kp, M, a, m0, n0, kt + 1);
+        cp_async_commit(); // possibly empty: the wait below then still means "tile kt is in"
+        cp_async_wait<1>();
+        __syncthreads(); // every thread's copies of tile kt visible
+        mma_dequant<T>(Bs, Bp[st], a, n0, kt);
+        __syncthreads();
+        const __nv_bfloat16 *as = As[st];
+#pragma unroll
+        for (int kk = 0; kk < WT_BK; kk += 16) {
+            uint32_t af[2][4], bf[4][2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const __nv_bfloat16 *p = as + (wm + 16 * i + g) * WT_LDS + kk + 2 * t;
+                af[i][0] = ld_b32(p);
+                af[i][1] = ld_b32(p + 8 * WT_LDS);
+                af[i][2] = ld_b32(p + 8);
+                af[i][3] = ld_b32(p + 8 * WT_LDS + 8);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const __nv_bfloat16 *p = Bs + (wn + 8 * j + g) * WT_LDS + kk + 2 * t;
+                bf[j][0] = ld_b32(p);
+                bf[j][1] = ld_b32(p + 8);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) mma_bf16(acc[i][j], af[i], bf[j]);
+        }
+        __syncthreads(); // Bs and stage st are rewritten next
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = m0 + wm + 16 * i + g + (e >= 2 ? 8 : 0), n = n0 + wn + 8 * j + 2 * t + (e & 1);
+                if (m < M && n < a.N) out[(size_t)m * a.N + n] = acc[i][j][e];
+            }
+}
+
+template <nb_dtype T> static void mma_launch(cuda_backend *c, float *out, const float *x, const wint_args &a, int M) {
+    if (!c->wint) {
+        c->wint = (cuda_wint_state *)calloc(1, sizeof *c->wint);
+        if (!c->wint) abort();
+    }
+    const int Kp = (a.K + WT_BK - 1) / WT_BK * WT_BK;
+    const size_t total = (size_t)M * (size_t)Kp;
+    cuda_scratch(c, &c->wint->act, &c->wint->act_cap, total * sizeof(__nv_bfloat16));
+    __nv_bfloat16 *act = (__nv_bfloat16 *)c->wint->act;
+    size_t blocks = (total + 255) / 256;
+    wint_act_kernel<<<(unsigned)(blocks < 65535u * 16u ? blocks : 65535u * 16u), 256, 0, c->stream>>>(act, x, a.K, Kp,
+                                                                                                     total);
+    CUDA_LAUNCHED();
+    dim3 grid((unsigned)((a.N + WT_BN - 1) / WT_BN), (unsigned)((M + WT_BM - 1) / WT_BM));
+    wint_mma_kernel<T><<<grid, WT_THREADS, 0, c->stream>>>(out, act, Kp, M, a);
+    CUDA_LAUNCHED();
+}
+
+// ---- dispatch ------------------------------------------------------------------
+
+template <nb_dtype T> static void wint_run(cuda_backend *c, float *out, const float *x, const wint_args &a, int M) {
+    if (M <= WG_MAX_M) {
+        gemv_launch<T>(c->stream, out, x, a, M);
+    } else if (M <= 65535 * WT_BM && chunked<T>(a)) {
+        mma_launch<T>(c, out, x, a, M);
+    } else {
+        for (int m0 = 0; m0 < M; m0 += WG_MAX_M) {
+            int mt = M - m0 < WG_MAX_M ? M - m0 : WG_MAX_M;
+            gemv_launch<T>(c->stream, out + (size_t)m0 * a.N, x + (size_t)m0 * a.K, a, mt);
+        }
+    }
+}
+
+void cuda_wint_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+    if (M <= 0 || w->rows <= 0) return;
+    if (w->rows > INT32_MAX || w->cols > INT32_MAX) {
+        fprintf(stderr, "nibble: cuda matmul: %s weight [%lld, %lld] is too large\n", nb_dtype_name(w->dtype),
+                (long long)w->rows, (long long)w->cols);
+        abort();
+    }
+    wint_args a;
+    a.data = (const uint8_t *)w->data;
+    a.scale = (const float *)w->scale;
+    a.codes = (const uint8_t *)w->scale;
+    a.super = (const float *)w->scale2;
+    a.N = (int)w->rows, a.K = (int)w->cols, a.group = w->group;
+    // the kernels divide by the group and read whole bytes of a group
+    int bad = 0;
+    if (w->dtype == NB_WINT4) bad = a.group <= 0 || a.K % a.group != 0 || a.group % 2 != 0;
+    if (w->dtype == NB_WINT2) bad = a.K % QUANT_WINT2_GROUP != 0;
+    if (bad) {
+        fprintf(stderr, "nibble: cuda matmul: %s weight [%d, %d] with group %d breaks its layout (quant_check)\n",
+                nb_dtype_name(w->dtype), a.N, a.K, a.group);
+        abort();
+    }
+    switch (w->dtype) {
+    case NB_WINT8: wint_run<NB_WINT8>(c, out, x, a, M); break;
+    case NB_WINT4: wint_run<NB_WINT4>(c, out, x, a, M); break;
+    case NB_WINT2: wint_run<NB_WINT2>(c, out, x, a, M); break;
+    default:
+        fprintf(stderr, "nibble: cuda wint matmul: %s weights are not weight-only quantized\n",
+                nb_dtype_name(w->dtype));
+        abort();
+    }
+}
