@@ -21,143 +21,13 @@
  * Each model gets a fresh CUDA backend: a recorded step points at the
  * buffers of the model that recorded it. Needs a CUDA device; fails (not
  * skips) without one. */
-#include <stdlib.h>
-#include <string.h>
-
-#include "common/log.h"
-#include "common/util.h"
-#include "engine/generate.h"
-#include "engine/model/model.h"
-#include "tests/fixture_ref.h"
-#include "tests/test.h"
-
-/* GPU logits against CPU logits: the GPU's prefill GEMMs read activations
- * as BF16 (F16 for F16 weights), which moves logits by ~1e-3 of the
- * largest. */
-#define LOGIT_TOL 2e-2
-
-static nb_backend *cpu;
-
-
-/* max |a - b| / max |b|; NaN in a gives NaN */
-static double rel_err(const float *a, const float *b, int n) {
-    double num = 0, den = 0;
-    for (int i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]);
-        if (isnan(d)) return NAN;
-        if (d > num) num = d;
-        if (fabs(b[i]) > den) den = fabs(b[i]);
-    }
-    return num / (den > 0 ? den : 1);
-}
+#include "tests/gpu/gpu_model_test.h"
 
 static int32_t argmax(const float *x, int n) {
     int32_t best = 0;
     for (int i = 1; i < n; i++)
         if (x[i] > x[best]) best = i;
     return best;
-}
-
-static nb_backend *gpu_backend(void) {
-    nb_err e = {{0}};
-    nb_backend_opts o = {.device = "cuda"};
-    nb_backend *b = backend_create(&o, &e);
-    if (!b) fprintf(stderr, "  cuda backend: %s\n", e.msg);
-    return b;
-}
-
-static nb_model *load(nb_backend *be, const char *name, const nb_quant_plan *plan) {
-    char dir[256];
-    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
-    nb_err e = {{0}};
-    nb_model_opts o = {.max_batch_tokens = 256, .num_kv_blocks = 64, .quant = plan};
-    nb_model *m = model_load(dir, be, &o, &e);
-    if (!m) fprintf(stderr, "  load %s on %s: %s\n", dir, be->ops->name, e.msg);
-    return m;
-}
-
-/* The prompt as one sequence whose blocks are laid out backwards, in steps
- * of at most `chunk` tokens; the last position's logits. */
-static int run_prompt(nb_model *m, const ref *r, int chunk, float *logits) {
-    int nb = (r->n_prompt + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE, total = model_num_kv_blocks(m);
-    int32_t *table = xmalloc(sizeof(int32_t) * (size_t)nb);
-    for (int i = 0; i < nb; i++) table[i] = total - 1 - 2 * i;
-    int32_t pos[256], slot[256], seq[256];
-    int rc = 0;
-    for (int start = 0; start < r->n_prompt && rc == 0; start += chunk) {
-        int n = r->n_prompt - start < chunk ? r->n_prompt - start : chunk;
-        for (int t = 0; t < n; t++) {
-            int p = start + t;
-            pos[t] = p, seq[t] = 0;
-            slot[t] = table[p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
-        }
-        nb_batch b = {n, pos, seq, slot, 1, nb, table};
-        int32_t last = n - 1;
-        nb_err e = {{0}};
-        int want = start + n == r->n_prompt;
-        rc = model_forward(m, r->prompt + start, &b, &last, want, logits, &e);
-        if (rc) fprintf(stderr, "  forward: %s\n", e.msg);
-    }
-    free(table);
-    return rc;
-}
-
-static void check_logits(nb_model *mc, nb_model *mg, const ref *r, const char *what) {
-    int V = model_config(mc)->vocab_size;
-    float *lc = xmalloc(sizeof(float) * (size_t)V), *lg = xmalloc(sizeof(float) * (size_t)V);
-    static const int chunks[] = {256, 5, 1};
-    for (int i = 0; i < 3; i++) {
-        if (run_prompt(mc, r, chunks[i], lc) || run_prompt(mg, r, chunks[i], lg)) {
-            CHECK(0, "%s: forward failed (chunks of %d)", what, chunks[i]);
-            continue;
-        }
-        double err = rel_err(lg, lc, V);
-        CHECK(err <= LOGIT_TOL, "%s: prompt logits in chunks of %d: relative error %.3e vs the CPU", what, chunks[i],
-              err);
-        if (i == 0 && V == r->n_logits)
-            printf("  %s: last-position logits, relative error %.2e vs the CPU, %.2e vs transformers\n", what, err,
-                   rel_err(lg, r->logits, V));
-    }
-    free(lc), free(lg);
-}
-
-static int32_t *greedy(nb_model *m, const ref *r, size_t *n) {
-    nb_gen_opts go = {.max_tokens = r->n_greedy, .ignore_eos = 1};
-    sampling_params_default(&go.sampling);
-    go.sampling.temperature = 0;
-    int32_t *out = NULL;
-    nb_err e = {{0}};
-    *n = 0;
-    if (generate_run(m, r->prompt, (size_t)r->n_prompt, &go, NULL, NULL, &out, n, NULL, &e)) {
-        fprintf(stderr, "  generate: %s\n", e.msg);
-        return NULL;
-    }
-    return out;
-}
-
-/* Index of the first difference, or -1. */
-static int first_diff(const int32_t *a, const int32_t *b, int n) {
-    for (int i = 0; i < n; i++)
-        if (a[i] != b[i]) return i;
-    return -1;
-}
-
-static void check_greedy(nb_model *mc, nb_model *mg, const ref *r, const char *what) {
-    size_t nc = 0, ng = 0;
-    int32_t *tc = greedy(mc, r, &nc), *tg = greedy(mg, r, &ng);
-    CHECK(tc && tg, "%s: generate_run failed (cpu %s, cuda %s)", what, tc ? "ok" : "failed", tg ? "ok" : "failed");
-    if (tc && tg) {
-        CHECK(nc == (size_t)r->n_greedy && ng == (size_t)r->n_greedy, "%s: %zu (cpu) and %zu (cuda) tokens, want %d",
-              what, nc, ng, r->n_greedy);
-        int n = (int)(nc < ng ? nc : ng);
-        if (n > r->n_greedy) n = r->n_greedy;
-        int d = first_diff(tg, tc, n);
-        CHECK(d < 0, "%s: greedy token %d is %d on cuda, %d on cpu", what, d, d >= 0 ? tg[d] : 0, d >= 0 ? tc[d] : 0);
-        d = first_diff(tg, r->greedy, n);
-        CHECK(d < 0, "%s: greedy token %d is %d on cuda, transformers gives %d", what, d, d >= 0 ? tg[d] : 0,
-              d >= 0 ? r->greedy[d] : 0);
-    }
-    free(tc), free(tg);
 }
 
 /* One step of two sequences: A runs its whole prompt while B (its first 9
@@ -304,8 +174,9 @@ static void check_kv(const char *name, const ref *r, const char *kv) {
               what, nb_kv_dtype_name(model_quant_plan(mg)->kv));
         CHECK(model_config(mc)->vocab_size == r->n_logits, "%s: vocab %d vs %d reference logits", what,
               model_config(mc)->vocab_size, r->n_logits);
-        check_logits(mc, mg, r, what);
-        check_greedy(mc, mg, r, what);
+        static const int chunks[] = {256, 5, 1};
+        check_logits(mc, mg, r, what, chunks, 3);
+        check_greedy(mc, mg, r, what, 1);
         check_batched(mc, mg, r, what);
         check_decode_batch(mc, mg, r, what);
     }
@@ -322,14 +193,6 @@ static void check_fixture(const char *name) {
     ref_free(&r);
 }
 
-static void test_device(void) {
-    char buf[256] = "";
-    int n = cuda_device_count();
-    cuda_device_describe(0, buf, sizeof buf);
-    REQUIRE(n > 0, "no CUDA device (cuda_device_count() = %d; %s): these tests need a GPU", n, buf);
-    printf("  %s\n", buf);
-}
-
 static void test_llama(void) { check_fixture("llama"); }
 static void test_mistral(void) { check_fixture("mistral"); }
 static void test_qwen2(void) { check_fixture("qwen2"); }
@@ -337,16 +200,7 @@ static void test_qwen3(void) { check_fixture("qwen3"); }
 static void test_ernie(void) { check_fixture("ernie"); }
 
 int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    log_set_level(LOG_WARN); /* not a "loaded ..." line per model */
-    RUN(test_device);
-    if (t_failed) TEST_DONE("test_cuda_model");
-    nb_err e = {{0}};
-    cpu = cpu_backend_create(0, &e);
-    if (!cpu) {
-        fprintf(stderr, "cpu backend: %s\n", e.msg);
-        return 1;
-    }
+    if (gpu_model_tests_start()) TEST_DONE("test_cuda_model");
     RUN(test_llama);
     RUN(test_mistral);
     RUN(test_qwen2);

@@ -1,0 +1,228 @@
+/* Shared by the end-to-end GPU model tests (tests/gpu/test_cuda_model.c,
+ * test_cuda_wint_model.c, test_cuda_fp8_model.c): loading a model on both
+ * backends, running a prompt in chunks, and comparing the last position's
+ * logits and the greedy tokens of the CUDA model against the CPU's, for
+ * plain and quantized models. */
+#ifndef NB_GPU_MODEL_TEST_H
+#define NB_GPU_MODEL_TEST_H
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "engine/generate.h"
+#include "engine/model/model.h"
+#include "tests/fixture_ref.h"
+#include "tests/test.h"
+
+/* GPU logits against CPU logits: the GPU's prefill GEMMs (and attention)
+ * read activations as BF16 (F16 for F16 weights), which moves logits by
+ * ~1e-3 of the largest. */
+#define LOGIT_TOL 2e-2
+
+static nb_backend *cpu;
+
+/* max |a - b| / max |b|; NaN in a gives NaN */
+static inline double rel_err(const float *a, const float *b, int n) {
+    double num = 0, den = 0;
+    for (int i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (isnan(d)) return NAN;
+        if (d > num) num = d;
+        if (fabs(b[i]) > den) den = fabs(b[i]);
+    }
+    return num / (den > 0 ? den : 1);
+}
+
+/* A fresh CUDA backend: a recorded step points at the buffers of the model
+ * that recorded it, so each model gets its own. */
+static inline nb_backend *gpu_backend(void) {
+    nb_err e = {{0}};
+    nb_backend_opts o = {.device = "cuda"};
+    nb_backend *b = backend_create(&o, &e);
+    if (!b) fprintf(stderr, "  cuda backend: %s\n", e.msg);
+    return b;
+}
+
+static inline nb_model *load_dir(nb_backend *be, const char *dir, const nb_quant_plan *plan) {
+    nb_err e = {{0}};
+    nb_model_opts o = {.max_batch_tokens = 256, .num_kv_blocks = 64, .quant = plan};
+    nb_model *m = model_load(dir, be, &o, &e);
+    if (!m) fprintf(stderr, "  load %s on %s: %s\n", dir, be->ops->name, e.msg);
+    return m;
+}
+
+/* A committed fixture by name. */
+static inline nb_model *load(nb_backend *be, const char *name, const nb_quant_plan *plan) {
+    char dir[256];
+    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
+    return load_dir(be, dir, plan);
+}
+
+/* The prompt as one sequence whose blocks are laid out backwards, in steps
+ * of at most `chunk` tokens; the last position's logits. */
+static inline int run_prompt(nb_model *m, const ref *r, int chunk, float *logits) {
+    int nb = (r->n_prompt + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE, total = model_num_kv_blocks(m);
+    int32_t *table = xmalloc(sizeof(int32_t) * (size_t)nb);
+    for (int i = 0; i < nb; i++) table[i] = total - 1 - 2 * i;
+    int32_t pos[256], slot[256], seq[256];
+    int rc = 0;
+    for (int start = 0; start < r->n_prompt && rc == 0; start += chunk) {
+        int n = r->n_prompt - start < chunk ? r->n_prompt - start : chunk;
+        for (int t = 0; t < n; t++) {
+            int p = start + t;
+            pos[t] = p, seq[t] = 0;
+            slot[t] = table[p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
+        }
+        nb_batch b = {n, pos, seq, slot, 1, nb, table};
+        int32_t last = n - 1;
+        nb_err e = {{0}};
+        int want = start + n == r->n_prompt;
+        rc = model_forward(m, r->prompt + start, &b, &last, want, logits, &e);
+        if (rc) fprintf(stderr, "  forward: %s\n", e.msg);
+    }
+    free(table);
+    return rc;
+}
+
+/* The prompt's last-position logits on both models within LOGIT_TOL, the
+ * prompt in steps of each of the n chunk sizes; prints the first size's
+ * error (and the CUDA model's against transformers where the vocabulary
+ * matches the reference). */
+static inline void check_logits(nb_model *mc, nb_model *mg, const ref *r, const char *what, const int *chunks,
+                                int n) {
+    int V = model_config(mc)->vocab_size;
+    float *lc = xmalloc(sizeof(float) * (size_t)V), *lg = xmalloc(sizeof(float) * (size_t)V);
+    for (int i = 0; i < n; i++) {
+        if (run_prompt(mc, r, chunks[i], lc) || run_prompt(mg, r, chunks[i], lg)) {
+            CHECK(0, "%s: forward failed (chunks of %d)", what, chunks[i]);
+            continue;
+        }
+        double err = rel_err(lg, lc, V);
+        CHECK(err <= LOGIT_TOL, "%s: prompt logits in chunks of %d: relative error %.3e vs the CPU", what, chunks[i],
+              err);
+        if (i == 0 && V == r->n_logits)
+            printf("  %s: last-position logits, relative error %.2e vs the CPU, %.2e vs transformers\n", what, err,
+                   rel_err(lg, r->logits, V));
+    }
+    free(lc), free(lg);
+}
+
+static inline int32_t *greedy(nb_model *m, const ref *r, size_t *n) {
+    nb_gen_opts go = {.max_tokens = r->n_greedy, .ignore_eos = 1};
+    sampling_params_default(&go.sampling);
+    go.sampling.temperature = 0;
+    int32_t *out = NULL;
+    nb_err e = {{0}};
+    *n = 0;
+    if (generate_run(m, r->prompt, (size_t)r->n_prompt, &go, NULL, NULL, &out, n, NULL, &e)) {
+        fprintf(stderr, "  generate: %s\n", e.msg);
+        return NULL;
+    }
+    return out;
+}
+
+/* Index of the first difference, or -1. */
+static inline int first_diff(const int32_t *a, const int32_t *b, int n) {
+    for (int i = 0; i < n; i++)
+        if (a[i] != b[i]) return i;
+    return -1;
+}
+
+/* The reference's number of greedy tokens from generate_run (decode steps
+ * recorded and replayed, sampling on the device), identical on both
+ * backends and, when vs_transformers, to transformers' tokens. */
+static inline void check_greedy(nb_model *mc, nb_model *mg, const ref *r, const char *what, int vs_transformers) {
+    size_t nc = 0, ng = 0;
+    int32_t *tc = greedy(mc, r, &nc), *tg = greedy(mg, r, &ng);
+    CHECK(tc && tg, "%s: generate_run failed (cpu %s, cuda %s)", what, tc ? "ok" : "failed", tg ? "ok" : "failed");
+    if (tc && tg) {
+        CHECK(nc == (size_t)r->n_greedy && ng == (size_t)r->n_greedy, "%s: %zu (cpu) and %zu (cuda) tokens, want %d",
+              what, nc, ng, r->n_greedy);
+        int n = (int)(nc < ng ? nc : ng);
+        if (n > r->n_greedy) n = r->n_greedy;
+        int d = first_diff(tg, tc, n);
+        CHECK(d < 0, "%s: greedy token %d is %d on cuda, %d on cpu", what, d, d >= 0 ? tg[d] : 0, d >= 0 ? tc[d] : 0);
+        if (vs_transformers) {
+            d = first_diff(tg, r->greedy, n);
+            CHECK(d < 0, "%s: greedy token %d is %d on cuda, transformers gives %d", what, d, d >= 0 ? tg[d] : 0,
+                  d >= 0 ? r->greedy[d] : 0);
+        }
+    }
+    free(tc), free(tg);
+}
+
+/* One fixture (or a checkpoint made from it, in dir) under the plan of
+ * `setting` (NULL: the checkpoint's own), on both backends with a BF16 KV
+ * cache: check_logits over `chunks`, then check_greedy. `want` is the
+ * packed format the linears must get, so that a plan that silently left
+ * them BF16 cannot pass. */
+static inline void check_quant_model(const char *fixture, const char *dir, const char *setting, const char *label,
+                                     nb_dtype want, const int *chunks, int n_chunks) {
+    char what[96];
+    snprintf(what, sizeof what, "%s %s", fixture, label);
+    ref r;
+    if (ref_load(fixture, &r)) {
+        CHECK(0, "%s: reference.json unreadable", fixture);
+        return;
+    }
+    nb_quant_plan plan;
+    nb_err e = {{0}};
+    if (quant_plan_parse(setting, "bf16", &plan, &e)) {
+        CHECK(0, "%s: %s", what, e.msg);
+        ref_free(&r);
+        return;
+    }
+    nb_backend *gpu = gpu_backend();
+    if (!gpu) {
+        CHECK(0, "%s: no cuda backend", what);
+        ref_free(&r);
+        return;
+    }
+    nb_model *mc = load_dir(cpu, dir, &plan), *mg = load_dir(gpu, dir, &plan);
+    CHECK(mc && mg, "%s: model did not load (cpu %s, cuda %s)", what, mc ? "ok" : "failed", mg ? "ok" : "failed");
+    if (mc && mg) {
+        CHECK(model_quant_plan(mg)->dense == want && model_weight_bytes(mg, want) > 0 &&
+                  model_weight_bytes(mg, want) == model_weight_bytes(mc, want),
+              "%s: cuda model holds %zu bytes of %s (cpu %zu), dense format %s", what, model_weight_bytes(mg, want),
+              nb_dtype_name(want), model_weight_bytes(mc, want), nb_dtype_name(model_quant_plan(mg)->dense));
+        CHECK(model_quant_plan(mg)->kv == NB_KV_BF16 && model_quant_plan(mc)->kv == NB_KV_BF16,
+              "%s: KV cache %s (cuda), %s (cpu), want bf16", what, nb_kv_dtype_name(model_quant_plan(mg)->kv),
+              nb_kv_dtype_name(model_quant_plan(mc)->kv));
+        check_logits(mc, mg, &r, what, chunks, n_chunks);
+        check_greedy(mc, mg, &r, what, 0);
+    }
+    model_free(mg);
+    model_free(mc);
+    backend_destroy(gpu);
+    ref_free(&r);
+}
+
+static inline void test_device(void) {
+    char buf[256] = "";
+    int n = cuda_device_count();
+    cuda_device_describe(0, buf, sizeof buf);
+    REQUIRE(n > 0, "no CUDA device (cuda_device_count() = %d; %s): these tests need a GPU", n, buf);
+    printf("  %s\n", buf);
+}
+
+/* Start-up of a model test binary: the device, then the CPU backend.
+ * Returns 0 when both are there. */
+static inline int gpu_model_tests_start(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    log_set_level(LOG_WARN); /* not a "loaded ..." line per model; kernel fallback warnings stay */
+    RUN(test_device);
+    if (t_failed) return -1;
+    nb_err e = {{0}};
+    cpu = cpu_backend_create(0, &e);
+    if (!cpu) {
+        fprintf(stderr, "cpu backend: %s\n", e.msg);
+        t_failed++;
+        return -1;
+    }
+    return 0;
+}
+
+#endif
