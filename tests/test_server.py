@@ -318,13 +318,15 @@ finally:
         rc = None
     check("SIGTERM stops the server with exit status 0", rc == 0, f"rc={rc} {srv.stderr.read().decode()[-300:]}")
 
-# KV exhaustion: 12 blocks (192 tokens) for 16 concurrent requests of ~70
-# tokens each; the engine preempts and recomputes, and every request still
-# returns its solo greedy text
+# KV exhaustion: 6 blocks (96 tokens) for 16 concurrent requests of 67
+# tokens (5 blocks) each, so any two that overlap run out (with more
+# blocks, a loaded machine that serves the requests one after another
+# would see no preemption); the engine preempts and recomputes, and every
+# request still returns its solo greedy text
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
 srv = subprocess.Popen(nibble("serve", "--model", MODEL, "--port", str(PORT),
-                        "--num-kv-blocks", "12", "--max-num-seqs", "16", "--served-model-name", "qwen2",
+                        "--num-kv-blocks", "6", "--max-num-seqs", "16", "--served-model-name", "qwen2",
                         "--max-num-batched-tokens", "32"),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 try:

@@ -81,6 +81,7 @@ static int alloc_kv_cache(nb_model *m, const nb_model_opts *opts, nb_err *e) {
     /* one block more for the padding of recorded decode steps */
     int n_alloc = m->num_blocks + (be->ops->records_graphs ? 1 : 0);
     size_t kv_bytes = per_block / 2 / (size_t)c->n_layers * (size_t)n_alloc;
+    m->kv_layer_bytes = kv_bytes;
     m->k_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
     m->v_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
     for (int i = 0; i < c->n_layers; i++) {
@@ -148,7 +149,6 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
     /* The KV cache comes last so that a device backend can give it what the
      * weights and activations left. */
     if (alloc_kv_cache(m, opts, e)) goto fail;
-    size_t kv_bytes = (size_t)m->num_blocks * nb_kv_block_bytes(m->plan.kv, c->n_kv_heads, c->head_dim);
     char qname[32], wbytes[256] = "";
     for (int t = 0, len = 0; t < NB_DTYPE_COUNT; t++)
         if (m->bytes_by[t])
@@ -158,7 +158,7 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
              "tokens, %s (%.1f MiB)",
              dir, c->arch_name, c->n_layers, c->hidden_size, util_now() - t0, quant_plan_name(&m->plan, qname, sizeof qname),
              m->plan.method, wbytes, m->num_blocks, NB_KV_BLOCK_SIZE, nb_kv_dtype_name(m->plan.kv),
-             2.0 * c->n_layers * kv_bytes / (1 << 20));
+             2.0 * c->n_layers * m->kv_layer_bytes / (1 << 20));
     return m;
 fail:
     nb_err_wrap(e, "%s", dir);

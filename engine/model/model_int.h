@@ -37,6 +37,7 @@ struct nb_model {
 
     int num_blocks;
     void **k_cache, **v_cache; /* [n_layers] */
+    size_t kv_layer_bytes;     /* of each of them */
     /* Padded decode steps (backends that record graphs): the padding
      * tokens write and read block num_blocks, one past the engine's, and
      * the step is rebuilt in these host arrays (allocated on first use). */
