@@ -15,14 +15,13 @@
 #include "engine/generate.h"
 #include "engine/model/model.h"
 #include "tests/fixture_ref.h"
+#include "tests/gpu/gpu_start.h"
 #include "tests/test.h"
 
 /* GPU logits against CPU logits: the GPU's prefill GEMMs (and attention)
  * read activations as BF16 (F16 for F16 weights), which moves logits by
  * ~1e-3 of the largest. */
 #define LOGIT_TOL 2e-2
-
-static nb_backend *cpu;
 
 /* max |a - b| / max |b|; NaN in a gives NaN */
 static inline double rel_err(const float *a, const float *b, int n) {
@@ -200,13 +199,7 @@ static inline void check_quant_model(const char *fixture, const char *dir, const
     ref_free(&r);
 }
 
-static inline void test_device(void) {
-    char buf[256] = "";
-    int n = cuda_device_count();
-    cuda_device_describe(0, buf, sizeof buf);
-    REQUIRE(n > 0, "no CUDA device (cuda_device_count() = %d; %s): these tests need a GPU", n, buf);
-    printf("  %s\n", buf);
-}
+static inline void test_device(void) { gpu_require_device(); }
 
 /* Start-up of a model test binary: the device, then the CPU backend.
  * Returns 0 when both are there. */
@@ -215,14 +208,7 @@ static inline int gpu_model_tests_start(void) {
     log_set_level(LOG_WARN); /* not a "loaded ..." line per model; kernel fallback warnings stay */
     RUN(test_device);
     if (t_failed) return -1;
-    nb_err e = {{0}};
-    cpu = cpu_backend_create(0, &e);
-    if (!cpu) {
-        fprintf(stderr, "cpu backend: %s\n", e.msg);
-        t_failed++;
-        return -1;
-    }
-    return 0;
+    return gpu_start_cpu();
 }
 
 #endif

@@ -12,9 +12,10 @@
 
 #include "common/util.h"
 #include "kernels/backend.h"
+#include "tests/gpu/gpu_start.h"
 #include "tests/test.h"
 
-static nb_backend *cpu, *gpu;
+static nb_backend *gpu;
 
 /* ---- helpers ------------------------------------------------------------ */
 
@@ -147,11 +148,8 @@ static inline void note_worst(double *worst, double err) {
 
 
 static inline void test_device(void) {
-    char buf[256] = "";
-    int n = cuda_device_count();
-    cuda_device_describe(0, buf, sizeof buf);
-    REQUIRE(n > 0, "no CUDA device (cuda_device_count() = %d; %s): these tests need a GPU", n, buf);
-    printf("  %s\n", buf);
+    gpu_require_device();
+    if (t_cur_failed) return;
     nb_err e = {{0}};
     nb_backend_opts o = {.device = "cuda"};
     gpu = backend_create(&o, &e);
@@ -168,14 +166,7 @@ static inline int gpu_tests_start(void) {
     WHERE("start-up");
     RUN(test_device);
     if (t_failed) return -1;
-    nb_err e = {{0}};
-    cpu = cpu_backend_create(0, &e);
-    if (!cpu) {
-        fprintf(stderr, "cpu backend: %s\n", e.msg);
-        t_failed++;
-        return -1;
-    }
-    return 0;
+    return gpu_start_cpu();
 }
 
 /* ---- batches ---------------------------------------------------------------- */
