@@ -24,16 +24,7 @@
 #define LOGIT_TOL 2e-2
 
 /* max |a - b| / max |b|; NaN in a gives NaN */
-static inline double rel_err(const float *a, const float *b, int n) {
-    double num = 0, den = 0;
-    for (int i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]);
-        if (isnan(d)) return NAN;
-        if (d > num) num = d;
-        if (fabs(b[i]) > den) den = fabs(b[i]);
-    }
-    return num / (den > 0 ? den : 1);
-}
+static inline double rel_err(const float *a, const float *b, int n) { return rel_max(a, b, (size_t)n); }
 
 /* A fresh CUDA backend: a recorded step points at the buffers of the model
  * that recorded it, so each model gets its own. */

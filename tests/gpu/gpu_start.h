@@ -1,15 +1,31 @@
 /* Start-up shared by every GPU test binary (gpu_test.h for the op tests,
  * gpu_model_test.h for the model tests): the device must be there (the
- * tests fail, not skip, without one), then the CPU reference backend. */
+ * tests fail, not skip, without one), then the CPU reference backend; and
+ * the error measure both compare with. */
 #ifndef NB_GPU_START_H
 #define NB_GPU_START_H
 
+#include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 
 #include "kernels/backend.h"
 #include "tests/test.h"
 
 static nb_backend *cpu;
+
+/* max |got - ref| / max |ref| (NaN if got has one). */
+static inline double rel_max(const float *got, const float *ref, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - ref[i]);
+        if (isnan(d)) return NAN;
+        if (d > num) num = d;
+        if (fabs(ref[i]) > den) den = fabs(ref[i]);
+    }
+    if (den == 0) return num == 0 ? 0 : INFINITY;
+    return num / den;
+}
 
 /* Fails the running test (REQUIRE returns from it) without a CUDA device. */
 static inline void gpu_require_device(void) {

@@ -108,19 +108,6 @@ static inline double rel_l2(const float *got, const float *ref, size_t n, double
     return sqrt(num) / den;
 }
 
-/* max |got - ref| / max |ref| (NaN if got has one). */
-static inline double rel_max(const float *got, const float *ref, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - ref[i]);
-        if (isnan(d)) return NAN;
-        if (d > num) num = d;
-        if (fabs(ref[i]) > den) den = fabs(ref[i]);
-    }
-    if (den == 0) return num == 0 ? 0 : INFINITY;
-    return num / den;
-}
-
 /* max over elements of |got - ref| / |ref| (|ref| floored at 1e-20). */
 static inline double rel_elem(const float *got, const float *ref, size_t n) {
     double worst = 0;
