@@ -55,6 +55,12 @@ nb_engine *engine_create(nb_model *m, const nb_engine_opts *o, nb_err *e) {
         engine_free(g);
         return NULL;
     }
+    if (model_max_logit_rows(m) < g->max_seqs) {
+        nb_errf(e, "the model returns at most %d logit rows a step, below max_num_seqs %d", model_max_logit_rows(m),
+                g->max_seqs);
+        engine_free(g);
+        return NULL;
+    }
     g->max_blocks = (g->c->max_position + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE;
     size_t T = (size_t)g->budget, S = (size_t)g->max_seqs;
     g->tok = xmalloc(sizeof(int32_t) * T);

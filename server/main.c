@@ -478,7 +478,10 @@ static int cmd_serve(int argc, char **argv) {
         cli_opts_free(&o);
         return 2;
     }
-    nb_model_opts mo = {.num_kv_blocks = o.kv_blocks, .max_batch_tokens = o.max_batched, .quant = &plan,
+    /* one logit row per running sequence: vocab floats each, a lot of
+     * device memory at max_batch_tokens rows */
+    nb_model_opts mo = {.num_kv_blocks = o.kv_blocks, .max_batch_tokens = o.max_batched,
+                        .max_logit_rows = o.max_num_seqs > 0 ? o.max_num_seqs : 16, .quant = &plan,
                         .quant_report = o.quant_report ? stderr : NULL, .gpu_mem_util = (float)o.gpu_mem_util};
     if (!(be = backend_create(&bo, &e)) || !(tok = tokenizer_load(o.model, &e)) ||
         !(ct = chat_template_load(o.model, &e)) || !(m = model_load(o.model, be, &mo, &e)))

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "engine/engine.h"
 #include "engine/generate.h"
 #include "engine/model/model.h"
 #include "tests/fixture_ref.h"
@@ -238,6 +239,32 @@ static void test_forward_rejects_bad_batch(void) {
     model_free(m);
 }
 
+/* A model sized for fewer logit rows than tokens (a server's one row per
+ * sequence) returns them all up to that limit and refuses more, clearly;
+ * an engine that would need more rows than that is refused too. */
+static void test_logit_rows_limit(void) {
+    nb_err e;
+    nb_model_opts o = {.max_batch_tokens = 16, .max_logit_rows = 2, .num_kv_blocks = 16};
+    nb_model *m = model_load("tests/fixtures/models/qwen2", be, &o, &e);
+    REQUIRE(m, "load: %s", e.msg);
+    CHECK(model_max_logit_rows(m) == 2 && model_max_batch_tokens(m) == 16, "rows %d, tokens %d",
+          model_max_logit_rows(m), model_max_batch_tokens(m));
+    int V = model_config(m)->vocab_size;
+    int32_t tok[3] = {1, 2, 3}, pos[3] = {0, 0, 0}, seq[3] = {0, 1, 2}, slot[3] = {0, 16, 32}, tables[3] = {0, 1, 2};
+    int32_t rows[3] = {0, 1, 2};
+    nb_batch b = {3, pos, seq, slot, 3, 1, tables};
+    float *lg = xmalloc(sizeof(float) * 3 * (size_t)V);
+    CHECK(model_forward(m, tok, &b, rows, 2, lg, &e) == 0, "2 rows: %s", e.msg);
+    CHECK(model_forward(m, tok, &b, rows, 3, lg, &e) != 0 && strstr(e.msg, "logit rows (limit 2)"), "3 rows: %s",
+          e.msg);
+    nb_engine_opts eo = {.max_num_seqs = 4};
+    nb_engine *g = engine_create(m, &eo, &e);
+    CHECK(!g && strstr(e.msg, "max_num_seqs 4"), "engine with 4 sequences over 2 rows: %s", g ? "created" : e.msg);
+    engine_free(g);
+    free(lg);
+    model_free(m);
+}
+
 static void test_config_errors(void) {
     static const struct {
         const char *json, *expect;
@@ -346,6 +373,7 @@ int main(void) {
     RUN(test_batched_sequences);
     RUN(test_decode_padding);
     RUN(test_forward_rejects_bad_batch);
+    RUN(test_logit_rows_limit);
     RUN(test_config_errors);
     RUN(test_checkpoint_errors);
     backend_destroy(be);

@@ -134,7 +134,9 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
     free(inv);
 
     m->max_tokens = opts && opts->max_batch_tokens > 0 ? opts->max_batch_tokens : 256;
-    size_t T = (size_t)m->max_tokens, qd = (size_t)c->n_heads * c->head_dim,
+    m->max_rows = opts && opts->max_logit_rows > 0 && opts->max_logit_rows < m->max_tokens ? opts->max_logit_rows
+                                                                                           : m->max_tokens;
+    size_t T = (size_t)m->max_tokens, R = (size_t)m->max_rows, qd = (size_t)c->n_heads * c->head_dim,
            kvd = (size_t)c->n_kv_heads * c->head_dim;
     m->x = act_alloc(m, T * H);
     m->xn = act_alloc(m, T * H);
@@ -144,8 +146,8 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
     m->att = act_alloc(m, T * qd);
     m->gate = act_alloc(m, T * c->intermediate_size);
     m->up = act_alloc(m, T * c->intermediate_size);
-    m->last = act_alloc(m, T * H);
-    m->logits = act_alloc(m, T * V);
+    m->last = act_alloc(m, R * H);
+    m->logits = act_alloc(m, R * V);
     /* The KV cache comes last so that a device backend can give it what the
      * weights and activations left. */
     if (alloc_kv_cache(m, opts, e)) goto fail;
@@ -208,6 +210,7 @@ void model_set_capture(nb_model *m, model_capture_fn fn, void *ctx) {
 }
 int model_num_kv_blocks(const nb_model *m) { return m->num_blocks; }
 int model_max_batch_tokens(const nb_model *m) { return m->max_tokens; }
+int model_max_logit_rows(const nb_model *m) { return m->max_rows; }
 
 static void linear(nb_model *m, float *out, const float *x, const nb_weight *w, const nb_weight *bias, int n) {
     m->be->ops->matmul(m->be, out, x, w, n);
@@ -309,6 +312,7 @@ static int forward_logits(nb_model *m, const int32_t *tokens, const nb_batch *ba
     if (n <= 0 || n > m->max_tokens)
         return nb_errf(e, "forward step of %d tokens (limit %d)", n, m->max_tokens);
     if (n_out < 0 || n_out > n) return nb_errf(e, "forward step asks for %d logit rows of %d", n_out, n);
+    if (n_out > m->max_rows) return nb_errf(e, "forward step asks for %d logit rows (limit %d)", n_out, m->max_rows);
     for (int t = 0; t < n; t++) {
         if (tokens[t] < 0 || tokens[t] >= c->vocab_size)
             return nb_errf(e, "token id %d out of range [0, %d)", tokens[t], c->vocab_size);

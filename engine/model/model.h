@@ -16,6 +16,8 @@ typedef struct nb_model nb_model;
 
 typedef struct nb_model_opts {
     int max_batch_tokens; /* most tokens one forward step takes (default 256) */
+    int max_logit_rows;   /* most logit rows one step returns (0 = max_batch_tokens); a server
+                           * needs one per running sequence, and a row is vocab floats */
     int num_kv_blocks;    /* KV blocks to allocate; 0 = one full-context sequence */
     const nb_quant_plan *quant; /* requested quantization; NULL = none (the checkpoint's config still wins) */
     FILE *quant_report;         /* when set: one line per quantized matrix with its error */
@@ -38,6 +40,7 @@ const nb_quant_plan *model_quant_plan(const nb_model *m);
 size_t model_weight_bytes(const nb_model *m, nb_dtype t);
 int model_num_kv_blocks(const nb_model *m);
 int model_max_batch_tokens(const nb_model *m);
+int model_max_logit_rows(const nb_model *m);
 
 /* One forward step. tokens[t] sits where batch says (positions, KV slots,
  * block tables); its K/V are written to the cache. Logits (FP32, host) of

@@ -46,6 +46,7 @@ struct nb_model {
 
     /* activation workspace for max_tokens tokens */
     int max_tokens;
+    int max_rows; /* logit rows: last and logits hold this many */
     float *x, *xn, *q, *k, *v, *att, *gate, *up, *last, *logits;
 };
 
