@@ -3,24 +3,23 @@
  * The kernels widen each packed vector of weights to FP32 in registers
  * (integer unpack, then one multiply by its row's or group's scale, the
  * very expression quant_dequant_row uses, so every weight equals the
- * reference's bit for bit) and use it for a tile of TM x rows, as the
- * BF16 kernels in kernels/cpu/cpu_matmul.c do. No matrix is ever
- * dequantized in memory: the packed bytes are read once per tile of x rows.
+ * reference's bit for bit): these are the packed formats' loaders for the
+ * tile core of kernels/cpu/cpu_tile.h, which uses each vector for a tile of
+ * TM x rows. No matrix is ever dequantized in memory: the packed bytes are
+ * read once per tile of x rows.
  * The only difference from the reference is the order of the sums (lanes,
  * then a fixed horizontal sum), the same for every element whatever the
  * block bounds, so threads and batch sizes give identical results.
  *
  * block_wise_fp8 also quantizes activations per token per 128 columns
  * (fp8_act_row); the quantized-and-rescaled rows are made once per call. */
-#include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/util.h"
+#include "kernels/cpu/cpu_tile.h"
 #include "quant/quant.h"
-
-#define AINLINE static inline __attribute__((always_inline))
 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -78,7 +77,7 @@ void quant_matmul_ref(float *out, const float *x, const nb_weight *w, int M) {
 }
 
 /* One weight (n, k) as FP32: the same arithmetic as quant_dequant_row. */
-AINLINE float wone(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
+AINLINE float tile_load_one(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
     int64_t K = w->cols;
     const uint8_t *d = w->data;
     const float *fs = w->scale;
@@ -96,7 +95,7 @@ AINLINE float wone(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
     }
 }
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#ifdef VL
 
 /* Spreads the four 2-bit fields of each 32-bit lane's low byte over its
  * four bytes, in column order. */
@@ -107,19 +106,7 @@ AINLINE __m128i spread_u2(__m128i b) {
     return _mm_or_si128(t, _mm_and_si128(_mm_slli_epi32(b, 18), _mm_set1_epi32(0x3000000)));
 }
 
-#if defined(__AVX512F__)
-
-#define VL 16
-#define TM 4
-#define TN 4
-typedef __m512 vf;
-#define vzero() _mm512_setzero_ps()
-#define vloadx(p) _mm512_loadu_ps(p)
-#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define vmul(a, b) _mm512_mul_ps(a, b)
-#define vsub(a, b) _mm512_sub_ps(a, b)
-#define vset1(a) _mm512_set1_ps(a)
-#define vhsum(v) _mm512_reduce_add_ps(v)
+#if VL == 16
 
 /* 16 int8 -> 16 floats */
 AINLINE vf cvt_i8(const void *p) {
@@ -155,25 +142,6 @@ AINLINE vf cvt_fp8(const void *p) {
 
 #else /* AVX2 */
 
-#define VL 8
-#define TM 2
-#define TN 4
-typedef __m256 vf;
-#define vzero() _mm256_setzero_ps()
-#define vloadx(p) _mm256_loadu_ps(p)
-#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define vmul(a, b) _mm256_mul_ps(a, b)
-#define vsub(a, b) _mm256_sub_ps(a, b)
-#define vset1(a) _mm256_set1_ps(a)
-
-/* Fixed pairwise order, as in cpu_matmul.c. */
-AINLINE float vhsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 AINLINE vf cvt_i8(const void *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -208,7 +176,7 @@ AINLINE vf cvt_fp8(const void *p) {
 /* VL weights (n, k..k+VL-1) as FP32. k is a multiple of VL and the vector
  * never straddles a scale group (quant_check: groups are multiples of 16
  * or whole rows; FP8 blocks are 128). */
-AINLINE vf wvec(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
+AINLINE vf tile_load_vec(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
     int64_t K = w->cols;
     const uint8_t *d = w->data;
     const float *fs = w->scale;
@@ -226,84 +194,17 @@ AINLINE vf wvec(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
     }
 }
 
-/* out[i*N + j] = x[i] . w[n + j] for i < tm, j < tn. */
-AINLINE void tile(int tm, int tn, nb_dtype t, float *out, const float *x, const nb_weight *w, int64_t n) {
-    int64_t K = w->cols, N = w->rows;
-    vf acc[TM][TN];
-#pragma GCC unroll 4
-    for (int i = 0; i < tm; i++)
-#pragma GCC unroll 4
-        for (int j = 0; j < tn; j++) acc[i][j] = vzero();
-    int64_t k = 0;
-    /* per-channel WINT4 with K % VL != 0 leaves a tail to the scalar loop */
-    for (; k + VL <= K; k += VL) {
-        vf wv[TN];
-#pragma GCC unroll 4
-        for (int j = 0; j < tn; j++) wv[j] = wvec(t, w, n + j, k);
-#pragma GCC unroll 4
-        for (int i = 0; i < tm; i++) {
-            vf xv = vloadx(x + (size_t)i * K + k);
-#pragma GCC unroll 4
-            for (int j = 0; j < tn; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < tm; i++)
-        for (int j = 0; j < tn; j++) {
-            float s = vhsum(acc[i][j]);
-            for (int64_t kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * wone(t, w, n + j, kk);
-            out[(size_t)i * N + j] = s;
-        }
-}
-
-typedef void (*qtile_fn)(float *out, const float *x, const nb_weight *w, int64_t n);
-
-#define QTILE_FN(name, T, tm, tn) \
-    static void name(float *out, const float *x, const nb_weight *w, int64_t n) { tile(tm, tn, T, out, x, w, n); }
-#define QTILE_ROW(T, sfx, tm)                 \
-    QTILE_FN(qt_##sfx##_##tm##x1, T, tm, 1)  \
-    QTILE_FN(qt_##sfx##_##tm##x2, T, tm, 2)  \
-    QTILE_FN(qt_##sfx##_##tm##x3, T, tm, 3)  \
-    QTILE_FN(qt_##sfx##_##tm##x4, T, tm, 4)
-#define QTROW(sfx, tm) {qt_##sfx##_##tm##x1, qt_##sfx##_##tm##x2, qt_##sfx##_##tm##x3, qt_##sfx##_##tm##x4}
-#if TM == 4
-#define QTILE_DTYPE(T, sfx) QTILE_ROW(T, sfx, 1) QTILE_ROW(T, sfx, 2) QTILE_ROW(T, sfx, 3) QTILE_ROW(T, sfx, 4)
-#define QTABLE(sfx) {QTROW(sfx, 1), QTROW(sfx, 2), QTROW(sfx, 3), QTROW(sfx, 4)}
-#else
-#define QTILE_DTYPE(T, sfx) QTILE_ROW(T, sfx, 1) QTILE_ROW(T, sfx, 2)
-#define QTABLE(sfx) {QTROW(sfx, 1), QTROW(sfx, 2)}
 #endif
 
-QTILE_DTYPE(NB_WINT8, w8)
-QTILE_DTYPE(NB_WINT4, w4)
-QTILE_DTYPE(NB_WINT2, w2)
-QTILE_DTYPE(NB_FP8_B128, f8)
+TILE_DTYPE(NB_WINT8, w8)
+TILE_DTYPE(NB_WINT4, w4)
+TILE_DTYPE(NB_WINT2, w2)
+TILE_DTYPE(NB_FP8_B128, f8)
 
-/* [dtype - NB_WINT8][tm-1][tn-1] */
-static const qtile_fn QTILES[4][TM][TN] = {QTABLE(w8), QTABLE(w4), QTABLE(w2), QTABLE(f8)};
+const cpu_tile_set quant_tiles[NB_DTYPE_COUNT - NB_WINT8] = {TILE_TABLE(w8), TILE_TABLE(w4), TILE_TABLE(w2),
+                                                             TILE_TABLE(f8)};
 
 void quant_matmul_block_act(float *out, const float *xa, const nb_weight *w, int m0, int m1, int64_t n0,
                             int64_t n1) {
-    int64_t N = w->rows, K = w->cols;
-    for (int m = m0; m < m1; m += TM) {
-        int tm = m1 - m < TM ? m1 - m : TM;
-        for (int64_t n = n0; n < n1; n += TN) {
-            int tn = n1 - n < TN ? (int)(n1 - n) : TN;
-            QTILES[w->dtype - NB_WINT8][tm - 1][tn - 1](out + (size_t)m * N + n, xa + (size_t)m * K, w, n);
-        }
-    }
+    cpu_tile_run(out, xa, w, m0, m1, n0, n1);
 }
-
-#else /* portable build */
-
-void quant_matmul_block_act(float *out, const float *xa, const nb_weight *w, int m0, int m1, int64_t n0,
-                            int64_t n1) {
-    int64_t N = w->rows, K = w->cols;
-    for (int m = m0; m < m1; m++)
-        for (int64_t n = n0; n < n1; n++) {
-            float s = 0.0f;
-            for (int64_t k = 0; k < K; k++) s += xa[(size_t)m * K + k] * wone(w->dtype, w, n, k);
-            out[(size_t)m * N + n] = s;
-        }
-}
-
-#endif

@@ -1,21 +1,19 @@
-/* Matrix products out = x @ w^T with FP32, BF16 or F16 weights.
+/* Matrix products out = x @ w^T for every weight dtype: the F32/BF16/F16
+ * weight loaders of the tile core in kernels/cpu/cpu_tile.h (the packed
+ * formats' loaders are in quant/quant_matmul.c), the one table of tiles over
+ * all dtypes, the blocked loop over it, and the split over threads.
  *
- * Each output element is one dot product over K: vector lanes accumulate
- * with FMA over whole vectors, the lanes are summed in a fixed order, and the
- * remaining K % lanes products are added one by one. A tile of TM x rows by
- * TN weight rows runs these dot products side by side so each weight vector
- * loaded is used TM times and each x vector TN times; the per-element
- * arithmetic is the same whatever the tile, so tiling and threading never
- * change results. */
+ * A tile of TM x rows by TN weight rows runs TM x TN dot products side by
+ * side so each weight vector loaded is used TM times and each x vector TN
+ * times; the per-element arithmetic is the same whatever the tile, so tiling
+ * and threading never change results. */
 #include "kernels/cpu/cpu_ops.h"
 
-#include <immintrin.h>
 #include <string.h>
 
 #include "common/util.h"
+#include "kernels/cpu/cpu_tile.h"
 #include "quant/quant.h"
-
-#define AINLINE static inline __attribute__((always_inline))
 
 const char *cpu_simd_name(void) {
 #if defined(__AVX512F__)
@@ -72,144 +70,71 @@ void cpu_matmul_scalar(float *out, const float *x, const nb_weight *w, int M) {
         }
 }
 
-/* ---- vector tiles ------------------------------------------------------ */
+/* ---- tiles (core in kernels/cpu/cpu_tile.h) ----------------------------- */
+
+/* Dense rows are K contiguous elements; t is a constant after inlining, so
+ * the row address is computed once per tile, not per load. */
+AINLINE const void *dense_row(nb_dtype t, const nb_weight *w, int64_t n) {
+    return (const char *)w->data + (size_t)(n * w->cols) * (t == NB_F32 ? 4 : 2);
+}
 
 #if defined(__AVX512F__)
 
-#define VL 16
-#define TM 4
-#define TN 4
-typedef __m512 vf;
-#define vzero() _mm512_setzero_ps()
-#define vloadx(p) _mm512_loadu_ps(p)
-#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define vhsum(v) _mm512_reduce_add_ps(v)
-
-AINLINE vf vloadw(const void *w, nb_dtype t, int64_t i) {
+AINLINE vf tile_load_vec(nb_dtype t, const nb_weight *w, int64_t n, int64_t i) {
+    const void *r = dense_row(t, w, n);
     switch (t) {
     case NB_BF16: {
-        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)r + i));
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     case NB_F16:
-        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
-    default: return _mm512_loadu_ps((const float *)w + i);
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)r + i)));
+    default: return _mm512_loadu_ps((const float *)r + i);
     }
 }
 
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(VL)
 
-#define VL 8
-#define TM 2
-#define TN 4
-typedef __m256 vf;
-#define vzero() _mm256_setzero_ps()
-#define vloadx(p) _mm256_loadu_ps(p)
-#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
-
-/* Fixed pairwise order: (0+4, 1+5, 2+6, 3+7), then (a+c, b+d), then a+b. */
-AINLINE float vhsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AINLINE vf vloadw(const void *w, nb_dtype t, int64_t i) {
+AINLINE vf tile_load_vec(nb_dtype t, const nb_weight *w, int64_t n, int64_t i) {
+    const void *r = dense_row(t, w, n);
     switch (t) {
     case NB_BF16: {
-        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)r + i));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
 #if defined(__F16C__)
-    case NB_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    case NB_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)r + i)));
 #else
     case NB_F16: {
         float tmp[8];
-        for (int j = 0; j < 8; j++) tmp[j] = f16_to_f32(((const uint16_t *)w)[i + j]);
+        for (int j = 0; j < 8; j++) tmp[j] = f16_to_f32(((const uint16_t *)r)[i + j]);
         return _mm256_loadu_ps(tmp);
     }
 #endif
-    default: return _mm256_loadu_ps((const float *)w + i);
+    default: return _mm256_loadu_ps((const float *)r + i);
     }
 }
 
 #endif
 
-#ifdef VL
-
-/* out[i*ldo + j] = x[i] . w[j] for i < tm, j < tn (tm <= TM, tn <= TN). The
- * constant bounds unroll after inlining so the accumulators stay in
- * registers. */
-AINLINE void tile(int tm, int tn, nb_dtype t, float *out, int64_t ldo, const float *x,
-                  const char *w, int64_t K) {
-    size_t wstride = (size_t)K * (t == NB_F32 ? 4 : 2);
-    vf acc[TM][TN];
-#pragma GCC unroll 4
-    for (int i = 0; i < tm; i++)
-#pragma GCC unroll 4
-        for (int j = 0; j < tn; j++) acc[i][j] = vzero();
-    int64_t k = 0;
-    for (; k + VL <= K; k += VL) {
-        vf wv[TN];
-#pragma GCC unroll 4
-        for (int j = 0; j < tn; j++) wv[j] = vloadw(w + j * wstride, t, k);
-#pragma GCC unroll 4
-        for (int i = 0; i < tm; i++) {
-            vf xv = vloadx(x + (size_t)i * K + k);
-#pragma GCC unroll 4
-            for (int j = 0; j < tn; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < tm; i++)
-        for (int j = 0; j < tn; j++) {
-            float s = vhsum(acc[i][j]);
-            for (int64_t kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * load_w1(w + j * wstride, t, kk);
-            out[(size_t)i * ldo + j] = s;
-        }
+AINLINE float tile_load_one(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
+    return load_w1(dense_row(t, w, n), t, k);
 }
-
-/* One function per (dtype, tm, tn) so each gets its own unrolled body. */
-#define TILE_FN(name, T, tm, tn)                                                                  \
-    static void name(float *out, int64_t ldo, const float *x, const char *w, int64_t K) {       \
-        tile(tm, tn, T, out, ldo, x, w, K);                                                       \
-    }
-#define TILE_ROW(T, sfx, tm)                                                                      \
-    TILE_FN(tile_##sfx##_##tm##x1, T, tm, 1)                                                      \
-    TILE_FN(tile_##sfx##_##tm##x2, T, tm, 2)                                                      \
-    TILE_FN(tile_##sfx##_##tm##x3, T, tm, 3)                                                      \
-    TILE_FN(tile_##sfx##_##tm##x4, T, tm, 4)
-#if TM == 4
-#define TILE_DTYPE(T, sfx) TILE_ROW(T, sfx, 1) TILE_ROW(T, sfx, 2) TILE_ROW(T, sfx, 3) TILE_ROW(T, sfx, 4)
-#else
-#define TILE_DTYPE(T, sfx) TILE_ROW(T, sfx, 1) TILE_ROW(T, sfx, 2)
-#endif
 
 TILE_DTYPE(NB_F32, f32)
 TILE_DTYPE(NB_BF16, bf16)
 TILE_DTYPE(NB_F16, f16)
 
-typedef void (*tile_fn)(float *out, int64_t ldo, const float *x, const char *w, int64_t K);
+static const cpu_tile_set dense_tiles[3] = {TILE_TABLE(f32), TILE_TABLE(bf16), TILE_TABLE(f16)};
 
-#define TILE_TROW(sfx, tm) {tile_##sfx##_##tm##x1, tile_##sfx##_##tm##x2, tile_##sfx##_##tm##x3, tile_##sfx##_##tm##x4}
-#if TM == 4
-#define TILE_TABLE(sfx) {TILE_TROW(sfx, 1), TILE_TROW(sfx, 2), TILE_TROW(sfx, 3), TILE_TROW(sfx, 4)}
-#else
-#define TILE_TABLE(sfx) {TILE_TROW(sfx, 1), TILE_TROW(sfx, 2)}
-#endif
+/* Every dtype's tiles, [dtype][tm-1][tn-1]. */
+static const cpu_tile_fn (*const TILES[NB_DTYPE_COUNT])[TN] = {
+    dense_tiles[0], dense_tiles[1], dense_tiles[2], quant_tiles[0], quant_tiles[1], quant_tiles[2], quant_tiles[3],
+};
 
-/* [dtype][tm-1][tn-1] */
-static const tile_fn TILES[3][TM][TN] = {TILE_TABLE(f32), TILE_TABLE(bf16), TILE_TABLE(f16)};
-
-void cpu_matmul_block(float *out, const float *x, const nb_weight *w, int m0, int m1, int64_t n0,
-                      int64_t n1) {
-    if (w->dtype >= NB_WINT8) {
-        quant_matmul_block(out, x, w, m0, m1, n0, n1);
-        return;
-    }
+void cpu_tile_run(float *out, const float *x, const nb_weight *w, int m0, int m1, int64_t n0, int64_t n1) {
     int64_t N = w->rows, K = w->cols;
-    size_t wrow = (size_t)K * nb_dtype_size(w->dtype);
-    const char *wd = w->data;
+    const cpu_tile_fn(*tiles)[TN] = TILES[w->dtype];
     /* Rows of x outer, weight rows inner: the block's weight rows (sized by
      * the caller to fit in L2) are reused from cache by every group of TM x
      * rows, and those x rows stay in L1 across the block. */
@@ -217,33 +142,17 @@ void cpu_matmul_block(float *out, const float *x, const nb_weight *w, int m0, in
         int tm = m1 - m < TM ? m1 - m : TM;
         for (int64_t n = n0; n < n1; n += TN) {
             int tn = n1 - n < TN ? (int)(n1 - n) : TN;
-            TILES[w->dtype][tm - 1][tn - 1](out + (size_t)m * N + n, N, x + (size_t)m * K,
-                                            wd + (size_t)n * wrow, K);
+            tiles[tm - 1][tn - 1](out + (size_t)m * N + n, x + (size_t)m * K, w, n);
         }
     }
 }
-
-#else /* portable build */
 
 void cpu_matmul_block(float *out, const float *x, const nb_weight *w, int m0, int m1, int64_t n0,
                       int64_t n1) {
-    if (w->dtype >= NB_WINT8) {
-        quant_matmul_block(out, x, w, m0, m1, n0, n1);
-        return;
-    }
-    int64_t N = w->rows, K = w->cols;
-    size_t wrow = (size_t)K * nb_dtype_size(w->dtype);
-    for (int m = m0; m < m1; m++)
-        for (int64_t n = n0; n < n1; n++) {
-            const char *row = (const char *)w->data + (size_t)n * wrow;
-            const float *xr = x + (size_t)m * K;
-            float s = 0.0f;
-            for (int64_t k = 0; k < K; k++) s += xr[k] * load_w1(row, w->dtype, k);
-            out[(size_t)m * N + n] = s;
-        }
+    /* packed formats may first quantize the activations (FP8) */
+    if (w->dtype >= NB_WINT8) quant_matmul_block(out, x, w, m0, m1, n0, n1);
+    else cpu_tile_run(out, x, w, m0, m1, n0, n1);
 }
-
-#endif
 
 /* ---- threading --------------------------------------------------------- */
 
@@ -264,8 +173,7 @@ static void mm_task(void *arg, int task) {
     if (n1 > j->w->rows) n1 = j->w->rows;
     int m0 = rt * j->m_chunk, m1 = m0 + j->m_chunk;
     if (m1 > j->M) m1 = j->M;
-    if (j->w->dtype >= NB_WINT8) quant_matmul_block_act(j->out, j->x, j->w, m0, m1, n0, n1);
-    else cpu_matmul_block(j->out, j->x, j->w, m0, m1, n0, n1);
+    cpu_tile_run(j->out, j->x, j->w, m0, m1, n0, n1);
 }
 
 void cpu_matmul(threadpool *pool, float *out, const float *x, const nb_weight *w, int M) {
