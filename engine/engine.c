@@ -305,7 +305,7 @@ static int schedule(nb_engine *g) {
 
 int engine_step(nb_engine *g, nb_err *e) {
     int nb = schedule(g);
-    int n_tok = 0, n_rows = 0, on_backend = 0;
+    int n_tok = 0, n_rows = 0, on_backend = 0, wants_lp = 0;
     for (int b = 0; b < nb; b++) {
         eseq *s = g->batch_seq[b];
         memcpy(g->tables + (size_t)b * g->max_blocks, s->blocks, sizeof(int32_t) * (size_t)s->n_blocks);
@@ -316,17 +316,16 @@ int engine_step(nb_engine *g, nb_err *e) {
             g->seq_of[n_tok] = b;
             g->slot[n_tok] = s->blocks[p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + (int32_t)(p % NB_KV_BLOCK_SIZE);
         }
-        if (s->n_computed + (size_t)g->take[b] == s->n_tokens) g->rows[n_rows++] = n_tok - 1;
+        if (s->n_computed + (size_t)g->take[b] == s->n_tokens) {
+            g->rows[n_rows++] = n_tok - 1;
+            wants_lp |= s->lp != NULL;
+        }
     }
     if (nb > 0) {
         nb_batch batch = {n_tok, g->pos, g->seq_of, g->slot, nb, g->max_blocks, g->tables};
         /* The backend samples where the logits are (only ids cross to the
          * host) unless a row wants logprobs, which need the whole row. */
-        on_backend = n_rows > 0;
-        for (int b = 0; b < nb; b++) {
-            eseq *s = g->batch_seq[b];
-            if (s->n_computed + (size_t)g->take[b] == s->n_tokens) on_backend &= !s->lp;
-        }
+        on_backend = n_rows > 0 && !wants_lp;
         if (on_backend) {
             int r = 0;
             for (int b = 0; b < nb; b++) {
@@ -355,7 +354,7 @@ int engine_step(nb_engine *g, nb_err *e) {
         }
         if (s->lp) {
             size_t t = s->n_tokens - s->n_prompt, k = (size_t)s->opts.logprobs - 1;
-            s->lp[t] = sampler_logprobs(g->raw, g->c->vocab_size, id, (int)k, s->top_ids + t * k, s->top_lp + t * k);
+            s->lp[t] = sample_logprobs_ref(g->raw, g->c->vocab_size, id, (int)k, s->top_ids + t * k, s->top_lp + t * k);
         }
         sampler_accept(s->smp, id);
         s->tokens[s->n_tokens++] = id;

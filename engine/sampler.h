@@ -50,9 +50,4 @@ int32_t sampler_sample(nb_sampler *s, float *logits);
  * call sampler_accept. */
 void sampler_row(nb_sampler *s, nb_sample_row *r);
 
-/* Log-softmax of the original logits row (before penalties and temperature):
- * writes the n_top best ids and their logprobs, best first (lower id on
- * ties; slots beyond vocab get id -1, -inf), and returns chosen's logprob. */
-float sampler_logprobs(const float *logits, int vocab, int32_t chosen, int n_top, int32_t *top_ids, float *top_lp);
-
 #endif

@@ -113,6 +113,12 @@ typedef struct nb_sample_row {
  * double, so backends differ only where u lands within rounding of a
  * boundary. prob and idx are [vocab] scratch. */
 int32_t sample_row_ref(float *logits, int vocab, const nb_sample_row *r, float *prob, int32_t *idx);
+/* Log-softmax of an original logits row (before penalties and temperature;
+ * kernels/cpu/cpu_sample.c): writes the n_top best ids and their logprobs,
+ * best first (lower id on ties, NaN skipped; slots beyond vocab get id -1,
+ * -inf), and returns chosen's logprob. */
+float sample_logprobs_ref(const float *logits, int vocab, int32_t chosen, int n_top, int32_t *top_ids,
+                          float *top_lp);
 
 typedef struct nb_backend nb_backend;
 
@@ -174,8 +180,6 @@ typedef struct nb_backend_ops {
      * out and x must not overlap. */
     void (*gather_rows)(nb_backend *b, float *out, const float *x, const int32_t *rows,
                         int n_rows, int cols);
-    /* ids[r] = argmax of row r (lowest index on ties); ids is a host array. */
-    void (*argmax)(nb_backend *b, int32_t *ids, const float *x, int n, int cols);
     /* ids[r] = sample_row_ref(row r of x, cols, &rows[r]) for n rows; ids
      * and rows (with their history arrays) are host memory; x is scratch
      * afterwards. */

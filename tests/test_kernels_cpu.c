@@ -2,7 +2,7 @@
  * matmul over a sweep of odd shapes and all weight dtypes (also the portable
  * scalar kernel), paged causal GQA attention over mixed prefill/decode
  * batches with scattered block tables, rope in both styles, the norms and
- * elementwise ops, argmax ties; every threaded op must give bitwise the same
+ * elementwise ops, greedy argmax ties through the sample op; every threaded op must give bitwise the same
  * result with 1 and 3 threads. Ends with a (non-gating) matmul bandwidth
  * line. */
 #include <stdint.h>
@@ -447,11 +447,14 @@ static void test_softmax_gather_argmax(void) {
         {-INFINITY, -INFINITY, -7, -INFINITY, -7, 0, -1, -2, -3},      /* 5 */
         {NAN, -1, -0.5f, NAN, -0.5f, -2, -3, -4, -5},                  /* NaN skipped: 2 */
     };
+    /* argmax: the sample op on greedy rows */
+    nb_sample_row greedy[4];
+    for (int r = 0; r < 4; r++) greedy[r] = (nb_sample_row){.top_p = 1.0f, .repetition_penalty = 1.0f};
     int32_t ids[4];
-    be1->ops->argmax(be1, ids, &am[0][0], 4, 9);
+    be3->ops->sample(be3, ids, &am[0][0], 4, 9, greedy);
     CHECK(ids[0] == 2 && ids[1] == 0 && ids[2] == 5 && ids[3] == 2, "argmax %d %d %d %d", ids[0], ids[1], ids[2], ids[3]);
     int32_t big;
-    be1->ops->argmax(be1, &big, x + 3 * cols, 1, cols);
+    be1->ops->sample(be1, &big, x + 3 * cols, 1, cols, greedy);
     int want = 0;
     for (int i = 1; i < cols; i++)
         if (x[3 * cols + i] > x[3 * cols + want]) want = i;

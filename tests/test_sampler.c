@@ -476,7 +476,7 @@ static void test_logprobs(void) {
     double lse = mx + log(sum);
     int32_t ids[20];
     float lp[20];
-    float chosen = sampler_logprobs(lg, V, 123, 20, ids, lp);
+    float chosen = sample_logprobs_ref(lg, V, 123, 20, ids, lp);
     CHECK(fabs(chosen - (lg[123] - lse)) < 1e-5, "chosen %g want %g", (double)chosen, lg[123] - lse);
     CHECK(ids[0] == 10 && ids[1] == 20, "ties: %d %d", ids[0], ids[1]);
     int *ord = malloc(sizeof(int) * (size_t)V);
@@ -493,7 +493,7 @@ static void test_logprobs(void) {
     float small[3] = {0.0f, 1.0f, 2.0f};
     int32_t ids5[5];
     float lp5[5];
-    float c = sampler_logprobs(small, 3, 0, 5, ids5, lp5);
+    float c = sample_logprobs_ref(small, 3, 0, 5, ids5, lp5);
     double l3 = log(exp(0.0) + exp(1.0) + exp(2.0));
     CHECK(fabs(c - (0 - l3)) < 1e-6, "small chosen %g", (double)c);
     CHECK(ids5[0] == 2 && ids5[1] == 1 && ids5[2] == 0 && ids5[3] == -1 && ids5[4] == -1, "small ids");

@@ -167,7 +167,7 @@ static void test_validation(void) {
 static void test_logprobs(void) {
     int32_t ids[3];
     float lp[3];
-    float chosen = sampler_logprobs(BASE, V, 6, 3, ids, lp);
+    float chosen = sample_logprobs_ref(BASE, V, 6, 3, ids, lp);
     double sm[V];
     softmax(BASE, 1, sm);
     CHECK(fabs(chosen - log(sm[6])) < 1e-5, "chosen logprob %g vs %g", chosen, log(sm[6]));

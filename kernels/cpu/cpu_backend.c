@@ -252,21 +252,6 @@ static void cpu_gather_rows(nb_backend *b, float *out, const float *x, const int
         memmove(out + (size_t)i * cols, x + (size_t)rows[i] * cols, sizeof(float) * (size_t)cols);
 }
 
-static void cpu_argmax(nb_backend *b, int32_t *ids, const float *x, int n, int cols) {
-    for (int r = 0; r < n; r++) {
-        const float *row = x + (size_t)r * cols;
-        int32_t best = 0;
-        float bv = -INFINITY;
-        /* strict > keeps the lowest index on ties and never picks a NaN */
-        for (int i = 0; i < cols; i++)
-            if (row[i] > bv) {
-                bv = row[i];
-                best = i;
-            }
-        ids[r] = best;
-    }
-}
-
 static void cpu_sync(nb_backend *b) {}
 
 static int cpu_supports(nb_backend *b, nb_dtype t) { return t >= 0 && t < NB_DTYPE_COUNT; }
@@ -341,7 +326,6 @@ static const nb_backend_ops CPU_OPS = {
     .attention = cpu_attention_op,
     .softmax = cpu_softmax,
     .gather_rows = cpu_gather_rows,
-    .argmax = cpu_argmax,
     .sample = cpu_sample,
     .sync = cpu_sync,
     .destroy = cpu_destroy,

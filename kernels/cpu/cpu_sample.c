@@ -1,5 +1,6 @@
-/* sample_row_ref: one logits row to one token id (kernels/backend.h says
- * what it computes). This is the definition the GPU sampler is tested
+/* sample_row_ref: one logits row to one token id, and sample_logprobs_ref,
+ * its log-softmax for the logprobs of a response (kernels/backend.h says
+ * what they compute). This is the definition the GPU sampler is tested
  * against and what the CPU backend and engine/sampler.c run.
  *
  * The kept set is always a prefix of the rank order (probability
@@ -192,4 +193,35 @@ int32_t sample_row_ref(float *lg, int V, const nb_sample_row *r, float *pr, int3
         if (target < acc) return i;
     }
     return last; /* rounding left the target at the very top of the range */
+}
+
+/* ---- logprobs ---- */
+
+float sample_logprobs_ref(const float *lg, int vocab, int32_t chosen, int n_top, int32_t *top_ids, float *top_lp) {
+    int best = sample_argmax(lg, vocab);
+    if (best < 0) return -INFINITY;
+    double mx = lg[best], sum = 0;
+    for (int i = 0; i < vocab; i++)
+        if (!isnan(lg[i])) sum += exp((double)lg[i] - mx);
+    double lse = mx + log(sum);
+    int n_fill = n_top < vocab ? n_top : vocab;
+    /* n_top is small (OpenAI allows 20): insertion into a sorted list beats a sort */
+    int have = 0;
+    for (int i = 0; i < vocab && n_fill > 0; i++) {
+        if (isnan(lg[i])) continue;
+        if (have == n_fill && !sample_before(lg, i, top_ids[have - 1])) continue;
+        int j = have < n_fill ? have++ : have - 1;
+        while (j > 0 && sample_before(lg, i, top_ids[j - 1])) {
+            top_ids[j] = top_ids[j - 1];
+            j--;
+        }
+        top_ids[j] = i;
+    }
+    for (int i = 0; i < have; i++) top_lp[i] = (float)((double)lg[top_ids[i]] - lse);
+    for (int i = have; i < n_top; i++) {
+        top_ids[i] = -1;
+        top_lp[i] = -INFINITY;
+    }
+    if (chosen < 0 || chosen >= vocab || isnan(lg[chosen])) return -INFINITY;
+    return (float)((double)lg[chosen] - lse);
 }

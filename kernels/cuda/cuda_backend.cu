@@ -3,7 +3,7 @@
 // cuda_ops.cu, cuda_matmul.cu and cuda_attention.cu.
 //
 // Everything runs on one stream. Ops return as soon as their work is queued;
-// upload, download, argmax and sync wait for it. Activations stay FP32 as the
+// upload, download, sample and sync wait for it. Activations stay FP32 as the
 // interface says; the GEMMs read them as BF16 where tensor cores need it.
 #include <string.h>
 
@@ -189,27 +189,38 @@ static const cuda_batch *cur_batch(cuda_backend *c, const char *op) {
     return &c->batch;
 }
 
+void cuda_require_eager(cuda_backend *c, const char *op) {
+    if (!c->capturing) return;
+    fprintf(stderr, "nibble: cuda: %s (host arrays) inside a recorded step\n", op);
+    abort();
+}
+
+void cuda_staging_free(cuda_staging *s) {
+    if (s->host) CUDA_CHECK(cudaFreeHost(s->host));
+    if (s->dev) CUDA_CHECK(cudaFree(s->dev));
+    s->host = s->dev = NULL;
+    s->cap = 0;
+}
+
+void cuda_staging_reserve(cuda_staging *s, size_t bytes) {
+    if (bytes <= s->cap) return;
+    cuda_staging_free(s);
+    size_t cap = bytes < 65536 ? 65536 : bytes * 2;
+    CUDA_CHECK(cudaMallocHost((void **)&s->host, cap));
+    CUDA_CHECK(cudaMalloc((void **)&s->dev, cap));
+    s->cap = cap;
+}
+
 // Copies a host index array to the device for one op. The staging buffer
 // is reused, so wait until the last op that read it has run.
-static const int32_t *stage_indices(cuda_backend *c, const int32_t *idx, int n) {
-    if (c->capturing) {
-        fprintf(stderr, "nibble: cuda: an op with host indices inside a recorded step\n");
-        abort();
-    }
+static const int32_t *stage_indices(cuda_backend *c, const int32_t *idx, int n, const char *op) {
+    cuda_require_eager(c, op);
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
-    size_t bytes = sizeof(int32_t) * (size_t)(n > 0 ? n : 1);
-    if (bytes > c->idx_cap) {
-        if (c->idx_host) CUDA_CHECK(cudaFreeHost(c->idx_host));
-        if (c->idx_dev) CUDA_CHECK(cudaFree(c->idx_dev));
-        size_t cap = bytes < 4096 ? 4096 : bytes * 2;
-        CUDA_CHECK(cudaMallocHost((void **)&c->idx_host, cap));
-        CUDA_CHECK(cudaMalloc((void **)&c->idx_dev, cap));
-        c->idx_cap = cap;
-    }
-    memcpy(c->idx_host, idx, sizeof(int32_t) * (size_t)n);
-    CUDA_CHECK(cudaMemcpyAsync(c->idx_dev, c->idx_host, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice,
+    cuda_staging_reserve(&c->idx, sizeof(int32_t) * (size_t)(n > 0 ? n : 1));
+    memcpy(c->idx.host, idx, sizeof(int32_t) * (size_t)n);
+    CUDA_CHECK(cudaMemcpyAsync(c->idx.dev, c->idx.host, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice,
                                c->stream));
-    return c->idx_dev;
+    return (const int32_t *)c->idx.dev;
 }
 
 // ---- ops ----------------------------------------------------------------
@@ -223,7 +234,7 @@ static void cu_embedding(nb_backend *b, float *out, const nb_weight *table, cons
                     (long long)table->rows);
             abort();
         }
-    cuda_embedding(c, out, table, stage_indices(c, tokens, n), n);
+    cuda_embedding(c, out, table, stage_indices(c, tokens, n, "embedding"), n);
 }
 
 static void cu_rmsnorm(nb_backend *b, float *out, const float *x, const nb_weight *w, int n, float eps) {
@@ -276,17 +287,7 @@ static void cu_softmax(nb_backend *b, float *x, int n, int cols) { cuda_softmax(
 static void cu_gather_rows(nb_backend *b, float *out, const float *x, const int32_t *rows, int n_rows, int cols) {
     cuda_backend *c = cuda_impl(b);
     if (n_rows <= 0) return;
-    cuda_gather_rows(c, out, x, stage_indices(c, rows, n_rows), n_rows, cols);
-}
-
-static void cu_argmax(nb_backend *b, int32_t *ids, const float *x, int n, int cols) {
-    cuda_backend *c = cuda_impl(b);
-    if (n <= 0) return;
-    int32_t *dev = (int32_t *)stage_indices(c, ids, n); // reuses the staging pair for the answer
-    cuda_argmax(c, dev, x, n, cols);
-    CUDA_CHECK(cudaMemcpyAsync(c->idx_host, dev, sizeof(int32_t) * (size_t)n, cudaMemcpyDeviceToHost, c->stream));
-    CUDA_CHECK(cudaStreamSynchronize(c->stream));
-    memcpy(ids, c->idx_host, sizeof(int32_t) * (size_t)n);
+    cuda_gather_rows(c, out, x, stage_indices(c, rows, n_rows, "gather_rows"), n_rows, cols);
 }
 
 static void cu_sample(nb_backend *b, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows) {
@@ -361,15 +362,14 @@ static void cu_destroy(nb_backend *b) {
     cuda_gemm_algos_free(c);
     cuda_fp8_free(c);
     cuda_wint_free(c);
-    cuda_sample_free(c);
     if (c->lt) cublasLtDestroy(c->lt);
     cudaFree(c->lt_ws);
     cudaFree(c->conv);
     cudaFree(c->attn_part);
     cudaFree(c->meta_dev);
-    cudaFree(c->idx_dev);
     if (c->meta_host) cudaFreeHost(c->meta_host);
-    if (c->idx_host) cudaFreeHost(c->idx_host);
+    cuda_staging_free(&c->idx);
+    cuda_staging_free(&c->smp);
     free(c->host_pos);
     if (c->stream) cudaStreamDestroy(c->stream);
     free(c);
@@ -399,7 +399,6 @@ static nb_backend_ops make_ops(void) {
     o.attention = cu_attention;
     o.softmax = cu_softmax;
     o.gather_rows = cu_gather_rows;
-    o.argmax = cu_argmax;
     o.sync = cu_sync;
     o.sample = cu_sample;
     o.destroy = cu_destroy;

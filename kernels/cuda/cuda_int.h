@@ -57,6 +57,14 @@ typedef struct cuda_graph {
 
 typedef struct cuda_gemm_algo cuda_gemm_algo; // cuda_matmul.cu
 
+// A pinned host buffer and a device buffer of the same size, for ops that
+// copy host arrays in (and results out). Grown only when idle: the owner
+// has waited for the copies that used it.
+typedef struct cuda_staging {
+    char *host, *dev;
+    size_t cap;
+} cuda_staging;
+
 typedef struct cuda_backend {
     int device;
     cudaStream_t stream;
@@ -71,9 +79,8 @@ typedef struct cuda_backend {
     int has_batch;
     int32_t *host_pos; // host copy of the positions (tile building)
 
-    // staging for ops that take host index arrays (embedding, gather, argmax)
-    int32_t *idx_host, *idx_dev;
-    size_t idx_cap;
+    // staging for ops that take host index arrays (embedding, gather)
+    cuda_staging idx;
 
     // scratch: activations converted for cuBLASLt, cuBLASLt workspace,
     // split-context attention partials
@@ -101,10 +108,8 @@ typedef struct cuda_backend {
     struct cuda_fp8_state *fp8;
     // cuda_wint.cu: its scratch, freed by cuda_wint_free
     struct cuda_wint_state *wint;
-    // cuda_sample.cu: pinned and device staging of the rows, their
-    // histories and the ids, freed by cuda_sample_free
-    char *smp_host, *smp_dev;
-    size_t smp_cap;
+    // cuda_sample.cu: staging of the rows, their histories and the ids
+    cuda_staging smp;
 } cuda_backend;
 
 static inline cuda_backend *cuda_impl(nb_backend *b) { return (cuda_backend *)b->impl; }
@@ -112,6 +117,12 @@ static inline cuda_backend *cuda_impl(nb_backend *b) { return (cuda_backend *)b-
 // Makes *buf hold at least `bytes`; an outgrown buffer is retired, not
 // freed, since recorded graphs may point at it.
 void cuda_scratch(cuda_backend *c, void **buf, size_t *cap, size_t bytes);
+// Aborts, naming op, when a step is being recorded: ops that copy host
+// arrays cannot be part of a recording.
+void cuda_require_eager(cuda_backend *c, const char *op);
+// Makes s hold at least `bytes` (at least 64 KiB, doubled when it grows).
+void cuda_staging_reserve(cuda_staging *s, size_t bytes);
+void cuda_staging_free(cuda_staging *s);
 // Drops every recorded graph and frees retired buffers.
 void cuda_graphs_clear(cuda_backend *c);
 
@@ -199,7 +210,6 @@ void cuda_silu_mul(cuda_backend *c, float *out, const float *gate, const float *
 void cuda_rope(cuda_backend *c, float *x, int n_heads, int head_dim, const float *inv_freq, int interleaved);
 void cuda_softmax(cuda_backend *c, float *x, int n, int cols);
 void cuda_gather_rows(cuda_backend *c, float *out, const float *x, const int32_t *rows_dev, int n_rows, int cols);
-void cuda_argmax(cuda_backend *c, int32_t *ids_dev, const float *x, int n, int cols);
 // x (FP32) to BF16 or F16, n elements
 void cuda_convert(cuda_backend *c, void *out, nb_dtype t, const float *x, size_t n);
 
@@ -220,7 +230,6 @@ void cuda_fp8_free(cuda_backend *c);
 // cuda_sample.cu: ids[r] = sample_row_ref of row r for n rows (host ids
 // and rows); copies in and out and waits, so it cannot be recorded.
 void cuda_sample(cuda_backend *c, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows);
-void cuda_sample_free(cuda_backend *c);
 
 // cuda_attention.cu
 void cuda_kv_write(cuda_backend *c, void *k_cache, void *v_cache, const float *k, const float *v,

@@ -242,17 +242,3 @@ void cuda_gather_rows(cuda_backend *c, float *out, const float *x, const int32_t
     CUDA_LAUNCHED();
 }
 
-__global__ void argmax_kernel(int32_t *ids, const float *x, int cols) {
-    const float *r = x + (size_t)blockIdx.x * cols;
-    float bv = -INFINITY;
-    int bi = INT32_MAX;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) cuda_argmax_merge(bv, bi, r[i], i);
-    cuda_block_argmax(bv, bi);
-    // a row of NaN only: index 0, as the CPU loop leaves it
-    if (threadIdx.x == 0) ids[blockIdx.x] = bi == INT32_MAX ? 0 : bi;
-}
-
-void cuda_argmax(cuda_backend *c, int32_t *ids_dev, const float *x, int n, int cols) {
-    argmax_kernel<<<n, 1024, 0, c->stream>>>(ids_dev, x, cols);
-    CUDA_LAUNCHED();
-}

@@ -247,21 +247,11 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
 
 // ---- host side --------------------------------------------------------------
 
-void cuda_sample_free(cuda_backend *c) {
-    if (c->smp_host) CUDA_CHECK(cudaFreeHost(c->smp_host));
-    if (c->smp_dev) CUDA_CHECK(cudaFree(c->smp_dev));
-    c->smp_host = c->smp_dev = NULL;
-    c->smp_cap = 0;
-}
-
 static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
 
 void cuda_sample(cuda_backend *c, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows) {
     if (n <= 0) return;
-    if (c->capturing) {
-        fprintf(stderr, "nibble: cuda: sample inside a recorded step\n");
-        abort();
-    }
+    cuda_require_eager(c, "sample");
     size_t n_hist = 0;
     for (int r = 0; r < n; r++) n_hist += rows[r].n_hist > 0 ? (size_t)rows[r].n_hist : 0;
     size_t off_hist = align16(sizeof(cuda_sample_param) * (size_t)n);
@@ -269,15 +259,9 @@ void cuda_sample(cuda_backend *c, int32_t *ids, float *x, int n, int cols, const
     size_t off_ids = off_count + align16(sizeof(int32_t) * (n_hist ? n_hist : 1));
     size_t bytes = off_ids + sizeof(int32_t) * (size_t)n;
     // the previous call waited for its copies, so the buffers are idle
-    if (bytes > c->smp_cap) {
-        cuda_sample_free(c);
-        size_t cap = bytes < 65536 ? 65536 : bytes * 2;
-        CUDA_CHECK(cudaMallocHost((void **)&c->smp_host, cap));
-        CUDA_CHECK(cudaMalloc((void **)&c->smp_dev, cap));
-        c->smp_cap = cap;
-    }
-    cuda_sample_param *P = (cuda_sample_param *)c->smp_host;
-    int32_t *hid = (int32_t *)(c->smp_host + off_hist), *hcnt = (int32_t *)(c->smp_host + off_count);
+    cuda_staging_reserve(&c->smp, bytes);
+    cuda_sample_param *P = (cuda_sample_param *)c->smp.host;
+    int32_t *hid = (int32_t *)(c->smp.host + off_hist), *hcnt = (int32_t *)(c->smp.host + off_count);
     size_t h = 0;
     for (int r = 0; r < n; r++) {
         const nb_sample_row *s = &rows[r];
@@ -298,14 +282,14 @@ void cuda_sample(cuda_backend *c, int32_t *ids, float *x, int n, int cols, const
         }
         h += (size_t)nh;
     }
-    CUDA_CHECK(cudaMemcpyAsync(c->smp_dev, c->smp_host, off_ids, cudaMemcpyHostToDevice, c->stream));
-    int32_t *ids_dev = (int32_t *)(c->smp_dev + off_ids);
-    sample_kernel<<<n, SAMPLE_THREADS, 0, c->stream>>>(ids_dev, x, cols, (const cuda_sample_param *)c->smp_dev,
-                                                       (const int32_t *)(c->smp_dev + off_hist),
-                                                       (const int32_t *)(c->smp_dev + off_count));
+    CUDA_CHECK(cudaMemcpyAsync(c->smp.dev, c->smp.host, off_ids, cudaMemcpyHostToDevice, c->stream));
+    int32_t *ids_dev = (int32_t *)(c->smp.dev + off_ids);
+    sample_kernel<<<n, SAMPLE_THREADS, 0, c->stream>>>(ids_dev, x, cols, (const cuda_sample_param *)c->smp.dev,
+                                                       (const int32_t *)(c->smp.dev + off_hist),
+                                                       (const int32_t *)(c->smp.dev + off_count));
     CUDA_LAUNCHED();
-    CUDA_CHECK(cudaMemcpyAsync(c->smp_host + off_ids, ids_dev, sizeof(int32_t) * (size_t)n, cudaMemcpyDeviceToHost,
+    CUDA_CHECK(cudaMemcpyAsync(c->smp.host + off_ids, ids_dev, sizeof(int32_t) * (size_t)n, cudaMemcpyDeviceToHost,
                                c->stream));
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
-    memcpy(ids, c->smp_host + off_ids, sizeof(int32_t) * (size_t)n);
+    memcpy(ids, c->smp.host + off_ids, sizeof(int32_t) * (size_t)n);
 }

@@ -361,9 +361,9 @@ static void test_gather_rows(void) {
         }
 }
 
-/* Rows: random; a maximum planted twice (the lower index wins); all equal
- * (index 0); -inf but for a few values; the maximum last; a tie between the
- * middle and the end. No NaN. */
+/* The argmax of greedy sample rows. Rows: random; a maximum planted twice
+ * (the lower index wins); all equal (index 0); -inf but for a few values;
+ * the maximum last; a tie between the middle and the end. No NaN. */
 static void test_argmax(void) {
     static const int colss[] = {1, 7, 32000, 128256};
     enum { R = 6 };
@@ -384,8 +384,10 @@ static void test_argmax(void) {
         int32_t ref[R], got[R];
         for (int r = 0; r < R; r++) ref[r] = got[r] = -1;
         float *dx = to_gpu(x, sizeof(float) * len);
-        cpu->ops->argmax(cpu, ref, x, R, cols);
-        gpu->ops->argmax(gpu, got, dx, R, cols);
+        nb_sample_row greedy[R];
+        for (int r = 0; r < R; r++) greedy[r] = (nb_sample_row){.top_p = 1.0f, .repetition_penalty = 1.0f};
+        cpu->ops->sample(cpu, ref, x, R, cols, greedy);
+        gpu->ops->sample(gpu, got, dx, R, cols, greedy);
         for (int r = 0; r < R; r++) {
             CHECK(got[r] == ref[r], "%s row %d: cuda %d, cpu %d", t_where, r, got[r], ref[r]);
             if (want[r] >= 0) CHECK(got[r] == want[r], "%s row %d: %d, want %d", t_where, r, got[r], want[r]);
