@@ -39,9 +39,24 @@ TEST_BIN := $(patsubst tests/%.c,build/tests/%,$(TEST_SRC))
 GPU_TEST_SRC := $(wildcard tests/gpu/*.c)
 GPU_TEST_BIN := $(patsubst tests/%.c,build/tests/%,$(GPU_TEST_SRC))
 GPU_TEST_RUN := build/tests/gpu/test_cuda_ops build/tests/gpu/test_cuda_attention $(filter-out build/tests/gpu/test_cuda_ops build/tests/gpu/test_cuda_attention,$(GPU_TEST_BIN))
+# cuemu (tests/cuemu): the same GPU tests, linked against the CUDA backend
+# compiled for a CPU emulator of the device, so `make test` runs every
+# kernel even where there is no GPU. Needs only the CUDA headers.
+# CUEMU_SAN=address builds them (in their own directory) under
+# AddressSanitizer: the emulator's compute-sanitizer memcheck.
+CXX ?= g++
+CUEMU_SAN ?=
+CUEMU_DIR := build/cuemu$(if $(CUEMU_SAN),-$(CUEMU_SAN))
+CUEMU_CXXFLAGS := -std=c++17 -O2 -g -I. -isystem $(CUDA_HOME)/include -DNB_CUEMU -Wall -Wno-unused-function \
+	-Wno-unknown-pragmas -ffp-contract=off -fno-strict-aliasing -MMD -MP $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN))
+ifeq ($(CUDA),1)
+CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_lt.o
+CUEMU_TEST_BIN := $(patsubst tests/gpu/%.c,$(CUEMU_DIR)/tests/%,$(GPU_TEST_SRC))
+endif
+CUEMU_TESTS ?= $(notdir $(CUEMU_TEST_BIN))
 COMPUTE_SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || ls $(CUDA_HOME)/bin/compute-sanitizer 2>/dev/null)
 
-.PHONY: all run test test-gpu test-venv bench deps clean fixtures smollm2
+.PHONY: all run test test-gpu test-cuemu test-venv bench deps clean fixtures smollm2
 all: bin/nibble $(BENCH_BIN)
 
 bin/nibble: build/server/main.o $(LIB_OBJ) $(CU_OBJ)
@@ -66,6 +81,21 @@ build/bench/bench_cuda: build/bench/bench_cuda.o build/bench/bench_cuda_util.o b
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcublas
 
+$(CUEMU_DIR)/kernels/%.cc: kernels/cuda/%.cu tests/cuemu/cuemu_src.pl
+	@mkdir -p $(dir $@)
+	perl tests/cuemu/cuemu_src.pl $< < $< > $@
+
+$(CUEMU_DIR)/kernels/%.o: $(CUEMU_DIR)/kernels/%.cc
+	$(CXX) $(CUEMU_CXXFLAGS) -include tests/cuemu/cuemu.h -c -o $@ $<
+
+$(CUEMU_DIR)/%.o: tests/cuemu/%.cc
+	@mkdir -p $(dir $@)
+	$(CXX) $(CUEMU_CXXFLAGS) -c -o $@ $<
+
+$(CUEMU_DIR)/tests/%: build/tests/gpu/%.o $(LIB_OBJ) $(CUEMU_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN)) -o $@ $^ $(filter-out -lcublasLt -lcudart,$(LDLIBS))
+
 # Installs missing Debian packages (needs root or sudo) and nothing else.
 deps:
 	@scripts/install_deps.sh
@@ -87,8 +117,14 @@ $(PY):
 	python3 -m venv .venv
 
 test: deps test-venv
-	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN)
-	@scripts/run_tests.sh $(TEST_BIN) tests/test_cli.py tests/test_server.py tests/test_openai_client.py
+	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN) $(CUEMU_TEST_BIN)
+	@scripts/run_tests.sh $(TEST_BIN) tests/test_cli.py tests/test_server.py tests/test_openai_client.py $(CUEMU_TEST_BIN)
+
+# Only the GPU tests under the emulator (CUEMU_TESTS=test_cuda_wint picks some).
+test-cuemu:
+	@[ "$(CUDA)" = 1 ] || { echo "test-cuemu: needs the CUDA headers (nvcc not found; set NVCC or CUDA_HOME)" >&2; exit 1; }
+	@$(MAKE) --no-print-directory $(addprefix $(CUEMU_DIR)/tests/,$(CUEMU_TESTS))
+	@scripts/run_tests.sh $(addprefix $(CUEMU_DIR)/tests/,$(CUEMU_TESTS))
 
 # On a machine with a CUDA GPU: the CUDA backend op by op and the model end
 # to end against the CPU backend, the op tests again under compute-sanitizer

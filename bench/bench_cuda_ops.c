@@ -36,7 +36,7 @@ static double bench_matmul(nb_backend *b, double bw) {
         size_t nk = (size_t)N * K, mk = (size_t)max_m * K;
         bench_fill_bf16_exact(NULL, hw, nk, 0.035f); /* about the spread of N(0, 0.02) */
         bench_fill_bf16_exact(hx, hxb, mk, 1.0f);
-        nb_weight w = {NB_BF16, N, K, o->weight_load(b, hw, 2 * nk), NULL, NULL, 0};
+        nb_weight w = {.dtype = NB_BF16, .rows = N, .cols = K, .data = o->weight_load(b, hw, 2 * nk)};
         bench_gemm_upload(&r, hw, nk, hxb, mk);
         o->upload(b, x, hx, sizeof(float) * mk);
         for (int mi = 0; mi < n_ms; mi++) {
@@ -151,7 +151,7 @@ static void bench_small_ops(nb_backend *b, double bw) {
 
     uint16_t ones[HIDDEN];
     for (int i = 0; i < HIDDEN; i++) ones[i] = f32_to_bf16(1.0f);
-    nb_weight norm = {NB_BF16, 1, HIDDEN, o->weight_load(b, ones, sizeof ones), NULL, NULL, 0};
+    nb_weight norm = {.dtype = NB_BF16, .rows = 1, .cols = HIDDEN, .data = o->weight_load(b, ones, sizeof ones)};
     float inv[HEAD_DIM / 2];
     for (int i = 0; i < HEAD_DIM / 2; i++) inv[i] = (float)(1.0 / pow(ROPE_THETA, 2.0 * i / HEAD_DIM));
     float *inv_dev = o->alloc(b, sizeof inv);

@@ -42,6 +42,15 @@ typedef enum nb_dtype {
 size_t nb_dtype_size(nb_dtype t);
 const char *nb_dtype_name(nb_dtype t);
 
+/* The byte order of a weight's data and scale: quant/quant.h's, or the
+ * tensor-core fragment order of quant/quant_tc.h, which a backend's
+ * weight_pack may give WINT8/WINT4 weights (then only that backend's ops
+ * read them). */
+typedef enum nb_layout {
+    NB_LAYOUT_PLAIN = 0,
+    NB_LAYOUT_TC = 1,
+} nb_layout;
+
 /* A weight matrix (or vector, rows == 1) resident in backend memory. For the
  * quantized dtypes, data holds the packed values and scale/scale2/group
  * describe how to read them back (quant/quant.h). */
@@ -52,6 +61,7 @@ typedef struct nb_weight {
     const void *scale;  /* quantized dtypes only */
     const void *scale2; /* NB_WINT2: per-row super scales */
     int group;          /* NB_WINT4, NB_WINT2: columns per scale group */
+    nb_layout layout;   /* NB_LAYOUT_PLAIN unless weight_pack changed it */
 } nb_weight;
 
 /* Where each token of a step sits. Host pointers; they must stay valid until
@@ -134,6 +144,13 @@ typedef struct nb_backend_ops {
      * `host` itself (weights stay in the mmapped file); others copy. */
     const void *(*weight_load)(nb_backend *b, const void *host, size_t bytes);
     void (*weight_free)(nb_backend *b, const void *p);
+    /* Optional (NULL: weights stay as loaded, as on the CPU). The model
+     * loader calls it once per matmul weight whose data, scale and scale2
+     * are loaded; the backend may rewrite them into a layout its kernels
+     * read faster (w->layout names it), freeing the buffers it replaces
+     * (weight_free frees the new ones). Returns the bytes w holds in
+     * backend memory afterwards, quant_weight_bytes(w). */
+    size_t (*weight_pack)(nb_backend *b, nb_weight *w);
 
     /* Sets the token layout for the ops that follow (rope, kv_write,
      * attention). */

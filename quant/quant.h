@@ -63,7 +63,7 @@ int quant_check(nb_dtype t, int64_t rows, int64_t cols, int group, nb_err *e);
 size_t quant_data_bytes(nb_dtype t, int64_t rows, int64_t cols);
 size_t quant_scale_bytes(nb_dtype t, int64_t rows, int64_t cols, int group);
 size_t quant_scale2_bytes(nb_dtype t, int64_t rows);
-/* All three together: the resident bytes of w. */
+/* All three together: the resident bytes of w (in either layout). */
 size_t quant_weight_bytes(const nb_weight *w);
 
 /* ---- packing (round to nearest, from FP32 [rows][cols]) ---- */

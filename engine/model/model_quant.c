@@ -109,6 +109,14 @@ static const void *scales_f32(nb_model *m, const st_tensor *t, int64_t rows, int
     return m->be->ops->weight_load(m->be, out, sizeof(float) * (size_t)src.rows * (size_t)cols);
 }
 
+/* Lets the backend move a loaded packed weight into its own layout
+ * (backend.h, weight_pack), keeping the per-format byte count true. */
+static void pack(nb_model *m, nb_weight *w) {
+    if (!m->be->ops->weight_pack) return;
+    size_t before = quant_weight_bytes(w), after = m->be->ops->weight_pack(m->be, w);
+    m->bytes_by[w->dtype] = m->bytes_by[w->dtype] - before + after;
+}
+
 /* The packed tensors of an offline checkpoint, bound where they lie. */
 static int bind_packed(nb_model *m, nb_weight *w, const st_tensor *t, const char *name, int64_t N, int64_t K,
                        nb_err *e) {
@@ -151,6 +159,7 @@ static int bind_packed(nb_model *m, nb_weight *w, const st_tensor *t, const char
     w->data = load(m, w->dtype, t->data, t->nbytes);
     if (w->dtype != NB_WINT2) m->bytes_by[w->dtype] += quant_scale_bytes(w->dtype, N, K, w->group);
     else m->bytes_by[w->dtype] += quant_scale2_bytes(w->dtype, N);
+    pack(m, w);
     return 0;
 }
 
@@ -223,5 +232,6 @@ int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, in
                 output_error(W, &host));
     }
     free(W);
+    pack(m, w);
     return 0;
 }

@@ -15,6 +15,7 @@
 #include <cuda_fp8.h>
 
 #include "kernels/cuda/cuda_int.h"
+#include "kernels/cuda/cuda_ptx.h"
 
 #define ATTN_PART 512
 #define DEC_THREADS 128
@@ -408,36 +409,11 @@ static void prefill_launch(cuda_backend *c, float *out, const attn_args &a) {
 
 // ---- prefill on tensor cores --------------------------------------------------
 //
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D[16x8] = A[16x16] B[16x8]
-// + C, one warp. Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
-// floating point type"), with g = lane >> 2 (groupID), t = lane & 3
-// (threadID_in_group); each .b32 register holds two BF16, the lower column
-// (A) or lower k (B) in the low 16 bits:
-//   A (row-major): a[0] = (row g,   cols 2t, 2t+1)   a[1] = (row g+8, cols 2t, 2t+1)
-//                  a[2] = (row g,   cols 2t+8, 2t+9) a[3] = (row g+8, cols 2t+8, 2t+9)
-//   B ("col": k pairs adjacent): b[0] = (k 2t, 2t+1; col n = g)  b[1] = (k 2t+8, 2t+9; col g)
-//   C/D (FP32): c[0], c[1] = (row g, cols 2t, 2t+1)  c[2], c[3] = (row g+8, cols 2t, 2t+1)
-// So a row-major [n][k] array (K rows: position x head dim; V^T rows: head dim
-// x position) gives B as two aligned 32-bit loads, and the S = Q K^T
-// accumulators of two adjacent 8-column tiles are exactly the A fragment of
-// P for the P V product (FlashAttention-2's register reuse): no shuffles.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "attn_prefill_tc_kernel needs sm_80 or newer (BF16 mma.m16n8k16)"
-#endif
-
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two values rounded to nearest-even BF16, lo in the low half (the order the
-// fragments above want).
-__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
-    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
-           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
-}
+// mma.sync m16n8k16 (cuda_ptx.h gives its fragments). A row-major [n][k]
+// array (K rows: position x head dim; V^T rows: head dim x position) gives
+// B as two aligned 32-bit loads, and the S = Q K^T accumulators of two
+// adjacent 8-column tiles are exactly the A fragment of P for the P V
+// product (FlashAttention-2's register reuse): no shuffles.
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
@@ -543,7 +519,7 @@ __global__ void __launch_bounds__(TC_THREADS) attn_prefill_tc_kernel(float *out,
         if (r < R) {
             int tok = tile.tok0 + r / gn, head = h * G + g0 + r % gn;
             const float *qr = a.q + ((size_t)tok * a.n_heads + head) * D + 2 * dp;
-            w = bf16x2(qr[0] * qscale, qr[1] * qscale);
+            w = cuda_bf16x2(qr[0] * qscale, qr[1] * qscale);
         }
         Qs[r * QW + dp] = w;
     }
@@ -576,7 +552,7 @@ __global__ void __launch_bounds__(TC_THREADS) attn_prefill_tc_kernel(float *out,
             float x[8];
             kv_fetch8<KV>(a.k_cache, table, c0 + j, kv_end, h, d, a, x);
             *(uint4 *)(Ks + j * QW + d / 2) =
-                make_uint4(bf16x2(x[0], x[1]), bf16x2(x[2], x[3]), bf16x2(x[4], x[5]), bf16x2(x[6], x[7]));
+                make_uint4(cuda_bf16x2(x[0], x[1]), cuda_bf16x2(x[2], x[3]), cuda_bf16x2(x[4], x[5]), cuda_bf16x2(x[6], x[7]));
         }
         // V transposed: a thread takes positions (2jp, 2jp+1) x 8 dims and
         // writes one word per dim; lanes along jp keep the stores on 32
@@ -587,7 +563,7 @@ __global__ void __launch_bounds__(TC_THREADS) attn_prefill_tc_kernel(float *out,
             kv_fetch8<KV>(a.v_cache, table, c0 + 2 * jp, kv_end, h, d, a, x0);
             kv_fetch8<KV>(a.v_cache, table, c0 + 2 * jp + 1, kv_end, h, d, a, x1);
 #pragma unroll
-            for (int i = 0; i < 8; i++) Vt[(d + i) * TC_VW + jp] = bf16x2(x0[i], x1[i]);
+            for (int i = 0; i < 8; i++) Vt[(d + i) * TC_VW + jp] = cuda_bf16x2(x0[i], x1[i]);
         }
         __syncthreads();
 
@@ -603,7 +579,7 @@ __global__ void __launch_bounds__(TC_THREADS) attn_prefill_tc_kernel(float *out,
             uint32_t af[4] = {qa[k0], qa[8 * QW + k0], qa[k0 + 4], qa[8 * QW + k0 + 4]};
 #pragma unroll
             for (int nt = 0; nt < TC_KV / 8; nt++)
-                if (nt < CW / 8) mma_bf16_16816(s[nt], af, kb[nt * 8 * QW + k0], kb[nt * 8 * QW + k0 + 4]);
+                if (nt < CW / 8) cuda_mma_bf16(s[nt], af, kb[nt * 8 * QW + k0], kb[nt * 8 * QW + k0 + 4]);
         }
 
         // causal mask by absolute position, then the online softmax per row
@@ -654,14 +630,14 @@ __global__ void __launch_bounds__(TC_THREADS) attn_prefill_tc_kernel(float *out,
 #pragma unroll
         for (int kk = 0; kk < TC_KV / 16; kk++)
             if (kk < CW / 16) {
-                uint32_t pf[4] = {bf16x2(s[2 * kk][0], s[2 * kk][1]), bf16x2(s[2 * kk][2], s[2 * kk][3]),
-                                  bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                uint32_t pf[4] = {cuda_bf16x2(s[2 * kk][0], s[2 * kk][1]), cuda_bf16x2(s[2 * kk][2], s[2 * kk][3]),
+                                  cuda_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  cuda_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
                 for (int nt = 0; nt < DMAX / 8; nt++)
                     if (nt < DG) {
                         const uint32_t *v = vb + nt * 8 * TC_VW + kk * 8;
-                        mma_bf16_16816(acc[nt], pf, v[0], v[4]);
+                        cuda_mma_bf16(acc[nt], pf, v[0], v[4]);
                     }
             }
     }

@@ -11,6 +11,8 @@
 
 extern "C" {
 #include "common/log.h"
+#include "quant/quant.h"
+#include "quant/quant_tc.h"
 }
 
 void cuda_check(cudaError_t rc, const char *what, const char *file, int line) {
@@ -80,6 +82,51 @@ static const void *cu_weight_load(nb_backend *b, const void *host, size_t bytes)
 }
 
 static void cu_weight_free(nb_backend *b, const void *p) { cu_free(b, (void *)p); }
+
+static void *host_alloc(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) abort();
+    return p;
+}
+
+// WINT8 and WINT4 weights go into the tensor-core layout of
+// quant/quant_tc.h, which cuda_wint_tc.cu reads: the bytes come back to the
+// host, are reordered there by plain C (quant_tc_repack, tested on the CPU)
+// and go up again in place of the old buffers. This happens once per weight
+// at load, so the round trip costs a fraction of reading the checkpoint.
+// Other dtypes and shapes the layout does not take stay as they are.
+static size_t cu_weight_pack(nb_backend *b, nb_weight *w) {
+    cuda_backend *c = cuda_impl(b);
+    nb_err e;
+    if (quant_tc_check(w, &e)) return quant_weight_bytes(w);
+    const size_t db = quant_data_bytes(w->dtype, w->rows, w->cols),
+                 sb = quant_scale_bytes(w->dtype, w->rows, w->cols, w->group);
+    const int grouped = quant_tc_grouped(w);
+    nb_weight h = *w;
+    h.data = host_alloc(db);
+    h.scale = host_alloc(sb);
+    cu_download(b, (void *)h.data, w->data, db);
+    cu_download(b, (void *)h.scale, w->scale, sb);
+    const size_t tdb = quant_tc_data_bytes(w), tsb = grouped ? quant_tc_scale_bytes(w) : 0;
+    void *td = host_alloc(tdb), *ts = grouped ? host_alloc(tsb) : NULL;
+    if (quant_tc_repack(&h, td, ts, &e)) {
+        log_debug("cuda: %s [%lld, %lld] keeps quant.h's layout: %s", nb_dtype_name(w->dtype), (long long)w->rows,
+                  (long long)w->cols, e.msg);
+    } else {
+        const void *nd = cu_weight_load(b, td, tdb), *ns = grouped ? cu_weight_load(b, ts, tsb) : w->scale;
+        cu_free(b, (void *)w->data);
+        c->weight_bytes -= db;
+        if (grouped) {
+            cu_free(b, (void *)w->scale);
+            c->weight_bytes -= sb;
+        }
+        w->data = nd;
+        w->scale = ns;
+        w->layout = NB_LAYOUT_TC;
+    }
+    free((void *)h.data), free((void *)h.scale), free(td), free(ts);
+    return quant_weight_bytes(w);
+}
 
 void cuda_scratch(cuda_backend *c, void **buf, size_t *cap, size_t bytes) {
     if (bytes <= *cap) return;
@@ -386,6 +433,7 @@ static nb_backend_ops make_ops(void) {
     o.download = cu_download;
     o.weight_load = cu_weight_load;
     o.weight_free = cu_weight_free;
+    o.weight_pack = cu_weight_pack;
     o.set_batch = cu_set_batch;
     o.embedding = cu_embedding;
     o.rmsnorm = cu_rmsnorm;

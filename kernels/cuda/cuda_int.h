@@ -108,6 +108,9 @@ typedef struct cuda_backend {
     struct cuda_fp8_state *fp8;
     // cuda_wint.cu: its scratch, freed by cuda_wint_free
     struct cuda_wint_state *wint;
+    // cuda_wint_tc.cu: split-K partial sums and counters, freed by
+    // cuda_wint_free (through cuda_wint_tc_free)
+    struct cuda_wint_tc_state *wint_tc;
     // cuda_sample.cu: staging of the rows, their histories and the ids
     cuda_staging smp;
 } cuda_backend;
@@ -221,6 +224,11 @@ void cuda_gemm_algos_free(cuda_backend *c);
 // layouts), FP32 activations in and out, the same contract as cuda_matmul.
 void cuda_wint_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
 void cuda_wint_free(cuda_backend *c);
+
+// cuda_wint_tc.cu: the same product for NB_WINT8 / NB_WINT4 weights in the
+// tensor-core layout of quant/quant_tc.h (w->layout == NB_LAYOUT_TC), any M.
+void cuda_wint_tc_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
+void cuda_wint_tc_free(cuda_backend *c);
 
 // cuda_fp8.cu: NB_FP8_B128 with activations quantized per token per 128
 // columns (quant/quant.h), the same contract as cuda_matmul.

@@ -1,6 +1,19 @@
 // Weight-only quantized matmul on the GPU: NB_WINT8, NB_WINT4 and NB_WINT2
-// weights (packed exactly as quant/quant.h lays them out, uploaded byte for
-// byte), FP32 activations in, FP32 out: out[M,N] = x[M,K] @ dequant(w)^T.
+// weights, FP32 activations in, FP32 out: out[M,N] = x[M,K] @ dequant(w)^T.
+//
+// WINT8 and WINT4 weights that the backend's weight_pack moved into the
+// tensor-core layout of quant/quant_tc.h (w->layout == NB_LAYOUT_TC: what
+// the model loader does for every shape the layout takes, i.e. K % 16 == 0
+// and a WINT4 group that is the whole row or divides or is a multiple of
+// 64) go to cuda_wint_tc.cu for every M: dequantized in registers straight
+// into mma fragments. Only one copy of a weight is resident, so the GEMV
+// below cannot serve them even at M = 1. This file keeps the kernels for
+// weights in quant.h's own layout, packed exactly as quant/quant.h lays
+// them out and uploaded byte for byte: NB_WINT2 (not repacked: its 2-bit
+// codes and per-group offsets would need a layout of their own), shapes
+// the tensor-core layout refuses (WINT4 groups such as 48 or 96, K not a
+// multiple of 16, group scales that are not BF16 values), and weights no
+// one packed (e.g. loaded by hand with weight_load).
 //
 // M <= 16 (decode): wint_gemv_kernel, one warp per output column n, 8 warps
 // per block. Lanes stream the column's packed row with 16-byte loads, widen
@@ -23,14 +36,8 @@
 // a whole number of 16-byte chunks (WINT8 with K % 16 != 0, WINT4 with
 // K % 32 != 0 or a group that is not a multiple of 16: only odd per-channel
 // shapes) take the GEMV kernel 16 rows at a time instead.
-//
-// Follow-ups, not done here: a load-time repack of the weights into mma
-// fragment order (as Marlin does) would let each thread dequantize straight
-// into its B fragments, without the shared-memory BF16 tile and its extra
-// pass; ldmatrix for the A fragments, a 3-4 stage pipeline and 128-row tiles
-// for large M are the other obvious steps. The GEMV kernel could share its
-// activation loads across 2-4 columns per warp.
 #include "kernels/cuda/cuda_int.h"
+#include "kernels/cuda/cuda_ptx.h"
 
 extern "C" {
 #include "quant/quant.h"
@@ -44,6 +51,7 @@ struct cuda_wint_state {
 };
 
 void cuda_wint_free(cuda_backend *c) {
+    cuda_wint_tc_free(c);
     if (!c->wint) return;
     if (c->wint->act) cudaFree(c->wint->act);
     free(c->wint);
@@ -230,40 +238,7 @@ static void gemv_launch(cudaStream_t st, float *out, const float *x, const wint_
 // load touches (row stride 36 words) in 8 different groups of 4 banks.
 #define WT_LDS 72
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    // src-size 0 reads nothing and fills the 16 bytes with zeros
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most `n` of this thread's most recent groups are pending.
-template <int n> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory");
-}
-
 __device__ __forceinline__ uint32_t ld_b32(const __nv_bfloat16 *p) { return *(const uint32_t *)p; }
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi); // .x (lo) in the low half
-    return *(const uint32_t *)&h;
-}
-
-// D = A B + D for one 16x8x16 step. The fragments (PTX ISA, "Matrix
-// Fragments for mma.m16n8k16 with floating point type"), with
-// g = lane >> 2 and t = lane % 4; each .b32 register holds two BF16, the
-// lower-indexed element in the low half:
-//   A (16x16, row major): a[0] = A[g][2t, 2t+1]      a[1] = A[g+8][2t, 2t+1]
-//                         a[2] = A[g][2t+8, 2t+9]    a[3] = A[g+8][2t+8, 2t+9]
-//   B (16x8, K x N, "col": column n's K values adjacent, which is the layout
-//   of a weight row n): b[0] = B[2t, 2t+1][g]      b[1] = B[2t+8, 2t+9][g]
-//   C, D (16x8 FP32):   d[0], d[1] = D[g][2t, 2t+1] d[2], d[3] = D[g+8][2t, 2t+1]
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
 
 // x (FP32 [M][K]) to BF16 [M][Kp], columns K..Kp-1 zero: the tensor-core
 // kernel then reads whole 64-column tiles without a K bound, and the zeros
@@ -291,12 +266,12 @@ __device__ __forceinline__ void mma_load_stage(__nv_bfloat16 *as, uint8_t *bp, c
         const int c = tid + i * WT_THREADS, r = c >> 3, cc = c & 7, m = m0 + r;
         // an invalid copy reads nothing, but its address stays a real one
         const __nv_bfloat16 *src = act + (size_t)(m < M ? m : 0) * Kp + k0 + cc * 8;
-        cp_async16(as + r * WT_LDS + cc * 8, src, m < M);
+        cuda_cp_async16(as + r * WT_LDS + cc * 8, src, m < M);
     }
     for (int c = tid; c < WT_BN * BCH; c += WT_THREADS) {
         const int r = c / BCH, cc = c % BCH, n = n0 + r, boff = k0 / WPB + cc * 16;
         const bool ok = n < a.N && boff < rb;
-        cp_async16(bp + r * BKB + cc * 16, ok ? a.data + (size_t)n * rb + boff : a.data, ok);
+        cuda_cp_async16(bp + r * BKB + cc * 16, ok ? a.data + (size_t)n * rb + boff : a.data, ok);
     }
 }
 
@@ -346,8 +321,8 @@ __device__ __forceinline__ void mma_dequant(__nv_bfloat16 *bs, const uint8_t *bp
             for (int i = 0; i < 8; i++) w[i] = 0.0f;
         }
         uint4 o;
-        o.x = pack_bf16x2(w[0], w[1]), o.y = pack_bf16x2(w[2], w[3]);
-        o.z = pack_bf16x2(w[4], w[5]), o.w = pack_bf16x2(w[6], w[7]);
+        o.x = cuda_bf16x2(w[0], w[1]), o.y = cuda_bf16x2(w[2], w[3]);
+        o.z = cuda_bf16x2(w[4], w[5]), o.w = cuda_bf16x2(w[6], w[7]);
         *(uint4 *)(dst + 8 * u) = o;
     }
 }
@@ -377,14 +352,14 @@ __global__ void __launch_bounds__(WT_THREADS) wint_mma_kernel(float *out, const 
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
 
     mma_load_stage<T>(As[0], Bp[0], act, Kp, M, a, m0, n0, 0);
-    cp_async_commit();
+    cuda_cp_async_commit();
     for (int kt = 0; kt < KT; kt++) {
         const int st = kt & 1;
         // stage st ^ 1 was last read in iteration kt - 1, which ended with
         // a barrier
         if (kt + 1 < KT) mma_load_stage<T>(As[st ^ 1], Bp[st ^ 1], act, Kp, M, a, m0, n0, kt + 1);
-        cp_async_commit(); // possibly empty: the wait below then still means "tile kt is in"
-        cp_async_wait<1>();
+        cuda_cp_async_commit(); // possibly empty: the wait below then still means "tile kt is in"
+        cuda_cp_async_wait<1>();
         __syncthreads(); // every thread's copies of tile kt visible
         mma_dequant<T>(Bs, Bp[st], a, n0, kt);
         __syncthreads();
@@ -409,7 +384,7 @@ __global__ void __launch_bounds__(WT_THREADS) wint_mma_kernel(float *out, const 
 #pragma unroll
             for (int i = 0; i < 2; i++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) mma_bf16(acc[i][j], af[i], bf[j]);
+                for (int j = 0; j < 4; j++) cuda_mma_bf16(acc[i][j], af[i], bf[j][0], bf[j][1]);
         }
         __syncthreads(); // Bs and stage st are rewritten next
     }
@@ -459,6 +434,10 @@ template <nb_dtype T> static void wint_run(cuda_backend *c, float *out, const fl
 }
 
 void cuda_wint_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+    if (w->layout == NB_LAYOUT_TC) {
+        cuda_wint_tc_matmul(c, out, x, w, M);
+        return;
+    }
     if (M <= 0 || w->rows <= 0) return;
     if (w->rows > INT32_MAX || w->cols > INT32_MAX) {
         fprintf(stderr, "nibble: cuda matmul: %s weight [%lld, %lld] is too large\n", nb_dtype_name(w->dtype),

@@ -175,8 +175,8 @@ static void check_kv(const char *name, const ref *r, const char *kv) {
         CHECK(model_config(mc)->vocab_size == r->n_logits, "%s: vocab %d vs %d reference logits", what,
               model_config(mc)->vocab_size, r->n_logits);
         static const int chunks[] = {256, 5, 1};
-        check_logits(mc, mg, r, what, chunks, 3);
-        check_greedy(mc, mg, r, what, 1);
+        check_logits(mc, mg, r, what, chunks, 3, LOGIT_TOL);
+        check_greedy(mc, mg, r, what, 1, 1);
         check_batched(mc, mg, r, what);
         check_decode_batch(mc, mg, r, what);
     }

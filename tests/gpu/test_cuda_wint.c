@@ -1,26 +1,38 @@
-/* The CUDA backend's weight-only quantized matmul (kernels/cuda/cuda_wint.cu)
- * against the CPU reference quant_matmul_ref (dequantize, then FP32
- * matmul), for NB_WINT8, NB_WINT4 (group 128, per channel, and the other
- * groups quant_check allows: 64 as the fixtures get, 16, 48) and NB_WINT2
- * (`make test-gpu`; `make test` only builds this). Weights are random FP32
- * packed on the host with quant_pack; data, scale and scale2 go to the GPU
- * with ops->weight_load, byte for byte, as the model loader does. Every
- * shape runs M in {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 64, 100, 257}, N odd
- * or 1, K at the edges each path has (not a multiple of the 64-column
- * tensor-core tile, packed rows that are not whole 16-byte chunks). Bounds:
- *  - M <= 16 (GEMV, FP32 activations, each weight equal to the reference's):
- *    only the FP32 summation order differs: max |diff| <= 1e-4 max |ref|
- *    (+ 1e-6 absolute);
- *  - M > 16 (tensor cores, activations and dequantized weights rounded to
- *    BF16): max |diff| <= 2e-2 max |ref| (expected ~2e-3).
+/* The CUDA backend's weight-only quantized matmul against the CPU
+ * reference quant_matmul_ref (dequantize, then FP32 matmul), for NB_WINT8,
+ * NB_WINT4 (group 128, per channel, and the other groups quant_check
+ * allows: 64 as the fixtures get, 16, 48) and NB_WINT2 (`make test-gpu`;
+ * `make test` only builds this). Weights are random FP32 packed on the host
+ * with quant_pack; data, scale and scale2 go to the GPU with
+ * ops->weight_load, byte for byte, as the model loader does. Two paths:
+ *  - weights left in quant.h's layout (cuda_wint.cu: GEMV for M <= 16, the
+ *    shared-memory BF16 tile kernel above; what WINT2 and the shapes the
+ *    tensor-core layout refuses always take). Every shape runs M in
+ *    {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 64, 100, 257}, N odd or 1, K at
+ *    the edges each kernel has (not a multiple of the 64-column tile,
+ *    packed rows that are not whole 16-byte chunks);
+ *  - weights then passed through ops->weight_pack, as the model loader
+ *    does, into the tensor-core layout (quant/quant_tc.h, cuda_wint_tc.cu)
+ *    for WINT8, WINT4 group 128 and per channel and the other groups the
+ *    layout takes: M in {1, 2, 3, 5, 8, 16, 17, 33, 64, 129} (each block
+ *    shape, its edges, split K), N odd, K with a partial last stage;
+ *    weight_pack must report the resident bytes and leave refused shapes
+ *    as they were.
+ * Bounds (max |diff| against max |ref|):
+ *  - quant.h layout, M <= 16 (GEMV, FP32 activations, each weight equal to
+ *    the reference's): only the FP32 summation order differs: 1e-4 (+ 1e-6
+ *    absolute);
+ *  - everything on tensor cores (activations, and grouped WINT4's scaled
+ *    weights, rounded to BF16): 2e-2 (expected ~2e-3).
  * Outputs are poisoned with NaN before each run, so an element the GPU
- * leaves unwritten fails. Ends with a product recorded in a CUDA graph and
+ * leaves unwritten fails. Ends with products recorded in CUDA graphs and
  * replayed on new inputs, after a larger product has outgrown the scratch
- * the recording points at. Needs a CUDA device; fails (not skips) without
- * one. */
+ * the recordings point at, on both paths. Needs a CUDA device; fails (not
+ * skips) without one. */
 #include <pthread.h>
 
 #include "quant/quant.h"
+#include "quant/quant_tc.h"
 #include "tests/gpu/gpu_test.h"
 
 #define M_MAX 257
@@ -28,13 +40,18 @@
 
 static const int MS[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 64, 100, 257};
 #define N_MS ((int)(sizeof MS / sizeof MS[0]))
+/* the tensor-core layout's sweep: 16 | 64 | 128-row blocks and their edges */
+static const int MS_TC[] = {1, 2, 3, 5, 8, 16, 17, 33, 64, 129};
+#define N_MS_TC ((int)(sizeof MS_TC / sizeof MS_TC[0]))
 
 /* A packed weight: host bytes (c) and their device copies (g). */
 typedef struct qweight {
     nb_weight c, g;
 } qweight;
 
-static qweight make_qweight(nb_dtype t, int64_t N, int64_t K, int group) {
+/* pack: pass the device copy through ops->weight_pack as the model loader
+ * does (the tensor-core layout where the shape takes it). */
+static qweight make_qweight(nb_dtype t, int64_t N, int64_t K, int group, int pack) {
     qweight q;
     memset(&q, 0, sizeof q);
     float *w = randn((size_t)(N * K), 0.05f);
@@ -52,6 +69,22 @@ static qweight make_qweight(nb_dtype t, int64_t N, int64_t K, int group) {
     q.g.data = gpu->ops->weight_load(gpu, data, db);
     q.g.scale = gpu->ops->weight_load(gpu, scale, sb);
     q.g.scale2 = s2b ? gpu->ops->weight_load(gpu, scale2, s2b) : NULL;
+    if (pack) {
+        nb_weight before = q.g;
+        nb_err ce;
+        int takes = quant_tc_check(&q.c, &ce) == 0;
+        size_t bytes = gpu->ops->weight_pack ? gpu->ops->weight_pack(gpu, &q.g) : 0;
+        CHECK(gpu->ops->weight_pack, "the cuda backend has no weight_pack");
+        CHECK(bytes == quant_weight_bytes(&q.g), "weight_pack reports %zu resident bytes, quant_weight_bytes %zu",
+              bytes, quant_weight_bytes(&q.g));
+        if (takes)
+            CHECK(q.g.layout == NB_LAYOUT_TC, "%s [%lld, %lld] group %d was not repacked", nb_dtype_name(t),
+                  (long long)N, (long long)K, group);
+        else
+            CHECK(q.g.layout == NB_LAYOUT_PLAIN && q.g.data == before.data && q.g.scale == before.scale,
+                  "%s [%lld, %lld] group %d: refused (%s) but changed", nb_dtype_name(t), (long long)N, (long long)K,
+                  group, ce.msg);
+    }
     return q;
 }
 
@@ -120,13 +153,76 @@ static double max_diff(const float *got, const float *ref, size_t n, double *ref
     return d;
 }
 
-/* Checks M rows of got against ref under the bound of the path M takes;
- * returns the error relative to max |ref| for the summary. */
-static double check_rows(const float *got, const float *ref, int M, int64_t N, const char *what) {
+static double abs_max(const float *v, size_t n) {
+    double r = 0;
+    for (size_t i = 0; i < n; i++)
+        if (fabs(v[i]) > r) r = fabs(v[i]);
+    return r;
+}
+
+/* Whether w's product at M rounds activations to BF16 (tensor cores). */
+static int bf16_path(const nb_weight *w, int M) { return M > 16 || w->layout == NB_LAYOUT_TC; }
+
+/* Checks M rows of got against ref under the bound of the path the
+ * product took; returns the error relative to max |ref| for the summary.
+ * BF16 bounds scale with max |ref| over these rows or, if larger,
+ * scale_floor (the largest output over all reference rows): a few rows,
+ * or one output column, can be small by cancellation while BF16 rounding
+ * errors follow the size of the terms. */
+static double check_rows(const float *got, const float *ref, int M, int64_t N, int bf16, double scale_floor,
+                         const char *what) {
     double rmax, d = max_diff(got, ref, (size_t)M * (size_t)N, &rmax);
-    double bound = M <= 16 ? 1e-4 * rmax + 1e-6 : 2e-2 * rmax;
-    CHECK(d <= bound, "%s: max |diff| %.3g > %.3g (max |ref| %.3g)", what, d, bound, rmax);
-    return rmax > 0 ? d / rmax : d;
+    double scale = rmax > scale_floor ? rmax : scale_floor;
+    double bound = bf16 ? 2e-2 * scale : 1e-4 * rmax + 1e-6;
+    CHECK(d <= bound, "%s: max |diff| %.3g > %.3g (max |ref| %.3g)", what, d, bound, scale);
+    return scale > 0 ? d / scale : d;
+}
+
+/* The tensor-core layout's arithmetic, emulated in double for `rows` rows
+ * of x: activations rounded to BF16 (nearest even, as the kernel's
+ * conversion), times the weights (per-row scale: q * s, exact in FP32;
+ * grouped WINT4: bf16(q * s), as the kernel's BF16 multiply), summed. Into
+ * em the sums, into ab the sums of |term|. The kernel may differ from em
+ * only by FP32 accumulation (and the final scale multiply). */
+static void tc_emulated(double *em, double *ab, const float *x, const nb_weight *w, int rows) {
+    int64_t N = w->rows, K = w->cols;
+    float *xb = xmalloc(sizeof(float) * (size_t)(rows * K)), *wr = xmalloc(sizeof(float) * (size_t)K);
+    for (int64_t i = 0; i < rows * K; i++) xb[i] = bf16_to_f32(f32_to_bf16(x[i]));
+    for (int64_t n = 0; n < N; n++) {
+        quant_dequant_row(w, n, wr);
+        if (quant_tc_grouped(w))
+            for (int64_t k = 0; k < K; k++) wr[k] = quant_round_bf16(wr[k]);
+        for (int m = 0; m < rows; m++) {
+            double sum = 0, abs_sum = 0;
+            for (int64_t k = 0; k < K; k++) {
+                double t = (double)xb[m * K + k] * wr[k];
+                sum += t, abs_sum += fabs(t);
+            }
+            em[(size_t)m * N + n] = sum, ab[(size_t)m * N + n] = abs_sum;
+        }
+    }
+    free(xb), free(wr);
+}
+
+/* got against the emulation: |diff| <= 2^-12 sum |term| per output, room
+ * for FP32 accumulation even where the tensor cores truncate (K 4096: ~4e-6
+ * of it) yet far below one BF16 rounding of the weights or activations too
+ * many or too few (~2^-9 of a term). Returns the worst |diff| / sum |term|. */
+static double check_tc_exact(const float *got, const double *em, const double *ab, int M, int64_t N,
+                             const char *what) {
+    double worst = 0;
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < (size_t)M * (size_t)N; i++) {
+        double d = fabs((double)got[i] - em[i]), r = ab[i] > 0 ? d / ab[i] : d;
+        if (isnan(d) || d > 0x1p-12 * ab[i] + 1e-30) {
+            if (!bad++) first = i;
+        }
+        if (isnan(r) || r > worst) worst = isnan(r) ? INFINITY : r;
+    }
+    CHECK(bad == 0,
+          "%s: %zu outputs off the emulated BF16 arithmetic, first [%zu][%zu]: %.8g, want %.8g (sum |term| %.4g)", what,
+          bad, first / (size_t)N, first % (size_t)N, got[first], em[first], ab[first]);
+    return worst;
 }
 
 typedef struct shape {
@@ -134,30 +230,43 @@ typedef struct shape {
     int group; /* WINT4: 0 = per channel (group K); ignored otherwise */
 } shape;
 
-/* Every M of the sweep on one weight; worst[0] for M <= 16, worst[1] above. */
-static void check_shape(nb_dtype t, shape s, double worst[2]) {
+/* Every M of a sweep (MS, or MS_TC when pack) on one weight; worst[0] for
+ * FP32 activations, worst[1] for BF16; weights in the tensor-core layout
+ * are also held to tc_emulated (worst[2]). */
+static void check_shape(nb_dtype t, shape s, double worst[3], int pack) {
+    const int *ms = pack ? MS_TC : MS, n_ms = pack ? N_MS_TC : N_MS;
     int group = t == NB_WINT4 ? (s.group ? s.group : (int)s.K) : t == NB_WINT2 ? QUANT_WINT2_GROUP : 0;
     WHERE("%s N=%lld K=%lld group %d: packing", nb_dtype_name(t), (long long)s.N, (long long)s.K, group);
-    qweight w = make_qweight(t, s.N, s.K, group);
+    qweight w = make_qweight(t, s.N, s.K, group, pack);
     size_t xo = (size_t)M_MAX * (size_t)s.K, oo = (size_t)M_MAX * (size_t)s.N;
     float *x = randn(xo, 1.0f), *ref = xmalloc(sizeof(float) * oo), *got = xmalloc(sizeof(float) * oo);
     /* row m of the product depends on row m of x only: one reference of
      * M_MAX rows serves every M */
     ref_matmul(ref, x, &w.c, M_MAX);
+    const double ref_floor = abs_max(ref, oo);
+    const int tc = w.g.layout == NB_LAYOUT_TC, tc_rows = MS_TC[N_MS_TC - 1];
+    double *em = NULL, *ab = NULL;
+    if (tc) {
+        em = xmalloc(sizeof(double) * (size_t)tc_rows * (size_t)s.N);
+        ab = xmalloc(sizeof(double) * (size_t)tc_rows * (size_t)s.N);
+        tc_emulated(em, ab, x, &w.c, tc_rows);
+    }
     unsigned char *poison = xmalloc(sizeof(float) * oo);
     memset(poison, 0xff, sizeof(float) * oo);
     float *dx = to_gpu(x, sizeof(float) * xo), *dout = gpu->ops->alloc(gpu, sizeof(float) * oo);
-    for (int i = 0; i < N_MS; i++) {
-        int M = MS[i];
+    for (int i = 0; i < n_ms; i++) {
+        int M = ms[i], bf16 = bf16_path(&w.g, M);
         size_t no = (size_t)M * (size_t)s.N;
-        WHERE("%s N=%lld K=%lld group %d M=%d", nb_dtype_name(t), (long long)s.N, (long long)s.K, group, M);
+        WHERE("%s N=%lld K=%lld group %d M=%d%s", nb_dtype_name(t), (long long)s.N, (long long)s.K, group, M,
+              tc ? " (tensor-core layout)" : "");
         gpu->ops->upload(gpu, dout, poison, sizeof(float) * no);
         gpu->ops->matmul(gpu, dout, dx, &w.g, M);
         gpu->ops->download(gpu, got, dout, sizeof(float) * no);
-        note_worst(&worst[M > 16], check_rows(got, ref, M, s.N, t_where));
+        note_worst(&worst[bf16], check_rows(got, ref, M, s.N, bf16, ref_floor, t_where));
+        if (tc) note_worst(&worst[2], check_tc_exact(got, em, ab, M, s.N, t_where));
     }
     gpu->ops->free(gpu, dx), gpu->ops->free(gpu, dout);
-    free(x), free(ref), free(got), free(poison);
+    free(x), free(ref), free(got), free(poison), free(em), free(ab);
     free_qweight(&w);
 }
 
@@ -167,13 +276,13 @@ static const shape COMMON[] = {{1, 128, 0},   {7, 256, 0},    {33, 384, 0},  {13
 #define N_COMMON ((int)(sizeof COMMON / sizeof COMMON[0]))
 
 static void run_shapes(nb_dtype t, int group, const shape *extra, int n_extra, const char *name) {
-    double worst[2] = {0, 0};
+    double worst[3] = {0, 0, 0};
     for (int i = 0; i < N_COMMON; i++) {
         shape s = COMMON[i];
         s.group = group;
-        check_shape(t, s, worst);
+        check_shape(t, s, worst, 0);
     }
-    for (int i = 0; i < n_extra; i++) check_shape(t, extra[i], worst);
+    for (int i = 0; i < n_extra; i++) check_shape(t, extra[i], worst, 0);
     printf("  %-16s worst max|diff| / max|ref|: %.2e for M <= 16 (FP32 activations), %.2e above (BF16)\n", name,
            worst[0], worst[1]);
 }
@@ -199,8 +308,8 @@ static void test_wint4_per_channel(void) {
  * K = 96 (a last K tile of 32 columns). */
 static void test_wint4_groups(void) {
     static const shape s[] = {{65, 192, 64}, {33, 256, 16}, {7, 384, 48}, {130, 96, 32}, {257, 1024, 64}};
-    double worst[2] = {0, 0};
-    for (int i = 0; i < 5; i++) check_shape(NB_WINT4, s[i], worst);
+    double worst[3] = {0, 0, 0};
+    for (int i = 0; i < 5; i++) check_shape(NB_WINT4, s[i], worst, 0);
     printf("  %-16s worst max|diff| / max|ref|: %.2e for M <= 16, %.2e above\n", "wint4 groups", worst[0], worst[1]);
 }
 
@@ -209,26 +318,70 @@ static void test_wint2(void) {
     run_shapes(NB_WINT2, 0, extra, 2, "wint2");
 }
 
+/* ---- the tensor-core layout (weight_pack) ------------------------------------ */
+
+/* N odd (or 1; 33: one chunk, the block's second empty; 65: a chunk of one
+ * row), K with a partial last pipeline stage (144: 9 k-steps) and K long
+ * enough for many K splits at few tiles (130 x 4096). */
+static const shape TC_SHAPES[] = {{1, 128, 0},   {7, 256, 0},   {33, 144, 0},  {65, 1024, 0},
+                                  {130, 512, 0}, {257, 384, 0}, {130, 4096, 0}, {1000, 2048, 0}};
+#define N_TC_SHAPES ((int)(sizeof TC_SHAPES / sizeof TC_SHAPES[0]))
+
+static void run_tc_shapes(nb_dtype t, int group, const char *name) {
+    double worst[3] = {0, 0, 0};
+    for (int i = 0; i < N_TC_SHAPES; i++) {
+        shape s = TC_SHAPES[i];
+        if (group && s.K % group) continue; /* group 128: K = 144 has no whole groups */
+        s.group = group;
+        check_shape(t, s, worst, 1);
+    }
+    printf("  %-16s worst max|diff| / max|ref|: %.2e (BF16 activations, every M); off the emulated BF16 "
+           "arithmetic: %.2e of sum |term|\n",
+           name, worst[1], worst[2]);
+}
+
+static void test_tc_wint8(void) { run_tc_shapes(NB_WINT8, 0, "tc wint8"); }
+static void test_tc_wint4_g128(void) { run_tc_shapes(NB_WINT4, 128, "tc wint4 g128"); }
+static void test_tc_wint4_per_channel(void) { run_tc_shapes(NB_WINT4, 0, "tc wint4 channel"); }
+
+/* The other groups the layout takes: 64 (a fixture's K = 192 and stages
+ * of 32 columns inside one group), 16 and 32 (several groups per stage),
+ * 256 and 192 (a group over several stages); per channel with K = 160 (a
+ * fixture's MLP). Then shapes weight_pack must leave alone (make_qweight
+ * checks that), still right on the old kernels: group 48, per channel with
+ * K = 200, WINT2. */
+static void test_tc_groups_and_refusals(void) {
+    static const shape s[] = {{65, 192, 64}, {33, 256, 16}, {7, 512, 32}, {130, 768, 256}, {9, 576, 192}, {65, 160, 0}};
+    double worst[3] = {0, 0, 0};
+    for (int i = 0; i < 6; i++) check_shape(NB_WINT4, s[i], worst, 1);
+    printf("  %-16s worst max|diff| / max|ref|: %.2e; off the emulated BF16 arithmetic: %.2e of sum |term|\n",
+           "tc wint4 groups", worst[1], worst[2]);
+    static const shape refused[] = {{7, 384, 48}, {5, 200, 0}};
+    for (int i = 0; i < 2; i++) check_shape(NB_WINT4, refused[i], worst, 1);
+    check_shape(NB_WINT2, (shape){19, 64, 0}, worst, 1);
+}
+
 /* Activations 4 bytes off 16-byte alignment: the GEMV kernel's byte path
- * for shapes that would take 16-byte chunks, whatever the format. */
+ * for shapes that would take 16-byte chunks, whatever the format; the
+ * tensor-core layout's scalar activation loads. */
 static void test_unaligned_x(void) {
-    static const nb_dtype ts[] = {NB_WINT8, NB_WINT4, NB_WINT2};
-    static const int Ms[] = {1, 5, 16};
-    for (int i = 0; i < 3; i++) {
+    static const nb_dtype ts[] = {NB_WINT8, NB_WINT4, NB_WINT2, NB_WINT8, NB_WINT4};
+    static const int Ms[] = {1, 5, 16, 40, 100};
+    for (int i = 0; i < 5; i++) {
         int64_t N = 33, K = 256;
-        int group = ts[i] == NB_WINT4 ? 128 : ts[i] == NB_WINT2 ? QUANT_WINT2_GROUP : 0;
-        WHERE("unaligned x %s", nb_dtype_name(ts[i]));
-        qweight w = make_qweight(ts[i], N, K, group);
-        size_t xo = 16 * (size_t)K, oo = 16 * (size_t)N;
+        int group = ts[i] == NB_WINT4 ? 128 : ts[i] == NB_WINT2 ? QUANT_WINT2_GROUP : 0, pack = i >= 3;
+        WHERE("unaligned x %s%s", nb_dtype_name(ts[i]), pack ? " (packed)" : "");
+        qweight w = make_qweight(ts[i], N, K, group, pack);
+        size_t xo = 100 * (size_t)K, oo = 100 * (size_t)N;
         float *x = randn(xo, 1.0f), *ref = xmalloc(sizeof(float) * oo), *got = xmalloc(sizeof(float) * oo);
-        ref_matmul(ref, x, &w.c, 16);
+        ref_matmul(ref, x, &w.c, 100);
         float *dbuf = gpu->ops->alloc(gpu, sizeof(float) * (xo + 1)), *dout = gpu->ops->alloc(gpu, sizeof(float) * oo);
         gpu->ops->upload(gpu, dbuf + 1, x, sizeof(float) * xo);
-        for (int j = 0; j < 3; j++) {
-            WHERE("unaligned x %s M=%d", nb_dtype_name(ts[i]), Ms[j]);
+        for (int j = 0; j < (pack ? 5 : 3); j++) {
+            WHERE("unaligned x %s%s M=%d", nb_dtype_name(ts[i]), pack ? " (packed)" : "", Ms[j]);
             gpu->ops->matmul(gpu, dout, dbuf + 1, &w.g, Ms[j]);
             gpu->ops->download(gpu, got, dout, sizeof(float) * (size_t)Ms[j] * N);
-            check_rows(got, ref, Ms[j], N, t_where);
+            check_rows(got, ref, Ms[j], N, bf16_path(&w.g, Ms[j]), abs_max(ref, oo), t_where);
         }
         gpu->ops->free(gpu, dbuf), gpu->ops->free(gpu, dout);
         free(x), free(ref), free(got);
@@ -239,19 +392,25 @@ static void test_unaligned_x(void) {
 /* ---- CUDA graphs ---------------------------------------------------------------- */
 
 /* A product recorded under a key (graph_begin 0, graph_end runs it), then a
- * larger eager product on another weight that outgrows the tensor-core
- * path's activation scratch (the recorded step still points at the old
- * buffer, which must be retired, not freed), then new activations in the
- * same buffer and the key replayed (graph_begin 1): the replay must match
- * the reference and an eager run on the same inputs bit for bit. M = 40
- * records the conversion and tensor-core kernels, M = 5 the GEMV kernel.
- * On a backend of its own, so that the scratch starts empty: the first
- * recording makes it 1 MiB, the larger product needs 2 MiB. */
-static void graph_checks(void) {
+ * larger eager product on another weight that outgrows the scratch the
+ * recording points at (the recorded step still points at the old buffer,
+ * which must be retired, not freed), then new activations in the same
+ * buffer and the key replayed (graph_begin 1): the replay must match the
+ * reference and an eager run on the same inputs bit for bit. In quant.h's
+ * layout (pack 0) M = 40 records the conversion and tensor-core kernels,
+ * M = 5 the GEMV kernel, and the scratch is the BF16 activations: the
+ * first recording makes it 1 MiB, the larger product needs 2 MiB. In the
+ * tensor-core layout (pack 1) M = 40 and M = 5 record the medium and small
+ * block shapes with K split 4 and 2 ways (the split counters must be back
+ * at zero for the replay), and the scratch is the split partial sums: 1 MiB,
+ * then over 2 MiB for the 257 x 64 x 4096 product split 32 ways (on a
+ * device of 48 SMs or more). On a backend of its own, so that the scratch
+ * starts empty. */
+static void graph_checks(int pack) {
     const int64_t N = 130, K = 512, NB = 64, KB = 4096;
     static const int Ms[] = {40, 5};
     WHERE("graphs: setup");
-    qweight w = make_qweight(NB_WINT4, N, K, 128), wb = make_qweight(NB_WINT4, NB, KB, 128);
+    qweight w = make_qweight(NB_WINT4, N, K, 128, pack), wb = make_qweight(NB_WINT4, NB, KB, 128, pack);
     size_t xo = (size_t)M_MAX * K, oo = (size_t)M_MAX * N, xbo = (size_t)M_MAX * KB, obo = (size_t)M_MAX * NB;
     float *x1 = randn(xo, 1.0f), *x2 = randn(xo, 1.0f), *xb = randn(xbo, 1.0f);
     float *ref1 = xmalloc(sizeof(float) * oo), *ref2 = xmalloc(sizeof(float) * oo), *refb = xmalloc(sizeof(float) * obo);
@@ -264,9 +423,9 @@ static void graph_checks(void) {
     float *doutb = gpu->ops->alloc(gpu, sizeof(float) * obo);
     for (int i = 0; i < 2; i++) {
         int M = Ms[i];
-        uint64_t key = 0x7717000 + (uint64_t)M;
+        uint64_t key = 0x7717000 + (uint64_t)M + (pack ? 0x1000 : 0);
         size_t no = (size_t)M * N;
-        WHERE("graphs M=%d: record", M);
+        WHERE("graphs%s M=%d: record", pack ? " (packed)" : "", M);
         gpu->ops->upload(gpu, dx, x1, sizeof(float) * (size_t)M * K);
         gpu->ops->upload(gpu, dout, poison, sizeof(float) * no);
         int rc = gpu->ops->graph_begin(gpu, key);
@@ -276,14 +435,14 @@ static void graph_checks(void) {
             gpu->ops->graph_end(gpu);
         }
         gpu->ops->download(gpu, got, dout, sizeof(float) * no);
-        check_rows(got, ref1, M, N, "graph, recording run");
+        check_rows(got, ref1, M, N, bf16_path(&w.g, M), abs_max(ref1, oo), "graph, recording run");
 
-        WHERE("graphs M=%d: eager %d x %lld", M, M_MAX, (long long)KB);
+        WHERE("graphs%s M=%d: eager %d x %lld", pack ? " (packed)" : "", M, M_MAX, (long long)KB);
         gpu->ops->matmul(gpu, doutb, dxb, &wb.g, M_MAX);
         gpu->ops->download(gpu, gotb, doutb, sizeof(float) * obo);
-        check_rows(gotb, refb, M_MAX, NB, "graph, the larger eager product between");
+        check_rows(gotb, refb, M_MAX, NB, 1, 0, "graph, the larger eager product between");
 
-        WHERE("graphs M=%d: replay", M);
+        WHERE("graphs%s M=%d: replay", pack ? " (packed)" : "", M);
         gpu->ops->upload(gpu, dx, x2, sizeof(float) * (size_t)M * K);
         gpu->ops->upload(gpu, dout, poison, sizeof(float) * no);
         rc = gpu->ops->graph_begin(gpu, key);
@@ -293,7 +452,7 @@ static void graph_checks(void) {
             gpu->ops->graph_end(gpu);
         }
         gpu->ops->download(gpu, got, dout, sizeof(float) * no);
-        check_rows(got, ref2, M, N, "graph, replay on new inputs");
+        check_rows(got, ref2, M, N, bf16_path(&w.g, M), abs_max(ref2, oo), "graph, replay on new inputs");
         gpu->ops->matmul(gpu, dout2, dx, &w.g, M);
         gpu->ops->download(gpu, eager, dout2, sizeof(float) * no);
         size_t bad = n_mismatch(got, eager, no);
@@ -307,16 +466,18 @@ static void graph_checks(void) {
 
 static void test_graph(void) {
     nb_backend *shared = gpu;
-    nb_err e = {{0}};
-    nb_backend_opts o = {.device = "cuda"};
-    gpu = backend_create(&o, &e);
-    if (!gpu) {
-        gpu = shared;
-        CHECK(0, "a second cuda backend: %s", e.msg);
-        return;
+    for (int pack = 0; pack < 2; pack++) {
+        nb_err e = {{0}};
+        nb_backend_opts o = {.device = "cuda"};
+        gpu = backend_create(&o, &e);
+        if (!gpu) {
+            gpu = shared;
+            CHECK(0, "a second cuda backend: %s", e.msg);
+            return;
+        }
+        graph_checks(pack);
+        backend_destroy(gpu);
     }
-    graph_checks();
-    backend_destroy(gpu);
     gpu = shared;
 }
 
@@ -333,6 +494,10 @@ int main(void) {
         RUN(test_wint4_per_channel);
         RUN(test_wint4_groups);
         RUN(test_wint2);
+        RUN(test_tc_wint8);
+        RUN(test_tc_wint4_g128);
+        RUN(test_tc_wint4_per_channel);
+        RUN(test_tc_groups_and_refusals);
         RUN(test_unaligned_x);
         RUN(test_graph);
         backend_destroy(cpu);

@@ -1,0 +1,57 @@
+// The inline PTX the kernels use, in one place: BF16 tensor-core MMA and
+// asynchronous global-to-shared copies. Under NB_CUEMU (tests/cuemu, the
+// CPU emulator that runs these kernels in CI) the same functions are
+// emulated from the PTX ISA's definitions instead.
+#ifndef NB_CUDA_PTX_H
+#define NB_CUDA_PTX_H
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+// Two values rounded to nearest-even BF16, lo in the low half: the order
+// mma fragments want (the lower-indexed element in the low 16 bits).
+__device__ __forceinline__ uint32_t cuda_bf16x2(float lo, float hi) {
+    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+
+#ifdef NB_CUEMU
+#include "tests/cuemu/cuemu_ptx.h"
+#else
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "the kernels need sm_80 or newer (BF16 mma.m16n8k16, cp.async)"
+#endif
+
+// D = A B + D for one 16x8x16 step, BF16 inputs, FP32 accumulators. The
+// fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
+// type"), with g = lane >> 2 and t = lane % 4; each .b32 register holds two
+// BF16, the lower-indexed element in the low half:
+//   A (16x16, row major): a[0] = A[g][2t, 2t+1]      a[1] = A[g+8][2t, 2t+1]
+//                         a[2] = A[g][2t+8, 2t+9]    a[3] = A[g+8][2t+8, 2t+9]
+//   B (16x8, K x N, "col": column n's K values adjacent, which is the layout
+//   of a weight row n): b0 = B[2t, 2t+1][g]          b1 = B[2t+8, 2t+9][g]
+//   C, D (16x8 FP32):   d[0], d[1] = D[g][2t, 2t+1] d[2], d[3] = D[g+8][2t, 2t+1]
+__device__ __forceinline__ void cuda_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes from global to shared memory without passing through registers;
+// valid == false reads nothing and fills the 16 bytes with zeros (src-size 0).
+__device__ __forceinline__ void cuda_cp_async16(void *smem, const void *gmem, bool valid) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+// Closes the group of this thread's copies issued since the last commit.
+__device__ __forceinline__ void cuda_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most `n` of this thread's most recent groups are pending.
+template <int n> __device__ __forceinline__ void cuda_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory");
+}
+
+#endif
+#endif

@@ -1,0 +1,227 @@
+/* quant/quant_tc.c: the tensor-core layout of WINT8 / WINT4 weights.
+ * Random packed weights are repacked and read back the way the CUDA kernel
+ * (kernels/cuda/cuda_wint_tc.cu) reads them: frag_q and frag_scale below
+ * mirror its addressing, from a lane's 16-byte load of a step block to the
+ * nibble or byte behind each half of its B registers, and the element that
+ * register half stands for comes from the PTX ISA's B fragment of
+ * mma.m16n8k16 (lane L, g = L / 4, t = L % 4: b0 holds k = 2t, 2t+1 of
+ * column g, b1 k = 2t+8, 2t+9), independently of quant_tc.c. Every element
+ * (n, k) must be reached exactly once and hold the plain layout's q (0 past
+ * N), for N not a multiple of 64 and several K and groups. Also: the
+ * kernel's integer-to-BF16 tricks are exact, sizes, refusals. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+#include "quant/quant.h"
+#include "quant/quant_tc.h"
+#include "tests/test.h"
+
+/* ---- the kernel's view ------------------------------------------------------- */
+
+static uint32_t le32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* The q in half `half` (0: low 16 bits) of register `reg` (0: b0, 1: b1)
+ * of n-tile j (0..7) that lane `lane` builds at k-step s of chunk c: the
+ * kernel loads the lane's 16 bytes at ((c * KS + s) * subs + h) * 512 +
+ * lane * 16 (subs = 1 for WINT4, 2 for WINT8), then
+ *  - WINT4: word w = j / 2, r = 2 (j % 2) + reg, and the pair is
+ *    (word >> 4r) & 0x000F000F, each half a nibble u, q = u - 8;
+ *  - WINT8: sub-block h = j / 4, word j % 4, byte 2 reg + half, q the
+ *    int8. */
+static int frag_q(nb_dtype t, const uint8_t *data, int64_t KS, int64_t c, int64_t s, int lane, int j, int reg,
+                  int half) {
+    if (t == NB_WINT4) {
+        const uint8_t *p = data + (size_t)(c * KS + s) * 512 + (size_t)lane * 16;
+        uint32_t word = le32(p + 4 * (j / 2)), pair = (word >> (4 * (2 * (j % 2) + reg))) & 0x000F000Fu;
+        return (int)(half ? pair >> 16 : pair & 0xFu) - 8;
+    }
+    const uint8_t *p = data + (size_t)((c * KS + s) * 2 + j / 4) * 512 + (size_t)lane * 16 + 4 * (j % 4);
+    return (int8_t)p[2 * reg + half];
+}
+
+/* The BF16 scale lane `lane` uses for n-tile j of chunk c in group grp:
+ * its 16 bytes at ((grp * NC + c) * 8 + lane / 4) * 16, half j. */
+static float frag_scale(const uint16_t *scale, int64_t NC, int64_t grp, int64_t c, int lane, int j) {
+    return bf16_to_f32(scale[((grp * NC + c) * 8 + lane / 4) * 8 + j]);
+}
+
+/* ---- the plain layout --------------------------------------------------------- */
+
+static int plain_q(const nb_weight *w, int64_t n, int64_t k) {
+    const uint8_t *d = w->data;
+    if (w->dtype == NB_WINT8) return (int8_t)d[n * w->cols + k];
+    size_t i = (size_t)(n * w->cols + k);
+    return (int)((d[i / 2] >> (4 * (i % 2))) & 15u) - 8;
+}
+
+/* Random q in the format's range and random BF16 scales. */
+static nb_weight random_weight(nb_dtype t, int64_t N, int64_t K, int group) {
+    nb_weight w = {.dtype = t, .rows = N, .cols = K, .group = group};
+    uint8_t *data = xcalloc(1, quant_data_bytes(t, N, K));
+    float *scale = xmalloc(quant_scale_bytes(t, N, K, group));
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++)
+            quant_put_q(t, data, K, n, k, t == NB_WINT8 ? (int)(urand() * 255) - 127 : (int)(urand() * 16) - 8);
+    for (size_t i = 0; i < quant_scale_bytes(t, N, K, group) / sizeof(float); i++)
+        scale[i] = quant_round_bf16((float)(0.001 + 0.01 * urand()));
+    w.data = data;
+    w.scale = scale;
+    return w;
+}
+
+/* ---- tests ---------------------------------------------------------------------- */
+
+/* Repacks one shape and checks every element and scale through the mirror. */
+static void check_shape(nb_dtype t, int64_t N, int64_t K, int group) {
+    nb_weight w = random_weight(t, N, K, group);
+    nb_err e = {{0}};
+    const char *name = nb_dtype_name(t);
+    int grouped = quant_tc_grouped(&w);
+    REQUIRE(quant_tc_check(&w, &e) == 0, "%s [%lld, %lld] group %d refused: %s", name, (long long)N, (long long)K,
+            group, e.msg);
+    const int64_t NC = (N + 63) / 64, KS = K / 16;
+    size_t db = quant_tc_data_bytes(&w), sb = quant_tc_scale_bytes(&w);
+    CHECK(db == (size_t)(NC * 64 * K) / (t == NB_WINT4 ? 2 : 1), "%s data bytes %zu", name, db);
+    CHECK(sb == (grouped ? 2 * (size_t)(NC * 64 * (K / group)) : quant_scale_bytes(t, N, K, group)),
+          "%s scale bytes %zu", name, sb);
+    uint8_t *data = xmalloc(db);
+    uint16_t *scale = grouped ? xmalloc(sb) : NULL;
+    memset(data, 0x5a, db); /* every byte must be written */
+    REQUIRE(quant_tc_repack(&w, data, scale, &e) == 0, "%s repack: %s", name, e.msg);
+
+    uint8_t *seen = xcalloc((size_t)(NC * 64), (size_t)K);
+    int64_t bad = 0, dup = 0;
+    for (int64_t c = 0; c < NC; c++)
+        for (int64_t s = 0; s < KS; s++)
+            for (int lane = 0; lane < 32; lane++)
+                for (int j = 0; j < 8; j++)
+                    for (int reg = 0; reg < 2; reg++)
+                        for (int half = 0; half < 2; half++) {
+                            int64_t n = 64 * c + 8 * j + lane / 4, k = 16 * s + 2 * (lane % 4) + 8 * reg + half;
+                            int want = n < N ? plain_q(&w, n, k) : 0;
+                            int got = frag_q(t, data, KS, c, s, lane, j, reg, half);
+                            if (got != want && bad++ < 5)
+                                fprintf(stderr,
+                                        "  %s N=%lld K=%lld: n %lld k %lld: lane %d tile %d b%d half %d reads %d, "
+                                        "want %d\n",
+                                        name, (long long)N, (long long)K, (long long)n, (long long)k, lane, j, reg,
+                                        half, got, want);
+                            if (seen[n * K + k]++) dup++;
+                        }
+    CHECK(bad == 0, "%s N=%lld K=%lld group %d: %lld elements misplaced", name, (long long)N, (long long)K, group,
+          (long long)bad);
+    CHECK(dup == 0, "%s: %lld elements read twice", name, (long long)dup);
+
+    if (grouped) {
+        const int64_t G = K / group;
+        const float *sc = w.scale;
+        int64_t sbad = 0;
+        for (int64_t grp = 0; grp < G; grp++)
+            for (int64_t c = 0; c < NC; c++)
+                for (int lane = 0; lane < 32; lane++)
+                    for (int j = 0; j < 8; j++) {
+                        int64_t n = 64 * c + 8 * j + lane / 4;
+                        float want = n < N ? sc[n * G + grp] : 0.0f;
+                        if (frag_scale(scale, NC, grp, c, lane, j) != want) sbad++;
+                    }
+        CHECK(sbad == 0, "%s N=%lld K=%lld group %d: %lld scales misplaced", name, (long long)N, (long long)K, group,
+              (long long)sbad);
+    }
+    nb_weight packed = w;
+    packed.layout = NB_LAYOUT_TC;
+    CHECK(quant_weight_bytes(&packed) == db + sb, "%s resident bytes %zu, want %zu", name, quant_weight_bytes(&packed),
+          db + sb);
+    free(seen), free(data), free(scale);
+    free((void *)w.data), free((void *)w.scale);
+}
+
+/* N: 1, below one n-tile, one chunk and a row, two chunks and two rows,
+ * and a larger odd count; K from one k-step up. */
+static const int64_t NS[] = {1, 7, 65, 130, 257};
+static const int64_t KSZ[] = {16, 128, 384, 1024};
+
+static void test_wint8(void) {
+    for (int i = 0; i < 5; i++)
+        for (int k = 0; k < 4; k++) check_shape(NB_WINT8, NS[i], KSZ[k], 0);
+    check_shape(NB_WINT8, 33, 48, 0);
+}
+
+static void test_wint4_per_channel(void) {
+    for (int i = 0; i < 5; i++)
+        for (int k = 0; k < 4; k++) check_shape(NB_WINT4, NS[i], KSZ[k], (int)KSZ[k]);
+    check_shape(NB_WINT4, 65, 160, 160); /* a fixture's MLP width: per channel, not a power of two */
+}
+
+static void test_wint4_groups(void) {
+    for (int i = 0; i < 5; i++) {
+        check_shape(NB_WINT4, NS[i], 384, 128);
+        check_shape(NB_WINT4, NS[i], 1024, 128);
+    }
+    /* the other groups the layout takes: dividing 64, and multiples of 64 */
+    check_shape(NB_WINT4, 65, 192, 64);
+    check_shape(NB_WINT4, 33, 256, 16);
+    check_shape(NB_WINT4, 7, 256, 32);
+    check_shape(NB_WINT4, 130, 768, 256);
+    check_shape(NB_WINT4, 9, 576, 192);
+}
+
+/* The conversions the kernel does in registers, done here bit for bit on
+ * every input, against their meaning. */
+static void test_conversions(void) {
+    /* WINT4: BF16 0x4300 | u is 128 + u; minus 136 (0x4308) is q, exact */
+    for (int u = 0; u < 16; u++) {
+        float v = bf16_to_f32((uint16_t)(0x4300 | u));
+        CHECK(v == 128.0f + (float)u, "nibble %d reads %g", u, v);
+        CHECK(quant_round_bf16(v - bf16_to_f32(0x4308)) == (float)(u - 8), "nibble %d: q %g", u,
+              quant_round_bf16(v - bf16_to_f32(0x4308)));
+    }
+    /* WINT8: (byte ^ 0x80) in the mantissa of 2^23, minus 2^23 + 128, is
+     * the int8, and BF16 holds it exactly */
+    for (int b = 0; b < 256; b++) {
+        uint32_t bits = 0x4B000000u | ((uint32_t)b ^ 0x80u);
+        float f;
+        memcpy(&f, &bits, 4);
+        f -= 8388736.0f;
+        CHECK(f == (float)(int8_t)b && quant_round_bf16(f) == f, "byte %02x reads %g", b, f);
+    }
+}
+
+static void test_refusals(void) {
+    nb_err e;
+    nb_weight w = {.dtype = NB_WINT2, .rows = 8, .cols = 128, .group = 64};
+    CHECK(quant_tc_check(&w, &e) != 0, "wint2 accepted");
+    w = (nb_weight){.dtype = NB_FP8_B128, .rows = 8, .cols = 128};
+    CHECK(quant_tc_check(&w, &e) != 0, "fp8 accepted");
+    w = (nb_weight){.dtype = NB_BF16, .rows = 8, .cols = 128};
+    CHECK(quant_tc_check(&w, &e) != 0, "bf16 accepted");
+    w = (nb_weight){.dtype = NB_WINT8, .rows = 8, .cols = 24};
+    CHECK(quant_tc_check(&w, &e) != 0, "K = 24 accepted");
+    w = (nb_weight){.dtype = NB_WINT4, .rows = 8, .cols = 200, .group = 200};
+    CHECK(quant_tc_check(&w, &e) != 0, "K = 200 accepted");
+    w = (nb_weight){.dtype = NB_WINT4, .rows = 8, .cols = 96, .group = 48};
+    CHECK(quant_tc_check(&w, &e) != 0, "group 48 accepted");
+    w = (nb_weight){.dtype = NB_WINT4, .rows = 8, .cols = 192, .group = 96};
+    CHECK(quant_tc_check(&w, &e) != 0, "group 96 accepted");
+    w = (nb_weight){.dtype = NB_WINT4, .rows = 8, .cols = 256, .group = 128, .layout = NB_LAYOUT_TC};
+    CHECK(quant_tc_check(&w, &e) != 0, "an already repacked weight accepted");
+    /* a group scale BF16 cannot hold */
+    w = random_weight(NB_WINT4, 9, 256, 128);
+    ((float *)w.scale)[5] = 0.1f;
+    uint8_t *data = xmalloc(quant_tc_data_bytes(&w));
+    uint16_t *scale = xmalloc(quant_tc_scale_bytes(&w));
+    CHECK(quant_tc_repack(&w, data, scale, &e) != 0, "a non-BF16 scale accepted");
+    free(data), free(scale), free((void *)w.data), free((void *)w.scale);
+}
+
+int main(void) {
+    RUN(test_conversions);
+    RUN(test_wint8);
+    RUN(test_wint4_per_channel);
+    RUN(test_wint4_groups);
+    RUN(test_refusals);
+    TEST_DONE("test_quant_tc");
+}
