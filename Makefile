@@ -92,6 +92,9 @@ $(CUEMU_DIR)/%.o: tests/cuemu/%.cc
 	@mkdir -p $(dir $@)
 	$(CXX) $(CUEMU_CXXFLAGS) -c -o $@ $<
 
+$(CUEMU_DIR)/nibble: build/server/main.o $(LIB_OBJ) $(CUEMU_OBJ)
+	$(CC) $(CFLAGS) $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN)) -o $@ $^ $(filter-out -lcublasLt -lcudart,$(LDLIBS))
+
 $(CUEMU_DIR)/tests/%: build/tests/gpu/%.o $(LIB_OBJ) $(CUEMU_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN)) -o $@ $^ $(filter-out -lcublasLt -lcudart,$(LDLIBS))

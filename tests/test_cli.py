@@ -9,7 +9,7 @@ import struct
 import subprocess
 import sys
 
-NIBBLE = "bin/nibble"
+NIBBLE = os.environ.get("NIBBLE", "bin/nibble")
 MODELS = "tests/fixtures/models"
 FIXTURES = ["llama", "mistral", "qwen2", "qwen3", "ernie"]
 # NIBBLE_DEVICE (make test-gpu sets cuda) puts every generate and serve on
