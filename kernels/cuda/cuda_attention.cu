@@ -3,10 +3,14 @@
 // quantization are those of backend.h and kernels/cpu/cpu_attention.c.
 //
 // Decode (one token per sequence): the context is cut into parts of
-// ATTN_PART positions, one block per (token, kv head, part) computes all the
-// query heads of the group against that part, and a second kernel merges the
-// parts. The grid covers the longest context the block tables allow, so it
-// does not change from step to step and a recorded step can be replayed.
+// ATTN_PART positions; a block per (token, kv head, z) takes parts z, z + Z,
+// z + 2Z, ... (Z = gridDim.z), computes all the query heads of the group
+// against each and folds them into one running (max, sum, output) with the
+// online-softmax rescaling; a second kernel merges the Z partials. Z depends
+// only on the step's token count (enough blocks to fill the GPU twice, at
+// most the parts of the longest context the block tables allow), so a
+// recorded step replays at any context length and short contexts launch no
+// idle blocks.
 // Prefill (any other step): one block per tile of up to 16 query tokens of
 // one sequence and a chunk of the group's query heads; K/V stream through
 // shared memory with an online softmax (flash-style). head_dim a multiple of
@@ -141,94 +145,111 @@ struct attn_args {
 };
 
 // Shared memory: qs [G][D], scores [G][ATTN_PART], slots [ATTN_PART],
-// max/sum [G][2].
+// running max/sum [G][2], this part's rescale factors [G][2], running
+// output [G][D].
 template <int KV>
 __global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *part_o, float *part_ml, attn_args a,
                                                                   cuda_batch b, int n_parts) {
     extern __shared__ float sm[];
-    int t = blockIdx.x, h = blockIdx.y, part = blockIdx.z;
+    int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     int G = a.n_heads / a.n_kv, D = a.D;
-    int ctx = b.pos[t] + 1, start = part * ATTN_PART;
-    if (start >= ctx) return; // the merge reads only the parts a context has
-    int len = min(ctx - start, ATTN_PART);
+    int ctx = b.pos[t] + 1;
+    if (z * ATTN_PART >= ctx) return; // the merge reads only the partials a context has
     float *qs = sm, *sc = qs + G * D;
     int *slots = (int *)(sc + G * ATTN_PART);
-    float *ml = (float *)(slots + ATTN_PART);
+    float *ml = (float *)(slots + ATTN_PART), *ab = ml + 2 * G, *os = ab + 2 * G;
     const int32_t *table = b.block_tables + (size_t)b.seq_of[t] * b.bt_stride;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
     const float *qt = a.q + ((size_t)t * a.n_heads + (size_t)h * G) * D;
-    for (int i = threadIdx.x; i < G * D; i += DEC_THREADS) qs[i] = qt[i];
-    for (int i = threadIdx.x; i < len; i += DEC_THREADS) {
-        int p = start + i;
-        slots[i] = table[p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
-    }
-    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += DEC_THREADS) qs[i] = qt[i], os[i] = 0.0f;
+    for (int g = threadIdx.x; g < G; g += DEC_THREADS) ml[2 * g] = -INFINITY, ml[2 * g + 1] = 0.0f;
 
-    // scores: a warp per position, lanes across the head dimension
-    for (int i = warp; i < len; i += DEC_THREADS / 32) {
-        kv_row kr = kv_locate<KV>(a.k_cache, slots[i], h, a.n_kv, D, a.block_bytes);
-        float kd[CUDA_MAX_HEAD_DIM / 32];
-#pragma unroll
-        for (int j = 0; j < CUDA_MAX_HEAD_DIM / 32; j++) {
-            int d = lane + 32 * j;
-            kd[j] = d < D ? kv_get<KV>(kr.vals, d, kr.scale) : 0.0f;
+    for (int start = z * ATTN_PART; start < ctx; start += (int)gridDim.z * ATTN_PART) {
+        int len = min(ctx - start, ATTN_PART);
+        __syncthreads(); // the previous part's slots and scores are no longer read
+        for (int i = threadIdx.x; i < len; i += DEC_THREADS) {
+            int p = start + i;
+            slots[i] = table[p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
         }
-        for (int g = 0; g < G; g++) {
-            float s = 0.0f;
+        __syncthreads();
+
+        // scores: a warp per position, lanes across the head dimension
+        for (int i = warp; i < len; i += DEC_THREADS / 32) {
+            kv_row kr = kv_locate<KV>(a.k_cache, slots[i], h, a.n_kv, D, a.block_bytes);
+            float kd[CUDA_MAX_HEAD_DIM / 32];
 #pragma unroll
             for (int j = 0; j < CUDA_MAX_HEAD_DIM / 32; j++) {
                 int d = lane + 32 * j;
-                if (d < D) s += qs[g * D + d] * kd[j];
+                kd[j] = d < D ? kv_get<KV>(kr.vals, d, kr.scale) : 0.0f;
             }
-            s = cuda_warp_sum(s);
-            if (lane == 0) sc[g * ATTN_PART + i] = s * a.scale;
-        }
-    }
-    __syncthreads();
-
-    // softmax pieces per head: a warp per head
-    for (int g = warp; g < G; g += DEC_THREADS / 32) {
-        float *r = sc + g * ATTN_PART;
-        float m = -INFINITY;
-        for (int i = lane; i < len; i += 32) m = fmaxf(m, r[i]);
-        m = cuda_warp_max(m);
-        float l = 0.0f;
-        for (int i = lane; i < len; i += 32) {
-            float e = expf(r[i] - m);
-            r[i] = e;
-            l += e;
-        }
-        l = cuda_warp_sum(l);
-        if (lane == 0) ml[2 * g] = m, ml[2 * g + 1] = l;
-    }
-    __syncthreads();
-
-    // weighted V: a thread per head-dimension element, DEC_HEADS heads a pass
-    for (int g0 = 0; g0 < G; g0 += DEC_HEADS) {
-        for (int d = threadIdx.x; d < D; d += DEC_THREADS) {
-            float acc[DEC_HEADS];
+            for (int g = 0; g < G; g++) {
+                float s = 0.0f;
 #pragma unroll
-            for (int j = 0; j < DEC_HEADS; j++) acc[j] = 0.0f;
-            for (int i = 0; i < len; i++) {
-                kv_row vr = kv_locate<KV>(a.v_cache, slots[i], h, a.n_kv, D, a.block_bytes);
-                float v = kv_get<KV>(vr.vals, d, vr.scale);
+                for (int j = 0; j < CUDA_MAX_HEAD_DIM / 32; j++) {
+                    int d = lane + 32 * j;
+                    if (d < D) s += qs[g * D + d] * kd[j];
+                }
+                s = cuda_warp_sum(s);
+                if (lane == 0) sc[g * ATTN_PART + i] = s * a.scale;
+            }
+        }
+        __syncthreads();
+
+        // softmax pieces per head (a warp per head), folded into the running
+        // max and sum: ab = (scale of what was there, scale of this part)
+        for (int g = warp; g < G; g += DEC_THREADS / 32) {
+            float *r = sc + g * ATTN_PART;
+            float m = -INFINITY;
+            for (int i = lane; i < len; i += 32) m = fmaxf(m, r[i]);
+            m = cuda_warp_max(m);
+            float l = 0.0f;
+            for (int i = lane; i < len; i += 32) {
+                float e = expf(r[i] - m);
+                r[i] = e;
+                l += e;
+            }
+            l = cuda_warp_sum(l);
+            if (lane == 0) {
+                float M = fmaxf(ml[2 * g], m);
+                float al = expf(ml[2 * g] - M), be = expf(m - M); // al = 0 for the first part (-inf)
+                ml[2 * g] = M, ml[2 * g + 1] = ml[2 * g + 1] * al + l * be;
+                ab[2 * g] = al, ab[2 * g + 1] = be;
+            }
+        }
+        __syncthreads();
+
+        // weighted V: a thread per head-dimension element, DEC_HEADS heads a pass
+        for (int g0 = 0; g0 < G; g0 += DEC_HEADS) {
+            for (int d = threadIdx.x; d < D; d += DEC_THREADS) {
+                float acc[DEC_HEADS];
+#pragma unroll
+                for (int j = 0; j < DEC_HEADS; j++) acc[j] = 0.0f;
+                for (int i = 0; i < len; i++) {
+                    kv_row vr = kv_locate<KV>(a.v_cache, slots[i], h, a.n_kv, D, a.block_bytes);
+                    float v = kv_get<KV>(vr.vals, d, vr.scale);
+#pragma unroll
+                    for (int j = 0; j < DEC_HEADS; j++)
+                        if (g0 + j < G) acc[j] += sc[(g0 + j) * ATTN_PART + i] * v;
+                }
 #pragma unroll
                 for (int j = 0; j < DEC_HEADS; j++)
-                    if (g0 + j < G) acc[j] += sc[(g0 + j) * ATTN_PART + i] * v;
+                    if (g0 + j < G) {
+                        int g = g0 + j;
+                        os[g * D + d] = os[g * D + d] * ab[2 * g] + acc[j] * ab[2 * g + 1];
+                    }
             }
-#pragma unroll
-            for (int j = 0; j < DEC_HEADS; j++)
-                if (g0 + j < G) {
-                    size_t head = (size_t)t * a.n_heads + (size_t)h * G + g0 + j;
-                    part_o[(head * n_parts + part) * D + d] = acc[j];
-                }
         }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += DEC_THREADS) {
+        size_t head = (size_t)t * a.n_heads + (size_t)h * G + i / D;
+        part_o[(head * n_parts + z) * D + i % D] = os[i];
     }
     for (int g = threadIdx.x; g < G; g += DEC_THREADS) {
         size_t head = (size_t)t * a.n_heads + (size_t)h * G + g;
-        part_ml[(head * n_parts + part) * 2] = ml[2 * g];
-        part_ml[(head * n_parts + part) * 2 + 1] = ml[2 * g + 1];
+        part_ml[(head * n_parts + z) * 2] = ml[2 * g];
+        part_ml[(head * n_parts + z) * 2 + 1] = ml[2 * g + 1];
     }
 }
 
@@ -236,7 +257,8 @@ __global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *part_o,
 __global__ void attn_merge_kernel(float *out, const float *part_o, const float *part_ml, const int32_t *pos,
                                   int n_heads, int D, int n_parts) {
     int t = blockIdx.x, hq = blockIdx.y;
-    int np = (pos[t] + ATTN_PART) / ATTN_PART; // parts of a pos+1 context
+    int np = (pos[t] + ATTN_PART) / ATTN_PART; // parts of a pos+1 context,
+    if (np > n_parts) np = n_parts;            // folded into at most n_parts partials
     size_t head = (size_t)t * n_heads + hq;
     const float *ml = part_ml + head * n_parts * 2;
     float M = -INFINITY;
@@ -255,14 +277,21 @@ template <int KV>
 static void decode_launch(cuda_backend *c, float *out, const attn_args &a) {
     const cuda_batch *b = &c->batch;
     int G = a.n_heads / a.n_kv;
-    // parts for the longest context the block tables can describe: the
-    // grid stays the same from step to step
-    int n_parts = (b->bt_stride * NB_KV_BLOCK_SIZE + ATTN_PART - 1) / ATTN_PART;
+    // partials per (token, kv head): enough blocks for two waves, no more
+    // than the parts of the longest context the block tables can describe;
+    // a function of the token count alone, so recorded steps stay valid
+    int max_parts = (b->bt_stride * NB_KV_BLOCK_SIZE + ATTN_PART - 1) / ATTN_PART;
+    int sms = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c->device));
+    int per_part = b->n_tokens * a.n_kv;
+    int n_parts = (2 * sms + per_part - 1) / per_part;
+    if (n_parts > max_parts) n_parts = max_parts;
+    if (n_parts < 1) n_parts = 1;
     size_t heads = (size_t)b->n_tokens * a.n_heads;
     size_t po = heads * n_parts * a.D, pml = heads * n_parts * 2;
     cuda_scratch(c, (void **)&c->attn_part, &c->attn_part_cap, sizeof(float) * (po + pml));
     float *part_o = c->attn_part, *part_ml = c->attn_part + po;
-    size_t smem = sizeof(float) * ((size_t)G * a.D + (size_t)G * ATTN_PART + ATTN_PART + 2 * (size_t)G);
+    size_t smem = sizeof(float) * (2 * (size_t)G * a.D + (size_t)G * ATTN_PART + ATTN_PART + 4 * (size_t)G);
     if (smem > 48 * 1024)
         CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)b->n_tokens, (unsigned)a.n_kv, (unsigned)n_parts);

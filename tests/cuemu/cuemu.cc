@@ -416,6 +416,13 @@ void cuemu_submit(const char *name, cuemu_cfg cfg, void (*run)(void *), void (*d
 static std::map<uintptr_t, size_t> device_allocs, host_allocs;
 static size_t device_used;
 
+// CUEMU_SMS sets the SM count the device reports (default 132, an H100's),
+// for kernels that size their grids by it.
+static int emu_sms(void) {
+    const char *e = getenv("CUEMU_SMS");
+    return e && atoi(e) > 0 ? atoi(e) : 132;
+}
+
 static size_t emu_total_memory(void) {
     const char *e = getenv("CUEMU_MEMORY_MB");
     return (e && atol(e) > 0 ? (size_t)atol(e) : 2048) << 20;
@@ -599,7 +606,7 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d) {
     p->sharedMemPerBlockOptin = SMEM_OPTIN_MAX;
     p->warpSize = 32;
     p->maxThreadsPerBlock = 1024;
-    p->multiProcessorCount = 132;
+    p->multiProcessorCount = emu_sms();
     p->major = 9;
     p->minor = 0;
     return cudaSuccess;
@@ -610,7 +617,7 @@ cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr attr, int d) {
     switch (attr) {
     case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
-    case cudaDevAttrMultiProcessorCount: *v = 132; break;
+    case cudaDevAttrMultiProcessorCount: *v = emu_sms(); break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = SMEM_OPTIN_MAX; break;
     case cudaDevAttrMaxThreadsPerBlock: *v = 1024; break;
     case cudaDevAttrWarpSize: *v = 32; break;
