@@ -63,7 +63,11 @@ static const void *load(nb_model *m, nb_dtype t, const void *host, size_t bytes)
     return m->be->ops->weight_load(m->be, host, bytes);
 }
 
-int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, int optional, nb_err *e) {
+/* Checks tensor `name` against [rows, cols] (rows 0: a vector) and
+ * describes it in w with data still the checkpoint's host bytes, for the
+ * callers that read it before (or instead of) the backend getting it. */
+static int bind_host(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, int optional,
+                     nb_err *e) {
     const st_tensor *t = st_find(m->st, name);
     memset(w, 0, sizeof *w);
     if (!t) return optional ? 0 : nb_errf(e, "tensor '%s' not found in the checkpoint", name);
@@ -80,7 +84,13 @@ int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_
                        st_dtype_name(t->dtype));
     w->rows = rows == 0 ? 1 : rows;
     w->cols = cols;
-    w->data = load(m, w->dtype, t->data, t->nbytes);
+    w->data = t->data;
+    return 0;
+}
+
+int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, int optional, nb_err *e) {
+    if (bind_host(m, w, name, rows, cols, optional, e)) return -1;
+    if (w->data) w->data = load(m, w->dtype, w->data, (size_t)w->rows * (size_t)w->cols * nb_dtype_size(w->dtype));
     return 0;
 }
 
@@ -198,16 +208,17 @@ int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, in
         memset(w, 0, sizeof *w);
         return bind_packed(m, w, t, name, N, K, e);
     }
-    if (model_bind(m, w, name, N, K, 0, e)) return -1;
-    if (target == NB_BF16 || target == NB_F32 || target == NB_F16) return 0;
+    if (target == NB_BF16 || target == NB_F32 || target == NB_F16) return model_bind(m, w, name, N, K, 0, e);
+    if (bind_host(m, w, name, N, K, 0, e)) return -1;
     if (target == NB_WINT2)
         return nb_errf(e, "%s: wint2 is offline only; write a checkpoint with `nibble quantize --quantization wint2`",
                        name);
     if (m->plan.is_quantized)
         return nb_errf(e, "%s: quantization_config says is_quantized but the tensor is %s", name, nb_dtype_name(w->dtype));
-    /* quantize now: rows to FP32, pack, hand the packed bytes over */
+    /* quantize now, from the checkpoint's bytes on the host (a backend's
+     * copy need not be readable here): rows to FP32, pack, hand only the
+     * packed bytes over */
     nb_weight src = *w;
-    m->bytes_by[src.dtype] -= (size_t)N * (size_t)K * nb_dtype_size(src.dtype);
     int group = quant_pick_group(&m->plan, target, K);
     if (quant_check(target, N, K, group, e)) return nb_err_wrap(e, "%s", name);
     float *W = xmalloc(sizeof(float) * (size_t)N * (size_t)K);
