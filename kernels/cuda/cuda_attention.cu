@@ -281,10 +281,8 @@ static void decode_launch(cuda_backend *c, float *out, const attn_args &a) {
     // than the parts of the longest context the block tables can describe;
     // a function of the token count alone, so recorded steps stay valid
     int max_parts = (b->bt_stride * NB_KV_BLOCK_SIZE + ATTN_PART - 1) / ATTN_PART;
-    int sms = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c->device));
     int per_part = b->n_tokens * a.n_kv;
-    int n_parts = (2 * sms + per_part - 1) / per_part;
+    int n_parts = (2 * c->n_sm + per_part - 1) / per_part;
     if (n_parts > max_parts) n_parts = max_parts;
     if (n_parts < 1) n_parts = 1;
     size_t heads = (size_t)b->n_tokens * a.n_heads;

@@ -474,7 +474,8 @@ extern "C" nb_backend *cuda_backend_create(int device, nb_err *e) {
     b->ops = &CUDA_OPS;
     b->impl = c;
     c->device = device;
-    if ((rc = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess ||
+    if ((rc = cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess ||
+        (rc = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (rc = cudaMalloc(&c->lt_ws, LT_WORKSPACE)) != cudaSuccess) {
         nb_errf(e, "cuda:%d: %s", device, cudaGetErrorString(rc));
         cu_destroy(b);

@@ -67,6 +67,7 @@ typedef struct cuda_staging {
 
 typedef struct cuda_backend {
     int device;
+    int n_sm;     // multiprocessors, for kernels that size grids to fill the GPU
     cudaStream_t stream;
     cublasLtHandle_t lt;
     size_t weight_bytes; // resident weights, for the start-up log

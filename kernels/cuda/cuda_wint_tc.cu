@@ -109,7 +109,7 @@ struct cuda_wint_tc_state {
     void *part; // [S][M][N] FP32 partial sums, grown with cuda_scratch
     size_t part_cap;
     int *cnt; // one arrival counter per output tile, zero between launches
-    int n_cnt, n_sm;
+    int n_cnt;
 };
 
 void cuda_wint_tc_free(cuda_backend *c) {
@@ -389,12 +389,7 @@ static cuda_wint_tc_state *tc_state(cuda_backend *c) {
     if (c->wint_tc) return c->wint_tc;
     cuda_wint_tc_state *s = (cuda_wint_tc_state *)calloc(1, sizeof *s);
     if (!s) abort();
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, c->device) != cudaSuccess || n <= 0) {
-        cudaGetLastError();
-        n = 132; // an H100's; only the split-K choice depends on it
-    }
-    s->n_sm = n;
+    int n = c->n_sm;
     // split-K runs only when a launch has fewer tiles than its target of
     // TC_SPLIT_WAVES blocks per SM, so this many counters always do. On the
     // stream: if this first call is being recorded, the zeroing is recorded
@@ -414,7 +409,7 @@ template <nb_dtype T, bool GRP, int C> static void tc_launch(cuda_backend *c, co
         abort();
     }
     cuda_wint_tc_state *s = tc_state(c);
-    const int gx = (a0.N + TC_BN - 1) / TC_BN, max_rows = 65535 * BM, target = TC_SPLIT_WAVES * s->n_sm;
+    const int gx = (a0.N + TC_BN - 1) / TC_BN, max_rows = 65535 * BM, target = TC_SPLIT_WAVES * c->n_sm;
     for (int r0 = 0; r0 < a0.M; r0 += max_rows) {
         tc_args a = a0;
         a.M = a0.M - r0 < max_rows ? a0.M - r0 : max_rows;
