@@ -54,6 +54,18 @@ static inline float *from_gpu(const void *dev, size_t n_floats) {
     return h;
 }
 
+/* One GPU matmul bracketed as a model's decode step is: graph_begin(key)
+ * and, unless that replayed the recording, the matmul recorded and run by
+ * graph_end. Returns graph_begin's answer (0: recorded, 1: replayed). */
+static inline int graph_matmul(uint64_t key, float *out, const float *x, const nb_weight *w, int M) {
+    int r = gpu->ops->graph_begin(gpu, key);
+    if (!r) {
+        gpu->ops->matmul(gpu, out, x, w, M);
+        gpu->ops->graph_end(gpu);
+    }
+    return r;
+}
+
 static inline float *copy_floats(const float *x, size_t n) {
     float *p = xmalloc(sizeof(float) * (n ? n : 1));
     memcpy(p, x, sizeof(float) * n);

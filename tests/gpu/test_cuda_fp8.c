@@ -228,12 +228,8 @@ static void test_graph(void) {
         float *dx = to_gpu(x1, sizeof(float) * xo), *dout = gpu->ops->alloc(gpu, sizeof(float) * oo),
               *dout2 = gpu->ops->alloc(gpu, sizeof(float) * oo);
         WHERE("fp8 graph M=%d: record", M);
-        int r = gpu->ops->graph_begin(gpu, key);
+        int r = graph_matmul(key, dout, dx, &w.g, M);
         CHECK(r == 0, "%s: graph_begin(new key) returned %d", t_where, r);
-        if (!r) {
-            gpu->ops->matmul(gpu, dout, dx, &w.g, M);
-            gpu->ops->graph_end(gpu);
-        }
         gpu->ops->download(gpu, got, dout, sizeof(float) * no);
         quant_matmul_ref(ref, x1, &w.c, M);
         double e1 = rel_max(got, ref, no);
@@ -241,12 +237,8 @@ static void test_graph(void) {
 
         WHERE("fp8 graph M=%d: replay", M);
         gpu->ops->upload(gpu, dx, x2, sizeof(float) * xo);
-        r = gpu->ops->graph_begin(gpu, key);
+        r = graph_matmul(key, dout, dx, &w.g, M);
         CHECK(r == 1, "%s: graph_begin(recorded key) returned %d", t_where, r);
-        if (!r) {
-            gpu->ops->matmul(gpu, dout, dx, &w.g, M);
-            gpu->ops->graph_end(gpu);
-        }
         gpu->ops->download(gpu, got, dout, sizeof(float) * no);
         gpu->ops->matmul(gpu, dout2, dx, &w.g, M);
         gpu->ops->download(gpu, eager, dout2, sizeof(float) * no);
