@@ -2,7 +2,11 @@
  * checks, sizes and the reordering from quant/quant.h's layout. */
 #include "quant/quant_tc.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/util.h"
 #include "quant/quant.h"
@@ -40,84 +44,285 @@ size_t quant_tc_scale_bytes(const nb_weight *w) {
 #error "quant_tc.c writes the layout's little-endian words with host stores"
 #endif
 
-static uint32_t ld16(const uint8_t *p) {
-    uint16_t v;
-    memcpy(&v, p, 2);
-    return v;
+/* ---- the reordering ----
+ *
+ * A chunk is made a tile at a time: its 64 rows, 64 bytes of each (8 WINT4
+ * k-steps, 4 WINT8 ones), copied next to each other. A row of a large
+ * weight is thousands of bytes long, often a multiple of 2 KiB, so a
+ * chunk's 64 rows read in place fall in a few L1 sets and evict each other
+ * between k-steps; copied a cache line at a time, every source line is
+ * read once, and the tile's step blocks (4 KiB, written in order) are made
+ * from L1. Rows past N are padded in the tile, so the reordering itself
+ * has no bounds checks. */
+
+#define TILE_BYTES 64
+#define TILE_WORDS (TILE_BYTES / 8)
+
+typedef uint64_t tile_t[QUANT_TC_CHUNK][TILE_WORDS];
+
+/* A WINT4 row's 8 bytes x of one k-step (byte t: kk = 2t low nibble, 2t+1
+ * high; byte 4+t: kk = 2t+8, 2t+9), rearranged as they pair up in the
+ * words of quant_tc.h: with y_t = lo(x_t) | lo(x_4+t) << 4 (the register
+ * pair's low halves) and y_4+t = hi(x_t) | hi(x_4+t) << 4 (high halves),
+ * the result is bytes y0 y4 y1 y5 y2 y6 y3 y7, so lane t's word from rows
+ * a (n-tile 2w) and b (2w+1) is bytes 2t, 2t+1 of both, interleaved:
+ * a[2t] b[2t] a[2t+1] b[2t+1] (nibbles 0-1, 2-3, 4-5, 6-7). Three swaps
+ * of bit fields (x ^= d ^ d << shift), plain 64-bit arithmetic that
+ * compilers vectorize over a tile row; the padding byte 0x88 is unchanged. */
+static uint64_t wint4_prep(uint64_t x) {
+    uint64_t d = ((x >> 28) ^ x) & 0x00000000F0F0F0F0ull; /* hi(x_t) <-> lo(x_4+t): bytes y0..y7 */
+    x ^= d ^ d << 28;
+    d = ((x >> 16) ^ x) & 0x00000000FFFF0000ull; /* y2 y3 <-> y4 y5: y0 y1 y4 y5 y2 y3 y6 y7 */
+    x ^= d ^ d << 16;
+    d = ((x >> 8) ^ x) & 0x0000FF000000FF00ull; /* y1 <-> y4, y3 <-> y6 */
+    return x ^ d ^ d << 8;
 }
 
-/* A byte's two nibbles at bits 0-3 and 16-19: the two halves of a B
- * register pair as (word >> 4r) & 0x000F000F reads them. */
-static uint32_t spread(uint32_t b) { return (b & 0x0Fu) | (b & 0xF0u) << 12; }
+#if defined(__SSE2__)
+/* x86-64 always has SSE2: a step block's 64 bytes for one gi are built in
+ * four registers (unpacks, then a 4 x 4 transpose of 32-bit words) rather
+ * than byte by byte as in the portable code below, which places the same
+ * bytes. test_quant_tc compares whichever is built with a plain
+ * element-by-element repack. */
+#include <emmintrin.h>
 
-/* The WINT4 step blocks of chunk c (KS of them, 512 bytes each, at dst).
- * Each source row gives a k-step 8 bytes, 16 nibbles: byte t holds
- * kk = 2t (low nibble) and 2t+1, byte 4 + t kk = 2t+8 and 2t+9, which are
- * lane (gi, t)'s b0 and b1 of the row's n-tile j, nibbles r0, r0 + 4 and
- * r0 + 1, r0 + 5 of its word j / 2 (r0 = 2 (j % 2)). Word w of lane
- * (gi, t) thus comes from rows 16 w + gi (j even) and 16 w + 8 + gi (j
- * odd); a k-step reads 8 bytes of each of the chunk's 64 rows, and the
- * next 7 k-steps the rest of the same cache lines. */
-static void chunk_wint4(uint8_t *dst, const uint8_t *src, int64_t KS, int64_t n0, int64_t N) {
-    static const uint8_t pad[8] = {0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88}; /* past N: q = 0 */
-    const int64_t rowb = 8 * KS;
-    for (int64_t s = 0; s < KS; s++)
-        for (int gi = 0; gi < 8; gi++)
-            for (int w = 0; w < 4; w++) {
-                const int64_t na = n0 + 16 * w + gi, nb = na + 8;
-                const uint8_t *a = na < N ? src + na * rowb + 8 * s : pad, *b = nb < N ? src + nb * rowb + 8 * s : pad;
-                uint8_t *d = dst + s * QUANT_TC_STEP + 16 * (4 * gi) + 4 * w;
-                for (int t = 0; t < 4; t++) {
-                    uint32_t v = spread(a[t]) | spread(a[4 + t]) << 4 | spread(b[t]) << 8 | spread(b[4 + t]) << 12;
-                    memcpy(d + 16 * t, &v, 4);
-                }
+/* Non-temporal stores when the output is 16-byte aligned (it always is
+ * from malloc): the layout is written once and not read back soon, so
+ * this saves reading each output line into the cache first. */
+static inline void store16(uint8_t *p, __m128i v, int nt) {
+    if (nt) _mm_stream_si128((__m128i *)p, v);
+    else _mm_storeu_si128((__m128i *)p, v);
+}
+
+/* Rows a, b, c, d = 4 words each -> out + 16 t = word t of a, b, c, d. */
+static inline void store_transposed(uint8_t *out, __m128i a, __m128i b, __m128i c, __m128i d, int nt) {
+    __m128i ab0 = _mm_unpacklo_epi32(a, b), cd0 = _mm_unpacklo_epi32(c, d);
+    __m128i ab1 = _mm_unpackhi_epi32(a, b), cd1 = _mm_unpackhi_epi32(c, d);
+    store16(out, _mm_unpacklo_epi64(ab0, cd0), nt);
+    store16(out + 16, _mm_unpackhi_epi64(ab0, cd0), nt);
+    store16(out + 32, _mm_unpacklo_epi64(ab1, cd1), nt);
+    store16(out + 48, _mm_unpackhi_epi64(ab1, cd1), nt);
+}
+
+/* Word w of lanes (gi, 0..3) from prepared rows a and b: their bytes
+ * interleaved, so word t is a[2t] b[2t] a[2t+1] b[2t+1]. */
+static inline __m128i wint4_word(const uint64_t *a, const uint64_t *b) {
+    return _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)a), _mm_loadl_epi64((const __m128i *)b));
+}
+
+/* One WINT4 step block (512 bytes at d) from k-step s of a prepared tile:
+ * lanes (gi, 0..3) are the 64 bytes at d + 64 gi, word w from rows
+ * 16 w + gi and 16 w + 8 + gi. */
+static void step_wint4(uint8_t *d, const tile_t tile, int s, int nt) {
+    for (int gi = 0; gi < 8; gi++)
+        store_transposed(d + 64 * gi, wint4_word(&tile[gi][s], &tile[gi + 8][s]),
+                         wint4_word(&tile[gi + 16][s], &tile[gi + 24][s]),
+                         wint4_word(&tile[gi + 32][s], &tile[gi + 40][s]),
+                         wint4_word(&tile[gi + 48][s], &tile[gi + 56][s]), nt);
+}
+
+/* Row x's 16 bytes of a WINT8 k-step -> word t = its 16-bit pairs t
+ * (kk = 2t, 2t+1: b0) and 4 + t (kk = 2t+8, 2t+9: b1). */
+static inline __m128i wint8_word(const uint64_t *x) {
+    __m128i v = _mm_loadu_si128((const __m128i *)x);
+    return _mm_unpacklo_epi16(v, _mm_unpackhi_epi64(v, v));
+}
+
+/* The two WINT8 sub-blocks (1024 bytes at d) of k-step s of a tile:
+ * sub-block h, lanes (gi, 0..3) at d + 512 h + 64 gi, word w from row
+ * 8 (4 h + w) + gi. */
+static void step_wint8(uint8_t *d, const tile_t tile, int s, int nt) {
+    for (int h = 0; h < 2; h++)
+        for (int gi = 0; gi < 8; gi++) {
+            const int r = 32 * h + gi;
+            store_transposed(d + QUANT_TC_STEP * h + 64 * gi, wint8_word(&tile[r][2 * s]),
+                             wint8_word(&tile[r + 8][2 * s]), wint8_word(&tile[r + 16][2 * s]),
+                             wint8_word(&tile[r + 24][2 * s]), nt);
+        }
+}
+
+#else
+
+/* One WINT4 step block from k-step s of a prepared tile: lane (gi, t)'s
+ * word w at d + 16 (4 gi + t) + 4 w, from rows a = 16 w + gi (n-tile 2w)
+ * and b = 16 w + 8 + gi (2w+1), as wint4_prep says. */
+static void step_wint4(uint8_t *d, const tile_t tile, int s, int nt) {
+    for (int gi = 0; gi < 8; gi++)
+        for (int w = 0; w < 4; w++) {
+            const uint8_t *a = (const uint8_t *)&tile[16 * w + gi][s], *b = (const uint8_t *)&tile[16 * w + 8 + gi][s];
+            for (int t = 0; t < 4; t++) {
+                uint32_t v = a[2 * t] | b[2 * t] << 8 | a[2 * t + 1] << 16 | (uint32_t)b[2 * t + 1] << 24;
+                memcpy(d + 16 * (4 * gi + t) + 4 * w, &v, 4);
             }
+        }
 }
 
-/* The WINT8 step blocks of chunk c (KS pairs of 512-byte sub-blocks): row
- * nn's 16 bytes of k-step s go to lanes (gi, t) of sub-block j / 4, word
- * j % 4, as kk = 2t, 2t+1 (b0) then 2t+8, 2t+9 (b1). */
-static void chunk_wint8(uint8_t *dst, const uint8_t *src, int64_t KS, int64_t n0, int64_t N) {
-    const int64_t K = 16 * KS;
+/* The two WINT8 sub-blocks of k-step s: row nn = 8 j + gi's 16 bytes go to
+ * lanes (gi, t) of sub-block j / 4, word j % 4, as kk = 2t, 2t+1 (b0) then
+ * 2t+8, 2t+9 (b1). */
+static void step_wint8(uint8_t *d, const tile_t tile, int s, int nt) {
     for (int nn = 0; nn < QUANT_TC_CHUNK; nn++) {
         const int j = nn / 8, gi = nn % 8;
-        const uint8_t *row = n0 + nn < N ? src + (n0 + nn) * K : NULL;
-        for (int64_t s = 0; s < KS; s++) {
-            uint8_t *d = dst + (2 * s + j / 4) * QUANT_TC_STEP + 16 * (4 * gi) + 4 * (j % 4);
-            for (int t = 0; t < 4; t++, d += 16) {
-                uint32_t w = row ? ld16(row + 16 * s + 2 * t) | ld16(row + 16 * s + 2 * t + 8) << 16 : 0;
-                memcpy(d, &w, 4);
-            }
+        const uint8_t *row = (const uint8_t *)&tile[nn][2 * s];
+        for (int t = 0; t < 4; t++) {
+            uint32_t v = row[2 * t] | row[2 * t + 1] << 8 | row[2 * t + 8] << 16 | (uint32_t)row[2 * t + 9] << 24;
+            memcpy(d + QUANT_TC_STEP * (j / 4) + 16 * (4 * gi + t) + 4 * (j % 4), &v, 4);
         }
     }
 }
 
+#endif
+
+/* The KS step blocks (`step` bytes each) of chunk c at dst, from the plain
+ * rows at src, prefetching chunk `next` (none if it is NC), through the
+ * caller's tile. nt: see store16. */
+static void chunk_data(nb_dtype t, uint8_t *dst, const uint8_t *src, int64_t N, int64_t KS, int64_t c, int64_t next,
+                       int nt, uint64_t (*tile)[TILE_WORDS]) {
+    const int wint4 = t == NB_WINT4, spb = wint4 ? 8 : 16; /* a row's bytes per k-step */
+    const size_t step = wint4 ? QUANT_TC_STEP : 2 * QUANT_TC_STEP;
+    const int64_t rowb = spb * KS, n0 = QUANT_TC_CHUNK * c, rows = N - n0 < QUANT_TC_CHUNK ? N - n0 : QUANT_TC_CHUNK;
+    /* past N: q = 0 (0x88 is its own wint4_prep) */
+    memset(tile[rows], wint4 ? 0x88 : 0, (size_t)(QUANT_TC_CHUNK - rows) * TILE_BYTES);
+    uint8_t *d = dst + (size_t)(c * KS) * step;
+    /* Read a tile at a time, a chunk's rows are 64 streams thousands of
+     * bytes apart, more than the hardware prefetcher follows; so the rows
+     * of the next chunk (one block of at most as many bytes) are prefetched
+     * in address order, a line for every line read. */
+    const int64_t m0 = QUANT_TC_CHUNK * next, m1 = m0 + QUANT_TC_CHUNK < N ? m0 + QUANT_TC_CHUNK : N;
+    int64_t pf = m0 * rowb; /* an offset in src, below m1 * rowb */
+    for (int64_t col = 0; col < rowb; col += TILE_BYTES) {
+        const int64_t bytes = rowb - col < TILE_BYTES ? rowb - col : TILE_BYTES;
+        const int words = (int)bytes / 8; /* fewer in the rows' last k-steps */
+        const uint8_t *p = src + n0 * rowb + col;
+        for (int64_t nn = 0; nn < rows; nn++, p += rowb, pf += TILE_BYTES) {
+            if (pf < m1 * rowb) __builtin_prefetch(src + pf);
+            if (words == TILE_WORDS) memcpy(tile[nn], p, TILE_BYTES);
+            else memcpy(tile[nn], p, (size_t)bytes);
+            if (wint4)
+                for (int i = 0; i < TILE_WORDS; i++)
+                    if (i < words) tile[nn][i] = wint4_prep(tile[nn][i]);
+        }
+        for (int s = 0; s < words * 8 / spb; s++, d += step) {
+            if (wint4) step_wint4(d, (const uint64_t(*)[TILE_WORDS])tile, s, nt);
+            else step_wint8(d, (const uint64_t(*)[TILE_WORDS])tile, s, nt);
+        }
+    }
+}
+
+static uint32_t f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* The grouped WINT4 scales of chunk c: for group g the 64 BF16 at
+ * ((g * NC + c) * 8 + gi) * 8 + j, row 64 c + 8 j + gi. The chunk's 64
+ * rows of G floats are read in order into `tile` (G runs of 64, within L1
+ * for the usual G) and copied out run by run: in place, the runs of a
+ * large weight are a multiple of 4 KiB apart and would evict each other.
+ * Scales are BF16 values (checked), so their BF16 is their high half. */
+static void chunk_scale(uint16_t *out, const float *sc, int64_t N, int64_t G, int64_t NC, int64_t c, uint16_t *tile) {
+    for (int nn = 0; nn < QUANT_TC_CHUNK; nn++) {
+        const int64_t n = QUANT_TC_CHUNK * c + nn;
+        const float *r = sc + n * G;
+        uint16_t *o = tile + 8 * (nn % 8) + nn / 8;
+        for (int64_t g = 0; g < G; g++) o[g * QUANT_TC_CHUNK] = n < N ? (uint16_t)(f32_bits(r[g]) >> 16) : 0;
+    }
+    for (int64_t g = 0; g < G; g++)
+        memcpy(out + (g * NC + c) * QUANT_TC_CHUNK, tile + g * QUANT_TC_CHUNK, sizeof(uint16_t) * QUANT_TC_CHUNK);
+}
+
+/* A repack shared by threads, which take chunks one at a time: a busy
+ * core then delays one chunk, not a fixed share of them. */
+typedef struct tc_work {
+    const nb_weight *src;
+    uint8_t *data;
+    uint16_t *scale; /* NULL unless grouped */
+    int nt;
+    atomic_llong next; /* the first chunk no thread has taken */
+} tc_work;
+
+static void *tc_run(void *arg) {
+    tc_work *wk = arg;
+    const nb_weight *w = wk->src;
+    const int64_t NC = chunks(w), G = wk->scale ? w->cols / w->group : 0;
+    uint16_t *stile = G ? xmalloc(sizeof(uint16_t) * QUANT_TC_CHUNK * (size_t)G) : NULL;
+    /* the tile: 64-byte aligned (a row a cache line), on the heap (as an
+     * array on the stack, some placements of it measured up to twice as
+     * slow, for a reason not found) */
+    uint8_t *tbuf = xmalloc(sizeof(tile_t) + 64);
+    uint64_t(*tile)[TILE_WORDS] = (uint64_t(*)[TILE_WORDS])(tbuf + (64 - (uintptr_t)tbuf % 64) % 64);
+    /* the chunk after this one is taken first, so that it can be prefetched */
+    int64_t c = atomic_fetch_add(&wk->next, 1);
+    while (c < NC) {
+        int64_t next = atomic_fetch_add(&wk->next, 1);
+        if (next > NC) next = NC;
+        if (stile) chunk_scale(wk->scale, w->scale, w->rows, G, NC, c, stile);
+        chunk_data(w->dtype, wk->data, w->data, w->rows, w->cols / QUANT_TC_KSTEP, c, next, wk->nt, tile);
+        c = next;
+    }
+    free(stile);
+    free(tbuf);
+#if defined(__SSE2__)
+    if (wk->nt) _mm_sfence(); /* the streamed stores, visible before the join */
+#endif
+    return NULL;
+}
+
+/* Threads for a repack of `bytes` of layout: one per core, at most
+ * QUANT_TC_THREADS, each with at least QUANT_TC_THREAD_BYTES (a thread
+ * costs tens of microseconds to start, a few MiB of repacking about a
+ * millisecond). */
+#define QUANT_TC_THREADS 8
+#define QUANT_TC_THREAD_BYTES (4u << 20)
+
+static int repack_threads(size_t bytes) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t n = bytes / QUANT_TC_THREAD_BYTES;
+    if (cores > 0 && n > (size_t)cores) n = (size_t)cores;
+    if (n > QUANT_TC_THREADS) n = QUANT_TC_THREADS;
+    return n < 1 ? 1 : (int)n;
+}
+
+/* Nonzero unless f is a value BF16 holds exactly, i.e. quant_round_bf16(f)
+ * == f: its low 16 bits are zero and it is not a NaN (a NaN rounds to a
+ * NaN, never equal; (0x7F800000 - magnitude) >> 31 is 1 for NaNs alone).
+ * Branch-free, so a row's loop over it vectorizes. */
+static uint32_t not_bf16(float f) {
+    uint32_t u = f32_bits(f);
+    return (u & 0xFFFFu) | (0x7F800000u - (u & 0x7FFFFFFFu)) >> 31;
+}
+
 int quant_tc_repack(const nb_weight *src, void *data, void *scale, nb_err *e) {
     if (quant_tc_check(src, e)) return -1;
-    const int64_t N = src->rows, K = src->cols, NC = chunks(src), KS = K / QUANT_TC_KSTEP;
-    if (quant_tc_grouped(src)) {
-        /* checked first: a refusal leaves data untouched as well */
+    const int64_t N = src->rows, K = src->cols;
+    const int grouped = quant_tc_grouped(src);
+    if (grouped) {
+        /* checked first: a refusal leaves data and scale untouched */
         const int64_t G = K / src->group;
         const float *sc = src->scale;
-        uint16_t *out = scale;
-        for (int64_t i = 0; i < N * G; i++)
-            if (quant_round_bf16(sc[i]) != sc[i])
-                return nb_errf(e, "wint4 scale %g (row %lld) is not a BF16 value", (double)sc[i], (long long)(i / G));
-        for (int64_t g = 0; g < G; g++)
-            for (int64_t c = 0; c < NC; c++)
-                for (int gi = 0; gi < 8; gi++)
-                    for (int j = 0; j < 8; j++) {
-                        int64_t n = QUANT_TC_CHUNK * c + 8 * j + gi;
-                        out[((g * NC + c) * 8 + gi) * 8 + j] = n < N ? f32_to_bf16(sc[n * G + g]) : 0;
-                    }
+        for (int64_t n = 0; n < N; n++) {
+            const float *r = sc + n * G;
+            uint32_t bad = 0;
+            for (int64_t g = 0; g < G; g++) bad |= not_bf16(r[g]);
+            for (int64_t g = 0; bad && g < G; g++)
+                if (not_bf16(r[g]))
+                    return nb_errf(e, "wint4 scale %g (row %lld) is not a BF16 value", (double)r[g], (long long)n);
+        }
     }
-    const uint8_t *in = src->data;
-    uint8_t *out = data;
-    const size_t step = src->dtype == NB_WINT8 ? 2 * QUANT_TC_STEP : QUANT_TC_STEP;
-    for (int64_t c = 0; c < NC; c++) {
-        uint8_t *d = out + (size_t)(c * KS) * step;
-        if (src->dtype == NB_WINT4) chunk_wint4(d, in, KS, QUANT_TC_CHUNK * c, N);
-        else chunk_wint8(d, in, KS, QUANT_TC_CHUNK * c, N);
-    }
+    tc_work wk = {.src = src, .data = data, .scale = grouped ? scale : NULL};
+#if defined(__SSE2__)
+    wk.nt = (uintptr_t)data % 16 == 0;
+#endif
+    atomic_init(&wk.next, 0);
+    /* this thread works too; threads that do not start leave their chunks
+     * to the others */
+    const int threads = repack_threads(quant_tc_data_bytes(src));
+    pthread_t tid[QUANT_TC_THREADS];
+    int started[QUANT_TC_THREADS] = {0};
+    for (int i = 1; i < threads; i++) started[i] = pthread_create(&tid[i], NULL, tc_run, &wk) == 0;
+    tc_run(&wk);
+    for (int i = 1; i < threads; i++)
+        if (started[i]) pthread_join(tid[i], NULL);
     return 0;
 }

@@ -71,7 +71,8 @@ size_t quant_tc_scale_bytes(const nb_weight *w);
  * (quant_tc_data_bytes) and, when quant_tc_grouped, scale
  * (quant_tc_scale_bytes; otherwise scale is not touched and may be NULL).
  * Returns -1 with the reason in e if quant_tc_check fails or a group
- * scale is not a BF16 value. */
+ * scale is not a BF16 value. A weight of several MiB is repacked by up to
+ * one thread per core (8 at most), started and joined within the call. */
 int quant_tc_repack(const nb_weight *src, void *data, void *scale, nb_err *e);
 
 #endif

@@ -7,8 +7,11 @@
  * mma.m16n8k16 (lane L, g = L / 4, t = L % 4: b0 holds k = 2t, 2t+1 of
  * column g, b1 k = 2t+8, 2t+9), independently of quant_tc.c. Every element
  * (n, k) must be reached exactly once and hold the plain layout's q (0 past
- * N), for N not a multiple of 64 and several K and groups. Also: the
- * kernel's integer-to-BF16 tricks are exact, sizes, refusals. */
+ * N), for N not a multiple of 64 and several K and groups. The bytes
+ * must also equal those of ref_repack, a plain element-by-element repack
+ * written from quant_tc.h's description (quant_tc.c builds the same bytes
+ * a tile and a vector at a time, split over threads for large weights).
+ * Also: the kernel's integer-to-BF16 tricks are exact, sizes, refusals. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,6 +76,58 @@ static nb_weight random_weight(nb_dtype t, int64_t N, int64_t K, int group) {
     return w;
 }
 
+/* ---- the reference repack ------------------------------------------------------ */
+
+/* quant_tc_repack one element at a time, from quant_tc.h: element (n, k),
+ * n in chunk c = n / 64 as 8 j + gi, k = 16 s + kk with kk = 2t + 8 reg +
+ * half, is half `half` of register `reg` of n-tile j in lane 4 gi + t of
+ * step block (c, s):
+ *  - WINT4: word j / 2, nibble r + 4 half with r = 2 (j % 2) + reg, u = q + 8;
+ *  - WINT8: sub-block j / 4, word j % 4, byte 2 reg + half, the int8 q;
+ * rows past N hold q = 0. Grouped scales: BF16 at ((g * NC + c) * 8 + gi)
+ * * 8 + j, 0 past N. */
+static void ref_repack(const nb_weight *w, uint8_t *data, uint16_t *scale) {
+    const int64_t N = w->rows, K = w->cols, NC = (N + 63) / 64, KS = K / 16;
+    memset(data, 0, quant_tc_data_bytes(w));
+    for (int64_t n = 0; n < NC * 64; n++)
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t c = n / 64, s = k / 16;
+            const int j = (int)(n % 64 / 8), gi = (int)(n % 8), kk = (int)(k % 16);
+            const int reg = kk / 8, t = kk % 8 / 2, half = kk % 2, lane = 4 * gi + t;
+            const int q = n < N ? plain_q(w, n, k) : 0;
+            if (w->dtype == NB_WINT4) {
+                const int p = 2 * (j % 2) + reg + 4 * half;
+                uint8_t *b = data + (size_t)(c * KS + s) * 512 + (size_t)lane * 16 + 4 * (j / 2) + p / 2;
+                *b |= (uint8_t)((q + 8) << (4 * (p % 2)));
+            } else {
+                data[(size_t)((c * KS + s) * 2 + j / 4) * 512 + (size_t)lane * 16 + 4 * (j % 4) + 2 * reg + half] =
+                    (uint8_t)q;
+            }
+        }
+    if (!quant_tc_grouped(w)) return;
+    const int64_t G = K / w->group;
+    const float *sc = w->scale;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t n = 0; n < NC * 64; n++)
+            scale[((g * NC + n / 64) * 8 + n % 8) * 8 + n % 64 / 8] = n < N ? f32_to_bf16(sc[n * G + g]) : 0;
+}
+
+/* quant_tc_repack's bytes (data, and scale when grouped) against
+ * ref_repack's. */
+static void check_bytes(const nb_weight *w, const uint8_t *data, const uint16_t *scale) {
+    const size_t db = quant_tc_data_bytes(w), sb = quant_tc_grouped(w) ? quant_tc_scale_bytes(w) : 0;
+    uint8_t *rd = xmalloc(db);
+    uint16_t *rs = sb ? xmalloc(sb) : NULL;
+    ref_repack(w, rd, rs);
+    size_t i = 0;
+    while (i < db && data[i] == rd[i]) i++;
+    CHECK(i == db, "%s N=%lld K=%lld group %d: data byte %zu is %02x, the reference's %02x", nb_dtype_name(w->dtype),
+          (long long)w->rows, (long long)w->cols, w->group, i, i < db ? data[i] : 0, i < db ? rd[i] : 0);
+    CHECK(!sb || memcmp(scale, rs, sb) == 0, "%s N=%lld K=%lld group %d: scales differ from the reference",
+          nb_dtype_name(w->dtype), (long long)w->rows, (long long)w->cols, w->group);
+    free(rd), free(rs);
+}
+
 /* ---- tests ---------------------------------------------------------------------- */
 
 /* Repacks one shape and checks every element and scale through the mirror. */
@@ -92,6 +147,7 @@ static void check_shape(nb_dtype t, int64_t N, int64_t K, int group) {
     uint16_t *scale = grouped ? xmalloc(sb) : NULL;
     memset(data, 0x5a, db); /* every byte must be written */
     REQUIRE(quant_tc_repack(&w, data, scale, &e) == 0, "%s repack: %s", name, e.msg);
+    check_bytes(&w, data, scale);
 
     uint8_t *seen = xcalloc((size_t)(NC * 64), (size_t)K);
     int64_t bad = 0, dup = 0;
@@ -148,6 +204,9 @@ static void test_wint8(void) {
     for (int i = 0; i < 5; i++)
         for (int k = 0; k < 4; k++) check_shape(NB_WINT8, NS[i], KSZ[k], 0);
     check_shape(NB_WINT8, 33, 48, 0);
+    /* 64 bytes of a row and then some: a partial last tile after whole ones */
+    check_shape(NB_WINT8, 65, 80, 0);
+    check_shape(NB_WINT8, 130, 112, 0);
 }
 
 static void test_wint4_per_channel(void) {
@@ -167,6 +226,32 @@ static void test_wint4_groups(void) {
     check_shape(NB_WINT4, 7, 256, 32);
     check_shape(NB_WINT4, 130, 768, 256);
     check_shape(NB_WINT4, 9, 576, 192);
+}
+
+/* Weights large enough to be split over threads (8 MiB or more of
+ * layout), N not a multiple of 64 and K with a partial last tile (not a
+ * multiple of 64 bytes): the bytes against ref_repack. */
+static void test_large(void) {
+    static const struct {
+        nb_dtype t;
+        int64_t N, K;
+        int group;
+    } cases[] = {
+        {NB_WINT8, 2049, 4112, 0},
+        {NB_WINT4, 4100, 4096, 128},
+        {NB_WINT4, 4097, 4112, 4112},
+        {NB_WINT4, 4500, 4112, 16},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        nb_weight w = random_weight(cases[i].t, cases[i].N, cases[i].K, cases[i].group);
+        nb_err e = {{0}};
+        int grouped = quant_tc_grouped(&w);
+        uint8_t *data = xmalloc(quant_tc_data_bytes(&w));
+        uint16_t *scale = grouped ? xmalloc(quant_tc_scale_bytes(&w)) : NULL;
+        CHECK(quant_tc_repack(&w, data, scale, &e) == 0, "%s repack: %s", nb_dtype_name(w.dtype), e.msg);
+        check_bytes(&w, data, scale);
+        free(data), free(scale), free((void *)w.data), free((void *)w.scale);
+    }
 }
 
 /* The conversions the kernel does in registers, done here bit for bit on
@@ -222,6 +307,7 @@ int main(void) {
     RUN(test_wint8);
     RUN(test_wint4_per_channel);
     RUN(test_wint4_groups);
+    RUN(test_large);
     RUN(test_refusals);
     TEST_DONE("test_quant_tc");
 }
