@@ -29,7 +29,9 @@ CU_SRC   := $(wildcard kernels/cuda/*.cu)
 ifeq ($(CUDA),1)
 CFLAGS   += -DNB_HAVE_CUDA
 CU_OBJ   := $(patsubst %.cu,build/%.o,$(CU_SRC))
-LDLIBS   += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart -lstdc++
+# -ldl: NCCL is loaded at run time (kernels/cuda/cuda_comm.cu), only for
+# tensor parallelism, so nibble does not link against it
+LDLIBS   += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart -lstdc++ -ldl
 # GPU benchmarks (scripts/bench_gpu.sh): built with the CUDA backend, so CI compiles them
 BENCH_BIN := build/bench/bench_cuda
 endif
@@ -43,14 +45,17 @@ GPU_TEST_RUN := build/tests/gpu/test_cuda_ops build/tests/gpu/test_cuda_attentio
 # compiled for a CPU emulator of the device, so `make test` runs every
 # kernel even where there is no GPU. Needs only the CUDA headers.
 # CUEMU_SAN=address builds them (in their own directory) under
-# AddressSanitizer: the emulator's compute-sanitizer memcheck.
+# AddressSanitizer: the emulator's compute-sanitizer memcheck. It emulates
+# several devices (CUEMU_DEVICES) and NCCL (tests/cuemu/cuemu_nccl.cc), so
+# tensor parallelism on CUDA runs here too.
 CXX ?= g++
 CUEMU_SAN ?=
 CUEMU_DIR := build/cuemu$(if $(CUEMU_SAN),-$(CUEMU_SAN))
 CUEMU_CXXFLAGS := -std=c++17 -O2 -g -I. -isystem $(CUDA_HOME)/include -DNB_CUEMU -Wall -Wno-unused-function \
 	-Wno-unknown-pragmas -ffp-contract=off -fno-strict-aliasing -MMD -MP $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN))
 ifeq ($(CUDA),1)
-CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_lt.o
+CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_lt.o \
+	$(CUEMU_DIR)/cuemu_nccl.o
 CUEMU_TEST_BIN := $(patsubst tests/gpu/%.c,$(CUEMU_DIR)/tests/%,$(GPU_TEST_SRC))
 endif
 CUEMU_TESTS ?= $(notdir $(CUEMU_TEST_BIN))

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/util.h"
+
 size_t nb_dtype_size(nb_dtype t) {
     switch (t) {
     case NB_F32: return 4;
@@ -49,39 +51,69 @@ size_t nb_kv_block_bytes(nb_kv_dtype t, int n_kv_heads, int head_dim) {
     return 0;
 }
 
+#ifdef NB_HAVE_CUDA
+/* Parses "cuda" or "cuda:N" into the device index N (0 for "cuda"). */
+static int cuda_index(const char *dev, int *id, nb_err *e) {
+    *id = 0;
+    if (dev[4] != ':') return 0;
+    char *end;
+    long v = strtol(dev + 5, &end, 10);
+    if (*end || end == dev + 5 || v < 0 || v > 1024) return nb_errf(e, "device '%s': expected cuda or cuda:N", dev);
+    *id = (int)v;
+    return 0;
+}
+#endif
+
+/* Makes the n backends of a group; out[r] is rank r. */
+static int create_group(const char *dev, int threads, int n, nb_backend **out, nb_err *e) {
+    if (strcmp(dev, "cpu") == 0) return cpu_backend_create_group(threads, n, out, e);
+#ifdef NB_HAVE_CUDA
+    int id, count = cuda_device_count();
+    if (cuda_index(dev, &id, e)) return -1;
+    if (id + n > count)
+        return nb_errf(e, "device %s with tensor parallel size %d needs devices %d..%d; %d CUDA device(s) found",
+                       dev, n, id, id + n - 1, count);
+    if (n == 1) return (out[0] = cuda_backend_create(id, e)) ? 0 : -1;
+    return cuda_backend_create_group(id, n, out, e);
+#else
+    return nb_errf(e, "device %s: CUDA backend not available in this build", dev);
+#endif
+}
+
 nb_backend *backend_create(const nb_backend_opts *opts, nb_err *e) {
     const char *dev = opts && opts->device ? opts->device : "auto";
-    int threads = opts ? opts->threads : 0;
+    int threads = opts ? opts->threads : 0, n = opts && opts->tensor_parallel > 1 ? opts->tensor_parallel : 1;
     if (strcmp(dev, "auto") == 0) dev = cuda_device_count() > 0 ? "cuda" : "cpu";
-    if (strcmp(dev, "cpu") == 0) return cpu_backend_create(threads, e);
-    if (strcmp(dev, "cuda") == 0 || strncmp(dev, "cuda:", 5) == 0) {
-#ifdef NB_HAVE_CUDA
-        int id = 0, n = cuda_device_count();
-        if (dev[4] == ':') {
-            char *end;
-            long v = strtol(dev + 5, &end, 10);
-            if (*end || end == dev + 5 || v < 0 || v > 1024) {
-                nb_errf(e, "device '%s': expected cuda or cuda:N", dev);
-                return NULL;
-            }
-            id = (int)v;
-        }
-        if (id >= n) {
-            nb_errf(e, "device %s: %d CUDA device(s) found", dev, n);
-            return NULL;
-        }
-        return cuda_backend_create(id, e);
-#else
-        nb_errf(e, "device %s: CUDA backend not available in this build", dev);
+    if (strcmp(dev, "cpu") && strcmp(dev, "cuda") && strncmp(dev, "cuda:", 5)) {
+        nb_errf(e, "unknown device '%s' (expected auto, cpu, cuda or cuda:N)", dev);
         return NULL;
-#endif
     }
-    nb_errf(e, "unknown device '%s' (expected auto, cpu, cuda or cuda:N)", dev);
-    return NULL;
+    if (n > 64) {
+        nb_errf(e, "tensor parallel size %d: at most 64", n);
+        return NULL;
+    }
+    if (n == 1 && strcmp(dev, "cpu") == 0) return cpu_backend_create(threads, e);
+    nb_backend **ranks = xcalloc((size_t)n, sizeof *ranks);
+    if (create_group(dev, threads, n, ranks, e)) {
+        free(ranks);
+        return NULL;
+    }
+    if (n == 1) {
+        nb_backend *b = ranks[0];
+        free(ranks);
+        return b;
+    }
+    ranks[0]->ranks = ranks;
+    return ranks[0];
 }
 
 void backend_destroy(nb_backend *b) {
-    if (b) b->ops->destroy(b);
+    if (!b) return;
+    nb_backend **ranks = b->ranks;
+    int n = b->n_ranks;
+    b->ops->destroy(b);
+    for (int r = 1; ranks && r < n; r++) ranks[r]->ops->destroy(ranks[r]);
+    free(ranks);
 }
 
 #ifndef NB_HAVE_CUDA

@@ -222,6 +222,16 @@ typedef struct nb_backend_ops {
     int (*graph_begin)(nb_backend *b, uint64_t key);
     void (*graph_end)(nb_backend *b);
 
+    /* Tensor parallelism (backend_create with tensor_parallel > 1): sums
+     * x[n] over the ranks of the group, in place and in stream order; every
+     * rank ends with the same bytes. Each rank's thread calls it at the same
+     * point of the same op sequence. In a group of one it does nothing. */
+    void (*all_reduce)(nb_backend *b, float *x, size_t n);
+    /* Optional: readies the calling thread to issue this backend's ops
+     * (CUDA: selects its device). A thread that drives another rank, or
+     * that loads another rank's weights, calls it first. */
+    void (*attach)(nb_backend *b);
+
     /* The KV cache type used when the configuration names none. */
     nb_kv_dtype kv_default;
     /* graph_begin records and replays (CUDA). The model then pads decode
@@ -233,14 +243,22 @@ typedef struct nb_backend_ops {
 struct nb_backend {
     const nb_backend_ops *ops;
     void *impl; /* the implementation's own state */
+    /* Tensor parallelism: this backend is rank `rank` of n_ranks joined by
+     * all_reduce. Rank 0 owns the group: ranks[r] is rank r's backend (0 is
+     * itself) and backend_destroy(rank 0) destroys them all. Alone: rank 0
+     * of 1, ranks NULL. */
+    int rank, n_ranks;
+    nb_backend **ranks;
 };
 
 typedef struct nb_backend_opts {
-    const char *device; /* "cpu", "cuda", or NULL/"auto": cuda when a GPU is present */
-    int threads;        /* CPU worker threads; 0 = number of online cores */
+    const char *device;  /* "cpu", "cuda", "cuda:N", or NULL/"auto": cuda when a GPU is present */
+    int threads;         /* CPU worker threads, shared by the ranks; 0 = number of online cores */
+    int tensor_parallel; /* ranks (0 or 1: one); CUDA: devices N, N+1, ...; CPU: threads split */
 } nb_backend_opts;
 
-/* Creates the backend named by opts->device. */
+/* Creates the backend named by opts->device: one, or with tensor_parallel
+ * > 1 the group, returned as its rank 0. */
 nb_backend *backend_create(const nb_backend_opts *opts, nb_err *e);
 void backend_destroy(nb_backend *b);
 
@@ -248,6 +266,12 @@ void backend_destroy(nb_backend *b);
 nb_backend *cpu_backend_create(int threads, nb_err *e);
 /* The CUDA backend on device `device` (kernels/cuda). */
 nb_backend *cuda_backend_create(int device, nb_err *e);
+/* n CPU backends joined by an all_reduce, threads split among them; out[r]
+ * is rank r, its rank fields set, out[0]->ranks left to the caller. */
+int cpu_backend_create_group(int threads, int n, nb_backend **out, nb_err *e);
+/* n CUDA backends on devices first..first+n-1 joined by NCCL (loaded at
+ * run time: only tensor parallelism needs libnccl), as above. */
+int cuda_backend_create_group(int first, int n, nb_backend **out, nb_err *e);
 /* Number of usable CUDA devices; 0 when none or not built with CUDA. */
 int cuda_device_count(void);
 /* One line describing CUDA device i into buf. */

@@ -32,11 +32,13 @@ static void usage(FILE *f) {
             "      [--top-p P] [--min-p P] [--repetition-penalty R] [--presence-penalty P]\n"
             "      [--frequency-penalty F] [--seed S] [--ignore-eos] [--threads N] [--device D]\n"
             "      [--show-ids] [--verbose] [--quantization NAME|JSON] [--kv-cache-dtype T]\n"
+            "      [--tensor-parallel-size N]\n"
             "  serve --model DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]\n"
             "      [--max-num-seqs N] [--num-kv-blocks N] [--threads N] [--api-key KEY]\n"
             "      [--max-queue N] [--max-num-batched-tokens N] [--shutdown-grace SECONDS]\n"
             "      [--http-threads N] [--quantization NAME|JSON] [--kv-cache-dtype T]\n"
-            "      [--device D] [--gpu-memory-utilization F] [--config FILE.json]\n"
+            "      [--device D] [--gpu-memory-utilization F] [--tensor-parallel-size N]\n"
+            "      [--config FILE.json]\n"
             "                                       OpenAI-compatible HTTP server\n"
             "  inspect --model DIR [--quantization NAME|JSON] [--quant-report]\n"
             "                                       architecture, parameters, dtypes, memory;\n"
@@ -52,6 +54,8 @@ static void usage(FILE *f) {
             "  --kv-cache-dtype: auto, bf16, int8, float8_e4m3fn\n"
             "device: auto (cuda when a GPU is present, else cpu), cpu, cuda, cuda:N;\n"
             "  --gpu-memory-utilization F: share of GPU memory for weights, activations and KV (0.9)\n"
+            "  --tensor-parallel-size N (-tp N): split the model over N GPUs (cuda:K: GPUs K..K+N-1),\n"
+            "  or over N CPU ranks with --device cpu\n"
             "  bench-membw                          measure host copy bandwidth\n"
             "  version                              print the version\n");
 }
@@ -61,7 +65,7 @@ typedef struct cli_opts {
     const char *quantization, *kv_dtype, *out, *calib, *method, *file;
     int ctx;
     int quant_report, calib_tokens;
-    int chat, max_tokens, threads, ignore_eos, show_ids, port, max_num_seqs, kv_blocks, max_queue, max_batched, http_threads;
+    int chat, max_tokens, threads, ignore_eos, show_ids, port, max_num_seqs, kv_blocks, max_queue, max_batched, http_threads, tp;
     double grace, gpu_mem_util;
     int set_temperature, set_top_p, set_top_k; /* else generation_config.json decides */
     cJSON *config;    /* --config document: its strings back some fields */
@@ -135,6 +139,7 @@ static int parse_flags(int argc, char **argv, cli_opts *o) {
         else if (!strcmp(a, "--max-num-seqs")) { NEED_VALUE if (parse_int(a, v, 1, 4096, &l)) return -1; o->max_num_seqs = (int)l; }
         else if (!strcmp(a, "--num-kv-blocks")) { NEED_VALUE if (parse_int(a, v, 1, 1 << 24, &l)) return -1; o->kv_blocks = (int)l; }
         else if (!strcmp(a, "--max-tokens")) { NEED_VALUE if (parse_int(a, v, 1, 1 << 20, &l)) return -1; o->max_tokens = (int)l; }
+        else if (!strcmp(a, "--tensor-parallel-size") || !strcmp(a, "-tp")) { NEED_VALUE if (parse_int(a, v, 1, 64, &l)) return -1; o->tp = (int)l; }
         else if (!strcmp(a, "--threads")) { NEED_VALUE if (parse_int(a, v, 0, 1024, &l)) return -1; o->threads = (int)l; }
         else if (!strcmp(a, "--seed")) { NEED_VALUE if (parse_int(a, v, 0, 1L << 52, &l)) return -1; o->sp.seed = (uint64_t)l; o->sp.has_seed = 1; }
         else if (!strcmp(a, "--temperature")) { NEED_VALUE if (parse_num(a, v, 0, 100, &d)) return -1; o->sp.temperature = (float)d; o->set_temperature = 1; }
@@ -290,7 +295,7 @@ static int cmd_generate(int argc, char **argv) {
         return 2;
     }
     nb_err e = {{0}};
-    nb_backend_opts bo = {.device = o.device, .threads = o.threads};
+    nb_backend_opts bo = {.device = o.device, .threads = o.threads, .tensor_parallel = o.tp};
     nb_backend *be = NULL;
     nb_model *m = NULL;
     nb_tokenizer *tok = NULL;
@@ -405,7 +410,7 @@ static int cmd_perplexity(int argc, char **argv) {
     }
     nb_err e = {{0}};
     int rc = 1, ctx = o.ctx ? o.ctx : 256;
-    nb_backend_opts bo = {.device = o.device, .threads = o.threads};
+    nb_backend_opts bo = {.device = o.device, .threads = o.threads, .tensor_parallel = o.tp};
     nb_backend *be = NULL;
     nb_tokenizer *tok = NULL;
     nb_model *m = NULL;
@@ -466,7 +471,7 @@ static int cmd_serve(int argc, char **argv) {
     }
     log_set_level(LOG_INFO);
     nb_err e = {{0}};
-    nb_backend_opts bo = {.device = o.device, .threads = o.threads};
+    nb_backend_opts bo = {.device = o.device, .threads = o.threads, .tensor_parallel = o.tp};
     nb_backend *be = NULL;
     nb_model *m = NULL;
     nb_tokenizer *tok = NULL;

@@ -6,6 +6,7 @@
 #define NB_TEST_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -49,6 +50,19 @@ static int t_passed, t_failed, t_cur_failed;
         printf("%s: %d passed, %d failed\n", name, t_passed, t_failed);     \
         return t_failed ? 1 : 0;                                            \
     } while (0)
+
+/* max |got - ref| / max |ref| (NaN if got has one). */
+static inline double rel_max(const float *got, const float *ref, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - ref[i]);
+        if (isnan(d)) return NAN;
+        if (d > num) num = d;
+        if (fabs(ref[i]) > den) den = fabs(ref[i]);
+    }
+    if (den == 0) return num == 0 ? 0 : INFINITY;
+    return num / den;
+}
 
 /* A small seeded generator for test data: xorshift64, uniform in [0, 1)
  * and Gaussian (Box-Muller). Each test binary has its own state. */

@@ -69,6 +69,17 @@ for name in FIXTURES:
     check(f"{name}: inspect reports {want} parameters", r.returncode == 0 and f"parameters:     {want} " in r.stdout,
           r.stdout + r.stderr)
 
+# tensor parallelism on CPU ranks: the split model prints the same text
+for name, tp in (("llama", 2), ("mistral", 4)):
+    d = os.path.join(MODELS, name)
+    with open(os.path.join(d, "reference.json")) as f:
+        ref = json.load(f)
+    r = run("generate", "--model", d, "--prompt", ref["prompt"], "--max-tokens", str(len(ref["greedy"])),
+            "--temperature", "0", "--ignore-eos", "--threads", "4", "--tensor-parallel-size", str(tp), cpu_only=True)
+    check(f"{name} on {tp} CPU ranks: greedy text equals transformers",
+          r.returncode == 0 and r.stdout == ref["greedy_text"] + "\n",
+          f"rc={r.returncode} stderr={r.stderr.strip()[-300:]!r}\n got {r.stdout!r}")
+
 d = os.path.join(MODELS, "qwen2")
 a = run("generate", "--model", d, "--prompt", "Hello", "--max-tokens", "16", "--temperature", "1", "--seed", "42")
 b = run("generate", "--model", d, "--prompt", "Hello", "--max-tokens", "16", "--temperature", "1", "--seed", "42")
@@ -87,6 +98,11 @@ bad = [
     (["generate", "--model", d, "--prompt", "x", "--max-tokens", "5000"], "context"),
     (["generate", "--model", d, "--prompt", "x", "--bogus"], "--bogus"),
     (["generate", "--model", d, "--prompt", "x", "--device", "tpu"], "tpu"),
+    (["generate", "--model", d, "--prompt", "x", "--device", "cpu", "--tensor-parallel-size", "0"],
+     "--tensor-parallel-size"),
+    (["generate", "--model", d, "--prompt", "x", "--device", "cpu", "-tp", "8"], "4 attention heads"),
+    (["generate", "--model", os.path.join(MODELS, "llama"), "--prompt", "x", "--device", "cpu", "-tp", "3"],
+     "KV heads"),
     (["frobnicate"], "frobnicate"),
     (["inspect", "--model", "tests"], "config.json"),
     (["serve", "--config", "/nonexistent.json"], "/nonexistent.json"),

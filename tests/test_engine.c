@@ -1,6 +1,7 @@
 /* Continuous batching: many greedy requests sharing steps return exactly
- * what each returns alone, also when a small KV pool forces preemption;
- * aborting frees blocks at once; bad requests are refused. */
+ * what each returns alone, also when a small KV pool forces preemption and
+ * on a model split over 2 CPU ranks; aborting frees blocks at once; bad
+ * requests are refused. */
 #include <cjson/cJSON.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,19 +43,21 @@ static nb_gen_opts greedy(int r) {
     return o;
 }
 
-static nb_model *load(int blocks) {
+static nb_model *load_on(nb_backend *b, int blocks) {
     nb_err e;
     nb_model_opts mo = {.max_batch_tokens = 48, .num_kv_blocks = blocks};
-    nb_model *m = model_load("tests/fixtures/models/qwen2", be, &mo, &e);
+    nb_model *m = model_load("tests/fixtures/models/qwen2", b, &mo, &e);
     if (!m) fprintf(stderr, "  load: %s\n", e.msg);
     return m;
 }
 
+static nb_model *load(int blocks) { return load_on(be, blocks); }
+
 static int32_t solo[N_REQ][64];
 static size_t solo_n[N_REQ];
 
-static void run_batched(int blocks, int expect_preemption) {
-    nb_model *m = load(blocks);
+static void run_batched(nb_backend *b, int blocks, int expect_preemption) {
+    nb_model *m = load_on(b, blocks);
     REQUIRE(m, "model");
     nb_err e;
     for (int r = 0; r < N_REQ; r++) {
@@ -102,8 +105,25 @@ static void run_batched(int blocks, int expect_preemption) {
     model_free(m);
 }
 
-static void test_batched_equals_solo(void) { run_batched(64, 0); }
-static void test_preemption_equals_solo(void) { run_batched(8, 1); }
+static void test_batched_equals_solo(void) { run_batched(be, 64, 0); }
+static void test_preemption_equals_solo(void) { run_batched(be, 8, 1); }
+
+/* The same on 2 CPU ranks, whose solo runs also equal the single rank's. */
+static void test_tensor_parallel(void) {
+    int32_t one[N_REQ][64];
+    size_t one_n[N_REQ];
+    memcpy(one, solo, sizeof one);
+    memcpy(one_n, solo_n, sizeof one_n);
+    nb_err e;
+    nb_backend_opts bo = {.device = "cpu", .threads = 2, .tensor_parallel = 2};
+    nb_backend *group = backend_create(&bo, &e);
+    REQUIRE(group, "%s", e.msg);
+    run_batched(group, 8, 1);
+    for (int r = 0; r < N_REQ; r++)
+        CHECK(solo_n[r] == one_n[r] && !memcmp(solo[r], one[r], sizeof(int32_t) * one_n[r]),
+              "request %d: 2 ranks give other tokens than one", r);
+    backend_destroy(group);
+}
 
 static void test_abort_and_errors(void) {
     nb_model *m = load(64);
@@ -206,6 +226,7 @@ int main(void) {
     }
     RUN(test_batched_equals_solo);
     RUN(test_preemption_equals_solo);
+    RUN(test_tensor_parallel);
     RUN(test_abort_and_errors);
     RUN(test_prefix_cache);
     backend_destroy(be);

@@ -491,7 +491,7 @@ static void test_memory(void) {
 
 static void test_backend_create(void) {
     nb_err e = {{0}};
-    nb_backend_opts o = {NULL, 2};
+    nb_backend_opts o = {.threads = 2};
     nb_backend *b = backend_create(&o, &e);
     REQUIRE(b != NULL, "default device: %s", e.msg);
     CHECK(!strcmp(b->ops->name, cuda_device_count() > 0 ? "cuda" : "cpu"), "default is cuda when a GPU is present, else cpu");

@@ -16,17 +16,6 @@
 static const char *FIXTURES[] = {"llama", "mistral", "qwen2", "qwen3", "ernie"};
 #define N_FIX (int)(sizeof FIXTURES / sizeof FIXTURES[0])
 
-/* max |a-b| / max |b| */
-static double rel_err(const float *a, const float *b, int n) {
-    double num = 0, den = 0;
-    for (int i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]);
-        if (d > num || d != d) num = d;
-        if (fabs(b[i]) > den) den = fabs(b[i]);
-    }
-    return num / (den > 0 ? den : 1);
-}
-
 /* Runs the prompt as one sequence whose blocks are laid out backwards
  * (non-contiguous on purpose), in chunks of at most `chunk` tokens. */
 static int run_prompt(nb_model *m, const ref *r, int chunk, float *logits) {
@@ -81,7 +70,7 @@ static void check_fixture(const char *name) {
 
     /* whole prompt in one step */
     if (run_prompt(m, &r, 256, logits) == 0) {
-        double err = rel_err(logits, r.logits, r.n_logits);
+        double err = rel_max(logits, r.logits, (size_t)r.n_logits);
         printf("  %s: logits relative error %.2e\n", name, err);
         CHECK(err <= 1e-3, "%s: logits relative error %.3e > 1e-3", name, err);
     } else {
@@ -89,7 +78,7 @@ static void check_fixture(const char *name) {
     }
     /* chunked prefill (chunks of 5) gives the same logits */
     if (run_prompt(m, &r, 5, logits) == 0) {
-        double err = rel_err(logits, r.logits, r.n_logits);
+        double err = rel_max(logits, r.logits, (size_t)r.n_logits);
         CHECK(err <= 1e-3, "%s: chunked prefill relative error %.3e", name, err);
     }
     /* 32 greedy tokens */
@@ -151,7 +140,7 @@ static void test_batched_sequences(void) {
     nb_err e;
     int rc = model_forward(m, tok, &b, rows, 2, lg, &e);
     CHECK(rc == 0, "batched forward: %s", e.msg);
-    double err = rel_err(lg, r.logits, V);
+    double err = rel_max(lg, r.logits, (size_t)V);
     CHECK(err <= 1e-3, "sequence A in a batch: relative error %.3e", err);
     /* solo B, in yet other blocks */
     int32_t tb[1] = {40};
@@ -164,7 +153,7 @@ static void test_batched_sequences(void) {
     int32_t last = nbt - 1;
     rc = model_forward(m, r.prompt, &bb, &last, 1, solo, &e);
     CHECK(rc == 0, "solo forward: %s", e.msg);
-    err = rel_err(lg + V, solo, V);
+    err = rel_max(lg + V, solo, (size_t)V);
     CHECK(err <= 1e-5, "sequence B batched vs solo: relative error %.3e", err);
     free(lg);
     free(solo);
@@ -181,7 +170,7 @@ static void test_batched_sequences(void) {
 static void test_decode_padding(void) {
     nb_backend_ops rec_ops = *be->ops;
     rec_ops.records_graphs = 1;
-    nb_backend rec = {&rec_ops, be->impl}; /* shares be's state; never destroyed itself */
+    nb_backend rec = {.ops = &rec_ops, .impl = be->impl, .n_ranks = 1}; /* shares be's state; never destroyed itself */
     nb_model *mp = load(&rec, "qwen2", 64), *mu = load(be, "qwen2", 64);
     REQUIRE(mp && mu, "load");
     int V = model_config(mu)->vocab_size;

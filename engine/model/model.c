@@ -13,32 +13,40 @@
 static int bind_layer(nb_model *m, int i, nb_err *e) {
     const nb_model_config *c = &m->cfg;
     nb_layer *L = &m->layers[i];
-    int64_t H = c->hidden_size, q_dim = (int64_t)c->n_heads * c->head_dim,
-            kv_dim = (int64_t)c->n_kv_heads * c->head_dim, F = c->intermediate_size;
+    int64_t H = c->hidden_size, hd = c->head_dim, q_dim = (int64_t)c->n_heads * hd,
+            kv_dim = (int64_t)c->n_kv_heads * hd, F = c->intermediate_size;
+    /* Megatron's split: q/k/v and gate/up by output rows (this rank's heads
+     * and MLP columns), o_proj and down_proj by input columns (their partial
+     * sums meet in an all-reduce); a single rank takes everything. */
+    nb_slice qr = {0, m->q_head0 * hd, m->n_heads * hd}, kvr = {0, m->kv_head0 * hd, m->n_kv_heads * hd},
+             qc = {1, qr.start, qr.len}, fr = {0, m->ffn0, m->ffn}, fc = {1, m->ffn0, m->ffn};
+    int split = m->n_ranks > 1;
     char n[160];
     nb_dtype d = m->plan.dense;
-#define B(field, suffix, rows, cols, opt)                                  \
+#define B(field, suffix, rows, cols, sl, opt)                              \
     (snprintf(n, sizeof n, "model.layers.%d.%s", i, suffix),               \
-     model_bind(m, &L->field, n, rows, cols, opt, e))
-#define LIN(field, suffix, rows, cols)                                     \
+     model_bind(m, &L->field, n, rows, cols, split ? sl : NULL, opt, e))
+#define LIN(field, suffix, rows, cols, sl)                                 \
     (snprintf(n, sizeof n, "model.layers.%d.%s", i, suffix),               \
-     model_bind_linear(m, &L->field, n, rows, cols, d, e))
-    if (B(attn_norm, "input_layernorm.weight", 0, H, 0) ||
-        B(ffn_norm, "post_attention_layernorm.weight", 0, H, 0) ||
-        LIN(wq, "self_attn.q_proj.weight", q_dim, H) || LIN(wk, "self_attn.k_proj.weight", kv_dim, H) ||
-        LIN(wv, "self_attn.v_proj.weight", kv_dim, H) || LIN(wo, "self_attn.o_proj.weight", H, q_dim) ||
-        LIN(gate, "mlp.gate_proj.weight", F, H) || LIN(up, "mlp.up_proj.weight", F, H) ||
-        LIN(down, "mlp.down_proj.weight", H, F))
+     model_bind_linear(m, &L->field, n, rows, cols, split ? sl : NULL, d, e))
+    if (B(attn_norm, "input_layernorm.weight", 0, H, NULL, 0) ||
+        B(ffn_norm, "post_attention_layernorm.weight", 0, H, NULL, 0) ||
+        LIN(wq, "self_attn.q_proj.weight", q_dim, H, &qr) || LIN(wk, "self_attn.k_proj.weight", kv_dim, H, &kvr) ||
+        LIN(wv, "self_attn.v_proj.weight", kv_dim, H, &kvr) || LIN(wo, "self_attn.o_proj.weight", H, q_dim, &qc) ||
+        LIN(gate, "mlp.gate_proj.weight", F, H, &fr) || LIN(up, "mlp.up_proj.weight", F, H, &fr) ||
+        LIN(down, "mlp.down_proj.weight", H, F, &fc))
         return -1;
-    if (c->qkv_bias && (B(bq, "self_attn.q_proj.bias", 0, q_dim, 0) || B(bk, "self_attn.k_proj.bias", 0, kv_dim, 0) ||
-                        B(bv, "self_attn.v_proj.bias", 0, kv_dim, 0)))
+    if (c->qkv_bias && (B(bq, "self_attn.q_proj.bias", 0, q_dim, &qr, 0) ||
+                        B(bk, "self_attn.k_proj.bias", 0, kv_dim, &kvr, 0) ||
+                        B(bv, "self_attn.v_proj.bias", 0, kv_dim, &kvr, 0)))
         return -1;
-    if (c->o_bias && B(bo, "self_attn.o_proj.bias", 0, H, 0)) return -1;
-    if (c->mlp_bias && (B(b_gate, "mlp.gate_proj.bias", 0, F, 0) || B(b_up, "mlp.up_proj.bias", 0, F, 0) ||
-                        B(b_down, "mlp.down_proj.bias", 0, H, 0)))
+    /* the biases of the split sums are added once, after the all-reduce */
+    if (c->o_bias && B(bo, "self_attn.o_proj.bias", 0, H, NULL, 0)) return -1;
+    if (c->mlp_bias && (B(b_gate, "mlp.gate_proj.bias", 0, F, &fr, 0) || B(b_up, "mlp.up_proj.bias", 0, F, &fr, 0) ||
+                        B(b_down, "mlp.down_proj.bias", 0, H, NULL, 0)))
         return -1;
-    if (c->qk_norm && (B(q_norm, "self_attn.q_norm.weight", 0, c->head_dim, 0) ||
-                       B(k_norm, "self_attn.k_norm.weight", 0, c->head_dim, 0)))
+    if (c->qk_norm && (B(q_norm, "self_attn.q_norm.weight", 0, c->head_dim, NULL, 0) ||
+                       B(k_norm, "self_attn.k_norm.weight", 0, c->head_dim, NULL, 0)))
         return -1;
 #undef B
 #undef LIN
@@ -49,38 +57,48 @@ static int bind_layer(nb_model *m, int i, nb_err *e) {
  * cache would only fill host-side tables. */
 #define KV_MAX_AUTO_BLOCKS (1 << 18)
 
-/* Sizes and allocates the paged KV cache. An explicit block count wins; on a
- * backend that budgets device memory, the cache gets what is free beyond the
- * (1 - gpu_memory_utilization) share of the device; elsewhere it holds one
- * full-context sequence (more only helps with many sequences). */
-static int alloc_kv_cache(nb_model *m, const nb_model_opts *opts, nb_err *e) {
+/* How many KV blocks this rank can hold. An explicit block count wins; on a
+ * backend that budgets device memory, the cache gets what is free beyond
+ * the (1 - gpu_memory_utilization) share of the device; elsewhere it holds
+ * one full-context sequence (more only helps with many sequences). */
+static int kv_budget(nb_model *m, const nb_model_opts *opts, int *blocks, nb_err *e) {
     const nb_model_config *c = &m->cfg;
     nb_backend *be = m->be;
-    size_t per_block = 2 * (size_t)c->n_layers * nb_kv_block_bytes(m->plan.kv, c->n_kv_heads, c->head_dim);
+    size_t per_block = 2 * (size_t)c->n_layers * nb_kv_block_bytes(m->plan.kv, m->n_kv_heads, c->head_dim);
     int full_ctx = (c->max_position + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE;
     size_t free_b = 0, total_b = 0;
+    char who[32] = "";
+    if (m->n_ranks > 1) snprintf(who, sizeof who, " (rank %d)", m->rank);
     if (opts && opts->num_kv_blocks > 0) {
-        m->num_blocks = opts->num_kv_blocks;
+        *blocks = opts->num_kv_blocks;
     } else if (be->ops->mem_info(be, &free_b, &total_b) == 0) {
         double util = opts && opts->gpu_mem_util > 0 ? opts->gpu_mem_util : 0.9;
         double keep = (1.0 - util) * (double)total_b;
         double avail = (double)free_b - keep;
         if (avail < (double)per_block)
-            return nb_errf(e, "no device memory left for the KV cache: %.2f GiB free of %.2f GiB after weights "
+            return nb_errf(e, "no device memory left for the KV cache%s: %.2f GiB free of %.2f GiB after weights "
                               "and activations, %.2f GiB kept back by --gpu-memory-utilization %.2f",
-                           free_b / 1073741824.0, total_b / 1073741824.0, keep / 1073741824.0, util);
+                           who, free_b / 1073741824.0, total_b / 1073741824.0, keep / 1073741824.0, util);
         double n = avail / (double)per_block;
-        m->num_blocks = n > KV_MAX_AUTO_BLOCKS ? KV_MAX_AUTO_BLOCKS : (int)n;
-        log_info("KV cache: %.2f GiB free of %.2f GiB after weights and activations, utilization %.2f: %d blocks "
+        *blocks = n > KV_MAX_AUTO_BLOCKS ? KV_MAX_AUTO_BLOCKS : (int)n;
+        log_info("KV cache%s: %.2f GiB free of %.2f GiB after weights and activations, utilization %.2f: %d blocks "
                  "(%lld tokens, %.1f full contexts)",
-                 free_b / 1073741824.0, total_b / 1073741824.0, util, m->num_blocks,
-                 (long long)m->num_blocks * NB_KV_BLOCK_SIZE, (double)m->num_blocks / full_ctx);
+                 who, free_b / 1073741824.0, total_b / 1073741824.0, util, *blocks,
+                 (long long)*blocks * NB_KV_BLOCK_SIZE, (double)*blocks / full_ctx);
     } else {
-        m->num_blocks = full_ctx;
+        *blocks = full_ctx;
     }
+    return 0;
+}
+
+/* Allocates this rank's paged KV cache of num_blocks blocks. */
+static void kv_alloc(nb_model *m, int num_blocks) {
+    const nb_model_config *c = &m->cfg;
+    nb_backend *be = m->be;
+    m->num_blocks = num_blocks;
     /* one block more for the padding of recorded decode steps */
-    int n_alloc = m->num_blocks + (be->ops->records_graphs ? 1 : 0);
-    size_t kv_bytes = per_block / 2 / (size_t)c->n_layers * (size_t)n_alloc;
+    int n_alloc = num_blocks + (be->ops->records_graphs ? 1 : 0);
+    size_t kv_bytes = nb_kv_block_bytes(m->plan.kv, m->n_kv_heads, c->head_dim) * (size_t)n_alloc;
     m->kv_layer_bytes = kv_bytes;
     m->k_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
     m->v_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
@@ -88,17 +106,86 @@ static int alloc_kv_cache(nb_model *m, const nb_model_opts *opts, nb_err *e) {
         m->k_cache[i] = be->ops->alloc(be, kv_bytes);
         m->v_cache[i] = be->ops->alloc(be, kv_bytes);
     }
-    return 0;
 }
 
 static void *act_alloc(nb_model *m, size_t floats) {
     return m->be->ops->alloc(m->be, floats * sizeof(float));
 }
 
+/* This rank's share of the heads and of the MLP. KV heads are split like
+ * the query heads, or, when there are fewer KV heads than ranks, each rank
+ * keeps (a copy of) the one its query heads read, as vLLM does. */
+static int set_share(nb_model *m, nb_err *e) {
+    const nb_model_config *c = &m->cfg;
+    int n = m->n_ranks, r = m->rank;
+    if (c->n_heads % n)
+        return nb_errf(e, "tensor parallel size %d does not divide the model's %d attention heads", n, c->n_heads);
+    if (c->n_kv_heads % n && n % c->n_kv_heads)
+        return nb_errf(e, "tensor parallel size %d neither divides nor is a multiple of the model's %d KV heads", n,
+                       c->n_kv_heads);
+    if (c->intermediate_size % n)
+        return nb_errf(e, "tensor parallel size %d does not divide the model's MLP width %d", n,
+                       c->intermediate_size);
+    m->n_heads = c->n_heads / n;
+    m->q_head0 = r * m->n_heads;
+    m->n_kv_heads = c->n_kv_heads >= n ? c->n_kv_heads / n : 1;
+    m->kv_head0 = c->n_kv_heads >= n ? r * m->n_kv_heads : m->q_head0 / (c->n_heads / c->n_kv_heads);
+    m->ffn = c->intermediate_size / n;
+    m->ffn0 = (int64_t)r * m->ffn;
+    return 0;
+}
+
+int model_load_rank(nb_model *m, const nb_model_opts *opts, nb_err *e) {
+    const nb_model_config *c = &m->cfg;
+    nb_backend *be = m->be;
+    if (set_share(m, e)) return -1;
+    int64_t V = c->vocab_size, H = c->hidden_size;
+    m->layers = xcalloc((size_t)c->n_layers, sizeof *m->layers);
+    if (model_bind(m, &m->embed, "model.embed_tokens.weight", V, H, NULL, 0, e)) return -1;
+    /* the step's logits are rank 0's alone */
+    if (m->rank == 0) {
+        if (model_bind(m, &m->final_norm, "model.norm.weight", 0, H, NULL, 0, e)) return -1;
+        if (c->tie_embeddings) m->lm_head = m->embed;
+        else if (model_bind(m, &m->lm_head, "lm_head.weight", V, H, NULL, 0, e)) return -1;
+    }
+    for (int i = 0; i < c->n_layers; i++)
+        if (bind_layer(m, i, e)) return -1;
+
+    float *inv = xmalloc(sizeof(float) * (size_t)(c->head_dim / 2));
+    config_rope_inv_freq(c, inv);
+    m->inv_freq = act_alloc(m, (size_t)c->head_dim / 2);
+    be->ops->upload(be, m->inv_freq, inv, sizeof(float) * (size_t)(c->head_dim / 2));
+    free(inv);
+
+    m->max_tokens = opts && opts->max_batch_tokens > 0 ? opts->max_batch_tokens : 256;
+    m->max_rows = opts && opts->max_logit_rows > 0 && opts->max_logit_rows < m->max_tokens ? opts->max_logit_rows
+                                                                                           : m->max_tokens;
+    size_t T = (size_t)m->max_tokens, R = (size_t)m->max_rows, qd = (size_t)m->n_heads * c->head_dim,
+           kvd = (size_t)m->n_kv_heads * c->head_dim;
+    m->x = act_alloc(m, T * H);
+    m->xn = act_alloc(m, T * H);
+    m->q = act_alloc(m, T * qd);
+    m->k = act_alloc(m, T * kvd);
+    m->v = act_alloc(m, T * kvd);
+    m->att = act_alloc(m, T * qd);
+    m->gate = act_alloc(m, T * (size_t)m->ffn);
+    m->up = act_alloc(m, T * (size_t)m->ffn);
+    if (m->rank == 0) {
+        m->last = act_alloc(m, R * H);
+        m->logits = act_alloc(m, R * V);
+    }
+    return 0;
+}
+
+static void attach(nb_model *m) {
+    if (m->be->ops->attach) m->be->ops->attach(m->be);
+}
+
 nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts, nb_err *e) {
     double t0 = util_now();
     nb_model *m = xcalloc(1, sizeof *m);
     m->be = be;
+    m->n_ranks = be->n_ranks > 1 ? be->n_ranks : 1;
     if (config_load(dir, &m->cfg, e)) goto fail;
     nb_quant_plan none;
     if (!opts || !opts->quant) quant_plan_parse(NULL, NULL, &none, e);
@@ -113,63 +200,45 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
     const nb_model_config *c = &m->cfg;
     m->st = st_open(dir, e);
     if (!m->st) goto fail;
-
-    int64_t V = c->vocab_size, H = c->hidden_size;
-    m->layers = xcalloc((size_t)c->n_layers, sizeof *m->layers);
-    if (model_bind(m, &m->embed, "model.embed_tokens.weight", V, H, 0, e) ||
-        model_bind(m, &m->final_norm, "model.norm.weight", 0, H, 0, e))
-        goto fail;
-    if (c->tie_embeddings) {
-        m->lm_head = m->embed;
-    } else if (model_bind(m, &m->lm_head, "lm_head.weight", V, H, 0, e)) {
-        goto fail;
-    }
-    for (int i = 0; i < c->n_layers; i++)
-        if (bind_layer(m, i, e)) goto fail;
-
-    float *inv = xmalloc(sizeof(float) * (size_t)(c->head_dim / 2));
-    config_rope_inv_freq(c, inv);
-    m->inv_freq = act_alloc(m, (size_t)c->head_dim / 2);
-    be->ops->upload(be, m->inv_freq, inv, sizeof(float) * (size_t)(c->head_dim / 2));
-    free(inv);
-
-    m->max_tokens = opts && opts->max_batch_tokens > 0 ? opts->max_batch_tokens : 256;
-    m->max_rows = opts && opts->max_logit_rows > 0 && opts->max_logit_rows < m->max_tokens ? opts->max_logit_rows
-                                                                                           : m->max_tokens;
-    size_t T = (size_t)m->max_tokens, R = (size_t)m->max_rows, qd = (size_t)c->n_heads * c->head_dim,
-           kvd = (size_t)c->n_kv_heads * c->head_dim;
-    m->x = act_alloc(m, T * H);
-    m->xn = act_alloc(m, T * H);
-    m->q = act_alloc(m, T * qd);
-    m->k = act_alloc(m, T * kvd);
-    m->v = act_alloc(m, T * kvd);
-    m->att = act_alloc(m, T * qd);
-    m->gate = act_alloc(m, T * c->intermediate_size);
-    m->up = act_alloc(m, T * c->intermediate_size);
-    m->last = act_alloc(m, R * H);
-    m->logits = act_alloc(m, R * V);
+    if (model_load_rank(m, opts, e)) goto fail;
+    if (m->n_ranks > 1 && model_tp_start(m, opts, e)) goto fail;
     /* The KV cache comes last so that a device backend can give it what the
-     * weights and activations left. */
-    if (alloc_kv_cache(m, opts, e)) goto fail;
-    char qname[32], wbytes[256] = "";
+     * weights and activations left; every rank holds the same blocks. */
+    int blocks = 0;
+    for (int r = 0; r < m->n_ranks; r++) {
+        nb_model *mr = model_tp_rank(m, r);
+        int b = 0;
+        attach(mr);
+        if (kv_budget(mr, opts, &b, e)) goto fail;
+        if (r == 0 || b < blocks) blocks = b;
+    }
+    for (int r = 0; r < m->n_ranks; r++) {
+        attach(model_tp_rank(m, r));
+        kv_alloc(model_tp_rank(m, r), blocks);
+    }
+    attach(m);
+    char qname[32], wbytes[256] = "", ranks[48] = "";
     for (int t = 0, len = 0; t < NB_DTYPE_COUNT; t++)
-        if (m->bytes_by[t])
+        if (model_weight_bytes(m, (nb_dtype)t))
             len += snprintf(wbytes + len, sizeof wbytes - (size_t)len, "%s%s %.1f MiB", len ? ", " : "",
-                            nb_dtype_name((nb_dtype)t), m->bytes_by[t] / 1048576.0);
+                            nb_dtype_name((nb_dtype)t), model_weight_bytes(m, (nb_dtype)t) / 1048576.0);
+    if (m->n_ranks > 1) snprintf(ranks, sizeof ranks, " on each of %d ranks", m->n_ranks);
     log_info("loaded %s (%s, %d layers, hidden %d) in %.2f s; %s (%s); weights %s; KV cache %d blocks of %d "
-             "tokens, %s (%.1f MiB)",
+             "tokens, %s (%.1f MiB%s)",
              dir, c->arch_name, c->n_layers, c->hidden_size, util_now() - t0, quant_plan_name(&m->plan, qname, sizeof qname),
              m->plan.method, wbytes, m->num_blocks, NB_KV_BLOCK_SIZE, nb_kv_dtype_name(m->plan.kv),
-             2.0 * c->n_layers * m->kv_layer_bytes / (1 << 20));
+             2.0 * c->n_layers * m->kv_layer_bytes / (1 << 20), ranks);
     return m;
 fail:
     nb_err_wrap(e, "%s", dir);
+    attach(m);
     model_free(m);
     return NULL;
 }
 
 void model_free(nb_model *m) {
     if (!m) return;
+    if (m->tp) model_tp_stop(m);
     nb_backend *be = m->be;
     float *bufs[] = {m->inv_freq, m->x, m->xn, m->q, m->k, m->v, m->att, m->gate, m->up, m->last, m->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -196,13 +265,17 @@ void model_free(nb_model *m) {
     if (m->lm_head.data && m->lm_head.data != m->embed.data) be->ops->weight_free(be, m->lm_head.data);
     free(m->layers);
     model_free_owned(m);
-    st_close(m->st);
+    if (m->rank == 0) st_close(m->st);
     free(m);
 }
 
 const nb_model_config *model_config(const nb_model *m) { return &m->cfg; }
 const nb_quant_plan *model_quant_plan(const nb_model *m) { return &m->plan; }
-size_t model_weight_bytes(const nb_model *m, nb_dtype t) { return t < NB_DTYPE_COUNT ? m->bytes_by[t] : 0; }
+size_t model_weight_bytes(const nb_model *m, nb_dtype t) {
+    size_t sum = 0;
+    for (int r = 0; t < NB_DTYPE_COUNT && r < m->n_ranks; r++) sum += model_tp_rank((nb_model *)m, r)->bytes_by[t];
+    return sum;
+}
 
 void model_set_capture(nb_model *m, model_capture_fn fn, void *ctx) {
     m->capture = fn;
@@ -217,14 +290,22 @@ static void linear(nb_model *m, float *out, const float *x, const nb_weight *w, 
     if (bias->data) m->be->ops->add_bias(m->be, out, bias, n);
 }
 
+/* A row-parallel linear layer: each rank's partial product over its input
+ * columns, summed over the ranks, then the bias once. */
+static void linear_sum(nb_model *m, float *out, const float *x, const nb_weight *w, const nb_weight *bias, int n) {
+    m->be->ops->matmul(m->be, out, x, w, n);
+    if (m->n_ranks > 1) m->be->ops->all_reduce(m->be, out, (size_t)n * (size_t)w->rows);
+    if (bias->data) m->be->ops->add_bias(m->be, out, bias, n);
+}
+
 static void layer_forward(nb_model *m, int li, int n) {
     const nb_backend_ops *op = m->be->ops;
     nb_backend *be = m->be;
     const nb_model_config *c = &m->cfg;
     const nb_layer *L = &m->layers[li];
     size_t H = (size_t)c->hidden_size;
-    nb_attn_shape s = {c->n_heads, c->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim), m->plan.kv};
-    size_t qd = (size_t)c->n_heads * c->head_dim;
+    nb_attn_shape s = {m->n_heads, m->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim), m->plan.kv};
+    size_t qd = (size_t)m->n_heads * c->head_dim;
 #define CAPTURE(which, x, cols) \
     if (m->capture) m->capture(m->capture_ctx, li, which, x, n, (int64_t)(cols))
 
@@ -236,22 +317,22 @@ static void layer_forward(nb_model *m, int li, int n) {
     linear(m, m->k, m->xn, &L->wk, &L->bk, n);
     linear(m, m->v, m->xn, &L->wv, &L->bv, n);
     if (c->qk_norm) {
-        op->rmsnorm(be, m->q, m->q, &L->q_norm, n * c->n_heads, c->rms_eps);
-        op->rmsnorm(be, m->k, m->k, &L->k_norm, n * c->n_kv_heads, c->rms_eps);
+        op->rmsnorm(be, m->q, m->q, &L->q_norm, n * m->n_heads, c->rms_eps);
+        op->rmsnorm(be, m->k, m->k, &L->k_norm, n * m->n_kv_heads, c->rms_eps);
     }
-    op->rope(be, m->q, c->n_heads, c->head_dim, m->inv_freq, c->rope_interleaved);
-    op->rope(be, m->k, c->n_kv_heads, c->head_dim, m->inv_freq, c->rope_interleaved);
+    op->rope(be, m->q, m->n_heads, c->head_dim, m->inv_freq, c->rope_interleaved);
+    op->rope(be, m->k, m->n_kv_heads, c->head_dim, m->inv_freq, c->rope_interleaved);
     op->kv_write(be, m->k_cache[li], m->v_cache[li], m->k, m->v, &s);
     op->attention(be, m->att, m->q, m->k_cache[li], m->v_cache[li], &s);
     CAPTURE(1, m->att, qd);
-    linear(m, m->xn, m->att, &L->wo, &L->bo, n);
+    linear_sum(m, m->xn, m->att, &L->wo, &L->bo, n);
     op->add_rmsnorm(be, m->xn, m->x, m->xn, &L->ffn_norm, n, c->rms_eps);
     CAPTURE(2, m->xn, H);
     linear(m, m->gate, m->xn, &L->gate, &L->b_gate, n);
     linear(m, m->up, m->xn, &L->up, &L->b_up, n);
-    op->silu_mul(be, m->gate, m->gate, m->up, (size_t)n * c->intermediate_size);
-    CAPTURE(3, m->gate, c->intermediate_size);
-    linear(m, m->xn, m->gate, &L->down, &L->b_down, n); /* added by the next layer's norm */
+    op->silu_mul(be, m->gate, m->gate, m->up, (size_t)n * (size_t)m->ffn);
+    CAPTURE(3, m->gate, m->ffn);
+    linear_sum(m, m->xn, m->gate, &L->down, &L->b_down, n); /* added by the next layer's norm */
 #undef CAPTURE
 }
 
@@ -304,6 +385,28 @@ static int decode_pad(nb_model *m, const int32_t *tokens, const nb_batch *b, nb_
     return 1;
 }
 
+/* What every rank runs of a step: the embedding and the layers, leaving
+ * the final hidden states in x. */
+typedef struct rank_step {
+    const int32_t *tokens;
+    const nb_batch *batch;
+    int decode;
+} rank_step;
+
+static void rank_layers(nb_model *m, void *arg) {
+    const rank_step *st = arg;
+    const nb_backend_ops *op = m->be->ops;
+    nb_backend *be = m->be;
+    int n = st->batch->n_tokens;
+    op->set_batch(be, st->batch);
+    op->embedding(be, m->x, &m->embed, st->tokens, n);
+    if (!op->graph_begin(be, st->decode ? (uint64_t)n : 0)) {
+        for (int li = 0; li < m->cfg.n_layers; li++) layer_forward(m, li, n);
+        op->add(be, m->x, m->x, m->xn, (size_t)n * m->cfg.hidden_size);
+        op->graph_end(be);
+    }
+}
+
 /* The step up to the logits of out_rows, left in m->logits on the backend. */
 static int forward_logits(nb_model *m, const int32_t *tokens, const nb_batch *batch, const int32_t *out_rows,
                           int n_out, nb_err *e) {
@@ -324,6 +427,7 @@ static int forward_logits(nb_model *m, const int32_t *tokens, const nb_batch *ba
     for (int r = 0; r < n_out; r++)
         if (out_rows[r] < 0 || out_rows[r] >= n) return nb_errf(e, "logit row %d out of the step", out_rows[r]);
 
+    if (m->capture && m->n_ranks > 1) return nb_errf(e, "calibration runs on a single rank");
     const nb_backend_ops *op = m->be->ops;
     nb_backend *be = m->be;
     /* A decode-only step (one token per sequence) issues the same ops for
@@ -337,13 +441,9 @@ static int forward_logits(nb_model *m, const int32_t *tokens, const nb_batch *ba
         batch = &padded;
         n = padded.n_tokens;
     }
-    op->set_batch(be, batch);
-    op->embedding(be, m->x, &m->embed, tokens, n);
-    if (!op->graph_begin(be, decode ? (uint64_t)n : 0)) {
-        for (int li = 0; li < c->n_layers; li++) layer_forward(m, li, n);
-        op->add(be, m->x, m->x, m->xn, (size_t)n * c->hidden_size);
-        op->graph_end(be);
-    }
+    rank_step st = {tokens, batch, decode};
+    if (m->n_ranks > 1) model_tp_run(m, rank_layers, &st);
+    else rank_layers(m, &st);
     if (n_out == 0) return 0;
     op->gather_rows(be, m->last, m->x, out_rows, n_out, c->hidden_size);
     op->rmsnorm(be, m->last, m->last, &m->final_norm, n_out, c->rms_eps);

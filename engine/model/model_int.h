@@ -20,10 +20,30 @@ typedef struct nb_layer {
 /* model_free walks a layer as an array of weights. */
 _Static_assert(sizeof(nb_layer) % sizeof(nb_weight) == 0, "nb_layer holds only nb_weight fields");
 
+/* Tensor parallelism: the ranks of a model and their threads (model_tp.c),
+ * held by rank 0. */
+typedef struct nb_tp nb_tp;
+
+/* A part of a tensor: rows [start, start + len) (dim 0; a vector's
+ * elements) or columns (dim 1). NULL where a caller takes it whole. */
+typedef struct nb_slice {
+    int dim;
+    int64_t start, len;
+} nb_slice;
+
+/* Each rank of a tensor-parallel model is an nb_model of its own: the same
+ * config, plan and checkpoint, its share of the heads and of the MLP, its
+ * backend, weights, KV cache and activations. Rank 0 also holds the final
+ * norm and the LM head, and answers the model_* calls. */
 struct nb_model {
     nb_model_config cfg;
     nb_backend *be;
-    st_model *st;
+    st_model *st; /* rank 0's; the other ranks borrow it */
+    int rank, n_ranks;
+    nb_tp *tp; /* rank 0 of n_ranks > 1 */
+    /* this rank's share: heads from q_head0 / kv_head0, MLP columns from ffn0 */
+    int n_heads, n_kv_heads, q_head0, kv_head0;
+    int64_t ffn, ffn0;
     nb_weight embed, final_norm, lm_head;
     nb_layer *layers;
     nb_quant_plan plan;
@@ -52,13 +72,30 @@ struct nb_model {
 
 
 /* Binds a plain tensor (norms, biases, embeddings) as a [rows, cols] weight
- * (rows == 0: a vector of cols); a missing optional tensor leaves w zeroed. */
-int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, int optional, nb_err *e);
-/* Binds linear weight `name` [rows][cols] as the plan says: packed tensors
- * of an offline checkpoint as they are, else the checkpoint's BF16/F16/F32
- * values, quantized now when `target` is a packed format. */
-int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, nb_dtype target,
-                      nb_err *e);
+ * (rows == 0: a vector of cols), or the part sl of it; a missing optional
+ * tensor leaves w zeroed. */
+int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, const nb_slice *sl,
+               int optional, nb_err *e);
+/* Binds linear weight `name` [rows][cols] (or its part sl) as the plan
+ * says: packed tensors of an offline checkpoint as they are, else the
+ * checkpoint's BF16/F16/F32 values, quantized now when `target` is a packed
+ * format. */
+int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, const nb_slice *sl,
+                      nb_dtype target, nb_err *e);
+
+/* Sets this rank's share (rank, n_ranks, be set), binds its weights and
+ * makes its activations; the KV cache comes after. */
+int model_load_rank(nb_model *m, const nb_model_opts *opts, nb_err *e);
+
+/* model_tp.c: splits rank 0's model over its backend's group (shares,
+ * weights of the other ranks, their threads); rank 0 has its share set and
+ * its weights bound, no KV cache yet. */
+int model_tp_start(nb_model *m, const nb_model_opts *opts, nb_err *e);
+/* Runs fn(rank's model, arg) on every rank at once, rank 0 on the caller. */
+void model_tp_run(nb_model *m, void (*fn)(nb_model *r, void *arg), void *arg);
+/* Rank r's model (0: m itself). */
+nb_model *model_tp_rank(nb_model *m, int r);
+void model_tp_stop(nb_model *m);
 /* Frees what model_bind_linear made. */
 void model_free_owned(nb_model *m);
 

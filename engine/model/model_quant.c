@@ -63,11 +63,88 @@ static const void *load(nb_model *m, nb_dtype t, const void *host, size_t bytes)
     return m->be->ops->weight_load(m->be, host, bytes);
 }
 
+/* The rows [r0, r0 + nr) and bytes [b0, b0 + nb) of each of them, from a
+ * row-major host array whose rows hold row_bytes: in place when the rows
+ * are taken whole, else copied into a buffer the model owns. */
+static const void *cut(nb_model *m, const void *base, size_t row_bytes, int64_t r0, int64_t nr, size_t b0,
+                       size_t nb) {
+    const char *p = (const char *)base + (size_t)r0 * row_bytes;
+    if (b0 == 0 && nb == row_bytes) return p;
+    char *out = own(m, (size_t)nr * nb);
+    for (int64_t r = 0; r < nr; r++) memcpy(out + (size_t)r * nb, p + (size_t)r * row_bytes + b0, nb);
+    return out;
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Row bytes of data for `cols` columns of format t. */
+static size_t data_row_bytes(nb_dtype t, int64_t cols) {
+    return t == NB_F32 || t == NB_BF16 || t == NB_F16 ? (size_t)cols * nb_dtype_size(t) : quant_data_bytes(t, 1, cols);
+}
+
+/* Whether the part sl of an [N][K] weight of format t keeps whole groups
+ * (and so exactly the codes and scales of the whole): a cut must fall on
+ * the format's groups, or be the weight's edge. */
+static int check_cut(const char *name, nb_dtype t, int group, int64_t N, int64_t K, const nb_slice *sl, nb_err *e) {
+    int64_t unit_c = t == NB_WINT4 ? (group < K ? group : 2) : t == NB_WINT2 ? QUANT_WINT2_GROUP
+                   : t == NB_FP8_B128 ? QUANT_FP8_BLOCK : 1;
+    int64_t unit = sl->dim ? unit_c : t == NB_FP8_B128 ? QUANT_FP8_BLOCK : 1, edge = sl->dim ? K : N;
+    int64_t bad = sl->start % unit ? sl->start : (sl->len % unit && sl->start + sl->len != edge) ? sl->start + sl->len : -1;
+    if (bad < 0) return 0;
+    return nb_errf(e, "%s: tensor parallelism would cut this %s [%lld, %lld] weight at %s %lld, inside its "
+                      "%lld-wide groups; use a tensor parallel size that divides the groups",
+                   name, nb_dtype_name(t), (long long)N, (long long)K, sl->dim ? "column" : "row", (long long)bad,
+                   (long long)unit);
+}
+
+/* The part sl of host weight full (data, scale and scale2 on the host) in
+ * out, for a tensor-parallel rank. */
+static int slice_weight(nb_model *m, const char *name, const nb_weight *full, const nb_slice *sl, nb_weight *out,
+                        nb_err *e) {
+    *out = *full;
+    if (!sl) return 0;
+    nb_dtype t = full->dtype;
+    int64_t N = full->rows, K = full->cols, r0 = 0, nr = N, c0 = 0, nc = K;
+    if (sl->dim == 0) r0 = sl->start, nr = sl->len;
+    else c0 = sl->start, nc = sl->len;
+    if (check_cut(name, t, full->group, N, K, sl, e)) return -1;
+    out->rows = nr;
+    out->cols = nc;
+    out->data = cut(m, full->data, data_row_bytes(t, K), r0, nr, data_row_bytes(t, c0), data_row_bytes(t, nc));
+    switch (t) {
+    case NB_WINT8: out->scale = cut(m, full->scale, sizeof(float), r0, nr, 0, sizeof(float)); break;
+    case NB_WINT4:
+        if (full->group == K) { /* per channel: every part keeps its rows' one scale */
+            out->group = (int)nc;
+            out->scale = cut(m, full->scale, sizeof(float), r0, nr, 0, sizeof(float));
+        } else {
+            out->scale = cut(m, full->scale, sizeof(float) * (size_t)(K / full->group), r0, nr,
+                             sizeof(float) * (size_t)(c0 / full->group), sizeof(float) * (size_t)(nc / full->group));
+        }
+        break;
+    case NB_WINT2:
+        out->scale = cut(m, full->scale, (size_t)(K / QUANT_WINT2_GROUP), r0, nr, (size_t)(c0 / QUANT_WINT2_GROUP),
+                         (size_t)(nc / QUANT_WINT2_GROUP));
+        out->scale2 = cut(m, full->scale2, sizeof(float), r0, nr, 0, sizeof(float));
+        break;
+    case NB_FP8_B128: {
+        size_t bc = (size_t)ceil_div(K, QUANT_FP8_BLOCK);
+        out->scale = cut(m, full->scale, sizeof(float) * bc, r0 / QUANT_FP8_BLOCK, ceil_div(nr, QUANT_FP8_BLOCK),
+                         sizeof(float) * (size_t)(c0 / QUANT_FP8_BLOCK),
+                         sizeof(float) * (size_t)ceil_div(nc, QUANT_FP8_BLOCK));
+        break;
+    }
+    default: break;
+    }
+    return 0;
+}
+
 /* Checks tensor `name` against [rows, cols] (rows 0: a vector) and
- * describes it in w with data still the checkpoint's host bytes, for the
- * callers that read it before (or instead of) the backend getting it. */
-static int bind_host(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, int optional,
-                     nb_err *e) {
+ * describes it, or its part sl, in w with data still host bytes (the
+ * checkpoint's, or a cut the model owns), for the callers that read it
+ * before (or instead of) the backend getting it. */
+static int bind_host(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, const nb_slice *sl,
+                     int optional, nb_err *e) {
     const st_tensor *t = st_find(m->st, name);
     memset(w, 0, sizeof *w);
     if (!t) return optional ? 0 : nb_errf(e, "tensor '%s' not found in the checkpoint", name);
@@ -79,17 +156,21 @@ static int bind_host(nb_model *m, nb_weight *w, const char *name, int64_t rows, 
         return nb_errf(e, "%s: tensor '%s' has shape [%s], expected [%lld, %lld]", t->file, name, got,
                        (long long)rows, (long long)cols);
     }
-    if (plain_dtype(t->dtype, &w->dtype))
+    nb_weight full = {.rows = rows == 0 ? 1 : rows, .cols = cols, .data = t->data};
+    if (plain_dtype(t->dtype, &full.dtype))
         return nb_errf(e, "%s: tensor '%s' has dtype %s; expected F32, BF16 or F16", t->file, name,
                        st_dtype_name(t->dtype));
-    w->rows = rows == 0 ? 1 : rows;
-    w->cols = cols;
-    w->data = t->data;
-    return 0;
+    nb_slice vec;
+    if (sl && rows == 0) { /* a vector's part is a part of its one row */
+        vec = (nb_slice){1, sl->start, sl->len};
+        sl = &vec;
+    }
+    return slice_weight(m, name, &full, sl, w, e);
 }
 
-int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, int optional, nb_err *e) {
-    if (bind_host(m, w, name, rows, cols, optional, e)) return -1;
+int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, const nb_slice *sl,
+               int optional, nb_err *e) {
+    if (bind_host(m, w, name, rows, cols, sl, optional, e)) return -1;
     if (w->data) w->data = load(m, w->dtype, w->data, (size_t)w->rows * (size_t)w->cols * nb_dtype_size(w->dtype));
     return 0;
 }
@@ -101,8 +182,7 @@ static const st_tensor *companion(const nb_model *m, const char *name, const cha
     return st_find(m->st, n);
 }
 
-/* Scales stored as BF16/F16/F32 -> FP32 in a buffer the model owns, handed
- * to the backend. */
+/* Scales stored as BF16/F16/F32 -> FP32 in a host buffer the model owns. */
 static const void *scales_f32(nb_model *m, const st_tensor *t, int64_t rows, int64_t cols, const char *what, nb_err *e) {
     nb_dtype d;
     if (!t) return nb_errf(e, "%s not found in the checkpoint", what), NULL;
@@ -116,7 +196,7 @@ static const void *scales_f32(nb_model *m, const st_tensor *t, int64_t rows, int
     float *out = own(m, sizeof(float) * (size_t)(rows ? rows : 1) * (size_t)cols);
     nb_weight src = {.dtype = d, .rows = rows ? rows : 1, .cols = cols, .data = t->data};
     for (int64_t r = 0; r < src.rows; r++) quant_dequant_row(&src, r, out + r * cols);
-    return m->be->ops->weight_load(m->be, out, sizeof(float) * (size_t)src.rows * (size_t)cols);
+    return out;
 }
 
 /* Lets the backend move a loaded packed weight into its own layout
@@ -127,37 +207,49 @@ static void pack(nb_model *m, nb_weight *w) {
     m->bytes_by[w->dtype] = m->bytes_by[w->dtype] - before + after;
 }
 
-/* The packed tensors of an offline checkpoint, bound where they lie. */
+/* Hands a packed host weight's data, scale and scale2 to the backend,
+ * counted as its format, then lets the backend repack it. */
+static void load_packed(nb_model *m, nb_weight *w) {
+    nb_dtype t = w->dtype;
+    size_t db = quant_data_bytes(t, w->rows, w->cols), sb = quant_scale_bytes(t, w->rows, w->cols, w->group),
+           s2b = quant_scale2_bytes(t, w->rows);
+    w->data = load(m, t, w->data, db);
+    w->scale = load(m, t, w->scale, sb);
+    if (w->scale2) w->scale2 = load(m, t, w->scale2, s2b);
+    pack(m, w);
+}
+
+/* The packed tensors of an offline checkpoint (or their part sl), bound
+ * where they lie. */
 static int bind_packed(nb_model *m, nb_weight *w, const st_tensor *t, const char *name, int64_t N, int64_t K,
-                       nb_err *e) {
+                       const nb_slice *sl, nb_err *e) {
     char sname[256];
     snprintf(sname, sizeof sname, "%s_scale", name);
-    w->rows = N;
-    w->cols = K;
+    nb_weight full = {.rows = N, .cols = K, .data = t->data};
     if (t->dtype == ST_I8 && has_shape(t, N, K)) {
-        w->dtype = NB_WINT8;
-        if (!(w->scale = scales_f32(m, companion(m, name, "_scale"), 0, N, sname, e))) return -1;
+        full.dtype = NB_WINT8;
+        if (!(full.scale = scales_f32(m, companion(m, name, "_scale"), 0, N, sname, e))) return -1;
     } else if (t->dtype == ST_U8 && has_shape(t, N, K / 2) && K % 2 == 0) {
         const st_tensor *s = companion(m, name, "_scale");
         int64_t groups = s && s->ndim == 2 ? s->shape[1] : 0;
         if (groups <= 0 || K % groups) return nb_errf(e, "%s: wint4 needs a [%lld, K/group] scale tensor", sname, (long long)N);
-        w->dtype = NB_WINT4;
-        w->group = (int)(K / groups);
-        if (!(w->scale = scales_f32(m, s, N, groups, sname, e))) return -1;
+        full.dtype = NB_WINT4;
+        full.group = (int)(K / groups);
+        if (!(full.scale = scales_f32(m, s, N, groups, sname, e))) return -1;
     } else if (t->dtype == ST_U8 && has_shape(t, N, K / 4) && K % 4 == 0) {
         const st_tensor *s = companion(m, name, "_scale");
-        w->dtype = NB_WINT2;
-        w->group = QUANT_WINT2_GROUP;
+        full.dtype = NB_WINT2;
+        full.group = QUANT_WINT2_GROUP;
         if (!s || s->dtype != ST_U8 || !has_shape(s, N, K / QUANT_WINT2_GROUP))
             return nb_errf(e, "%s: wint2 needs U8 codes [%lld, %lld]", sname, (long long)N, (long long)(K / QUANT_WINT2_GROUP));
-        w->scale = load(m, NB_WINT2, s->data, s->nbytes);
+        full.scale = s->data;
         snprintf(sname, sizeof sname, "%s_super_scale", name);
-        if (!(w->scale2 = scales_f32(m, companion(m, name, "_super_scale"), 0, N, sname, e))) return -1;
+        if (!(full.scale2 = scales_f32(m, companion(m, name, "_super_scale"), 0, N, sname, e))) return -1;
     } else if (t->dtype == ST_F8_E4M3 && has_shape(t, N, K)) {
-        w->dtype = NB_FP8_B128;
+        full.dtype = NB_FP8_B128;
         snprintf(sname, sizeof sname, "%s_scale_inv", name);
         int64_t br = (N + QUANT_FP8_BLOCK - 1) / QUANT_FP8_BLOCK, bc = (K + QUANT_FP8_BLOCK - 1) / QUANT_FP8_BLOCK;
-        if (!(w->scale = scales_f32(m, companion(m, name, "_scale_inv"), br, bc, sname, e))) return -1;
+        if (!(full.scale = scales_f32(m, companion(m, name, "_scale_inv"), br, bc, sname, e))) return -1;
     } else {
         char got[96];
         shape_str(t, got, sizeof got);
@@ -165,11 +257,9 @@ static int bind_packed(nb_model *m, nb_weight *w, const st_tensor *t, const char
                        st_dtype_name(t->dtype), got, (long long)N, (long long)K);
     }
     nb_err ce;
-    if (quant_check(w->dtype, N, K, w->group, &ce)) return nb_errf(e, "%s: %s", name, ce.msg);
-    w->data = load(m, w->dtype, t->data, t->nbytes);
-    if (w->dtype != NB_WINT2) m->bytes_by[w->dtype] += quant_scale_bytes(w->dtype, N, K, w->group);
-    else m->bytes_by[w->dtype] += quant_scale2_bytes(w->dtype, N);
-    pack(m, w);
+    if (quant_check(full.dtype, N, K, full.group, &ce)) return nb_errf(e, "%s: %s", name, ce.msg);
+    if (slice_weight(m, name, &full, sl, w, e)) return -1;
+    load_packed(m, w);
     return 0;
 }
 
@@ -201,25 +291,31 @@ static double output_error(const float *W, const nb_weight *q) {
     return den > 0 ? sqrt(num / den) : 0.0;
 }
 
-int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, int64_t K, nb_dtype target,
-                      nb_err *e) {
+int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, int64_t K, const nb_slice *sl,
+                      nb_dtype target, nb_err *e) {
     const st_tensor *t = st_find(m->st, name);
     if (t && (t->dtype == ST_I8 || t->dtype == ST_U8 || t->dtype == ST_F8_E4M3)) {
         memset(w, 0, sizeof *w);
-        return bind_packed(m, w, t, name, N, K, e);
+        return bind_packed(m, w, t, name, N, K, sl, e);
     }
-    if (target == NB_BF16 || target == NB_F32 || target == NB_F16) return model_bind(m, w, name, N, K, 0, e);
-    if (bind_host(m, w, name, N, K, 0, e)) return -1;
+    if (target == NB_BF16 || target == NB_F32 || target == NB_F16) return model_bind(m, w, name, N, K, sl, 0, e);
+    /* Quantize this rank's rows over all their columns, as a single rank
+     * would, then cut the columns: a split never changes the codes or
+     * scales (the cut must fall on the groups, as for offline tensors). */
+    int group = quant_pick_group(&m->plan, target, K);
+    if (sl && check_cut(name, target, group, N, K, sl, e)) return -1;
+    nb_slice rows_part = {0, 0, N};
+    if (sl && sl->dim == 0) rows_part = *sl;
+    if (bind_host(m, w, name, N, K, &rows_part, 0, e)) return -1;
     if (target == NB_WINT2)
         return nb_errf(e, "%s: wint2 is offline only; write a checkpoint with `nibble quantize --quantization wint2`",
                        name);
     if (m->plan.is_quantized)
         return nb_errf(e, "%s: quantization_config says is_quantized but the tensor is %s", name, nb_dtype_name(w->dtype));
-    /* quantize now, from the checkpoint's bytes on the host (a backend's
-     * copy need not be readable here): rows to FP32, pack, hand only the
-     * packed bytes over */
+    /* quantize now, from host bytes (a backend's copy need not be readable
+     * here): rows to FP32, pack, hand only the packed bytes over */
     nb_weight src = *w;
-    int group = quant_pick_group(&m->plan, target, K);
+    N = src.rows;
     if (quant_check(target, N, K, group, e)) return nb_err_wrap(e, "%s", name);
     float *W = xmalloc(sizeof(float) * (size_t)N * (size_t)K);
     for (int64_t r = 0; r < N; r++) quant_dequant_row(&src, r, W + r * K);
@@ -230,19 +326,14 @@ int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, in
         free(W);
         return nb_err_wrap(e, "%s", name);
     }
-    memset(w, 0, sizeof *w);
-    *w = (nb_weight){.dtype = target, .rows = N, .cols = K, .group = group};
-    w->data = load(m, target, data, db);
-    w->scale = m->be->ops->weight_load(m->be, scale, sb);
-    m->bytes_by[target] += sb + s2b;
-    if (scale2) w->scale2 = m->be->ops->weight_load(m->be, scale2, s2b);
-    if (m->report) {
-        nb_weight host = {.dtype = target, .rows = N, .cols = K, .data = data, .scale = scale, .scale2 = scale2, .group = group};
+    nb_weight packed = {.dtype = target, .rows = N, .cols = K, .data = data, .scale = scale, .scale2 = scale2,
+                        .group = group};
+    if (m->report)
         fprintf(m->report, "%-44s %-9s [%lld x %lld] group %-4d weight error %.4f  output error %.4f\n", name,
-                nb_dtype_name(target), (long long)N, (long long)K, group, quant_rel_error(W, &host),
-                output_error(W, &host));
-    }
+                nb_dtype_name(target), (long long)N, (long long)K, group, quant_rel_error(W, &packed),
+                output_error(W, &packed));
     free(W);
-    pack(m, w);
+    if (slice_weight(m, name, &packed, sl && sl->dim == 1 ? sl : NULL, w, e)) return -1;
+    load_packed(m, w);
     return 0;
 }

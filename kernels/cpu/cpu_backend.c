@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/log.h"
 #include "common/util.h"
@@ -22,6 +23,7 @@ typedef struct cpu_backend {
     float *sample_prob;
     int32_t *sample_idx;
     size_t sample_cap;
+    cpu_comm *comm; /* tensor parallelism: the group's, or NULL alone */
 } cpu_backend;
 
 static cpu_backend *impl(nb_backend *b) { return b->impl; }
@@ -296,8 +298,13 @@ static void cpu_sample(nb_backend *b, int32_t *ids, float *x, int n, int cols, c
     threadpool_run(c->pool, tasks, sample_task, &j);
 }
 
+static void cpu_all_reduce(nb_backend *b, float *x, size_t n) {
+    if (impl(b)->comm) cpu_comm_all_reduce(impl(b)->comm, b->rank, x, n);
+}
+
 static void cpu_destroy(nb_backend *b) {
     if (!b) return;
+    cpu_comm_release(impl(b)->comm);
     free(impl(b)->sample_prob);
     free(impl(b)->sample_idx);
     threadpool_destroy(impl(b)->pool);
@@ -333,6 +340,7 @@ static const nb_backend_ops CPU_OPS = {
     .mem_info = cpu_mem_info,
     .graph_begin = cpu_graph_begin,
     .graph_end = cpu_graph_end,
+    .all_reduce = cpu_all_reduce,
     .kv_default = NB_KV_F32,
 };
 
@@ -344,6 +352,26 @@ nb_backend *cpu_backend_create(int threads, nb_err *e) {
     nb_backend *b = xcalloc(1, sizeof *b);
     b->ops = &CPU_OPS;
     b->impl = c;
+    b->n_ranks = 1;
     log_debug("cpu backend: %d threads, %s kernels", threadpool_size(pool), cpu_simd_name());
     return b;
+}
+
+int cpu_backend_create_group(int threads, int n, nb_backend **out, nb_err *e) {
+    if (threads <= 0) threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    cpu_comm *comm = cpu_comm_create(n, e);
+    if (!comm) return -1;
+    for (int r = 0; r < n; r++) {
+        /* the ranks share the machine's cores */
+        int t = threads / n > 0 ? threads / n : 1;
+        if (!(out[r] = cpu_backend_create(t, e))) {
+            for (int k = 0; k < r; k++) backend_destroy(out[k]);
+            for (int k = r; k < n; k++) cpu_comm_release(comm);
+            return -1;
+        }
+        impl(out[r])->comm = comm;
+        out[r]->rank = r;
+        out[r]->n_ranks = n;
+    }
+    return 0;
 }

@@ -19,6 +19,14 @@
  * scratch lives on the stack). */
 #define CPU_MAX_HEAD_DIM 1024
 
+/* The all-reduce of a group of CPU backends (cpu_comm.c): n ranks share
+ * one, each releases it when destroyed. */
+typedef struct cpu_comm cpu_comm;
+cpu_comm *cpu_comm_create(int n, nb_err *e);
+void cpu_comm_release(cpu_comm *c);
+/* Sums x[n] over the ranks in place; every rank calls it with its own x. */
+void cpu_comm_all_reduce(cpu_comm *c, int rank, float *x, size_t n);
+
 /* Name of the vector path compiled in: "avx512", "avx2" or "scalar". */
 const char *cpu_simd_name(void);
 

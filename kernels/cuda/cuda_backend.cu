@@ -5,6 +5,12 @@
 // Everything runs on one stream. Ops return as soon as their work is queued;
 // upload, download, sample and sync wait for it. Activations stay FP32 as the
 // interface says; the GEMMs read them as BF16 where tensor cores need it.
+//
+// Several backends (the ranks of a tensor-parallel group, cuda_comm.cu) may
+// live on several devices, each driven by its own thread: the ops of a step
+// expect the calling thread to be attached (the backend's device current,
+// as attach makes it); the ops that run at load time or teardown select
+// the device themselves (cuda_device_enter).
 #include <string.h>
 
 #include "kernels/cuda/cuda_int.h"
@@ -30,28 +36,49 @@ void cublas_check(cublasStatus_t rc, const char *what, const char *file, int lin
 // cuBLASLt scratch: enough for its split-K and stream-K algorithms.
 #define LT_WORKSPACE (32u << 20)
 
+// ---- devices --------------------------------------------------------------
+
+int cuda_device_enter(const cuda_backend *c) {
+    int prev = -1;
+    if (cudaGetDevice(&prev) != cudaSuccess) {
+        cudaGetLastError();
+        prev = -1;
+    }
+    if (prev != c->device) CUDA_CHECK(cudaSetDevice(c->device));
+    return prev;
+}
+
+void cuda_device_leave(const cuda_backend *c, int prev) {
+    if (prev >= 0 && prev != c->device) CUDA_CHECK(cudaSetDevice(prev));
+}
+
 // ---- memory -------------------------------------------------------------
 
 static void *cu_alloc(nb_backend *b, size_t bytes) {
+    cuda_backend *c = cuda_impl(b);
+    int prev = cuda_device_enter(c); // cudaMalloc allocates on the current device
     void *p = NULL;
     cudaError_t rc = cudaMalloc(&p, bytes ? bytes : 1);
     if (rc != cudaSuccess) {
-        fprintf(stderr, "nibble: cuda: out of device memory allocating %zu bytes: %s\n", bytes,
+        fprintf(stderr, "nibble: cuda:%d: out of device memory allocating %zu bytes: %s\n", c->device, bytes,
                 cudaGetErrorString(rc));
         abort();
     }
-    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_impl(b)->stream));
+    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, c->stream));
+    cuda_device_leave(c, prev);
     return p;
 }
 
 static void cu_free(nb_backend *b, void *p) {
     if (!p) return;
     cuda_backend *c = cuda_impl(b);
+    int prev = cuda_device_enter(c);
     // queued kernels may still use p, and recorded steps may point at it
     // (a model freed and another loaded on the same backend)
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
     if (c->n_graphs) cuda_graphs_clear(c);
     CUDA_CHECK(cudaFree(p));
+    cuda_device_leave(c, prev);
 }
 
 static void cu_upload(nb_backend *b, void *dst, const void *src, size_t bytes) {
@@ -69,15 +96,18 @@ static void cu_download(nb_backend *b, void *dst, const void *src, size_t bytes)
 }
 
 static const void *cu_weight_load(nb_backend *b, const void *host, size_t bytes) {
+    cuda_backend *c = cuda_impl(b);
+    int prev = cuda_device_enter(c);
     void *p = NULL;
     cudaError_t rc = cudaMalloc(&p, bytes ? bytes : 1);
     if (rc != cudaSuccess) {
-        fprintf(stderr, "nibble: cuda: out of device memory loading %zu bytes of weights (%zu MiB loaded): %s\n",
-                bytes, cuda_impl(b)->weight_bytes >> 20, cudaGetErrorString(rc));
+        fprintf(stderr, "nibble: cuda:%d: out of device memory loading %zu bytes of weights (%zu MiB loaded): %s\n",
+                c->device, bytes, c->weight_bytes >> 20, cudaGetErrorString(rc));
         abort();
     }
     cu_upload(b, p, host, bytes);
-    cuda_impl(b)->weight_bytes += bytes;
+    c->weight_bytes += bytes;
+    cuda_device_leave(c, prev);
     return p;
 }
 
@@ -102,6 +132,7 @@ static size_t cu_weight_pack(nb_backend *b, nb_weight *w) {
     const size_t db = quant_data_bytes(w->dtype, w->rows, w->cols),
                  sb = quant_scale_bytes(w->dtype, w->rows, w->cols, w->group);
     const int grouped = quant_tc_grouped(w);
+    int prev = cuda_device_enter(c);
     nb_weight h = *w;
     h.data = host_alloc(db);
     h.scale = host_alloc(sb);
@@ -125,6 +156,7 @@ static size_t cu_weight_pack(nb_backend *b, nb_weight *w) {
         w->layout = NB_LAYOUT_TC;
     }
     free((void *)h.data), free((void *)h.scale), free(td), free(ts);
+    cuda_device_leave(c, prev);
     return quant_weight_bytes(w);
 }
 
@@ -346,10 +378,17 @@ static void cu_sync(nb_backend *b) { CUDA_CHECK(cudaStreamSynchronize(cuda_impl(
 static int cu_supports(nb_backend *b, nb_dtype t) { return t >= 0 && t < NB_DTYPE_COUNT; }
 
 static int cu_mem_info(nb_backend *b, size_t *free_bytes, size_t *total_bytes) {
-    CUDA_CHECK(cudaStreamSynchronize(cuda_impl(b)->stream));
+    cuda_backend *c = cuda_impl(b);
+    int prev = cuda_device_enter(c); // cudaMemGetInfo reports the current device
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
     CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+    cuda_device_leave(c, prev);
     return 0;
 }
+
+static void cu_all_reduce(nb_backend *b, float *x, size_t n) { cuda_comm_all_reduce(cuda_impl(b), x, n); }
+
+static void cu_attach(nb_backend *b) { CUDA_CHECK(cudaSetDevice(cuda_impl(b)->device)); }
 
 // ---- graphs -------------------------------------------------------------
 
@@ -403,7 +442,12 @@ static void cu_graph_end(nb_backend *b) {
 static void cu_destroy(nb_backend *b) {
     if (!b) return;
     cuda_backend *c = cuda_impl(b);
+    // backend_destroy tears a whole group down from one thread
+    int device = c->device, prev = cuda_device_enter(c);
     cudaStreamSynchronize(c->stream);
+    // the communicators go first, while every rank's stream and recorded
+    // steps (which may hold NCCL work) still exist
+    cuda_comm_leave(c);
     cuda_graphs_clear(c);
     free(c->retired);
     cuda_gemm_algos_free(c);
@@ -421,6 +465,7 @@ static void cu_destroy(nb_backend *b) {
     if (c->stream) cudaStreamDestroy(c->stream);
     free(c);
     free(b);
+    if (prev >= 0 && prev != device) cudaSetDevice(prev);
 }
 
 static nb_backend_ops make_ops(void) {
@@ -454,6 +499,8 @@ static nb_backend_ops make_ops(void) {
     o.mem_info = cu_mem_info;
     o.graph_begin = cu_graph_begin;
     o.graph_end = cu_graph_end;
+    o.all_reduce = cu_all_reduce;
+    o.attach = cu_attach;
     o.kv_default = NB_KV_BF16;
     o.records_graphs = 1;
     return o;
@@ -473,6 +520,7 @@ extern "C" nb_backend *cuda_backend_create(int device, nb_err *e) {
     if (!c || !b) abort();
     b->ops = &CUDA_OPS;
     b->impl = c;
+    b->n_ranks = 1; // alone until cuda_backend_create_group joins it to others
     c->device = device;
     if ((rc = cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess ||
         (rc = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess ||

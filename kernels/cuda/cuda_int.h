@@ -114,6 +114,13 @@ typedef struct cuda_backend {
     struct cuda_wint_tc_state *wint_tc;
     // cuda_sample.cu: staging of the rows, their histories and the ids
     cuda_staging smp;
+
+    // cuda_comm.cu: tensor parallelism. The group this backend is a rank
+    // of (NULL alone) and its NCCL communicator (an ncclComm_t, opaque here
+    // so that only cuda_comm.cu sees NCCL's header; NULL once the group's
+    // communicators are destroyed).
+    struct cuda_comm_group *group;
+    void *comm;
 } cuda_backend;
 
 static inline cuda_backend *cuda_impl(nb_backend *b) { return (cuda_backend *)b->impl; }
@@ -129,6 +136,21 @@ void cuda_staging_reserve(cuda_staging *s, size_t bytes);
 void cuda_staging_free(cuda_staging *s);
 // Drops every recorded graph and frees retired buffers.
 void cuda_graphs_clear(cuda_backend *c);
+// Makes c's device the calling thread's current one and returns the device
+// that was current, for cuda_device_leave to restore: the ops that run at
+// load time or teardown (alloc, free, weight_load, mem_info, destroy) then
+// work from any thread, attached to this rank or not. The ops of a step
+// do not pay for it: the thread that drives a rank attaches to it.
+int cuda_device_enter(const cuda_backend *c);
+void cuda_device_leave(const cuda_backend *c, int prev);
+
+// cuda_comm.cu: sums x[n] over the ranks of c's group in place, queued on
+// c->stream (recorded when the stream is); nothing when c is alone.
+void cuda_comm_all_reduce(cuda_backend *c, float *x, size_t n);
+// Takes c out of its group (nothing when alone). The first rank of a group
+// to leave destroys the group's communicators, all of them at once (NCCL's
+// teardown is collective); the last one frees the group.
+void cuda_comm_leave(cuda_backend *c);
 
 // ---- device helpers shared by the kernel files ----
 

@@ -1,6 +1,12 @@
 // cuemu's runtime: the CUDA runtime API calls nibble makes, over host
 // memory, and the block scheduler that runs a kernel's threads as fibers
-// (see cuemu.h for the model and what it checks).
+// (see cuemu.h for the model and what it checks, cuemu_rt.h for devices and
+// host threads).
+//
+// Host threads: the scheduler's state (the running block, the thread
+// indices, the kernels' __shared__ variables) and the allocation tables are
+// shared, so grids run and tables change under one lock (emu_mu). The
+// sticky error and the current device are per host thread, as in CUDA.
 #include "tests/cuemu/cuemu.h"
 
 #include <stdio.h>
@@ -12,15 +18,22 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tests/cuemu/cuemu_ptx.h"
+#include "tests/cuemu/cuemu_rt.h"
 
 #undef warpSize // a cudaDeviceProp field here
 
 uint3 cuemu_thread_idx, cuemu_block_idx;
 dim3 cuemu_block_dim, cuemu_grid_dim;
+
+// Held while a grid runs and while the allocation and attribute tables
+// change; never while a thread waits for another.
+static std::mutex emu_mu;
 
 // ---- fibers -------------------------------------------------------------------
 //
@@ -105,11 +118,13 @@ struct block_run {
     void *args;
     const char *name;
     unsigned char *smem;
-    unsigned reverse;       // this block runs its threads last to first
-    const void *main_stack; // the scheduler's stack, for the sanitizer
-    size_t main_stack_size;
+    unsigned reverse; // this block runs its threads last to first
 };
 static block_run B;
+// The scheduler's stack, for the sanitizer: the stack of the host thread
+// that runs the grid.
+static thread_local const void *sched_stack;
+static thread_local size_t sched_stack_size;
 
 [[noreturn]] static void emu_fail(const char *fmt, const char *detail) {
     fprintf(stderr, "cuemu: kernel %s, block (%u,%u,%u), thread (%u,%u,%u): ", B.name ? B.name : "?",
@@ -123,7 +138,7 @@ static block_run B;
 // From a fiber back to the scheduler; `dying`: this fiber never resumes.
 static void switch_to_scheduler(int dying) {
     void *fake = NULL;
-    __sanitizer_start_switch_fiber(dying ? NULL : &fake, B.main_stack, B.main_stack_size);
+    __sanitizer_start_switch_fiber(dying ? NULL : &fake, sched_stack, sched_stack_size);
     cuemu_switch(&B.cur->sp, B.sched_sp);
     __sanitizer_finish_switch_fiber(fake, NULL, NULL);
 }
@@ -325,6 +340,7 @@ static void run_block(unsigned order) {
 struct emu_stream {
     int capturing;
     cudaGraph_t graph;
+    int device; // current when the stream was made
 };
 struct CUstream_st {
     emu_stream s;
@@ -338,8 +354,11 @@ struct CUgraphExec_st {
 };
 
 static CUstream_st default_stream;
-static cudaError_t last_error = cudaSuccess;
-static std::map<std::string, int> smem_optin; // cudaFuncAttributeMaxDynamicSharedMemorySize by kernel name
+static thread_local cudaError_t last_error = cudaSuccess;
+static thread_local int current_device;
+// cudaFuncAttributeMaxDynamicSharedMemorySize by device and kernel name: on
+// a GPU the attribute is set per device too
+static std::map<std::pair<int, std::string>, int> smem_optin;
 #define SMEM_DEFAULT (48 << 10)
 #define SMEM_OPTIN_MAX 232448 // sm_90: 227 KiB
 
@@ -353,7 +372,8 @@ static void stream_enqueue(cudaStream_t s, std::function<void()> fn) {
 }
 
 static void run_grid(const char *name, cuemu_cfg cfg, void (*run)(void *), void *args) {
-    if (!B.main_stack) {
+    std::lock_guard<std::mutex> hold(emu_mu);
+    if (!sched_stack) {
         pthread_attr_t at;
         void *lo = NULL;
         size_t size = 0;
@@ -361,7 +381,7 @@ static void run_grid(const char *name, cuemu_cfg cfg, void (*run)(void *), void 
             pthread_attr_getstack(&at, &lo, &size);
             pthread_attr_destroy(&at);
         }
-        B.main_stack = lo, B.main_stack_size = size;
+        sched_stack = lo, sched_stack_size = size;
     }
     static int trace = -1;
     if (trace < 0) trace = getenv("CUEMU_TRACE") != NULL;
@@ -397,8 +417,16 @@ void cuemu_submit(const char *name, cuemu_cfg cfg, void (*run)(void *), void (*d
     if (threads == 0 || threads > 1024 || cfg.block.z > 64) bad = "block size";
     else if (cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0 || cfg.grid.y > 65535 || cfg.grid.z > 65535)
         bad = "grid size";
-    else {
-        auto it = smem_optin.find(name);
+    else if (cuemu_stream_device(cfg.stream) != current_device) {
+        // "A kernel launch will fail if it is issued to a stream that is not
+        // associated to the current device" (CUDA programming guide)
+        fprintf(stderr, "cuemu: launch of %s into a stream of device %d while device %d is current\n", name,
+                cuemu_stream_device(cfg.stream), current_device);
+        last_error = cudaErrorInvalidResourceHandle;
+        return;
+    } else {
+        std::lock_guard<std::mutex> hold(emu_mu);
+        auto it = smem_optin.find(std::make_pair(current_device, std::string(name)));
         size_t limit = it == smem_optin.end() ? SMEM_DEFAULT : (size_t)it->second;
         if (cfg.smem > limit) bad = "dynamic shared memory over the kernel's limit";
     }
@@ -413,8 +441,38 @@ void cuemu_submit(const char *name, cuemu_cfg cfg, void (*run)(void *), void (*d
 
 // ---- the runtime API ------------------------------------------------------------
 
-static std::map<uintptr_t, size_t> device_allocs, host_allocs;
-static size_t device_used;
+// Allocations by address: their size and device (-1: pinned host memory).
+struct emu_alloc_info {
+    size_t n;
+    int device;
+};
+#define EMU_MAX_DEVICES 16
+static std::map<uintptr_t, emu_alloc_info> device_allocs, host_allocs;
+static size_t device_used[EMU_MAX_DEVICES];
+
+// CUEMU_DEVICES sets how many devices there are (default 1); read once, at
+// the first call that asks.
+int cuemu_device_count(void) {
+    static const int n = [] {
+        const char *e = getenv("CUEMU_DEVICES");
+        int v = e ? atoi(e) : 1;
+        return v < 1 ? 1 : v > EMU_MAX_DEVICES ? EMU_MAX_DEVICES : v;
+    }();
+    return n;
+}
+
+int cuemu_current_device(void) { return current_device; }
+
+int cuemu_stream_device(cudaStream_t s) { return s ? ((CUstream_st *)s)->s.device : current_device; }
+
+int cuemu_device_of(const void *p, size_t bytes) {
+    std::lock_guard<std::mutex> hold(emu_mu);
+    auto it = device_allocs.upper_bound((uintptr_t)p);
+    if (it == device_allocs.begin()) return -1;
+    --it;
+    if ((uintptr_t)p + bytes > it->first + it->second.n) return -1;
+    return it->second.device;
+}
 
 // CUEMU_SMS sets the SM count the device reports (default 132, an H100's),
 // for kernels that size their grids by it.
@@ -433,29 +491,32 @@ static cudaError_t emu_error(cudaError_t rc) {
     return rc;
 }
 
-static cudaError_t emu_alloc(std::map<uintptr_t, size_t> &m, void **p, size_t n, int device) {
+static cudaError_t emu_alloc(std::map<uintptr_t, emu_alloc_info> &m, void **p, size_t n, int device) {
     if (!p) return emu_error(cudaErrorInvalidValue);
-    if (device && device_used + n > emu_total_memory()) return emu_error(cudaErrorMemoryAllocation);
+    std::lock_guard<std::mutex> hold(emu_mu);
+    int d = current_device;
+    if (device && device_used[d] + n > emu_total_memory()) return emu_error(cudaErrorMemoryAllocation);
     // exactly n bytes (at the device's 256-byte alignment), so that an
     // AddressSanitizer build (CUEMU_SAN=address) sees any access past them
     void *q = NULL;
     if (posix_memalign(&q, 256, n ? n : 1)) return emu_error(cudaErrorMemoryAllocation);
     // fresh device memory is not zero on a GPU either
     memset(q, 0xa5, n);
-    m[(uintptr_t)q] = n;
-    if (device) device_used += n;
+    m[(uintptr_t)q] = emu_alloc_info{n, device ? d : -1};
+    if (device) device_used[d] += n;
     *p = q;
     return cudaSuccess;
 }
 
-static cudaError_t emu_free(std::map<uintptr_t, size_t> &m, void *p, int device) {
+static cudaError_t emu_free(std::map<uintptr_t, emu_alloc_info> &m, void *p, int device) {
     if (!p) return cudaSuccess;
+    std::lock_guard<std::mutex> hold(emu_mu);
     auto it = m.find((uintptr_t)p);
     if (it == m.end()) {
         fprintf(stderr, "cuemu: %s of a pointer it did not allocate\n", device ? "cudaFree" : "cudaFreeHost");
         return emu_error(cudaErrorInvalidValue);
     }
-    if (device) device_used -= it->second;
+    if (device) device_used[it->second.device] -= it->second.n;
     m.erase(it);
     free(p);
     return cudaSuccess;
@@ -467,8 +528,9 @@ cudaError_t cudaMallocHost(void **p, size_t n) { return emu_alloc(host_allocs, p
 cudaError_t cudaFreeHost(void *p) { return emu_free(host_allocs, p, 0); }
 
 cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
+    std::lock_guard<std::mutex> hold(emu_mu);
     *total_bytes = emu_total_memory();
-    *free_bytes = *total_bytes - device_used;
+    *free_bytes = *total_bytes - device_used[current_device];
     return cudaSuccess;
 }
 
@@ -493,7 +555,9 @@ cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s) {
 }
 
 cudaError_t cudaStreamCreate(cudaStream_t *s) {
-    *s = (cudaStream_t) new CUstream_st();
+    CUstream_st *st = new CUstream_st();
+    st->s.device = current_device;
+    *s = (cudaStream_t)st;
     return cudaSuccess;
 }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags) { return cudaStreamCreate(s); }
@@ -559,7 +623,8 @@ cudaError_t cuemu_func_set_attribute(const char *name, enum cudaFuncAttribute at
                     value, SMEM_OPTIN_MAX);
             return emu_error(cudaErrorInvalidValue);
         }
-        smem_optin[name] = value;
+        std::lock_guard<std::mutex> hold(emu_mu);
+        smem_optin[std::make_pair(current_device, std::string(name))] = value;
     }
     return cudaSuccess;
 }
@@ -580,25 +645,32 @@ const char *cudaGetErrorString(cudaError_t rc) {
     case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
     case cudaErrorIllegalState: return "illegal state";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     default: return "cuemu: unknown error";
     }
 }
 const char *cudaGetErrorName(cudaError_t rc) { return cudaGetErrorString(rc); }
 
-// ---- the device: an sm_90 part with a small memory --------------------------------
+// ---- the devices: sm_90 parts with a small memory ----------------------------------
+
+static int valid_device(int d) { return d >= 0 && d < cuemu_device_count(); }
 
 cudaError_t cudaGetDeviceCount(int *n) {
-    *n = 1;
+    *n = cuemu_device_count();
     return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : emu_error(cudaErrorInvalidDevice); }
+cudaError_t cudaSetDevice(int d) {
+    if (!valid_device(d)) return emu_error(cudaErrorInvalidDevice);
+    current_device = d;
+    return cudaSuccess;
+}
 cudaError_t cudaGetDevice(int *d) {
-    *d = 0;
+    *d = current_device;
     return cudaSuccess;
 }
 
 cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d) {
-    if (d != 0) return emu_error(cudaErrorInvalidDevice);
+    if (!valid_device(d)) return emu_error(cudaErrorInvalidDevice);
     memset(p, 0, sizeof *p);
     snprintf(p->name, sizeof p->name, "cuemu (CPU emulation of an sm_90 GPU)");
     p->totalGlobalMem = emu_total_memory();
@@ -613,7 +685,7 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr attr, int d) {
-    if (d != 0) return emu_error(cudaErrorInvalidDevice);
+    if (!valid_device(d)) return emu_error(cudaErrorInvalidDevice);
     switch (attr) {
     case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *v = 0; break;

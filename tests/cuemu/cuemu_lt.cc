@@ -17,10 +17,10 @@
 #include <functional>
 #include <vector>
 
-void cuemu_stream_enqueue(cudaStream_t s, std::function<void()> fn);
+#include "tests/cuemu/cuemu_rt.h"
 
 struct cublasLtContext {
-    int unused;
+    int device; // current when it was made: a handle serves that device only
 };
 
 struct emu_layout {
@@ -41,7 +41,7 @@ static emu_layout *L(cublasLtMatrixLayout_t l) { return (emu_layout *)l; }
 static emu_desc *D(cublasLtMatmulDesc_t d) { return (emu_desc *)d; }
 
 cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
-    *h = new cublasLtContext();
+    *h = new cublasLtContext{cuemu_current_device()};
     return CUBLAS_STATUS_SUCCESS;
 }
 cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
@@ -213,6 +213,11 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
                               cublasLtMatrixLayout_t a, const void *B, cublasLtMatrixLayout_t b, const void *beta,
                               const void *C, cublasLtMatrixLayout_t c, void *Dp, cublasLtMatrixLayout_t d,
                               const cublasLtMatmulAlgo_t *algo, void *ws, size_t ws_size, cudaStream_t stream) {
+    if (h->device != cuemu_current_device() || cuemu_stream_device(stream) != h->device) {
+        fprintf(stderr, "cuemu: cublasLtMatmul with a handle of device %d, device %d current, a stream of device %d\n",
+                h->device, cuemu_current_device(), cuemu_stream_device(stream));
+        return CUBLAS_STATUS_EXECUTION_FAILED;
+    }
     int64_t m, n, k;
     emu_desc e = *D(op);
     emu_layout la = *L(a), lb = *L(b), lc = *L(c), ld = *L(d);

@@ -14,19 +14,6 @@
 
 static nb_backend *cpu;
 
-/* max |got - ref| / max |ref| (NaN if got has one). */
-static inline double rel_max(const float *got, const float *ref, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - ref[i]);
-        if (isnan(d)) return NAN;
-        if (d > num) num = d;
-        if (fabs(ref[i]) > den) den = fabs(ref[i]);
-    }
-    if (den == 0) return num == 0 ? 0 : INFINITY;
-    return num / den;
-}
-
 /* Fails the running test (REQUIRE returns from it) without a CUDA device. */
 static inline void gpu_require_device(void) {
     char buf[256] = "";

@@ -20,7 +20,12 @@
  *    step's logits against the CPU's.
  * Each model gets a fresh CUDA backend: a recorded step points at the
  * buffers of the model that recorded it. Needs a CUDA device; fails (not
- * skips) without one. */
+ * skips) without one.
+ * With two devices (the emulator gives two), the same checks for llama (its
+ * 6 heads and 2 KV heads split in two) and mistral (one KV head, copied on
+ * both ranks) split over cuda:0 and cuda:1 (--tensor-parallel-size 2,
+ * all-reduces over NCCL, recorded in each rank's decode graphs) against the
+ * CPU's single rank; with one device they are skipped and say so. */
 #include "tests/gpu/gpu_model_test.h"
 
 static int32_t argmax(const float *x, int n) {
@@ -153,17 +158,20 @@ static void check_decode_batch(nb_model *mc, nb_model *mg, const ref *r, const c
     free(lc), free(lg);
 }
 
-static void check_kv(const char *name, const ref *r, const char *kv) {
+/* The model on `ranks` CUDA devices (1: a lone backend) against the CPU. */
+static void check_on(const char *name, const ref *r, const char *kv, int ranks) {
     char what[64];
-    snprintf(what, sizeof what, "%s, kv %s", name, kv);
+    snprintf(what, sizeof what, "%s, kv %s%s", name, kv, ranks > 1 ? ", 2 ranks" : "");
     nb_quant_plan plan;
     nb_err e = {{0}};
     if (quant_plan_parse(NULL, kv, &plan, &e)) {
         CHECK(0, "%s: %s", what, e.msg);
         return;
     }
-    nb_backend *gpu = gpu_backend();
+    nb_backend_opts bo = {.device = "cuda", .tensor_parallel = ranks};
+    nb_backend *gpu = backend_create(&bo, &e);
     if (!gpu) {
+        fprintf(stderr, "  cuda backend: %s\n", e.msg);
         CHECK(0, "%s: no cuda backend", what);
         return;
     }
@@ -189,7 +197,14 @@ static void check_fixture(const char *name) {
     ref r;
     REQUIRE(ref_load(name, &r) == 0, "%s: reference.json unreadable", name);
     static const char *kvs[] = {"bf16", "float32"};
-    for (int k = 0; k < 2; k++) check_kv(name, &r, kvs[k]);
+    for (int k = 0; k < 2; k++) check_on(name, &r, kvs[k], 1);
+    ref_free(&r);
+}
+
+static void check_tp(const char *name) {
+    ref r;
+    REQUIRE(ref_load(name, &r) == 0, "%s: reference.json unreadable", name);
+    check_on(name, &r, "bf16", 2);
     ref_free(&r);
 }
 
@@ -198,14 +213,24 @@ static void test_mistral(void) { check_fixture("mistral"); }
 static void test_qwen2(void) { check_fixture("qwen2"); }
 static void test_qwen3(void) { check_fixture("qwen3"); }
 static void test_ernie(void) { check_fixture("ernie"); }
+static void test_llama_2_ranks(void) { check_tp("llama"); }
+static void test_mistral_2_ranks(void) { check_tp("mistral"); }
 
 int main(void) {
+    /* the emulator's device count (a GPU's runtime does not read it) */
+    setenv("CUEMU_DEVICES", "2", 0);
     if (gpu_model_tests_start()) TEST_DONE("test_cuda_model");
     RUN(test_llama);
     RUN(test_mistral);
     RUN(test_qwen2);
     RUN(test_qwen3);
     RUN(test_ernie);
+    if (cuda_device_count() >= 2) {
+        RUN(test_llama_2_ranks);
+        RUN(test_mistral_2_ranks);
+    } else {
+        printf("skipped: tensor parallelism needs 2 CUDA devices, %d found\n", cuda_device_count());
+    }
     backend_destroy(cpu);
     TEST_DONE("test_cuda_model");
 }

@@ -1,0 +1,31 @@
+// cuemu's runtime as its other parts see it (cuemu_lt.cc, cuemu_nccl.cc):
+// the emulated devices, streams and device memory of tests/cuemu/cuemu.cc.
+//
+// Several devices (CUEMU_DEVICES, default 1) share the host's memory; what
+// makes them distinct is the bookkeeping: each host thread has its current
+// device (cudaSetDevice), a stream and an allocation belong to the device
+// current when they were made, and a kernel launched into a stream of
+// another device fails as on a GPU. Host threads may drive different
+// devices at once: kernels run one at a time under the emulator's lock, and
+// work that blocks (an NCCL collective waiting for its peers) runs outside it.
+#ifndef NB_CUEMU_RT_H
+#define NB_CUEMU_RT_H
+
+#include <cuda_runtime.h>
+#include <stddef.h>
+
+#include <functional>
+
+// Runs fn now, or appends it to the graph the stream is recording. fn runs
+// without the emulator's lock: what it shares with other threads it guards.
+void cuemu_stream_enqueue(cudaStream_t s, std::function<void()> fn);
+// The device a stream belongs to (the default stream: the caller's current).
+int cuemu_stream_device(cudaStream_t s);
+// The calling thread's current device, and how many there are.
+int cuemu_current_device(void);
+int cuemu_device_count(void);
+// The device of the allocation holding [p, p + bytes), or -1 if no single
+// device allocation holds it all.
+int cuemu_device_of(const void *p, size_t bytes);
+
+#endif
