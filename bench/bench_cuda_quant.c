@@ -57,15 +57,11 @@ static nb_weight make_packed(const qformat *f, int N, int K) {
                        .group = group};
 }
 
-/* The device copy as the model loader makes it: loaded, then weight_pack
- * (WINT8 and WINT4 go into the tensor-core layout of quant/quant_tc.h). */
+/* The device copy as the model loader makes it (WINT8 and WINT4 go into
+ * the tensor-core layout of quant/quant_tc.h). */
 static nb_weight upload_packed(nb_backend *b, const nb_weight *h) {
     nb_weight d = *h;
-    d.data = b->ops->weight_load(b, h->data, quant_data_bytes(h->dtype, h->rows, h->cols));
-    d.scale = b->ops->weight_load(b, h->scale, quant_scale_bytes(h->dtype, h->rows, h->cols, h->group));
-    size_t s2b = quant_scale2_bytes(h->dtype, h->rows);
-    d.scale2 = s2b ? b->ops->weight_load(b, h->scale2, s2b) : NULL;
-    if (b->ops->weight_pack) b->ops->weight_pack(b, &d);
+    backend_weight_load(b, &d);
     return d;
 }
 

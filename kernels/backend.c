@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "common/util.h"
+#include "quant/quant.h"
 
 size_t nb_dtype_size(nb_dtype t) {
     switch (t) {
@@ -105,6 +106,19 @@ nb_backend *backend_create(const nb_backend_opts *opts, nb_err *e) {
     }
     ranks[0]->ranks = ranks;
     return ranks[0];
+}
+
+size_t backend_weight_load(nb_backend *b, nb_weight *w) {
+    int packed = w->dtype != NB_F32 && w->dtype != NB_BF16 && w->dtype != NB_F16;
+    size_t bytes = packed && b->ops->weight_pack ? b->ops->weight_pack(b, w) : 0;
+    if (bytes) return bytes;
+    size_t db = packed ? quant_data_bytes(w->dtype, w->rows, w->cols) : (size_t)w->rows * (size_t)w->cols * nb_dtype_size(w->dtype);
+    w->data = b->ops->weight_load(b, w->data, db);
+    if (packed) {
+        w->scale = b->ops->weight_load(b, w->scale, quant_scale_bytes(w->dtype, w->rows, w->cols, w->group));
+        if (w->scale2) w->scale2 = b->ops->weight_load(b, w->scale2, quant_scale2_bytes(w->dtype, w->rows));
+    }
+    return packed ? quant_weight_bytes(w) : db;
 }
 
 void backend_destroy(nb_backend *b) {

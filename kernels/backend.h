@@ -144,12 +144,13 @@ typedef struct nb_backend_ops {
      * `host` itself (weights stay in the mmapped file); others copy. */
     const void *(*weight_load)(nb_backend *b, const void *host, size_t bytes);
     void (*weight_free)(nb_backend *b, const void *p);
-    /* Optional (NULL: weights stay as loaded, as on the CPU). The model
-     * loader calls it once per matmul weight whose data, scale and scale2
-     * are loaded; the backend may rewrite them into a layout its kernels
-     * read faster (w->layout names it), freeing the buffers it replaces
-     * (weight_free frees the new ones). Returns the bytes w holds in
-     * backend memory afterwards, quant_weight_bytes(w). */
+    /* Optional (NULL: weights are loaded as they are, as on the CPU). Offered
+     * each packed (quantized) matmul weight while its data, scale and scale2
+     * are still host bytes: the backend may load it in a layout its kernels
+     * read faster (w->layout names it), pointing w at backend memory that
+     * weight_free frees, and return the bytes w holds there,
+     * quant_weight_bytes(w). It returns 0, w untouched, for a weight it
+     * leaves to be loaded as it is. backend_weight_load calls it. */
     size_t (*weight_pack)(nb_backend *b, nb_weight *w);
 
     /* Sets the token layout for the ops that follow (rope, kv_write,
@@ -256,6 +257,11 @@ typedef struct nb_backend_opts {
     int threads;         /* CPU worker threads, shared by the ranks; 0 = number of online cores */
     int tensor_parallel; /* ranks (0 or 1: one); CUDA: devices N, N+1, ...; CPU: threads split */
 } nb_backend_opts;
+
+/* Loads host weight w (data, scale and scale2 for the packed formats) into
+ * b's memory, in the backend's layout where weight_pack takes it; w then
+ * points there. Returns the bytes w holds in backend memory. */
+size_t backend_weight_load(nb_backend *b, nb_weight *w);
 
 /* Creates the backend named by opts->device: one, or with tensor_parallel
  * > 1 the group, returned as its rank 0. */

@@ -199,24 +199,10 @@ static const void *scales_f32(nb_model *m, const st_tensor *t, int64_t rows, int
     return out;
 }
 
-/* Lets the backend move a loaded packed weight into its own layout
- * (backend.h, weight_pack), keeping the per-format byte count true. */
-static void pack(nb_model *m, nb_weight *w) {
-    if (!m->be->ops->weight_pack) return;
-    size_t before = quant_weight_bytes(w), after = m->be->ops->weight_pack(m->be, w);
-    m->bytes_by[w->dtype] = m->bytes_by[w->dtype] - before + after;
-}
-
-/* Hands a packed host weight's data, scale and scale2 to the backend,
- * counted as its format, then lets the backend repack it. */
+/* Hands a packed host weight to the backend (in its own layout where it
+ * has one), counted as its format. */
 static void load_packed(nb_model *m, nb_weight *w) {
-    nb_dtype t = w->dtype;
-    size_t db = quant_data_bytes(t, w->rows, w->cols), sb = quant_scale_bytes(t, w->rows, w->cols, w->group),
-           s2b = quant_scale2_bytes(t, w->rows);
-    w->data = load(m, t, w->data, db);
-    w->scale = load(m, t, w->scale, sb);
-    if (w->scale2) w->scale2 = load(m, t, w->scale2, s2b);
-    pack(m, w);
+    m->bytes_by[w->dtype] += backend_weight_load(m->be, w);
 }
 
 /* The packed tensors of an offline checkpoint (or their part sl), bound

@@ -113,49 +113,36 @@ static const void *cu_weight_load(nb_backend *b, const void *host, size_t bytes)
 
 static void cu_weight_free(nb_backend *b, const void *p) { cu_free(b, (void *)p); }
 
-static void *host_alloc(size_t bytes) {
-    void *p = malloc(bytes ? bytes : 1);
-    if (!p) abort();
-    return p;
-}
-
 // WINT8 and WINT4 weights go into the tensor-core layout of
-// quant/quant_tc.h, which cuda_wint_tc.cu reads: the bytes come back to the
-// host, are reordered there by plain C (quant_tc_repack, tested on the CPU)
-// and go up again in place of the old buffers. This happens once per weight
-// at load, so the round trip costs a fraction of reading the checkpoint.
-// Other dtypes and shapes the layout does not take stay as they are.
+// quant/quant_tc.h, which cuda_wint_tc.cu reads: the host bytes are
+// reordered by plain C (quant_tc_repack, tested on the CPU) into a pinned
+// staging buffer, reused from weight to weight (fresh buffers would cost
+// more in page faults than the repack), and uploaded from there. Other
+// dtypes and shapes the layout does not take are declined (0): the loader
+// uploads them as they are.
 static size_t cu_weight_pack(nb_backend *b, nb_weight *w) {
     cuda_backend *c = cuda_impl(b);
     nb_err e;
-    if (quant_tc_check(w, &e)) return quant_weight_bytes(w);
-    const size_t db = quant_data_bytes(w->dtype, w->rows, w->cols),
-                 sb = quant_scale_bytes(w->dtype, w->rows, w->cols, w->group);
+    if (quant_tc_check(w, &e)) return 0;
     const int grouped = quant_tc_grouped(w);
-    int prev = cuda_device_enter(c);
-    nb_weight h = *w;
-    h.data = host_alloc(db);
-    h.scale = host_alloc(sb);
-    cu_download(b, (void *)h.data, w->data, db);
-    cu_download(b, (void *)h.scale, w->scale, sb);
     const size_t tdb = quant_tc_data_bytes(w), tsb = grouped ? quant_tc_scale_bytes(w) : 0;
-    void *td = host_alloc(tdb), *ts = grouped ? host_alloc(tsb) : NULL;
-    if (quant_tc_repack(&h, td, ts, &e)) {
+    int prev = cuda_device_enter(c);
+    if (tdb + tsb > c->pack_cap) {
+        // the last upload from it has finished: cu_upload waits for it
+        if (c->pack_host) CUDA_CHECK(cudaFreeHost(c->pack_host));
+        CUDA_CHECK(cudaMallocHost((void **)&c->pack_host, tdb + tsb));
+        c->pack_cap = tdb + tsb;
+    }
+    if (quant_tc_repack(w, c->pack_host, grouped ? c->pack_host + tdb : NULL, &e)) {
         log_debug("cuda: %s [%lld, %lld] keeps quant.h's layout: %s", nb_dtype_name(w->dtype), (long long)w->rows,
                   (long long)w->cols, e.msg);
-    } else {
-        const void *nd = cu_weight_load(b, td, tdb), *ns = grouped ? cu_weight_load(b, ts, tsb) : w->scale;
-        cu_free(b, (void *)w->data);
-        c->weight_bytes -= db;
-        if (grouped) {
-            cu_free(b, (void *)w->scale);
-            c->weight_bytes -= sb;
-        }
-        w->data = nd;
-        w->scale = ns;
-        w->layout = NB_LAYOUT_TC;
+        cuda_device_leave(c, prev);
+        return 0;
     }
-    free((void *)h.data), free((void *)h.scale), free(td), free(ts);
+    w->data = cu_weight_load(b, c->pack_host, tdb);
+    w->scale = grouped ? cu_weight_load(b, c->pack_host + tdb, tsb)
+                       : cu_weight_load(b, w->scale, quant_scale_bytes(w->dtype, w->rows, w->cols, w->group));
+    w->layout = NB_LAYOUT_TC;
     cuda_device_leave(c, prev);
     return quant_weight_bytes(w);
 }
@@ -459,6 +446,7 @@ static void cu_destroy(nb_backend *b) {
     cudaFree(c->attn_part);
     cudaFree(c->meta_dev);
     if (c->meta_host) cudaFreeHost(c->meta_host);
+    if (c->pack_host) cudaFreeHost(c->pack_host);
     cuda_staging_free(&c->idx);
     cuda_staging_free(&c->smp);
     free(c->host_pos);

@@ -82,6 +82,9 @@ typedef struct cuda_backend {
 
     // staging for ops that take host index arrays (embedding, gather)
     cuda_staging idx;
+    // pinned staging for weights repacked at load (cu_weight_pack)
+    char *pack_host;
+    size_t pack_cap;
 
     // scratch: activations converted for cuBLASLt, cuBLASLt workspace,
     // split-context attention partials

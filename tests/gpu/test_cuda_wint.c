@@ -49,8 +49,8 @@ typedef struct qweight {
     nb_weight c, g;
 } qweight;
 
-/* pack: pass the device copy through ops->weight_pack as the model loader
- * does (the tensor-core layout where the shape takes it). */
+/* pack: load it as the model loader does (backend_weight_load: the
+ * tensor-core layout where the shape takes it); else as it is. */
 static qweight make_qweight(nb_dtype t, int64_t N, int64_t K, int group, int pack) {
     qweight q;
     memset(&q, 0, sizeof q);
@@ -66,24 +66,26 @@ static qweight make_qweight(nb_dtype t, int64_t N, int64_t K, int group, int pac
     free(w);
     q.c = (nb_weight){.dtype = t, .rows = N, .cols = K, .data = data, .scale = scale, .scale2 = scale2, .group = group};
     q.g = q.c;
-    q.g.data = gpu->ops->weight_load(gpu, data, db);
-    q.g.scale = gpu->ops->weight_load(gpu, scale, sb);
-    q.g.scale2 = s2b ? gpu->ops->weight_load(gpu, scale2, s2b) : NULL;
     if (pack) {
-        nb_weight before = q.g;
         nb_err ce;
         int takes = quant_tc_check(&q.c, &ce) == 0;
-        size_t bytes = gpu->ops->weight_pack ? gpu->ops->weight_pack(gpu, &q.g) : 0;
         CHECK(gpu->ops->weight_pack, "the cuda backend has no weight_pack");
-        CHECK(bytes == quant_weight_bytes(&q.g), "weight_pack reports %zu resident bytes, quant_weight_bytes %zu",
+        size_t bytes = backend_weight_load(gpu, &q.g);
+        CHECK(bytes == quant_weight_bytes(&q.g), "backend_weight_load reports %zu resident bytes, quant_weight_bytes %zu",
               bytes, quant_weight_bytes(&q.g));
+        CHECK(q.g.data != q.c.data && q.g.scale != q.c.scale, "%s [%lld, %lld]: still host pointers", nb_dtype_name(t),
+              (long long)N, (long long)K);
         if (takes)
             CHECK(q.g.layout == NB_LAYOUT_TC, "%s [%lld, %lld] group %d was not repacked", nb_dtype_name(t),
                   (long long)N, (long long)K, group);
         else
-            CHECK(q.g.layout == NB_LAYOUT_PLAIN && q.g.data == before.data && q.g.scale == before.scale,
+            CHECK(q.g.layout == NB_LAYOUT_PLAIN && bytes == quant_weight_bytes(&q.c),
                   "%s [%lld, %lld] group %d: refused (%s) but changed", nb_dtype_name(t), (long long)N, (long long)K,
                   group, ce.msg);
+    } else {
+        q.g.data = gpu->ops->weight_load(gpu, data, db);
+        q.g.scale = gpu->ops->weight_load(gpu, scale, sb);
+        q.g.scale2 = s2b ? gpu->ops->weight_load(gpu, scale2, s2b) : NULL;
     }
     return q;
 }
