@@ -352,6 +352,31 @@ finally:
     srv.send_signal(signal.SIGTERM)
     srv.wait(timeout=30)
 
+# tensor parallelism: a server split over 2 CPU ranks answers 8 concurrent
+# greedy requests (continuous batching across the ranks) with the solo text
+PORT = free_port()
+BASE = f"http://127.0.0.1:{PORT}"
+srv = subprocess.Popen(nibble("serve", "--model", MODEL, "--port", str(PORT), "--tensor-parallel-size", "2",
+                              "--max-num-seqs", "8", "--served-model-name", "qwen2", "--threads", "2", cpu_only=True),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+try:
+    wait_healthy()
+    results = [None] * 8
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, call("/v1/completions", greedy)))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    check("a server on 2 CPU ranks answers 8 concurrent requests with the solo greedy text",
+          all(r and r[0] == 200 and json.loads(r[1])["choices"][0]["text"] == REF["greedy_text"] for r in results),
+          str(results)[:300])
+finally:
+    srv.send_signal(signal.SIGTERM)
+    srv.wait(timeout=30)
+log = srv.stderr.read().decode()
+check("its start-up log says 2 ranks", "on each of 2 ranks" in log, log[-300:])
+
 # --api-key
 PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
