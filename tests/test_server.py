@@ -67,6 +67,17 @@ def call(path, body=None, method=None, raw=None, timeout=60):
         return e.code, e.read().decode()
 
 
+def call_concurrently(n, path, body):
+    """n calls at once, one thread each; their (status, body) in order."""
+    results = [None] * n
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, call(path, body))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 with open(os.path.join(MODEL, "reference.json")) as f:
     REF = json.load(f)
 
@@ -336,13 +347,7 @@ srv = subprocess.Popen(nibble("serve", "--model", MODEL, "--port", str(PORT),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 try:
     wait_healthy()
-    results = [None] * 16
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, call("/v1/completions", greedy)))
-               for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = call_concurrently(16, "/v1/completions", greedy)
     ok_all = all(r and r[0] == 200 and json.loads(r[1])["choices"][0]["text"] == REF["greedy_text"] for r in results)
     m = call("/metrics")[1]
     pre = int(dict(l.split() for l in m.splitlines() if l and not l.startswith("#"))["nibble_preemptions_total"])
@@ -361,13 +366,7 @@ srv = subprocess.Popen(nibble("serve", "--model", MODEL, "--port", str(PORT), "-
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 try:
     wait_healthy()
-    results = [None] * 8
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, call("/v1/completions", greedy)))
-               for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = call_concurrently(8, "/v1/completions", greedy)
     check("a server on 2 CPU ranks answers 8 concurrent requests with the solo greedy text",
           all(r and r[0] == 200 and json.loads(r[1])["choices"][0]["text"] == REF["greedy_text"] for r in results),
           str(results)[:300])
