@@ -228,6 +228,9 @@ typedef struct nb_backend_ops {
      * rank ends with the same bytes. Each rank's thread calls it at the same
      * point of the same op sequence. In a group of one it does nothing. */
     void (*all_reduce)(nb_backend *b, float *x, size_t n);
+    /* Also collective: out[r*n .. r*n + n) = rank r's in[n], on every rank
+     * (out holds n_ranks * n, and does not overlap in). Alone: out = in. */
+    void (*all_gather)(nb_backend *b, float *out, const float *in, size_t n);
     /* Optional: readies the calling thread to issue this backend's ops
      * (CUDA: selects its device). A thread that drives another rank, or
      * that loads another rank's weights, calls it first. */

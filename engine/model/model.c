@@ -142,11 +142,19 @@ int model_load_rank(nb_model *m, const nb_model_opts *opts, nb_err *e) {
     int64_t V = c->vocab_size, H = c->hidden_size;
     m->layers = xcalloc((size_t)c->n_layers, sizeof *m->layers);
     if (model_bind(m, &m->embed, "model.embed_tokens.weight", V, H, NULL, 0, e)) return -1;
-    /* the step's logits are rank 0's alone */
-    if (m->rank == 0) {
+    /* The LM head is split by vocabulary where the ranks divide it (each
+     * rank computes its part of every logit row, rank 0 gathers them), else
+     * rank 0 holds it whole and computes the logits alone. */
+    m->vocab_split = m->n_ranks > 1 && V % m->n_ranks == 0;
+    const char *head = c->tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+    nb_slice vocab = {0, m->rank * (V / m->n_ranks), V / m->n_ranks};
+    if (m->rank == 0 || m->vocab_split)
         if (model_bind(m, &m->final_norm, "model.norm.weight", 0, H, NULL, 0, e)) return -1;
+    if (m->vocab_split) {
+        if (model_bind(m, &m->lm_head, head, V, H, &vocab, 0, e)) return -1;
+    } else if (m->rank == 0) {
         if (c->tie_embeddings) m->lm_head = m->embed;
-        else if (model_bind(m, &m->lm_head, "lm_head.weight", V, H, NULL, 0, e)) return -1;
+        else if (model_bind(m, &m->lm_head, head, V, H, NULL, 0, e)) return -1;
     }
     for (int i = 0; i < c->n_layers; i++)
         if (bind_layer(m, i, e)) return -1;
@@ -170,9 +178,12 @@ int model_load_rank(nb_model *m, const nb_model_opts *opts, nb_err *e) {
     m->att = act_alloc(m, T * qd);
     m->gate = act_alloc(m, T * (size_t)m->ffn);
     m->up = act_alloc(m, T * (size_t)m->ffn);
-    if (m->rank == 0) {
-        m->last = act_alloc(m, R * H);
-        m->logits = act_alloc(m, R * V);
+    if (m->rank == 0 || m->vocab_split) m->last = act_alloc(m, R * H);
+    if (m->rank == 0) m->logits = act_alloc(m, R * V);
+    if (m->vocab_split) {
+        m->head_part = act_alloc(m, R * (size_t)(V / m->n_ranks));
+        m->head_all = act_alloc(m, R * V);
+        if (m->rank == 0) m->head_perm = xmalloc(sizeof(int32_t) * R * (size_t)m->n_ranks);
     }
     return 0;
 }
@@ -240,7 +251,8 @@ void model_free(nb_model *m) {
     if (!m) return;
     if (m->tp) model_tp_stop(m);
     nb_backend *be = m->be;
-    float *bufs[] = {m->inv_freq, m->x, m->xn, m->q, m->k, m->v, m->att, m->gate, m->up, m->last, m->logits};
+    float *bufs[] = {m->inv_freq, m->x,    m->xn,     m->q,        m->k,       m->v,       m->att,
+                     m->gate,     m->up,   m->last,   m->logits,   m->head_part, m->head_all};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->ops->free(be, bufs[i]);
     for (int i = 0; m->k_cache && i < m->cfg.n_layers; i++) {
@@ -250,6 +262,7 @@ void model_free(nb_model *m) {
     free(m->k_cache);
     free(m->v_cache);
     free(m->pad_tok), free(m->pad_pos), free(m->pad_seq), free(m->pad_slot), free(m->pad_tables);
+    free(m->head_perm);
     if (m->layers) {
         /* weight_free releases backend copies; every nb_weight is a plain struct */
         nb_weight *w = (nb_weight *)m->layers;
@@ -386,12 +399,31 @@ static int decode_pad(nb_model *m, const int32_t *tokens, const nb_batch *b, nb_
 }
 
 /* What every rank runs of a step: the embedding and the layers, leaving
- * the final hidden states in x. */
+ * the final hidden states in x, then, with the LM head split, its part of
+ * the logits of out_rows, gathered on every rank into head_all. */
 typedef struct rank_step {
     const int32_t *tokens;
     const nb_batch *batch;
     int decode;
+    const int32_t *out_rows;
+    int n_out;
 } rank_step;
+
+/* The final norm and this rank's LM head (whole, or its part) on the
+ * out_rows of x. */
+static void rank_head(nb_model *m, const int32_t *out_rows, int n_out) {
+    const nb_backend_ops *op = m->be->ops;
+    nb_backend *be = m->be;
+    const nb_model_config *c = &m->cfg;
+    op->gather_rows(be, m->last, m->x, out_rows, n_out, c->hidden_size);
+    op->rmsnorm(be, m->last, m->last, &m->final_norm, n_out, c->rms_eps);
+    if (!m->vocab_split) {
+        op->matmul(be, m->logits, m->last, &m->lm_head, n_out);
+        return;
+    }
+    op->matmul(be, m->head_part, m->last, &m->lm_head, n_out);
+    op->all_gather(be, m->head_all, m->head_part, (size_t)n_out * (size_t)m->lm_head.rows);
+}
 
 static void rank_layers(nb_model *m, void *arg) {
     const rank_step *st = arg;
@@ -405,6 +437,7 @@ static void rank_layers(nb_model *m, void *arg) {
         op->add(be, m->x, m->x, m->xn, (size_t)n * m->cfg.hidden_size);
         op->graph_end(be);
     }
+    if (st->n_out > 0 && m->vocab_split) rank_head(m, st->out_rows, st->n_out);
 }
 
 /* The step up to the logits of out_rows, left in m->logits on the backend. */
@@ -441,13 +474,20 @@ static int forward_logits(nb_model *m, const int32_t *tokens, const nb_batch *ba
         batch = &padded;
         n = padded.n_tokens;
     }
-    rank_step st = {tokens, batch, decode};
+    rank_step st = {tokens, batch, decode, out_rows, n_out};
     if (m->n_ranks > 1) model_tp_run(m, rank_layers, &st);
     else rank_layers(m, &st);
     if (n_out == 0) return 0;
-    op->gather_rows(be, m->last, m->x, out_rows, n_out, c->hidden_size);
-    op->rmsnorm(be, m->last, m->last, &m->final_norm, n_out, c->rms_eps);
-    op->matmul(be, m->logits, m->last, &m->lm_head, n_out);
+    if (!m->vocab_split) {
+        rank_head(m, out_rows, n_out);
+        return 0;
+    }
+    /* head_all is [rank][row][V/n]: row r of the logits is the r-th row of
+     * every rank's part, in rank order */
+    int ranks = m->n_ranks;
+    for (int r = 0; r < n_out; r++)
+        for (int k = 0; k < ranks; k++) m->head_perm[r * ranks + k] = k * n_out + r;
+    op->gather_rows(be, m->logits, m->head_all, m->head_perm, n_out * ranks, (int)m->lm_head.rows);
     return 0;
 }
 

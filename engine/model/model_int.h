@@ -68,6 +68,13 @@ struct nb_model {
     int max_tokens;
     int max_rows; /* logit rows: last and logits hold this many */
     float *x, *xn, *q, *k, *v, *att, *gate, *up, *last, *logits;
+    /* The LM head split by vocabulary (n_ranks > 1 dividing the vocabulary):
+     * each rank's rows [rank * V/n, ...) of it; its logits [rows][V/n] in
+     * head_part, every rank's gathered in head_all [n][rows][V/n], which
+     * rank 0 reorders into logits through head_perm (host, [rows * n]). */
+    int vocab_split;
+    float *head_part, *head_all;
+    int32_t *head_perm;
 };
 
 

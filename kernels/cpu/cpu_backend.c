@@ -302,6 +302,11 @@ static void cpu_all_reduce(nb_backend *b, float *x, size_t n) {
     if (impl(b)->comm) cpu_comm_all_reduce(impl(b)->comm, b->rank, x, n);
 }
 
+static void cpu_all_gather(nb_backend *b, float *out, const float *in, size_t n) {
+    if (impl(b)->comm) cpu_comm_all_gather(impl(b)->comm, b->rank, out, in, n);
+    else memcpy(out, in, sizeof(float) * n);
+}
+
 static void cpu_destroy(nb_backend *b) {
     if (!b) return;
     cpu_comm_release(impl(b)->comm);
@@ -341,6 +346,7 @@ static const nb_backend_ops CPU_OPS = {
     .graph_begin = cpu_graph_begin,
     .graph_end = cpu_graph_end,
     .all_reduce = cpu_all_reduce,
+    .all_gather = cpu_all_gather,
     .kv_default = NB_KV_F32,
 };
 

@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common/util.h"
 #include "kernels/cpu/cpu_ops.h"
@@ -17,6 +18,7 @@ struct cpu_comm {
     atomic_int refs; /* ranks still holding it */
     pthread_barrier_t bar;
     float **bufs; /* [n]: the buffers posted for the current call */
+    const float **ins; /* [n]: all_gather's inputs */
 };
 
 cpu_comm *cpu_comm_create(int n, nb_err *e) {
@@ -29,6 +31,7 @@ cpu_comm *cpu_comm_create(int n, nb_err *e) {
     c->n = n;
     atomic_init(&c->refs, n);
     c->bufs = xcalloc((size_t)n, sizeof *c->bufs);
+    c->ins = xcalloc((size_t)n, sizeof *c->ins);
     return c;
 }
 
@@ -36,6 +39,7 @@ void cpu_comm_release(cpu_comm *c) {
     if (!c || atomic_fetch_sub(&c->refs, 1) != 1) return;
     pthread_barrier_destroy(&c->bar);
     free(c->bufs);
+    free(c->ins);
     free(c);
 }
 
@@ -49,5 +53,13 @@ void cpu_comm_all_reduce(cpu_comm *c, int rank, float *x, size_t n) {
         for (int k = 1; k < c->n; k++) s += c->bufs[k][i];
         for (int k = 0; k < c->n; k++) c->bufs[k][i] = s;
     }
+    pthread_barrier_wait(&c->bar);
+}
+
+void cpu_comm_all_gather(cpu_comm *c, int rank, float *out, const float *in, size_t n) {
+    c->ins[rank] = in;
+    pthread_barrier_wait(&c->bar);
+    for (int k = 0; k < c->n; k++) memcpy(out + (size_t)k * n, c->ins[k], sizeof(float) * n);
+    /* no rank may change its input before every rank has copied it */
     pthread_barrier_wait(&c->bar);
 }

@@ -26,6 +26,8 @@ cpu_comm *cpu_comm_create(int n, nb_err *e);
 void cpu_comm_release(cpu_comm *c);
 /* Sums x[n] over the ranks in place; every rank calls it with its own x. */
 void cpu_comm_all_reduce(cpu_comm *c, int rank, float *x, size_t n);
+/* out[k*n ..] = rank k's in[n] for every rank k. */
+void cpu_comm_all_gather(cpu_comm *c, int rank, float *out, const float *in, size_t n);
 
 /* Name of the vector path compiled in: "avx512", "avx2" or "scalar". */
 const char *cpu_simd_name(void);

@@ -375,6 +375,10 @@ static int cu_mem_info(nb_backend *b, size_t *free_bytes, size_t *total_bytes) {
 
 static void cu_all_reduce(nb_backend *b, float *x, size_t n) { cuda_comm_all_reduce(cuda_impl(b), x, n); }
 
+static void cu_all_gather(nb_backend *b, float *out, const float *in, size_t n) {
+    cuda_comm_all_gather(cuda_impl(b), out, in, n);
+}
+
 static void cu_attach(nb_backend *b) { CUDA_CHECK(cudaSetDevice(cuda_impl(b)->device)); }
 
 // ---- graphs -------------------------------------------------------------
@@ -488,6 +492,7 @@ static nb_backend_ops make_ops(void) {
     o.graph_begin = cu_graph_begin;
     o.graph_end = cu_graph_end;
     o.all_reduce = cu_all_reduce;
+    o.all_gather = cu_all_gather;
     o.attach = cu_attach;
     o.kv_default = NB_KV_BF16;
     o.records_graphs = 1;

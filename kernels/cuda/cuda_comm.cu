@@ -32,6 +32,7 @@ typedef struct nccl_fns {
     const char *(*error_string)(ncclResult_t);
     ncclResult_t (*all_reduce)(const void *, void *, size_t, ncclDataType_t, ncclRedOp_t, ncclComm_t,
                                cudaStream_t);
+    ncclResult_t (*all_gather)(const void *, void *, size_t, ncclDataType_t, ncclComm_t, cudaStream_t);
 } nccl_fns;
 
 // What the ranks of one group share.
@@ -56,6 +57,7 @@ static int nccl_load(nccl_fns *f, nb_err *e) {
     f->group_end = ncclGroupEnd;
     f->error_string = ncclGetErrorString;
     f->all_reduce = ncclAllReduce;
+    f->all_gather = ncclAllGather;
     return 0;
 }
 #else
@@ -85,7 +87,8 @@ static int nccl_load(nccl_fns *f, nb_err *e) {
         nccl_sym(lib, (void **)&f->group_start, "ncclGroupStart", 0, e) ||
         nccl_sym(lib, (void **)&f->group_end, "ncclGroupEnd", 0, e) ||
         nccl_sym(lib, (void **)&f->error_string, "ncclGetErrorString", 0, e) ||
-        nccl_sym(lib, (void **)&f->all_reduce, "ncclAllReduce", 0, e))
+        nccl_sym(lib, (void **)&f->all_reduce, "ncclAllReduce", 0, e) ||
+        nccl_sym(lib, (void **)&f->all_gather, "ncclAllGather", 0, e))
         return -1;
     return 0;
 }
@@ -157,6 +160,24 @@ void cuda_comm_all_reduce(cuda_backend *c, float *x, size_t n) {
         c->group->fns.all_reduce(x, x, n, ncclFloat, ncclSum, (ncclComm_t)c->comm, c->stream);
     if (rc != ncclSuccess) {
         fprintf(stderr, "nibble: cuda:%d: NCCL all-reduce of %zu floats failed: %s\n", c->device, n,
+                c->group->fns.error_string(rc));
+        abort();
+    }
+}
+
+void cuda_comm_all_gather(cuda_backend *c, float *out, const float *in, size_t n) {
+    if (!c->group) {
+        if (n && out != in) CUDA_CHECK(cudaMemcpyAsync(out, in, sizeof(float) * n, cudaMemcpyDeviceToDevice, c->stream));
+        return;
+    }
+    if (n == 0) return;
+    if (!c->comm) {
+        fprintf(stderr, "nibble: cuda:%d: all_gather after its tensor-parallel group was destroyed\n", c->device);
+        abort();
+    }
+    ncclResult_t rc = c->group->fns.all_gather(in, out, n, ncclFloat, (ncclComm_t)c->comm, c->stream);
+    if (rc != ncclSuccess) {
+        fprintf(stderr, "nibble: cuda:%d: NCCL all-gather of %zu floats failed: %s\n", c->device, n,
                 c->group->fns.error_string(rc));
         abort();
     }

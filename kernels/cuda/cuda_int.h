@@ -150,6 +150,8 @@ void cuda_device_leave(const cuda_backend *c, int prev);
 // cuda_comm.cu: sums x[n] over the ranks of c's group in place, queued on
 // c->stream (recorded when the stream is); nothing when c is alone.
 void cuda_comm_all_reduce(cuda_backend *c, float *x, size_t n);
+// ... and out[r*n ..] = rank r's in[n] (a copy alone).
+void cuda_comm_all_gather(cuda_backend *c, float *out, const float *in, size_t n);
 // Takes c out of its group (nothing when alone). The first rank of a group
 // to leave destroys the group's communicators, all of them at once (NCCL's
 // teardown is collective); the last one frees the group.

@@ -2,11 +2,12 @@
 // emulated devices (cuemu_rt.h), written from NCCL's API documentation:
 //  - ncclCommInitAll makes one communicator per device of its list, in one
 //    process (a "clique" here);
-//  - ncclAllReduce (float sum only) is stream-ordered: it runs when its
-//    stream gets to it, or is recorded into the graph the stream captures
-//    and runs at each replay. Each rank's call waits for every other rank's
-//    (their threads meet here), then all receive the same sums, added in
-//    rank order;
+//  - ncclAllReduce (float sum only) and ncclAllGather (float) are
+//    stream-ordered: they run when their stream gets to them, or are
+//    recorded into the graph the stream captures and run at each replay.
+//    Each rank's call waits for every other rank's (their threads meet
+//    here), then all receive the same sums, added in rank order, or the
+//    same concatenation of the ranks' inputs;
 //  - teardown is collective among the ranks, as the documentation says of
 //    ncclCommFinalize and ncclCommDestroy: a rank's finalization waits for
 //    the others', so one thread must group the finalizations of several
@@ -44,6 +45,7 @@ struct emu_clique {
     std::vector<const float *> send;
     std::vector<float *> recv;
     std::vector<size_t> count;
+    std::vector<int> gather; // 1: the rank called ncclAllGather, 0: ncclAllReduce
     int finalized; // ranks finalized
 };
 
@@ -67,32 +69,40 @@ template <class P> static void clique_wait(emu_clique *q, std::unique_lock<std::
     abort();
 }
 
-// One rank's part of an all-reduce; the last rank to arrive adds them up.
-static void clique_all_reduce(ncclComm *c, const float *send, float *recv, size_t count) {
+// One rank's part of an all-reduce (gather 0) or all-gather (1); the last
+// rank to arrive computes the result for all.
+static void clique_collective(ncclComm *c, const float *send, float *recv, size_t count, int gather) {
     emu_clique *q = c->q;
+    const char *what = gather ? "ncclAllGather" : "ncclAllReduce";
     std::unique_lock<std::mutex> lk(q->mu);
     unsigned long mine = q->done;
     q->send[c->rank] = send;
     q->recv[c->rank] = recv;
     q->count[c->rank] = count;
+    q->gather[c->rank] = gather;
     if (++q->arrived < q->n) {
-        clique_wait(q, lk, [&] { return q->done != mine; }, "ncclAllReduce", c->rank);
+        clique_wait(q, lk, [&] { return q->done != mine; }, what, c->rank);
         return;
     }
     for (int r = 1; r < q->n; r++)
-        if (q->count[r] != q->count[0]) {
-            fprintf(stderr, "cuemu: nccl: ncclAllReduce with %zu elements on rank 0 but %zu on rank %d\n", q->count[0],
-                    q->count[r], r);
+        if (q->count[r] != q->count[0] || q->gather[r] != q->gather[0]) {
+            fprintf(stderr, "cuemu: nccl: rank 0 called %s with %zu elements but rank %d %s with %zu\n",
+                    q->gather[0] ? "ncclAllGather" : "ncclAllReduce", q->count[0], r,
+                    q->gather[r] ? "ncclAllGather" : "ncclAllReduce", q->count[r]);
             abort();
         }
     // into a copy first: a rank's recv may be its send (in place)
-    std::vector<float> sum(count);
-    for (size_t i = 0; i < count; i++) {
-        float s = q->send[0][i];
-        for (int r = 1; r < q->n; r++) s += q->send[r][i];
-        sum[i] = s;
+    std::vector<float> res(gather ? count * (size_t)q->n : count);
+    if (gather) {
+        for (int r = 0; r < q->n; r++) memcpy(res.data() + (size_t)r * count, q->send[r], sizeof(float) * count);
+    } else {
+        for (size_t i = 0; i < count; i++) {
+            float s = q->send[0][i];
+            for (int r = 1; r < q->n; r++) s += q->send[r][i];
+            res[i] = s;
+        }
     }
-    for (int r = 0; r < q->n; r++) memcpy(q->recv[r], sum.data(), sizeof(float) * count);
+    for (int r = 0; r < q->n; r++) memcpy(q->recv[r], res.data(), sizeof(float) * res.size());
     q->arrived = 0;
     q->done++;
     q->cv.notify_all();
@@ -138,15 +148,23 @@ ncclResult_t ncclCommInitAll(ncclComm_t *comms, int ndev, const int *devlist) {
     q->send.resize((size_t)ndev);
     q->recv.resize((size_t)ndev);
     q->count.resize((size_t)ndev);
+    q->gather.resize((size_t)ndev);
     for (int r = 0; r < ndev; r++) comms[r] = new ncclComm{q, r, devlist ? devlist[r] : r, 0};
     return ncclSuccess;
 }
 
-static int emu_buffer_ok(const ncclComm *c, const void *p, size_t count, const char *which) {
+static int emu_buffer_ok(const ncclComm *c, const void *p, size_t count, const char *which, const char *call) {
     int d = cuemu_device_of(p, sizeof(float) * count);
     if (d == c->device) return 1;
-    fprintf(stderr, "cuemu: nccl: ncclAllReduce on rank %d (device %d): %s %p (%zu floats) is not memory of device %d\n",
+    fprintf(stderr, "cuemu: nccl: %s on rank %d (device %d): %s %p (%zu floats) is not memory of device %d\n", call,
             c->rank, c->device, which, p, count, c->device);
+    return 0;
+}
+
+static int emu_stream_ok(const ncclComm *c, cudaStream_t stream, const char *call) {
+    if (cuemu_stream_device(stream) == c->device) return 1;
+    fprintf(stderr, "cuemu: nccl: %s for rank %d (device %d) on a stream of device %d\n", call, c->rank, c->device,
+            cuemu_stream_device(stream));
     return 0;
 }
 
@@ -157,16 +175,30 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, n
         fprintf(stderr, "cuemu: nccl: ncclAllReduce emulates float sums only (type %d, op %d)\n", (int)type, (int)op);
         return ncclInvalidArgument;
     }
-    if (cuemu_stream_device(stream) != c->device) {
-        fprintf(stderr, "cuemu: nccl: ncclAllReduce for rank %d (device %d) on a stream of device %d\n", c->rank,
-                c->device, cuemu_stream_device(stream));
-        return ncclUnhandledCudaError;
-    }
-    if (!emu_buffer_ok(c, sendbuff, count, "sendbuff") || !emu_buffer_ok(c, recvbuff, count, "recvbuff"))
+    if (!emu_stream_ok(c, stream, "ncclAllReduce")) return ncclUnhandledCudaError;
+    if (!emu_buffer_ok(c, sendbuff, count, "sendbuff", "ncclAllReduce") ||
+        !emu_buffer_ok(c, recvbuff, count, "recvbuff", "ncclAllReduce"))
         return ncclInvalidArgument;
     const float *s = (const float *)sendbuff;
     float *r = (float *)recvbuff;
-    cuemu_stream_enqueue(stream, [=]() { clique_all_reduce(c, s, r, count); });
+    cuemu_stream_enqueue(stream, [=]() { clique_collective(c, s, r, count, 0); });
+    return ncclSuccess;
+}
+
+ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t sendcount, ncclDataType_t type, ncclComm_t c,
+                           cudaStream_t stream) {
+    if (!c || c->finalized) return ncclInvalidArgument;
+    if (type != ncclFloat) {
+        fprintf(stderr, "cuemu: nccl: ncclAllGather emulates floats only (type %d)\n", (int)type);
+        return ncclInvalidArgument;
+    }
+    if (!emu_stream_ok(c, stream, "ncclAllGather")) return ncclUnhandledCudaError;
+    if (!emu_buffer_ok(c, sendbuff, sendcount, "sendbuff", "ncclAllGather") ||
+        !emu_buffer_ok(c, recvbuff, sendcount * (size_t)c->q->n, "recvbuff", "ncclAllGather"))
+        return ncclInvalidArgument;
+    const float *s = (const float *)sendbuff;
+    float *r = (float *)recvbuff;
+    cuemu_stream_enqueue(stream, [=]() { clique_collective(c, s, r, sendcount, 1); });
     return ncclSuccess;
 }
 

@@ -20,7 +20,10 @@
  *    byte of both devices' memory is back (and its AddressSanitizer build,
  *    CUEMU_SAN=address, finds no leak or stray access); every test makes
  *    and destroys its own group;
- *  - a lone backend is rank 0 of 1 and its all_reduce changes nothing;
+ *  - all_gather of odd lengths: both ranks hold rank 0's input, then rank
+ *    1's, to the bit;
+ *  - a lone backend is rank 0 of 1, its all_reduce changes nothing and its
+ *    all_gather copies;
  *    tensor_parallel beyond the devices there are gives a one-line error;
  *    under the emulator, NCCL failing to start gives a one-line error and
  *    leaves nothing behind.
@@ -100,6 +103,20 @@ static void job_all_reduce(job *j) {
         b->ops->all_reduce(b, x, n);
         b->ops->download(b, j->out2[c], x, bytes);
         b->ops->free(b, x);
+    }
+}
+
+/* out3 = every rank's input, rank 0's first. Rank 0 starts late. */
+static void job_all_gather(job *j) {
+    nb_backend *b = j->b;
+    if (b->rank == 0) sleep_ms(20);
+    for (int c = 0; c < j->n_cases; c++) {
+        size_t n = j->len[c];
+        float *x = dev_copy(b, j->in[c], n), *y = b->ops->alloc(b, 2 * sizeof(float) * n);
+        b->ops->all_gather(b, y, x, n);
+        b->ops->download(b, j->out3[c], y, 2 * sizeof(float) * n);
+        b->ops->free(b, x);
+        b->ops->free(b, y);
     }
 }
 
@@ -184,7 +201,14 @@ static void test_alone(void) {
     gpu->ops->all_reduce(gpu, x, 1001);
     gpu->ops->download(gpu, back, x, sizeof(float) * 1001);
     CHECK(n_mismatch(back, h, 1001) == 0, "all_reduce alone changed the data");
+    REQUIRE(gpu->ops->all_gather, "the cuda backend lacks all_gather");
+    float *y = gpu->ops->alloc(gpu, sizeof(float) * 1001);
+    gpu->ops->all_gather(gpu, y, x, 1001);
+    memset(back, 0, sizeof(float) * 1001);
+    gpu->ops->download(gpu, back, y, sizeof(float) * 1001);
+    CHECK(n_mismatch(back, h, 1001) == 0, "all_gather alone is not a copy");
     gpu->ops->free(gpu, x);
+    gpu->ops->free(gpu, y);
     free(h), free(back);
 }
 
@@ -247,6 +271,31 @@ static void test_all_reduce(void) {
         free_cases(jobs[r].in, N);
         free_cases(jobs[r].out, N);
         free_cases(jobs[r].out2, N);
+    }
+    backend_destroy(g);
+}
+
+static void test_all_gather(void) {
+    static const size_t len[] = {1, 3, 257, 65537}, len2[] = {2, 6, 514, 131074};
+    enum { N = sizeof len / sizeof len[0] };
+    nb_backend *g = group_create();
+    if (!g) return;
+    WHERE("all_gather");
+    job jobs[2];
+    for (int r = 0; r < 2; r++)
+        jobs[r] = (job){.b = g->ranks[r], .fn = job_all_gather, .n_cases = N, .len = len, .in = random_cases(N, len),
+                        .out3 = alloc_cases(N, len2)};
+    run_ranks(jobs);
+    for (int c = 0; c < N; c++) {
+        size_t n = len[c];
+        for (int r = 0; r < 2; r++)
+            CHECK(!memcmp(jobs[r].out3[c], jobs[0].in[c], sizeof(float) * n) &&
+                      !memcmp(jobs[r].out3[c] + n, jobs[1].in[c], sizeof(float) * n),
+                  "all_gather of %zu floats: rank %d does not hold rank 0's then rank 1's input", n, r);
+    }
+    for (int r = 0; r < 2; r++) {
+        free_cases(jobs[r].in, N);
+        free_cases(jobs[r].out3, N);
     }
     backend_destroy(g);
 }
@@ -397,6 +446,7 @@ int main(void) {
     } else {
         RUN(test_group);
         RUN(test_all_reduce);
+        RUN(test_all_gather);
         RUN(test_graph);
         RUN(test_cross_thread);
         RUN(test_destroy_frees);
