@@ -61,8 +61,11 @@ endif
 CUEMU_TESTS ?= $(notdir $(CUEMU_TEST_BIN))
 COMPUTE_SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || ls $(CUDA_HOME)/bin/compute-sanitizer 2>/dev/null)
 
-.PHONY: all run test test-gpu test-cuemu test-venv bench deps clean fixtures smollm2
+.PHONY: all run test test-gpu gpu-bins test-cuemu test-venv bench deps clean fixtures smollm2
 all: bin/nibble $(BENCH_BIN)
+
+# Everything test-gpu runs (scripts/device_check.sh builds this first).
+gpu-bins: all $(TEST_BIN) $(GPU_TEST_BIN)
 
 bin/nibble: build/server/main.o $(LIB_OBJ) $(CU_OBJ)
 	@mkdir -p $(dir $@)
@@ -141,7 +144,7 @@ test-cuemu:
 # fails if any did; without a CUDA build or device it fails at once.
 test-gpu:
 	@[ "$(CUDA)" = 1 ] || { echo "test-gpu: this build has no CUDA backend (nvcc not found; set NVCC or CUDA_HOME)" >&2; exit 1; }
-	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN)
+	@$(MAKE) --no-print-directory gpu-bins
 	@n=$$(bin/nibble inspect --model tests/fixtures/models/qwen2 2>/dev/null | sed -n 's/^cuda devices: *//p'); \
 	[ "$${n:-0}" -gt 0 ] || { echo "test-gpu: no CUDA device found (cuda_device_count() = $${n:-0})" >&2; exit 1; }
 	@failed=""; \
