@@ -12,10 +12,11 @@
 #include "quant/gptq.h"
 
 #include <math.h>
-#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/parallel.h"
 #include "common/util.h"
 #include "quant/quant.h"
 
@@ -122,15 +123,15 @@ static float quant_one(nb_dtype t, float v, const gptq_row *st, float super, int
     return (float)*q * st->scale;
 }
 
-/* One thread's share: row chunks r0 = first, first + stride, ... */
+/* The threads' shared job: they take chunks of GPTQ_ROWS rows in turn
+ * (rows are independent once U is known). */
 typedef struct gptq_job {
     nb_dtype t;
     const float *w, *U;
     int64_t rows, cols;
     int group;
     void *data, *scale, *scale2;
-    int first, stride;
-    pthread_t tid;
+    atomic_llong next; /* the first chunk no thread has taken */
 } gptq_job;
 
 static void *gptq_rows(void *arg) {
@@ -144,7 +145,9 @@ static void *gptq_rows(void *arg) {
     uint8_t *codes = j->scale;
     const float *U = j->U;
     gptq_row st[GPTQ_ROWS];
-    for (int64_t r0 = (int64_t)j->first * GPTQ_ROWS; r0 < j->rows; r0 += (int64_t)j->stride * GPTQ_ROWS) {
+    const int64_t chunks = (j->rows + GPTQ_ROWS - 1) / GPTQ_ROWS;
+    for (int64_t ch; (ch = par_take(&j->next, chunks)) >= 0;) {
+        const int64_t r0 = ch * GPTQ_ROWS;
         int nr = j->rows - r0 < GPTQ_ROWS ? (int)(j->rows - r0) : GPTQ_ROWS;
         memcpy(W, j->w + r0 * cols, sizeof(float) * (size_t)(nr * cols));
         for (int c = 0; c < nr; c++)
@@ -222,21 +225,9 @@ int gptq_quantize(nb_dtype t, const float *w, int64_t rows, int64_t cols, int gr
     int64_t chunks = (rows + GPTQ_ROWS - 1) / GPTQ_ROWS;
     if (threads < 1) threads = 1;
     if (threads > chunks) threads = (int)chunks;
-    gptq_job *jobs = xcalloc((size_t)threads, sizeof(gptq_job));
-    for (int i = 0; i < threads; i++) {
-        jobs[i] = (gptq_job){t, w, U, rows, cols, group, data, scale, scale2, i, threads, 0};
-        if (i > 0 && pthread_create(&jobs[i].tid, NULL, gptq_rows, &jobs[i])) jobs[i].stride = 0;
-    }
-    gptq_rows(&jobs[0]);
-    for (int i = 1; i < threads; i++)
-        if (jobs[i].stride) pthread_join(jobs[i].tid, NULL);
-    /* a thread that could not start: its rows, done here */
-    for (int i = 1; i < threads; i++)
-        if (!jobs[i].stride) {
-            jobs[i].stride = threads;
-            gptq_rows(&jobs[i]);
-        }
-    free(jobs);
+    gptq_job job = {t, w, U, rows, cols, group, data, scale, scale2, 0};
+    atomic_init(&job.next, 0);
+    par_run(threads, gptq_rows, &job);
     free(U);
     return 0;
 }

@@ -201,16 +201,26 @@ uint8_t quant_wint2_fit_group(const float *v, int n, float super) {
 
 /* ---- packing ---- */
 
-static int clamp_q(float v, float scale, int qmax) {
-    if (scale == 0.0f) return 0;
-    float q = nearbyintf(v / scale);
-    return q < (float)-qmax ? -qmax : q > (float)qmax ? qmax : (int)q;
-}
-
+/* max |v|, NaNs passed over (as fmaxf would, but fmaxf is a libm call
+ * and this loop vectorizes) */
 static float absmax(const float *v, int64_t n) {
     float m = 0.0f;
-    for (int64_t i = 0; i < n; i++) m = fmaxf(m, fabsf(v[i]));
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(v[i]);
+        m = a > m ? a : m;
+    }
     return m;
+}
+
+/* q = v / scale rounded to nearest even and clamped to [-qmax, qmax], for
+ * a run of n values with one nonzero scale; branch-free so that it
+ * vectorizes. A NaN fails both comparisons and converts as (int)NaN. */
+static void clamp_run(const float *v, int64_t n, float scale, int qmax, int8_t *q) {
+    const float lo = (float)-qmax, hi = (float)qmax;
+    for (int64_t i = 0; i < n; i++) {
+        float r = nearbyintf(v[i] / scale);
+        q[i] = (int8_t)(int)(r < lo ? lo : r > hi ? hi : r);
+    }
 }
 
 int quant_pack(nb_dtype t, const float *w, int64_t rows, int64_t cols, int group, void *data, void *scale,
@@ -220,19 +230,33 @@ int quant_pack(nb_dtype t, const float *w, int64_t rows, int64_t cols, int group
     float *fs = scale;
     switch (t) {
     case NB_WINT8:
+        /* bytes written directly, not through quant_put_q: quantizing at
+         * load goes through every weight of the model */
         for (int64_t r = 0; r < rows; r++) {
             const float *row = w + r * cols;
-            fs[r] = quant_round_bf16(absmax(row, cols) / 127.0f);
-            for (int64_t k = 0; k < cols; k++) quant_put_q(t, data, cols, r, k, clamp_q(row[k], fs[r], 127));
+            int8_t *q = (int8_t *)data + r * cols;
+            float s = fs[r] = quant_round_bf16(absmax(row, cols) / 127.0f);
+            if (s != 0.0f) clamp_run(row, cols, s, 127, q); /* else the zeros of the memset */
         }
         return 0;
     case NB_WINT4: {
+        /* group and cols are even (quant_check): each pair of columns is
+         * one byte, the even one in the low nibble; a per-channel group
+         * goes in runs of WINT4_RUN */
+        enum { WINT4_RUN = 256 };
         int64_t groups = cols / group;
         for (int64_t r = 0; r < rows; r++)
             for (int64_t g = 0; g < groups; g++) {
                 const float *v = w + r * cols + g * group;
+                uint8_t *b = (uint8_t *)data + (r * cols + g * group) / 2;
                 float s = fs[r * groups + g] = quant_round_bf16(absmax(v, group) / 7.0f);
-                for (int i = 0; i < group; i++) quant_put_q(t, data, cols, r, g * group + i, clamp_q(v[i], s, 7));
+                for (int64_t i0 = 0; i0 < group; i0 += WINT4_RUN) {
+                    int n = group - i0 < WINT4_RUN ? (int)(group - i0) : WINT4_RUN;
+                    int8_t q[WINT4_RUN];
+                    if (s != 0.0f) clamp_run(v + i0, n, s, 7, q);
+                    else memset(q, 0, sizeof q);
+                    for (int i = 0; i < n; i += 2) b[(i0 + i) / 2] = (uint8_t)((q[i] + 8) | (q[i + 1] + 8) << 4);
+                }
             }
         return 0;
     }
@@ -261,9 +285,10 @@ int quant_pack(nb_dtype t, const float *w, int64_t rows, int64_t cols, int group
                 float m = 0.0f;
                 for (int64_t r = r0; r < r1; r++) m = fmaxf(m, absmax(w + r * cols + k0, k1 - k0));
                 float s = fs[br * bc + bk] = m / QUANT_FP8_MAX;
-                for (int64_t r = r0; r < r1; r++)
-                    for (int64_t k = k0; k < k1; k++)
-                        quant_put_q(t, data, cols, r, k, s == 0.0f ? 0 : fp8_e4m3_from_f32(w[r * cols + k] / s));
+                for (int64_t r = r0; r < r1; r++) {
+                    uint8_t *q = (uint8_t *)data + r * cols;
+                    for (int64_t k = k0; k < k1; k++) q[k] = s == 0.0f ? 0 : fp8_e4m3_from_f32(w[r * cols + k] / s);
+                }
             }
         return 0;
     }

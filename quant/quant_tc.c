@@ -2,12 +2,11 @@
  * checks, sizes and the reordering from quant/quant.h's layout. */
 #include "quant/quant_tc.h"
 
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
+#include "common/parallel.h"
 #include "common/util.h"
 #include "quant/quant.h"
 
@@ -269,20 +268,11 @@ static void *tc_run(void *arg) {
     return NULL;
 }
 
-/* Threads for a repack of `bytes` of layout: one per core, at most
- * QUANT_TC_THREADS, each with at least QUANT_TC_THREAD_BYTES (a thread
- * costs tens of microseconds to start, a few MiB of repacking about a
- * millisecond). */
+/* Threads for a repack: one per core, at most QUANT_TC_THREADS, each with
+ * at least QUANT_TC_THREAD_BYTES of layout (a thread costs tens of
+ * microseconds to start, a few MiB of repacking about a millisecond). */
 #define QUANT_TC_THREADS 8
 #define QUANT_TC_THREAD_BYTES (4u << 20)
-
-static int repack_threads(size_t bytes) {
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    size_t n = bytes / QUANT_TC_THREAD_BYTES;
-    if (cores > 0 && n > (size_t)cores) n = (size_t)cores;
-    if (n > QUANT_TC_THREADS) n = QUANT_TC_THREADS;
-    return n < 1 ? 1 : (int)n;
-}
 
 /* Nonzero unless f is a value BF16 holds exactly, i.e. quant_round_bf16(f)
  * == f: its low 16 bits are zero and it is not a NaN (a NaN rounds to a
@@ -315,14 +305,8 @@ int quant_tc_repack(const nb_weight *src, void *data, void *scale, nb_err *e) {
     wk.nt = (uintptr_t)data % 16 == 0;
 #endif
     atomic_init(&wk.next, 0);
-    /* this thread works too; threads that do not start leave their chunks
-     * to the others */
-    const int threads = repack_threads(quant_tc_data_bytes(src));
-    pthread_t tid[QUANT_TC_THREADS];
-    int started[QUANT_TC_THREADS] = {0};
-    for (int i = 1; i < threads; i++) started[i] = pthread_create(&tid[i], NULL, tc_run, &wk) == 0;
-    tc_run(&wk);
-    for (int i = 1; i < threads; i++)
-        if (started[i]) pthread_join(tid[i], NULL);
+    const int64_t NC = chunks(src);
+    par_run(par_threads(NC, (double)quant_tc_data_bytes(src) / (double)NC, QUANT_TC_THREAD_BYTES, QUANT_TC_THREADS),
+            tc_run, &wk);
     return 0;
 }

@@ -17,17 +17,18 @@ Llama-3-style BPE): prompts encode to ids below its vocabulary, and ids above
 it, which the model can produce, decode to nothing. bos/eos in the configs are
 the fixture tokenizer's ids so that both agree.
 
-Needs only torch and safetensors (no transformers). Tensors are generated on
-the GPU when there is one (much faster) and written one shard at a time, so
-host memory stays near one shard. Shards are written under a temporary name
-and renamed; the index is written last, so a directory with
-model.safetensors.index.json is complete.
+Needs torch (tensors generated on the GPU when there is one, much faster)
+or, without torch, numpy alone (on the CPU: about a minute per 4 GB here).
+Shards are written one at a time, so host memory stays near one shard,
+under a temporary name and renamed; the index is written last, so a
+directory with model.safetensors.index.json is complete.
 """
 import argparse
 import json
 import os
 import re
 import shutil
+import struct
 import sys
 import time
 
@@ -50,9 +51,12 @@ def die(msg):
 
 try:
     import torch
-    from safetensors.torch import save_file
-except ImportError as exc:  # one clear line, not a traceback
-    die(f"needs torch and safetensors in this python ({sys.executable}): {exc}")
+except ImportError:
+    torch = None
+    try:
+        import numpy as np
+    except ImportError as exc:  # one clear line, not a traceback
+        die(f"needs torch or numpy in this python ({sys.executable}): {exc}")
 
 
 def tensor_plan(layers):
@@ -96,6 +100,39 @@ def split_shards(plan, shard_bytes):
     if cur:
         shards.append(cur)
     return shards
+
+
+def bf16_bytes(shape, is_norm, seed, dev):
+    """A tensor's BF16 bytes: ones for norms, else N(0, STD) from seed."""
+    if torch is not None:
+        with torch.no_grad():
+            if is_norm:
+                t = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                g = torch.Generator(device=dev).manual_seed(seed)
+                t = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(0.0, STD, generator=g)
+            return t.cpu().contiguous().view(torch.int16).numpy().tobytes()
+    if is_norm:
+        return np.full(shape, 0x3F80, dtype=np.uint16).tobytes()  # 1.0
+    a = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * np.float32(STD)
+    u = a.view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()  # to nearest even
+
+
+def write_safetensors(path, tensors):
+    """(name, shape, BF16 bytes) in order: an 8-byte little-endian header
+    length, the JSON header (padded with spaces to 8 bytes), the data."""
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, data in tensors:
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + len(data)]}
+        off += len(data)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for _, _, data in tensors:
+            f.write(data)
 
 
 def special_ids():
@@ -164,14 +201,12 @@ def main():
     args = ap.parse_args()
     if args.layers < 1:
         die("--layers must be at least 1")
-    if args.device == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        die("--device cuda: torch sees no CUDA device")
-    elif args.device in ("cuda", "cpu"):
-        dev = args.device
-    else:
+    if args.device not in ("auto", "cuda", "cpu"):
         die(f"--device {args.device!r}: expected auto, cuda or cpu")
+    has_cuda = torch is not None and torch.cuda.is_available()
+    if args.device == "cuda" and not has_cuda:
+        die("--device cuda: " + ("torch sees no CUDA device" if torch is not None else "no torch (numpy runs on the CPU)"))
+    dev = "cuda" if args.device == "auto" and has_cuda else args.device if args.device != "auto" else "cpu"
 
     out = args.out_dir
     os.makedirs(out, exist_ok=True)
@@ -192,7 +227,7 @@ def main():
     bos, eos, tok_vocab = special_ids()
     write_configs(out, args.layers, bos, eos, args.seed)
     print(f"make_synth_model: {out}: LlamaForCausalLM, {args.layers} layers, "
-          f"{len(plan)} tensors, {total / 1e9:.2f} GB BF16 in {n} shard(s), generated on {dev}; "
+          f"{len(plan)} tensors, {total / 1e9:.2f} GB BF16 in {n} shard(s), generated on {dev} with {'torch' if torch is not None else 'numpy'}; "
           f"tokenizer vocab {tok_vocab} of the model's {VOCAB}", flush=True)
 
     weight_map = {}
@@ -200,19 +235,13 @@ def main():
     k = 0  # tensor index, for per-tensor seeds
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {}
-        with torch.no_grad():
-            for name, shape, is_norm in shard:
-                if is_norm:
-                    t = torch.ones(shape, dtype=torch.bfloat16)
-                else:
-                    g = torch.Generator(device=dev).manual_seed(args.seed * 1000003 + k)
-                    t = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(0.0, STD, generator=g).cpu()
-                tensors[name] = t.contiguous()
-                weight_map[name] = fname
-                k += 1
+        tensors = []
+        for name, shape, is_norm in shard:
+            tensors.append((name, shape, bf16_bytes(shape, is_norm, args.seed * 1000003 + k, dev)))
+            weight_map[name] = fname
+            k += 1
         tmp = os.path.join(out, fname + ".tmp")
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        write_safetensors(tmp, tensors)
         os.chmod(tmp, 0o644)
         os.replace(tmp, os.path.join(out, fname))
         size = sum(nbytes(s) for _, s, _ in shard)

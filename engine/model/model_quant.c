@@ -14,11 +14,13 @@
  *   .weight_scale_inv    F32 or BF16 [ceil(N/128)][ceil(K/128)] (fp8)
  * The layouts are those of quant/quant.h. */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/log.h"
+#include "common/parallel.h"
 #include "common/util.h"
 #include "engine/model/model_int.h"
 #include "quant/quant.h"
@@ -277,6 +279,59 @@ static double output_error(const float *W, const nb_weight *q) {
     return den > 0 ? sqrt(num / den) : 0.0;
 }
 
+/* Quantizing at load goes through every weight of the model once, so it
+ * runs on all cores: bands of PACK_BAND rows (FP8's block height, so its
+ * 128x128 blocks stay whole) are turned into FP32 in W and packed into
+ * their part of `out`, whose bytes are those of one quant_pack of all the
+ * rows: rows never share a byte or a scale across a band edge. */
+#define PACK_BAND QUANT_FP8_BLOCK
+#define PACK_THREAD_BYTES (8.0 * 1024 * 1024)
+
+typedef struct pack_work {
+    const nb_weight *src, *out;
+    float *W;
+    int64_t bands;
+    atomic_llong next; /* the first band no thread has taken */
+    atomic_int failed;
+    nb_err e; /* the first failure, written by the thread that set failed */
+} pack_work;
+
+static void *pack_run(void *arg) {
+    pack_work *pw = arg;
+    const nb_weight *src = pw->src, *o = pw->out;
+    const int64_t K = src->cols;
+    /* without W, one band's FP32 rows at a time: a whole matrix in FP32
+     * is mostly page faults */
+    float *band = pw->W ? NULL : xmalloc(sizeof(float) * PACK_BAND * (size_t)K);
+    for (int64_t b; (b = par_take(&pw->next, pw->bands)) >= 0;) {
+        const int64_t r0 = b * PACK_BAND, nr = src->rows - r0 < PACK_BAND ? src->rows - r0 : PACK_BAND;
+        float *f = band ? band : pw->W + r0 * K;
+        for (int64_t r = 0; r < nr; r++) quant_dequant_row(src, r0 + r, f + r * K);
+        nb_err e;
+        if (quant_pack(o->dtype, f, nr, K, o->group, (char *)o->data + quant_data_bytes(o->dtype, r0, K),
+                       (char *)o->scale + quant_scale_bytes(o->dtype, r0, K, o->group),
+                       o->scale2 ? (char *)o->scale2 + quant_scale2_bytes(o->dtype, r0) : NULL, &e) &&
+            !atomic_exchange(&pw->failed, 1))
+            pw->e = e;
+    }
+    free(band);
+    return NULL;
+}
+
+/* src's rows packed into out (its buffers sized for all of them) and, when
+ * W is not NULL, into W as FP32. */
+static int pack_bands(const nb_weight *src, float *W, const nb_weight *out, nb_err *e) {
+    pack_work pw = {.src = src, .out = out, .W = W, .bands = (src->rows + PACK_BAND - 1) / PACK_BAND};
+    atomic_init(&pw.next, 0);
+    atomic_init(&pw.failed, 0);
+    par_run(par_threads(pw.bands, (double)PACK_BAND * (double)src->cols * 4.0, PACK_THREAD_BYTES, 64), pack_run, &pw);
+    if (atomic_load(&pw.failed)) {
+        *e = pw.e;
+        return -1;
+    }
+    return 0;
+}
+
 int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, int64_t K, const nb_slice *sl,
                       nb_dtype target, nb_err *e) {
     const st_tensor *t = st_find(m->st, name);
@@ -303,17 +358,15 @@ int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, in
     nb_weight src = *w;
     N = src.rows;
     if (quant_check(target, N, K, group, e)) return nb_err_wrap(e, "%s", name);
-    float *W = xmalloc(sizeof(float) * (size_t)N * (size_t)K);
-    for (int64_t r = 0; r < N; r++) quant_dequant_row(&src, r, W + r * K);
+    float *W = m->report ? xmalloc(sizeof(float) * (size_t)N * (size_t)K) : NULL; /* the report's reference */
     size_t db = quant_data_bytes(target, N, K), sb = quant_scale_bytes(target, N, K, group),
            s2b = quant_scale2_bytes(target, N);
-    void *data = own(m, db), *scale = own(m, sb), *scale2 = s2b ? own(m, s2b) : NULL;
-    if (quant_pack(target, W, N, K, group, data, scale, scale2, e)) {
+    nb_weight packed = {.dtype = target, .rows = N, .cols = K, .data = own(m, db), .scale = own(m, sb),
+                        .scale2 = s2b ? own(m, s2b) : NULL, .group = group};
+    if (pack_bands(&src, W, &packed, e)) {
         free(W);
         return nb_err_wrap(e, "%s", name);
     }
-    nb_weight packed = {.dtype = target, .rows = N, .cols = K, .data = data, .scale = scale, .scale2 = scale2,
-                        .group = group};
     if (m->report)
         fprintf(m->report, "%-44s %-9s [%lld x %lld] group %-4d weight error %.4f  output error %.4f\n", name,
                 nb_dtype_name(target), (long long)N, (long long)K, group, quant_rel_error(W, &packed),
