@@ -73,11 +73,12 @@ AINLINE vf tile_load_vec(nb_dtype t, const nb_weight *w, int64_t n, int64_t k);
 #endif
 AINLINE float tile_load_one(nb_dtype t, const nb_weight *w, int64_t n, int64_t k);
 
-/* out[i*N + j] = x[i] . w[n + j] for i < tm, j < tn (tm <= TM, tn <= TN),
- * x with row stride K. The constant bounds unroll after inlining so the
- * accumulators stay in registers; each weight vector loaded serves tm rows
- * of x and each x vector tn weight rows. */
-AINLINE void tile(int tm, int tn, nb_dtype t, float *out, const float *x, const nb_weight *w, int64_t n) {
+/* out[i*N + j*rs] = x[i] . w[n + j*rs] for i < tm, j < tn (tm <= TM,
+ * tn <= TN), x with row stride K. The constant bounds unroll after
+ * inlining so the accumulators stay in registers; each weight vector
+ * loaded serves tm rows of x and each x vector tn weight rows. The weight
+ * rows are rs apart (cpu_tile_run says why). */
+AINLINE void tile(int tm, int tn, nb_dtype t, float *out, const float *x, const nb_weight *w, int64_t n, int64_t rs) {
     int64_t K = w->cols, N = w->rows;
     int64_t k = 0;
 #ifdef VL
@@ -89,7 +90,7 @@ AINLINE void tile(int tm, int tn, nb_dtype t, float *out, const float *x, const 
     for (; k + VL <= K; k += VL) {
         vf wv[TN];
 #pragma GCC unroll 4
-        for (int j = 0; j < tn; j++) wv[j] = tile_load_vec(t, w, n + j, k);
+        for (int j = 0; j < tn; j++) wv[j] = tile_load_vec(t, w, n + j * rs, k);
 #pragma GCC unroll 4
         for (int i = 0; i < tm; i++) {
             vf xv = vloadx(x + (size_t)i * K + k);
@@ -105,18 +106,20 @@ AINLINE void tile(int tm, int tn, nb_dtype t, float *out, const float *x, const 
 #else
             float s = 0.0f;
 #endif
-            for (int64_t kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * tile_load_one(t, w, n + j, kk);
-            out[(size_t)i * N + j] = s;
+            for (int64_t kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * tile_load_one(t, w, n + j * rs, kk);
+            out[(size_t)i * N + j * rs] = s;
         }
 }
 
-typedef void (*cpu_tile_fn)(float *out, const float *x, const nb_weight *w, int64_t n);
+typedef void (*cpu_tile_fn)(float *out, const float *x, const nb_weight *w, int64_t n, int64_t rs);
 /* One dtype's tiles, [tm-1][tn-1]. */
 typedef cpu_tile_fn cpu_tile_set[TM][TN];
 
 /* One function per (dtype, tm, tn) so each gets its own unrolled body. */
 #define TILE_FN(name, T, tm, tn) \
-    static void name(float *out, const float *x, const nb_weight *w, int64_t n) { tile(tm, tn, T, out, x, w, n); }
+    static void name(float *out, const float *x, const nb_weight *w, int64_t n, int64_t rs) { \
+        tile(tm, tn, T, out, x, w, n, rs);                                                     \
+    }
 #if TN == 4
 #define TILE_ROW(T, sfx, tm)                    \
     TILE_FN(tile_##sfx##_##tm##x1, T, tm, 1)    \
