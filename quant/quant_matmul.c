@@ -76,22 +76,53 @@ void quant_matmul_ref(float *out, const float *x, const nb_weight *w, int M) {
     free(owned);
 }
 
-/* One weight (n, k) as FP32: the same arithmetic as quant_dequant_row. */
-AINLINE float tile_load_one(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
-    int64_t K = w->cols;
+/* Row n's data, and the scales its columns use. */
+AINLINE tile_row tile_row_of(nb_dtype t, const nb_weight *w, int64_t n) {
+    const int64_t K = w->cols;
     const uint8_t *d = w->data;
     const float *fs = w->scale;
+    tile_row r = {0};
     switch (t) {
-    case NB_WINT8: return (float)((const int8_t *)d)[n * K + k] * fs[n];
+    case NB_WINT8:
+        r.data = d + n * K;
+        r.row_scale = fs[n];
+        break;
+    case NB_WINT4:
+        r.data = d + n * (K / 2);
+        r.scale = fs + n * (K / w->group);
+        tile_set_group(&r, w->group, K);
+        break;
+    case NB_WINT2:
+        r.data = d + n * (K / 4);
+        r.scale = (const uint8_t *)w->scale + n * (K / QUANT_WINT2_GROUP);
+        r.row_scale = ((const float *)w->scale2)[n];
+        tile_set_group(&r, QUANT_WINT2_GROUP, K);
+        break;
+    default:
+        r.data = d + n * K;
+        r.scale = fs + (n / QUANT_FP8_BLOCK) * ceil_div(K, QUANT_FP8_BLOCK);
+        tile_set_group(&r, QUANT_FP8_BLOCK, K);
+        break;
+    }
+    return r;
+}
+
+/* One weight (column k of row r) as FP32: the same arithmetic as
+ * quant_dequant_row. */
+AINLINE float tile_load_one(nb_dtype t, const tile_row *r, int64_t k) {
+    const uint8_t *d = r->data;
+    const float *fs = r->scale;
+    switch (t) {
+    case NB_WINT8: return (float)((const int8_t *)d)[k] * r->row_scale;
     case NB_WINT4: {
-        uint8_t b = d[n * (K / 2) + k / 2];
-        return (float)((k % 2 ? b >> 4 : b & 15) - 8) * fs[n * (K / w->group) + k / w->group];
+        uint8_t b = d[k / 2];
+        return (float)((k % 2 ? b >> 4 : b & 15) - 8) * fs[tile_group(r, k)];
     }
     case NB_WINT2: {
-        uint8_t code = ((const uint8_t *)w->scale)[n * (K / QUANT_WINT2_GROUP) + k / QUANT_WINT2_GROUP];
-        return quant_wint2_value((d[n * (K / 4) + k / 4] >> (2 * (k % 4))) & 3, code, ((const float *)w->scale2)[n]);
+        uint8_t code = ((const uint8_t *)r->scale)[tile_group(r, k)];
+        return quant_wint2_value((d[k / 4] >> (2 * (k % 4))) & 3, code, r->row_scale);
     }
-    default: return fp8_e4m3_to_f32(d[n * K + k]) * fs[(n / QUANT_FP8_BLOCK) * ceil_div(K, QUANT_FP8_BLOCK) + k / QUANT_FP8_BLOCK];
+    default: return fp8_e4m3_to_f32(d[k]) * fs[tile_group(r, k)];
     }
 }
 
@@ -113,13 +144,13 @@ AINLINE vf cvt_i8(const void *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
-/* 8 bytes -> 16 nibbles in column order (low nibble first), minus 8: each
- * byte b becomes the 32-bit lane lo | hi << 16, read back as 16-bit lanes. */
+/* 8 bytes -> the 16 q = u - 8 in column order (low nibble first) as
+ * floats: the nibbles are split, interleaved and offset in 128-bit
+ * registers, so only one 512-bit widening and one conversion remain. */
 AINLINE vf cvt_u4(const void *p) {
-    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    __m256i t = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0x0f)),
-                                _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xf0)), 12));
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepi16_epi32(t), _mm512_set1_epi32(8)));
+    __m128i b = _mm_loadl_epi64((const __m128i *)p), m = _mm_set1_epi8(0x0f);
+    __m128i u = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(u, _mm_set1_epi8(8))));
 }
 
 /* 4 bytes -> 16 2-bit values */
@@ -146,14 +177,13 @@ AINLINE vf cvt_i8(const void *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* 4 bytes -> 8 nibbles in column order, minus 8 (see the AVX-512 one) */
+/* 4 bytes -> 8 q = u - 8 in column order, as floats (see the AVX-512 one) */
 AINLINE vf cvt_u4(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
-    __m128i b = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(v));
-    __m128i t = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi32(0x0f)),
-                             _mm_slli_epi32(_mm_and_si128(b, _mm_set1_epi32(0xf0)), 12));
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepi16_epi32(t), _mm256_set1_epi32(8)));
+    __m128i b = _mm_cvtsi32_si128(v), m = _mm_set1_epi8(0x0f);
+    __m128i u = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_sub_epi8(u, _mm_set1_epi8(8))));
 }
 
 /* 2 bytes -> 8 2-bit values */
@@ -173,24 +203,21 @@ AINLINE vf cvt_fp8(const void *p) {
 
 #endif
 
-/* VL weights (n, k..k+VL-1) as FP32. k is a multiple of VL and the vector
- * never straddles a scale group (quant_check: groups are multiples of 16
- * or whole rows; FP8 blocks are 128). */
-AINLINE vf tile_load_vec(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
-    int64_t K = w->cols;
-    const uint8_t *d = w->data;
-    const float *fs = w->scale;
+/* VL weights (columns k..k+VL-1 of row r) as FP32. k is a multiple of VL
+ * and the vector never straddles a scale group (quant_check: groups are
+ * multiples of 16 or whole rows; FP8 blocks are 128). */
+AINLINE vf tile_load_vec(nb_dtype t, const tile_row *r, int64_t k) {
+    const uint8_t *d = r->data;
+    const float *fs = r->scale;
     switch (t) {
-    case NB_WINT8: return vmul(cvt_i8(d + n * K + k), vset1(fs[n]));
-    case NB_WINT4: return vmul(cvt_u4(d + n * (K / 2) + k / 2), vset1(fs[n * (K / w->group) + k / w->group]));
+    case NB_WINT8: return vmul(cvt_i8(d + k), vset1(r->row_scale));
+    case NB_WINT4: return vmul(cvt_u4(d + k / 2), vset1(fs[tile_group(r, k)]));
     case NB_WINT2: {
-        uint8_t code = ((const uint8_t *)w->scale)[n * (K / QUANT_WINT2_GROUP) + k / QUANT_WINT2_GROUP];
-        float step = quant_wint2_step(code, ((const float *)w->scale2)[n]);
-        return vmul(vsub(cvt_u2(d + n * (K / 4) + k / 4), vset1((float)(code >> 4) * 0.25f)), vset1(step));
+        uint8_t code = ((const uint8_t *)r->scale)[tile_group(r, k)];
+        float step = quant_wint2_step(code, r->row_scale);
+        return vmul(vsub(cvt_u2(d + k / 4), vset1((float)(code >> 4) * 0.25f)), vset1(step));
     }
-    default:
-        return vmul(cvt_fp8(d + n * K + k),
-                    vset1(fs[(n / QUANT_FP8_BLOCK) * ceil_div(K, QUANT_FP8_BLOCK) + k / QUANT_FP8_BLOCK]));
+    default: return vmul(cvt_fp8(d + k), vset1(fs[tile_group(r, k)]));
     }
 }
 

@@ -72,16 +72,16 @@ void cpu_matmul_scalar(float *out, const float *x, const nb_weight *w, int M) {
 
 /* ---- tiles (core in kernels/cpu/cpu_tile.h) ----------------------------- */
 
-/* Dense rows are K contiguous elements; t is a constant after inlining, so
- * the row address is computed once per tile, not per load. */
-AINLINE const void *dense_row(nb_dtype t, const nb_weight *w, int64_t n) {
-    return (const char *)w->data + (size_t)(n * w->cols) * (t == NB_F32 ? 4 : 2);
+/* Dense rows are K contiguous elements. */
+AINLINE tile_row tile_row_of(nb_dtype t, const nb_weight *w, int64_t n) {
+    tile_row r = {.data = (const uint8_t *)w->data + (size_t)(n * w->cols) * (t == NB_F32 ? 4 : 2)};
+    return r;
 }
 
 #if defined(__AVX512F__)
 
-AINLINE vf tile_load_vec(nb_dtype t, const nb_weight *w, int64_t n, int64_t i) {
-    const void *r = dense_row(t, w, n);
+AINLINE vf tile_load_vec(nb_dtype t, const tile_row *row, int64_t i) {
+    const void *r = row->data;
     switch (t) {
     case NB_BF16: {
         __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)r + i));
@@ -95,8 +95,8 @@ AINLINE vf tile_load_vec(nb_dtype t, const nb_weight *w, int64_t n, int64_t i) {
 
 #elif defined(VL)
 
-AINLINE vf tile_load_vec(nb_dtype t, const nb_weight *w, int64_t n, int64_t i) {
-    const void *r = dense_row(t, w, n);
+AINLINE vf tile_load_vec(nb_dtype t, const tile_row *row, int64_t i) {
+    const void *r = row->data;
     switch (t) {
     case NB_BF16: {
         __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)r + i));
@@ -117,9 +117,7 @@ AINLINE vf tile_load_vec(nb_dtype t, const nb_weight *w, int64_t n, int64_t i) {
 
 #endif
 
-AINLINE float tile_load_one(nb_dtype t, const nb_weight *w, int64_t n, int64_t k) {
-    return load_w1(dense_row(t, w, n), t, k);
-}
+AINLINE float tile_load_one(nb_dtype t, const tile_row *r, int64_t k) { return load_w1(r->data, t, k); }
 
 TILE_DTYPE(NB_F32, f32)
 TILE_DTYPE(NB_BF16, bf16)

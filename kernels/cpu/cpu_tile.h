@@ -65,13 +65,36 @@ AINLINE float vhsum(__m256 v) {
 
 #endif
 
-/* The loaders each including file defines for its dtypes: VL weights of row
- * n at columns k..k+VL-1 (k a multiple of VL), and the one weight (n, k),
- * both as FP32 with the same arithmetic as quant_dequant_row. */
+/* A weight row's addresses, worked out once per tile (tile_row_of) so
+ * that the loaders in the k loop only add k: a division by a group size
+ * there, or a multiply per row, costs as much as the unpacking. */
+typedef struct tile_row {
+    const uint8_t *data;   /* the row's first byte */
+    const void *scale;     /* the row's group scales (WINT2: codes; FP8: its block row) */
+    float row_scale;       /* WINT8: the row's scale; WINT2: its super scale */
+    int gshift;            /* k >> gshift is k's group, when the group is a power of two */
+    int64_t group;         /* else k / group (gshift < 0) */
+} tile_row;
+
+/* k's scale group in row r (a per-channel group is made shift 62: 0). */
+AINLINE int64_t tile_group(const tile_row *r, int64_t k) { return r->gshift >= 0 ? k >> r->gshift : k / r->group; }
+
+/* A group size as tile_row's (gshift, group): the shift of a power of
+ * two, 62 for a group that is the whole row, -1 otherwise. */
+AINLINE void tile_set_group(tile_row *r, int64_t group, int64_t cols) {
+    r->group = group;
+    r->gshift = group >= cols ? 62 : (group & (group - 1)) == 0 ? __builtin_ctzll((unsigned long long)group) : -1;
+}
+
+/* What each including file defines for its dtypes: row n's tile_row; VL
+ * weights of a row at columns k..k+VL-1 (k a multiple of VL); the one
+ * weight at column k; both as FP32 with the same arithmetic as
+ * quant_dequant_row. */
+AINLINE tile_row tile_row_of(nb_dtype t, const nb_weight *w, int64_t n);
 #ifdef VL
-AINLINE vf tile_load_vec(nb_dtype t, const nb_weight *w, int64_t n, int64_t k);
+AINLINE vf tile_load_vec(nb_dtype t, const tile_row *r, int64_t k);
 #endif
-AINLINE float tile_load_one(nb_dtype t, const nb_weight *w, int64_t n, int64_t k);
+AINLINE float tile_load_one(nb_dtype t, const tile_row *r, int64_t k);
 
 /* out[i*N + j*rs] = x[i] . w[n + j*rs] for i < tm, j < tn (tm <= TM,
  * tn <= TN), x with row stride K. The constant bounds unroll after
@@ -81,6 +104,9 @@ AINLINE float tile_load_one(nb_dtype t, const nb_weight *w, int64_t n, int64_t k
 AINLINE void tile(int tm, int tn, nb_dtype t, float *out, const float *x, const nb_weight *w, int64_t n, int64_t rs) {
     int64_t K = w->cols, N = w->rows;
     int64_t k = 0;
+    tile_row row[TN];
+#pragma GCC unroll 4
+    for (int j = 0; j < tn; j++) row[j] = tile_row_of(t, w, n + j * rs);
 #ifdef VL
     vf acc[TM][TN];
 #pragma GCC unroll 4
@@ -90,7 +116,7 @@ AINLINE void tile(int tm, int tn, nb_dtype t, float *out, const float *x, const 
     for (; k + VL <= K; k += VL) {
         vf wv[TN];
 #pragma GCC unroll 4
-        for (int j = 0; j < tn; j++) wv[j] = tile_load_vec(t, w, n + j * rs, k);
+        for (int j = 0; j < tn; j++) wv[j] = tile_load_vec(t, &row[j], k);
 #pragma GCC unroll 4
         for (int i = 0; i < tm; i++) {
             vf xv = vloadx(x + (size_t)i * K + k);
@@ -106,7 +132,7 @@ AINLINE void tile(int tm, int tn, nb_dtype t, float *out, const float *x, const 
 #else
             float s = 0.0f;
 #endif
-            for (int64_t kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * tile_load_one(t, w, n + j * rs, kk);
+            for (int64_t kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * tile_load_one(t, &row[j], kk);
             out[(size_t)i * N + j * rs] = s;
         }
 }
