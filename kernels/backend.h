@@ -198,6 +198,13 @@ typedef struct nb_backend_ops {
      * out and x must not overlap. */
     void (*gather_rows)(nb_backend *b, float *out, const float *x, const int32_t *rows,
                         int n_rows, int cols);
+    /* Sets bytes of device memory at p to zero. */
+    void (*zero)(nb_backend *b, void *p, size_t bytes);
+    /* out[rows[i]][c] = fmaf(w[i], x[i][c], out[rows[i]][c]) for n rows of
+     * width cols: one expert's weighted outputs added into a mixture-of-
+     * experts block's. rows and w are host arrays; no row twice in a call. */
+    void (*add_rows_scaled)(nb_backend *b, float *out, const float *x, const int32_t *rows, const float *w, int n,
+                            int cols);
     /* ids[r] = sample_row_ref(row r of x, cols, &rows[r]) for n rows; ids
      * and rows (with their history arrays) are host memory; x is scratch
      * afterwards. */

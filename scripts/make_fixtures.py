@@ -68,6 +68,29 @@ FIXTURES = [
          cfg=dict(model_type="ernie4_5", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                   rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0, use_bias=False)),
+    # mixtures of experts: layer 1 of qwen3-moe is dense (mlp_only_layers) and its chosen weights are
+    # not renormalized; mixtral renormalizes; ernie-moe has a dense layer 0, a shared expert and a
+    # router score bias
+    dict(name="qwen3-moe", arch="Qwen3MoeForCausalLM", tok="qwen2", template="qwen3", dtype=torch.bfloat16,
+         prompt=PROMPT_SHORT,
+         cfg=dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                  num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+                  decoder_sparse_step=1, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  rope_theta=1000000.0, use_sliding_window=False)),
+    dict(name="mixtral", arch="MixtralForCausalLM", tok="mistral", template="mistral", dtype=torch.bfloat16,
+         prompt=PROMPT_SHORT,
+         cfg=dict(model_type="mixtral", hidden_size=64, intermediate_size=48, num_local_experts=4,
+                  num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_theta=1000000.0, sliding_window=None)),
+    dict(name="ernie-moe", arch="Ernie4_5_MoeForCausalLM", tok="ernie", template="ernie4.5", dtype=torch.bfloat16,
+         prompt=PROMPT_SHORT,
+         cfg=dict(model_type="ernie4_5_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                  moe_num_experts=6, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+                  moe_layer_interval=1, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                  rope_theta=500000.0, use_bias=False)),
 ]
 
 

@@ -11,7 +11,7 @@ import sys
 
 NIBBLE = os.environ.get("NIBBLE", "bin/nibble")
 MODELS = "tests/fixtures/models"
-FIXTURES = ["llama", "mistral", "qwen2", "qwen3", "ernie"]
+FIXTURES = ["llama", "mistral", "qwen2", "qwen3", "ernie", "qwen3-moe", "mixtral", "ernie-moe"]
 # NIBBLE_DEVICE (make test-gpu sets cuda) puts every generate and serve on
 # that device (quantized ones included) unless a check needs the CPU.
 DEVICE = os.environ.get("NIBBLE_DEVICE")
@@ -70,7 +70,7 @@ for name in FIXTURES:
           r.stdout + r.stderr)
 
 # tensor parallelism on CPU ranks: the split model prints the same text
-for name, tp in (("llama", 2), ("mistral", 4)):
+for name, tp in (("llama", 2), ("mistral", 4), ("mixtral", 2)):
     d = os.path.join(MODELS, name)
     with open(os.path.join(d, "reference.json")) as f:
         ref = json.load(f)

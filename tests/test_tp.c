@@ -129,6 +129,13 @@ static void test_ernie_2(void) { check_fixture("ernie", 2); }
 /* one KV head: each rank keeps a copy */
 static void test_mistral_2(void) { check_fixture("mistral", 2); }
 static void test_mistral_4(void) { check_fixture("mistral", 4); }
+/* mixtures of experts: every expert (and the shared one) cut like the MLP */
+static void test_moe_2(void) {
+    check_fixture("qwen3-moe", 2);
+    check_fixture("mixtral", 2);
+    check_fixture("ernie-moe", 2);
+}
+static void test_moe_4(void) { check_fixture("qwen3-moe", 4); }
 
 /* Two sequences in one step, one prefilling and one decoding, on 2 ranks:
  * each row as on one rank. */
@@ -327,6 +334,8 @@ int main(void) {
     RUN(test_ernie_2);
     RUN(test_mistral_2);
     RUN(test_mistral_4);
+    RUN(test_moe_2);
+    RUN(test_moe_4);
     RUN(test_batched_step);
     RUN(test_quantized);
     RUN(test_wide_formats);

@@ -16,6 +16,8 @@ static const struct {
     {"LlamaForCausalLM", ARCH_LLAMA},     {"MistralForCausalLM", ARCH_MISTRAL},
     {"Qwen2ForCausalLM", ARCH_QWEN2},     {"Qwen3ForCausalLM", ARCH_QWEN3},
     {"Ernie4_5_ForCausalLM", ARCH_ERNIE45}, {"Ernie4_5ForCausalLM", ARCH_ERNIE45},
+    {"Qwen3MoeForCausalLM", ARCH_QWEN3_MOE}, {"MixtralForCausalLM", ARCH_MIXTRAL},
+    {"Ernie4_5_MoeForCausalLM", ARCH_ERNIE45_MOE},
 };
 
 const char *config_arch_label(nb_arch a) {
@@ -126,6 +128,94 @@ static int parse_rope(const cJSON *root, nb_model_config *c, const char *path, n
     return nb_errf(e, "%s: unsupported rope scaling type \"%s\"", path, type);
 }
 
+/* The first of the keys that is present, or NULL. */
+static const char *first_key(const cJSON *o, const char *const *keys) {
+    for (; *keys; keys++)
+        if (cJSON_GetObjectItemCaseSensitive(o, *keys)) return *keys;
+    return NULL;
+}
+
+static int get_int_any(const cJSON *o, const char *const *keys, int def, int *out, const char *path, nb_err *e) {
+    const char *k = first_key(o, keys);
+    if (!k) {
+        *out = def;
+        return 0;
+    }
+    return get_int(o, k, def, out, path, e);
+}
+
+/* The mixture-of-experts fields of the MoE architectures, in each family's
+ * names (transformers 5 writes num_local_experts where Qwen's hub configs
+ * have num_experts). */
+static int parse_moe(const cJSON *root, nb_model_config *c, const char *path, nb_err *e) {
+    nb_moe_config *m = &c->moe;
+    static const char *const EXPERTS[] = {"num_experts", "num_local_experts", "moe_num_experts", NULL};
+    static const char *const USED[] = {"num_experts_per_tok", "moe_k", NULL};
+    static const char *const FFN[] = {"moe_intermediate_size", NULL};
+    m->step = 1, m->first = 0, m->last = c->n_layers - 1;
+    switch (c->arch) {
+    case ARCH_QWEN3_MOE:
+    case ARCH_MIXTRAL:
+    case ARCH_ERNIE45_MOE: break;
+    default: return 0;
+    }
+    if (get_int_any(root, EXPERTS, 0, &m->n_experts, path, e) || get_int_any(root, USED, 0, &m->n_used, path, e) ||
+        get_int_any(root, FFN, c->intermediate_size, &m->ffn, path, e))
+        return -1;
+    if (c->arch == ARCH_MIXTRAL) m->ffn = c->intermediate_size;
+    if (require_positive(m->n_experts, "num_experts", path, e) || require_positive(m->n_used, "num_experts_per_tok", path, e) ||
+        require_positive(m->ffn, "moe_intermediate_size", path, e))
+        return -1;
+    if (m->n_used > m->n_experts)
+        return nb_errf(e, "%s: num_experts_per_tok %d is more than the %d experts", path, m->n_used, m->n_experts);
+    if (m->n_experts > NB_MAX_EXPERTS || m->n_used > NB_MAX_EXPERTS_USED)
+        return nb_errf(e, "%s: %d experts, %d per token: at most %d and %d are supported", path, m->n_experts,
+                       m->n_used, NB_MAX_EXPERTS, NB_MAX_EXPERTS_USED);
+    switch (c->arch) {
+    case ARCH_QWEN3_MOE: {
+        if (get_bool(root, "norm_topk_prob", 0, &m->norm, path, e) ||
+            get_int(root, "decoder_sparse_step", 1, &m->step, path, e))
+            return -1;
+        const cJSON *d = cJSON_GetObjectItemCaseSensitive(root, "mlp_only_layers");
+        if (d && !cJSON_IsNull(d)) {
+            if (!cJSON_IsArray(d) || cJSON_GetArraySize(d) > NB_MAX_MLP_ONLY)
+                return nb_errf(e, "%s: mlp_only_layers must be a list of at most %d layer indices", path,
+                               NB_MAX_MLP_ONLY);
+            const cJSON *it;
+            cJSON_ArrayForEach(it, d) {
+                if (!cJSON_IsNumber(it) || it->valuedouble < 0 || it->valuedouble != floor(it->valuedouble))
+                    return nb_errf(e, "%s: mlp_only_layers must hold layer indices", path);
+                m->dense[m->n_dense++] = (int)it->valuedouble;
+            }
+        }
+        break;
+    }
+    case ARCH_MIXTRAL: m->norm = 1; break;
+    default: { /* ERNIE 4.5 */
+        int n_shared = 0;
+        m->norm = 1, m->score_bias = 1;
+        if (get_int(root, "moe_num_shared_experts", 0, &n_shared, path, e) ||
+            get_int(root, "moe_layer_interval", 1, &m->step, path, e) ||
+            get_int(root, "moe_layer_start_index", 0, &m->first, path, e) ||
+            get_int(root, "moe_layer_end_index", c->n_layers - 1, &m->last, path, e) ||
+            get_float(root, "moe_norm_min", 1e-12f, &m->norm_min, path, e))
+            return -1;
+        m->shared_ffn = n_shared * m->ffn;
+        break;
+    }
+    }
+    if (m->step < 1) return nb_errf(e, "%s: the MoE layer interval must be at least 1", path);
+    return 0;
+}
+
+int config_layer_is_moe(const nb_model_config *c, int i) {
+    const nb_moe_config *m = &c->moe;
+    if (!m->n_experts || (i + 1) % m->step || i < m->first || i > m->last) return 0;
+    for (int j = 0; j < m->n_dense; j++)
+        if (m->dense[j] == i) return 0;
+    return 1;
+}
+
 int config_parse(const char *json, const char *path, nb_model_config *c, nb_err *e) {
     memset(c, 0, sizeof *c);
     c->bos_token_id = -1;
@@ -188,9 +278,10 @@ int config_parse(const char *json, const char *path, nb_model_config *c, nb_err 
         goto out;
     }
     int sliding = 0, use_sliding = 1;
-    if (get_bool(root, "tie_word_embeddings", c->arch == ARCH_ERNIE45, &c->tie_embeddings, path, e) ||
+    if (get_bool(root, "tie_word_embeddings", c->arch == ARCH_ERNIE45 || c->arch == ARCH_ERNIE45_MOE,
+                 &c->tie_embeddings, path, e) ||
         get_int(root, "sliding_window", 0, &sliding, path, e) ||
-        get_bool(root, "use_sliding_window", c->arch == ARCH_MISTRAL, &use_sliding, path, e))
+        get_bool(root, "use_sliding_window", c->arch == ARCH_MISTRAL || c->arch == ARCH_MIXTRAL, &use_sliding, path, e))
         goto out;
     if (sliding > 0 && use_sliding && sliding < c->max_position) {
         /* Windowed attention is not implemented: within the window it equals
@@ -210,19 +301,22 @@ int config_parse(const char *json, const char *path, nb_model_config *c, nb_err 
         c->qkv_bias = 1;
         break;
     case ARCH_QWEN3:
+    case ARCH_QWEN3_MOE:
         c->qk_norm = 1;
         c->qkv_bias = c->o_bias = attn_bias;
         break;
     case ARCH_ERNIE45:
+    case ARCH_ERNIE45_MOE:
         c->rope_interleaved = 1;
         c->qkv_bias = c->o_bias = c->mlp_bias = use_bias;
         break;
     case ARCH_LLAMA:
     case ARCH_MISTRAL:
+    case ARCH_MIXTRAL:
         c->qkv_bias = c->o_bias = attn_bias;
         break;
     }
-    if (parse_rope(root, c, path, e)) goto out;
+    if (parse_rope(root, c, path, e) || parse_moe(root, c, path, e)) goto out;
 
     const cJSON *dt = cJSON_GetObjectItemCaseSensitive(root, "torch_dtype");
     if (!cJSON_IsString(dt)) dt = cJSON_GetObjectItemCaseSensitive(root, "dtype");

@@ -32,17 +32,21 @@ static int bind_layer(nb_model *m, int i, nb_err *e) {
     if (B(attn_norm, "input_layernorm.weight", 0, H, NULL, 0) ||
         B(ffn_norm, "post_attention_layernorm.weight", 0, H, NULL, 0) ||
         LIN(wq, "self_attn.q_proj.weight", q_dim, H, &qr) || LIN(wk, "self_attn.k_proj.weight", kv_dim, H, &kvr) ||
-        LIN(wv, "self_attn.v_proj.weight", kv_dim, H, &kvr) || LIN(wo, "self_attn.o_proj.weight", H, q_dim, &qc) ||
-        LIN(gate, "mlp.gate_proj.weight", F, H, &fr) || LIN(up, "mlp.up_proj.weight", F, H, &fr) ||
-        LIN(down, "mlp.down_proj.weight", H, F, &fc))
+        LIN(wv, "self_attn.v_proj.weight", kv_dim, H, &kvr) || LIN(wo, "self_attn.o_proj.weight", H, q_dim, &qc))
         return -1;
+    if (config_layer_is_moe(c, i)) {
+        if (model_moe_bind(m, i, e)) return -1;
+    } else if (LIN(gate, "mlp.gate_proj.weight", F, H, &fr) || LIN(up, "mlp.up_proj.weight", F, H, &fr) ||
+               LIN(down, "mlp.down_proj.weight", H, F, &fc)) {
+        return -1;
+    }
     if (c->qkv_bias && (B(bq, "self_attn.q_proj.bias", 0, q_dim, &qr, 0) ||
                         B(bk, "self_attn.k_proj.bias", 0, kv_dim, &kvr, 0) ||
                         B(bv, "self_attn.v_proj.bias", 0, kv_dim, &kvr, 0)))
         return -1;
     /* the biases of the split sums are added once, after the all-reduce */
     if (c->o_bias && B(bo, "self_attn.o_proj.bias", 0, H, NULL, 0)) return -1;
-    if (c->mlp_bias && (B(b_gate, "mlp.gate_proj.bias", 0, F, &fr, 0) || B(b_up, "mlp.up_proj.bias", 0, F, &fr, 0) ||
+    if (c->mlp_bias && !config_layer_is_moe(c, i) && (B(b_gate, "mlp.gate_proj.bias", 0, F, &fr, 0) || B(b_up, "mlp.up_proj.bias", 0, F, &fr, 0) ||
                         B(b_down, "mlp.down_proj.bias", 0, H, NULL, 0)))
         return -1;
     if (c->qk_norm && (B(q_norm, "self_attn.q_norm.weight", 0, c->head_dim, NULL, 0) ||
@@ -132,6 +136,14 @@ static int set_share(nb_model *m, nb_err *e) {
     m->kv_head0 = c->n_kv_heads >= n ? r * m->n_kv_heads : m->q_head0 / (c->n_heads / c->n_kv_heads);
     m->ffn = c->intermediate_size / n;
     m->ffn0 = (int64_t)r * m->ffn;
+    const nb_moe_config *mc = &c->moe;
+    if (mc->n_experts && (mc->ffn % n || mc->shared_ffn % n))
+        return nb_errf(e, "tensor parallel size %d does not divide the model's expert width %d%s", n,
+                       mc->ffn % n ? mc->ffn : mc->shared_ffn, mc->ffn % n ? "" : " (shared experts)");
+    m->moe_ffn = mc->ffn / n;
+    m->moe_ffn0 = (int64_t)r * m->moe_ffn;
+    m->shared_ffn = mc->shared_ffn / n;
+    m->shared_ffn0 = (int64_t)r * m->shared_ffn;
     return 0;
 }
 
@@ -141,6 +153,7 @@ int model_load_rank(nb_model *m, const nb_model_opts *opts, nb_err *e) {
     if (set_share(m, e)) return -1;
     int64_t V = c->vocab_size, H = c->hidden_size;
     m->layers = xcalloc((size_t)c->n_layers, sizeof *m->layers);
+    if (c->moe.n_experts) m->moe = xcalloc((size_t)c->n_layers, sizeof *m->moe);
     if (model_bind(m, &m->embed, "model.embed_tokens.weight", V, H, NULL, 0, e)) return -1;
     /* The LM head is split by vocabulary where the ranks divide it (each
      * rank computes its part of every logit row, rank 0 gathers them), else
@@ -176,8 +189,15 @@ int model_load_rank(nb_model *m, const nb_model_opts *opts, nb_err *e) {
     m->k = act_alloc(m, T * kvd);
     m->v = act_alloc(m, T * kvd);
     m->att = act_alloc(m, T * qd);
-    m->gate = act_alloc(m, T * (size_t)m->ffn);
-    m->up = act_alloc(m, T * (size_t)m->ffn);
+    /* gate/up serve the dense MLP, each expert and the shared experts */
+    size_t mlp_width = (size_t)m->ffn;
+    if (m->moe) {
+        if ((size_t)m->moe_ffn > mlp_width) mlp_width = (size_t)m->moe_ffn;
+        if ((size_t)m->shared_ffn > mlp_width) mlp_width = (size_t)m->shared_ffn;
+        model_moe_alloc(m);
+    }
+    m->gate = act_alloc(m, T * mlp_width);
+    m->up = act_alloc(m, T * mlp_width);
     if (m->rank == 0 || m->vocab_split) m->last = act_alloc(m, R * H);
     if (m->rank == 0) m->logits = act_alloc(m, R * V);
     if (m->vocab_split) {
@@ -273,6 +293,7 @@ void model_free(nb_model *m) {
             if (w[i].scale2) be->ops->weight_free(be, w[i].scale2);
         }
     }
+    model_moe_free(m);
     if (m->embed.data) be->ops->weight_free(be, m->embed.data);
     if (m->final_norm.data) be->ops->weight_free(be, m->final_norm.data);
     if (m->lm_head.data && m->lm_head.data != m->embed.data) be->ops->weight_free(be, m->lm_head.data);
@@ -341,6 +362,10 @@ static void layer_forward(nb_model *m, int li, int n) {
     linear_sum(m, m->xn, m->att, &L->wo, &L->bo, n);
     op->add_rmsnorm(be, m->xn, m->x, m->xn, &L->ffn_norm, n, c->rms_eps);
     CAPTURE(2, m->xn, H);
+    if (m->moe && config_layer_is_moe(c, li)) {
+        model_moe_forward(m, li, n); /* its output in xn too */
+        return;
+    }
     linear(m, m->gate, m->xn, &L->gate, &L->b_gate, n);
     linear(m, m->up, m->xn, &L->up, &L->b_up, n);
     op->silu_mul(be, m->gate, m->gate, m->up, (size_t)n * (size_t)m->ffn);
@@ -467,7 +492,9 @@ static int forward_logits(nb_model *m, const int32_t *tokens, const nb_batch *ba
      * the same token count, whatever the positions: the backend may record
      * them once and replay them. Prefill steps and calibration runs (host
      * callbacks) issue theirs every time. */
-    int decode = batch->n_seqs == n && !m->capture;
+    /* (A mixture of experts routes on the host between its ops: never
+     * recorded.) */
+    int decode = batch->n_seqs == n && !m->capture && !m->moe;
     nb_batch padded;
     if (decode && op->records_graphs && decode_pad(m, tokens, batch, &padded)) {
         tokens = m->pad_tok;
@@ -529,6 +556,13 @@ int model_inspect(const char *dir, FILE *out, nb_err *e) {
             c.intermediate_size, c.vocab_size);
     fprintf(out, "attention:      %d heads, %d kv heads, head_dim %d%s%s\n", c.n_heads, c.n_kv_heads,
             c.head_dim, c.qkv_bias ? ", qkv bias" : "", c.qk_norm ? ", q/k norm" : "");
+    if (c.moe.n_experts) {
+        int n_moe = 0;
+        for (int i = 0; i < c.n_layers; i++) n_moe += config_layer_is_moe(&c, i);
+        fprintf(out, "experts:        %d, %d per token, width %d%s; %d of %d layers%s\n", c.moe.n_experts, c.moe.n_used,
+                c.moe.ffn, c.moe.shared_ffn ? ", shared experts" : "", n_moe, c.n_layers,
+                c.moe.norm ? ", weights renormalized" : "");
+    }
     static const char *rope_names[] = {"default", "linear", "llama3"};
     fprintf(out, "rope:           theta %g, %s%s\n", c.rope_theta, rope_names[c.rope_type],
             c.rope_interleaved ? ", interleaved" : "");

@@ -20,6 +20,15 @@ typedef struct nb_layer {
 /* model_free walks a layer as an array of weights. */
 _Static_assert(sizeof(nb_layer) % sizeof(nb_weight) == 0, "nb_layer holds only nb_weight fields");
 
+/* A mixture-of-experts MLP block (model_moe.c): this rank's share of each
+ * expert, and of the shared experts when the model has them. */
+typedef struct nb_moe_layer {
+    nb_weight router;              /* [n_experts][hidden], in FP32: never quantized */
+    float *score_bias;             /* [n_experts] host, or NULL */
+    nb_weight *gate, *up, *down;   /* [n_experts] */
+    nb_weight sh_gate, sh_up, sh_down;
+} nb_moe_layer;
+
 /* Tensor parallelism: the ranks of a model and their threads (model_tp.c),
  * held by rank 0. */
 typedef struct nb_tp nb_tp;
@@ -44,8 +53,19 @@ struct nb_model {
     /* this rank's share: heads from q_head0 / kv_head0, MLP columns from ffn0 */
     int n_heads, n_kv_heads, q_head0, kv_head0;
     int64_t ffn, ffn0;
+    int64_t moe_ffn, moe_ffn0, shared_ffn, shared_ffn0; /* each expert's share, the shared experts' */
     nb_weight embed, final_norm, lm_head;
     nb_layer *layers;
+    /* [n_layers] for a mixture of experts (layer i's where config_layer_is_moe),
+     * else NULL; with the block's buffers: router logits [T][E] (and their
+     * host copy), the experts' gathered input rows [T * n_used][hidden],
+     * one expert's output [T][hidden], and the grouping by expert (rows
+     * and weights [T * n_used], moe_count [E + 1], per token: moe_tok_x,
+     * moe_tok_w [T * n_used]) */
+    nb_moe_layer *moe;
+    float *moe_logits, *moe_xe, *moe_ye, *moe_host_logits, *moe_w, *moe_tok_w;
+    int32_t *moe_rows, *moe_tok_x;
+    int *moe_count;
     nb_quant_plan plan;
     void **owned; /* host buffers made at load (packed weights, scales) */
     int n_owned, cap_owned;
@@ -78,11 +98,25 @@ struct nb_model {
 };
 
 
+/* A zeroed host buffer the model owns (freed with it). */
+void *model_own(nb_model *m, size_t bytes);
+
+/* model_moe.c: binds layer li's router and experts (this rank's share);
+ * allocates the block's buffers (after max_tokens is set); runs the block
+ * on xn (n tokens), leaving its output in xn; frees the weights and
+ * buffers. */
+int model_moe_bind(nb_model *m, int li, nb_err *e);
+void model_moe_alloc(nb_model *m);
+void model_moe_forward(nb_model *m, int li, int n);
+void model_moe_free(nb_model *m);
+
 /* Binds a plain tensor (norms, biases, embeddings) as a [rows, cols] weight
  * (rows == 0: a vector of cols), or the part sl of it; a missing optional
  * tensor leaves w zeroed. */
 int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, const nb_slice *sl,
                int optional, nb_err *e);
+/* As model_bind, a whole [rows, cols] tensor, converted to FP32. */
+int model_bind_f32(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, nb_err *e);
 /* Binds linear weight `name` [rows][cols] (or its part sl) as the plan
  * says: packed tensors of an offline checkpoint as they are, else the
  * checkpoint's BF16/F16/F32 values, quantized now when `target` is a packed

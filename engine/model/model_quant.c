@@ -25,7 +25,7 @@
 #include "engine/model/model_int.h"
 #include "quant/quant.h"
 
-static void *own(nb_model *m, size_t bytes) {
+void *model_own(nb_model *m, size_t bytes) {
     if (m->n_owned == m->cap_owned) m->owned = xrealloc(m->owned, sizeof(void *) * (size_t)(m->cap_owned = m->cap_owned * 2 + 16));
     return m->owned[m->n_owned++] = xcalloc(1, bytes ? bytes : 1);
 }
@@ -72,7 +72,7 @@ static const void *cut(nb_model *m, const void *base, size_t row_bytes, int64_t 
                        size_t nb) {
     const char *p = (const char *)base + (size_t)r0 * row_bytes;
     if (b0 == 0 && nb == row_bytes) return p;
-    char *out = own(m, (size_t)nr * nb);
+    char *out = model_own(m, (size_t)nr * nb);
     for (int64_t r = 0; r < nr; r++) memcpy(out + (size_t)r * nb, p + (size_t)r * row_bytes + b0, nb);
     return out;
 }
@@ -177,6 +177,18 @@ int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_
     return 0;
 }
 
+int model_bind_f32(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, nb_err *e) {
+    if (bind_host(m, w, name, rows, cols, NULL, 0, e)) return -1;
+    if (w->dtype != NB_F32) {
+        float *f = model_own(m, sizeof(float) * (size_t)w->rows * (size_t)w->cols);
+        for (int64_t r = 0; r < w->rows; r++) quant_dequant_row(w, r, f + r * w->cols);
+        w->data = f;
+        w->dtype = NB_F32;
+    }
+    w->data = load(m, NB_F32, w->data, sizeof(float) * (size_t)w->rows * (size_t)w->cols);
+    return 0;
+}
+
 /* A companion tensor of `name` (".weight" -> ".weight_scale" etc.). */
 static const st_tensor *companion(const nb_model *m, const char *name, const char *suffix) {
     char n[256];
@@ -195,7 +207,7 @@ static const void *scales_f32(nb_model *m, const st_tensor *t, int64_t rows, int
                 st_dtype_name(t->dtype), got, (long long)(rows ? rows : 1), (long long)cols);
         return NULL;
     }
-    float *out = own(m, sizeof(float) * (size_t)(rows ? rows : 1) * (size_t)cols);
+    float *out = model_own(m, sizeof(float) * (size_t)(rows ? rows : 1) * (size_t)cols);
     nb_weight src = {.dtype = d, .rows = rows ? rows : 1, .cols = cols, .data = t->data};
     for (int64_t r = 0; r < src.rows; r++) quant_dequant_row(&src, r, out + r * cols);
     return out;
@@ -361,8 +373,8 @@ int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, in
     float *W = m->report ? xmalloc(sizeof(float) * (size_t)N * (size_t)K) : NULL; /* the report's reference */
     size_t db = quant_data_bytes(target, N, K), sb = quant_scale_bytes(target, N, K, group),
            s2b = quant_scale2_bytes(target, N);
-    nb_weight packed = {.dtype = target, .rows = N, .cols = K, .data = own(m, db), .scale = own(m, sb),
-                        .scale2 = s2b ? own(m, s2b) : NULL, .group = group};
+    nb_weight packed = {.dtype = target, .rows = N, .cols = K, .data = model_own(m, db), .scale = model_own(m, sb),
+                        .scale2 = s2b ? model_own(m, s2b) : NULL, .group = group};
     if (pack_bands(&src, W, &packed, e)) {
         free(W);
         return nb_err_wrap(e, "%s", name);

@@ -356,6 +356,27 @@ static void cu_gather_rows(nb_backend *b, float *out, const float *x, const int3
     cuda_gather_rows(c, out, x, stage_indices(c, rows, n_rows, "gather_rows"), n_rows, cols);
 }
 
+static void cu_zero(nb_backend *b, void *p, size_t bytes) {
+    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_impl(b)->stream));
+}
+
+static void cu_add_rows_scaled(nb_backend *b, float *out, const float *x, const int32_t *rows, const float *w, int n,
+                               int cols) {
+    cuda_backend *c = cuda_impl(b);
+    if (n <= 0) return;
+    // rows, then the weights, in one staged copy (the staging buffer holds
+    // n int32 then n floats)
+    cuda_require_eager(c, "add_rows_scaled");
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    size_t half = sizeof(int32_t) * (size_t)n;
+    cuda_staging_reserve(&c->idx, 2 * half);
+    memcpy(c->idx.host, rows, half);
+    memcpy((char *)c->idx.host + half, w, half);
+    CUDA_CHECK(cudaMemcpyAsync(c->idx.dev, c->idx.host, 2 * half, cudaMemcpyHostToDevice, c->stream));
+    const int32_t *rows_dev = (const int32_t *)c->idx.dev;
+    cuda_add_rows_scaled(c, out, x, rows_dev, (const float *)(rows_dev + n), n, cols);
+}
+
 static void cu_sample(nb_backend *b, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows) {
     cuda_sample(cuda_impl(b), ids, x, n, cols, rows);
 }
@@ -484,6 +505,8 @@ static nb_backend_ops make_ops(void) {
     o.attention = cu_attention;
     o.softmax = cu_softmax;
     o.gather_rows = cu_gather_rows;
+    o.zero = cu_zero;
+    o.add_rows_scaled = cu_add_rows_scaled;
     o.sync = cu_sync;
     o.sample = cu_sample;
     o.destroy = cu_destroy;

@@ -241,6 +241,8 @@ void cuda_silu_mul(cuda_backend *c, float *out, const float *gate, const float *
 void cuda_rope(cuda_backend *c, float *x, int n_heads, int head_dim, const float *inv_freq, int interleaved);
 void cuda_softmax(cuda_backend *c, float *x, int n, int cols);
 void cuda_gather_rows(cuda_backend *c, float *out, const float *x, const int32_t *rows_dev, int n_rows, int cols);
+void cuda_add_rows_scaled(cuda_backend *c, float *out, const float *x, const int32_t *rows_dev, const float *w_dev,
+                          int n, int cols);
 // x (FP32) to BF16 or F16, n elements
 void cuda_convert(cuda_backend *c, void *out, nb_dtype t, const float *x, size_t n);
 
