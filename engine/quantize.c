@@ -8,6 +8,7 @@
 #include <cjson/cJSON.h>
 #include <dirent.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +16,7 @@
 
 #include "common/log.h"
 #include "common/util.h"
+#include "engine/model/config.h"
 #include "engine/model/model.h"
 #include "engine/model/safetensors.h"
 #include "engine/model/tokenizer.h"
@@ -29,12 +31,50 @@
  * nearest 74.9; wint2 5.9e3 vs 9.8e4, round to nearest 6.2e4). */
 #define GPTQ_DAMP 0.1
 
-static const struct {
-    const char *name;
-    int input; /* which captured input feeds it (model_capture_fn) */
-} LINEARS[] = {{"self_attn.q_proj", 0}, {"self_attn.k_proj", 0}, {"self_attn.v_proj", 0}, {"self_attn.o_proj", 1},
-               {"mlp.gate_proj", 2},    {"mlp.up_proj", 2},      {"mlp.down_proj", 3}};
-#define N_LINEARS ((int)(sizeof LINEARS / sizeof LINEARS[0]))
+/* One linear of a layer: its name under model.layers.N., the format it
+ * gets, and which captured input feeds it (model_capture_fn; -1: none is
+ * captured, as for experts, whose inputs are their tokens alone). */
+typedef struct linear_spec {
+    char name[96];
+    nb_dtype t;
+    int input;
+} linear_spec;
+
+static void add_linear(linear_spec *l, int *n, nb_dtype t, int input, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static void add_linear(linear_spec *l, int *n, nb_dtype t, int input, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(l[*n].name, sizeof l[*n].name, fmt, ap);
+    va_end(ap);
+    l[*n].t = t, l[*n].input = input;
+    (*n)++;
+}
+
+/* Layer li's linears in checkpoint names: attention, then the dense MLP,
+ * or a mixture of experts' experts (moe format) and shared experts (dense
+ * format). Returns how many, at most layer_linear_cap(c). */
+static int layer_linears(const nb_model_config *c, const nb_quant_plan *p, int li, linear_spec *l) {
+    int n = 0;
+    static const char *const ATTN[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"};
+    for (int i = 0; i < 4; i++) add_linear(l, &n, p->dense, i < 3 ? 0 : 1, "%s", ATTN[i]);
+    if (!config_layer_is_moe(c, li)) {
+        add_linear(l, &n, p->dense, 2, "mlp.gate_proj");
+        add_linear(l, &n, p->dense, 2, "mlp.up_proj");
+        add_linear(l, &n, p->dense, 3, "mlp.down_proj");
+        return n;
+    }
+    int mixtral = c->arch == ARCH_MIXTRAL;
+    const char *blk = mixtral ? "block_sparse_moe" : "mlp";
+    const char *proj[3] = {mixtral ? "w1" : "gate_proj", mixtral ? "w3" : "up_proj", mixtral ? "w2" : "down_proj"};
+    for (int x = 0; x < c->moe.n_experts; x++)
+        for (int j = 0; j < 3; j++) add_linear(l, &n, p->moe, -1, "%s.experts.%d.%s", blk, x, proj[j]);
+    if (c->moe.shared_ffn)
+        for (int j = 0; j < 3; j++) add_linear(l, &n, p->dense, j < 2 ? 2 : -1, "%s.shared_experts.%s", blk, proj[j]);
+    return n;
+}
+
+static int layer_linear_cap(const nb_model_config *c) { return 7 + 3 * c->moe.n_experts; }
 
 /* What the writer collects: tensors to write and the buffers behind them. */
 typedef struct out_set {
@@ -180,14 +220,14 @@ static int calib_forward(nb_model *m, const int32_t *ids, size_t n, nb_err *e) {
     return rc;
 }
 
-/* Quantizes one linear of layer li and adds its tensors to o. */
-static int quantize_linear(const nb_quantize_opts *qo, const st_model *st, out_set *o, int li, int which,
+/* Quantizes linear l of layer li and adds its tensors to o. */
+static int quantize_linear(const nb_quantize_opts *qo, const st_model *st, out_set *o, int li, const linear_spec *l,
                            const double *H, double *err_sum, int *n_err, nb_err *e) {
     char prefix[200], name[256];
-    snprintf(prefix, sizeof prefix, "model.layers.%d.%s", li, LINEARS[which].name);
+    snprintf(prefix, sizeof prefix, "model.layers.%d.%s", li, l->name);
     snprintf(name, sizeof name, "%s.weight", prefix);
     const st_tensor *t = st_find(st, name);
-    nb_dtype t_src, t_dst = qo->plan->dense;
+    nb_dtype t_src, t_dst = l->t;
     if (!t || t->ndim != 2) return nb_errf(e, "tensor '%s' missing or not a matrix", name);
     t_src = t->dtype == ST_F32 ? NB_F32 : t->dtype == ST_BF16 ? NB_BF16 : t->dtype == ST_F16 ? NB_F16 : NB_DTYPE_COUNT;
     if (t_src == NB_DTYPE_COUNT) return nb_errf(e, "%s is %s; quantize reads F32, BF16 or F16", name, st_dtype_name(t->dtype));
@@ -324,21 +364,29 @@ static int calib_tokens(const nb_quantize_opts *qo, int32_t **ids, size_t *n, nb
     return 0;
 }
 
+static int is_packed(nb_dtype t) { return t == NB_WINT8 || t == NB_WINT4 || t == NB_WINT2 || t == NB_FP8_B128; }
+
 int quantize_model(const nb_quantize_opts *qo, nb_err *e) {
     const nb_quant_plan *p = qo->plan;
-    if (p->dense != NB_WINT8 && p->dense != NB_WINT4 && p->dense != NB_WINT2 && p->dense != NB_FP8_B128)
-        return nb_errf(e, "quantize: the setting quantizes no dense layer (dense type %s)", quant_dtype_setting_name(p->dense));
+    nb_model_config cfg;
+    if (config_load(qo->in, &cfg, e)) return -1;
+    if (!is_packed(p->dense) && !(cfg.moe.n_experts && is_packed(p->moe)))
+        return nb_errf(e, "quantize: the setting quantizes no layer (dense type %s%s%s)", quant_dtype_setting_name(p->dense),
+                       cfg.moe.n_experts ? ", experts " : "", cfg.moe.n_experts ? quant_dtype_setting_name(p->moe) : "");
+    int calibrated = !qo->rtn && p->dense != NB_FP8_B128;
+    if (calibrated && cfg.moe.n_experts)
+        return nb_errf(e, "quantize: GPTQ does not calibrate experts yet (a mixture of experts, %s); use --method rtn",
+                       cfg.arch_name);
     nb_quant_plan none, have;
     quant_plan_parse(NULL, NULL, &none, e);
     if (quant_plan_resolve(qo->in, &none, &have, e)) return -1;
     if (strcmp(have.method, "none")) return nb_errf(e, "%s is already quantized (%s)", qo->in, have.method);
-    nb_model_config cfg;
-    if (config_load(qo->in, &cfg, e)) return -1;
     st_model *st = st_open(qo->in, e);
     if (!st) return -1;
     mkdir(qo->out, 0755);
     out_set o = {0};
-    int rc = 0, calibrated = !qo->rtn && p->dense != NB_FP8_B128, n_err = 0;
+    int rc = 0, n_err = 0;
+    linear_spec *lin = xmalloc(sizeof(linear_spec) * (size_t)layer_linear_cap(&cfg));
     double err_sum[2] = {0, 0}, t0 = util_now();
     nb_backend *be = NULL;
     nb_model *m = NULL;
@@ -367,24 +415,24 @@ int quantize_model(const nb_quantize_opts *qo, nb_err *e) {
             log_info("calibrating layers %d-%d on %zu tokens", l0, l1 - 1, n_ids);
             rc = calib_forward(m, ids, n_ids, e);
         }
-        for (int li = l0; li < l1 && !rc; li++)
-            for (int w = 0; w < N_LINEARS && !rc; w++)
-                rc = quantize_linear(qo, st, &o, li, w, calibrated ? cc.H[(li - l0) * 4 + LINEARS[w].input] : NULL,
-                                     err_sum, &n_err, e);
+        for (int li = l0; li < l1 && !rc; li++) {
+            int nl = layer_linears(&cfg, p, li, lin);
+            for (int w = 0; w < nl && !rc; w++)
+                if (is_packed(lin[w].t))
+                    rc = quantize_linear(qo, st, &o, li, &lin[w],
+                                         calibrated && lin[w].input >= 0 ? cc.H[(li - l0) * 4 + lin[w].input] : NULL,
+                                         err_sum, &n_err, e);
+        }
         for (int i = 0; cc.H && i < (l1 - l0) * 4; i++) free(cc.H[i]);
         free(cc.H);
     }
-    /* everything else as it is */
+    /* everything else as it is: the tensors not written packed above */
+    int n_packed = o.n;
     for (int i = 0; i < st_count(st) && !rc; i++) {
         const st_tensor *t = st_get(st, i);
-        int lin = 0;
-        for (int w = 0; w < N_LINEARS && !lin; w++) {
-            char suffix[64];
-            snprintf(suffix, sizeof suffix, ".%s.weight", LINEARS[w].name);
-            size_t ln = strlen(t->name), ls = strlen(suffix);
-            lin = ln > ls && !strcmp(t->name + ln - ls, suffix) && !strncmp(t->name, "model.layers.", 13);
-        }
-        if (!lin) {
+        int done = 0;
+        for (int j = 0; j < n_packed && !done; j++) done = !strcmp(o.t[j].name, t->name);
+        if (!done) {
             if (o.n == o.cap) o.t = xrealloc(o.t, sizeof(st_write_tensor) * (size_t)(o.cap = o.cap * 2 + 64));
             st_write_tensor *w = &o.t[o.n++];
             memset(w, 0, sizeof *w);
@@ -411,6 +459,7 @@ int quantize_model(const nb_quantize_opts *qo, nb_err *e) {
     free(o.bufs);
     free(o.t);
     free(ids);
+    free(lin);
     model_free(m);
     backend_destroy(be);
     st_close(st);

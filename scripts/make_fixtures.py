@@ -73,7 +73,7 @@ FIXTURES = [
     # router score bias
     dict(name="qwen3-moe", arch="Qwen3MoeForCausalLM", tok="qwen2", template="qwen3", dtype=torch.bfloat16,
          prompt=PROMPT_SHORT,
-         cfg=dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+         cfg=dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                   num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
                   decoder_sparse_step=1, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=True,

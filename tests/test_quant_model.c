@@ -12,6 +12,7 @@
 #include "common/util.h"
 #include "engine/generate.h"
 #include "engine/model/model.h"
+#include "engine/model/quant_config.h"
 #include "engine/model/tokenizer.h"
 #include "engine/quantize.h"
 #include "quant/quant.h"
@@ -40,8 +41,10 @@ static nb_model *load(const char *dir, const nb_quant_plan *p, nb_err *e) {
     return model_load(dir, be, &mo, e);
 }
 
-/* Last-position logits of the fixture prompt, one prefill step. */
+/* Last-position logits of the fixture prompt, one prefill step (the
+ * model's vocabulary of them). */
 static float *prompt_logits(nb_model *m) {
+    int vocab = model_config(m)->vocab_size;
     int n = (int)n_prompt, blocks = model_num_kv_blocks(m);
     int32_t *pos = xmalloc(sizeof(int32_t) * (size_t)n), *seq = xcalloc((size_t)n, sizeof(int32_t));
     int32_t *table = xmalloc(sizeof(int32_t) * (size_t)blocks);
@@ -59,11 +62,13 @@ static float *prompt_logits(nb_model *m) {
     return out;
 }
 
-static double rel_err(const float *a, const float *b) {
+static double rel_err_n(const float *a, const float *b, int n) {
     double num = 0, den = 0;
-    for (int i = 0; i < vocab; i++) num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), den += (double)b[i] * b[i];
+    for (int i = 0; i < n; i++) num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), den += (double)b[i] * b[i];
     return sqrt(num / den);
 }
+
+static double rel_err(const float *a, const float *b) { return rel_err_n(a, b, vocab); }
 
 /* Greedy tokens agreeing with the unquantized model's, of 32. */
 static int greedy_agreement(nb_model *m, const int32_t *want) {
@@ -163,6 +168,56 @@ static void test_offline_roundtrip(void) {
     }
 }
 
+/* A mixture of experts quantized offline (round to nearest: GPTQ does not
+ * calibrate experts, and says so): the checkpoint loads with its plan and
+ * gives the online model's logits bit for bit, experts included; WINT2,
+ * offline only, loads and stays within reach of the unquantized model. */
+static void test_moe_offline(void) {
+    const char *dir = "tests/fixtures/models/qwen3-moe";
+    static const char *settings[] = {
+        "{\"quantization\": \"mix_quant\", \"dense_quant_type\": \"wint8\", \"moe_quant_type\": \"wint4\"}",
+        "wint8"};
+    nb_quant_plan none = plan_of(NULL, NULL);
+    for (size_t i = 0; i < sizeof settings / sizeof settings[0]; i++) {
+        char out[128];
+        snprintf(out, sizeof out, "build/tests/q_moe_%zu", i);
+        nb_quant_plan p = plan_of(settings[i], NULL);
+        nb_quantize_opts qo = {.in = dir, .out = out, .plan = &p, .rtn = 1, .threads = 2};
+        nb_err e = {{0}};
+        REQUIRE(quantize_model(&qo, &e) == 0, "quantize %s: %s", settings[i], e.msg);
+        nb_model *off = load(out, &none, &e), *on = load(dir, &p, &e);
+        REQUIRE(off && on, "load: %s", e.msg);
+        const nb_quant_plan *po = model_quant_plan(off);
+        CHECK(po->dense == p.dense && po->moe == p.moe && po->is_quantized, "%s: plan from config (dense %s, moe %s)",
+              settings[i], nb_dtype_name(po->dense), nb_dtype_name(po->moe));
+        int V = model_config(on)->vocab_size;
+        float *a = prompt_logits(off), *b = prompt_logits(on);
+        CHECK(!memcmp(a, b, sizeof(float) * (size_t)V), "%s: offline and online logits differ (%g)", settings[i],
+              rel_err_n(a, b, V));
+        CHECK(model_weight_bytes(off, p.moe) == model_weight_bytes(on, p.moe), "%s: expert bytes %zu vs %zu",
+              settings[i], model_weight_bytes(off, p.moe), model_weight_bytes(on, p.moe));
+        free(a), free(b);
+        model_free(off), model_free(on);
+    }
+    nb_quant_plan w2 = plan_of("wint2", NULL);
+    nb_quantize_opts qo = {.in = dir, .out = "build/tests/q_moe_wint2", .plan = &w2, .threads = 2};
+    nb_err e = {{0}};
+    CHECK(quantize_model(&qo, &e) != 0 && strstr(e.msg, "--method rtn"), "GPTQ on experts must be refused: %s", e.msg);
+    qo.rtn = 1;
+    REQUIRE(quantize_model(&qo, &e) == 0, "quantize wint2: %s", e.msg);
+    nb_model *base = load(dir, &none, &e), *q = load(qo.out, &none, &e);
+    REQUIRE(base && q, "load: %s", e.msg);
+    int V = model_config(q)->vocab_size;
+    float *a = prompt_logits(q), *b = prompt_logits(base);
+    double err = rel_err_n(a, b, V);
+    printf("  qwen3-moe wint2 (round to nearest): logits error vs unquantized %.3f, experts %.2f MiB\n", err,
+           model_weight_bytes(q, NB_WINT2) / 1048576.0);
+    CHECK(model_quant_plan(q)->moe == NB_WINT2 && model_weight_bytes(q, NB_WINT2) > 0, "wint2 experts");
+    CHECK(err > 0 && err < 1.5, "wint2 logits error %g", err);
+    free(a), free(b);
+    model_free(base), model_free(q);
+}
+
 /* WINT2 is offline only; GPTQ's checkpoint loads and beats round to nearest. */
 static void test_wint2(void) {
     nb_quant_plan p = plan_of("wint2", NULL);
@@ -260,6 +315,50 @@ static void test_mix_quant(void) {
     model_free(m);
 }
 
+/* A mixture of experts under MixQuant, as FastDeploy splits it: experts
+ * in moe_quant_type (WINT4), the attention, the dense layer's MLP in
+ * dense_quant_type (WINT8), the routers in FP32, and the model still
+ * close to its unquantized self. */
+static void test_moe_mix_quant(void) {
+    const char *dir = "tests/fixtures/models/qwen3-moe";
+    nb_quant_plan none = plan_of(NULL, NULL),
+                  p = plan_of("{\"quantization\": \"mix_quant\", \"dense_quant_type\": \"wint8\", "
+                              "\"moe_quant_type\": \"wint4\"}",
+                              NULL);
+    nb_err e = {{0}};
+    nb_model *base = load(dir, &none, &e), *m = load(dir, &p, &e);
+    REQUIRE(base && m, "load: %s", e.msg);
+    const nb_model_config *c = model_config(m);
+    const nb_moe_config *mc = &c->moe;
+    int64_t H = c->hidden_size, qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim,
+            F = c->intermediate_size, X = mc->ffn;
+    int n_moe = 0;
+    for (int i = 0; i < c->n_layers; i++) n_moe += config_layer_is_moe(c, i);
+    REQUIRE(n_moe > 0 && n_moe < c->n_layers, "the fixture has %d MoE layers of %d", n_moe, c->n_layers);
+    /* WINT8: int8 data and one float scale per row */
+    size_t attn = (size_t)(qd * H + 2 * kvd * H + H * qd) + sizeof(float) * (size_t)(qd + 2 * kvd + H);
+    size_t dense_mlp = (size_t)(3 * F * H) + sizeof(float) * (size_t)(2 * F + H);
+    size_t want8 = attn * (size_t)c->n_layers + dense_mlp * (size_t)(c->n_layers - n_moe);
+    /* WINT4: gate/up [X][H], down [H][X], in the groups the plan picks */
+    int g_in = quant_pick_group(&p, NB_WINT4, H), g_out = quant_pick_group(&p, NB_WINT4, X);
+    size_t expert = 2 * (quant_data_bytes(NB_WINT4, X, H) + quant_scale_bytes(NB_WINT4, X, H, g_in)) +
+                    quant_data_bytes(NB_WINT4, H, X) + quant_scale_bytes(NB_WINT4, H, X, g_out);
+    size_t want4 = expert * (size_t)mc->n_experts * (size_t)n_moe;
+    size_t want32 = sizeof(float) * (size_t)(mc->n_experts * H) * (size_t)n_moe;
+    CHECK(model_weight_bytes(m, NB_WINT8) == want8, "WINT8 bytes %zu, expected %zu", model_weight_bytes(m, NB_WINT8),
+          want8);
+    CHECK(model_weight_bytes(m, NB_WINT4) == want4, "WINT4 bytes %zu, expected %zu", model_weight_bytes(m, NB_WINT4),
+          want4);
+    CHECK(model_weight_bytes(m, NB_F32) == want32, "FP32 (router) bytes %zu, expected %zu",
+          model_weight_bytes(m, NB_F32), want32);
+    float *lb = prompt_logits(base), *lq = prompt_logits(m);
+    double err = rel_err_n(lq, lb, model_config(m)->vocab_size);
+    printf("  qwen3-moe mix_quant (dense wint8, experts wint4): logits error vs unquantized %.4f\n", err);
+    CHECK(err > 0 && err < 0.3, "logits error %g", err);
+    free(lb), free(lq);
+    model_free(base), model_free(m);
+}
+
 static void test_kv_cache(void) {
     static const char *kinds[] = {"bf16", "int8", "float8_e4m3fn"};
     static const double limits[] = {0.01, 0.03, 0.1};
@@ -286,6 +385,8 @@ int main(void) {
     RUN(test_wint2);
     RUN(test_hf_fp8);
     RUN(test_mix_quant);
+    RUN(test_moe_mix_quant);
+    RUN(test_moe_offline);
     RUN(test_kv_cache);
     free(prompt);
     free(base_logits);

@@ -22,6 +22,13 @@
  * read activations as BF16 (F16 for F16 weights), which moves logits by
  * ~1e-3 of the largest. */
 #define LOGIT_TOL 2e-2
+/* A mixture of experts sends each token to the experts with the highest
+ * router scores, and some tokens of the random fixtures have two experts
+ * within 1e-2 of each other: the GPU's BF16 products move the router's
+ * input enough to pick the other one (ernie-moe, a 16-token prefix: 2 of
+ * 16 tokens routed otherwise, their router logits 1e-2 from the CPU's),
+ * which moves those positions' logits by up to 3.3e-2. */
+#define MOE_LOGIT_TOL 5e-2
 
 /* Greedy tokens generated and compared. Fixed, not the reference's count:
  * llama-fp8's reference.json has no greedy tokens (nor logits). */
@@ -236,7 +243,7 @@ static inline void check_quant_model(const char *fixture, const char *dir, const
         CHECK(model_quant_plan(mg)->kv == NB_KV_BF16 && model_quant_plan(mc)->kv == NB_KV_BF16,
               "%s: KV cache %s (cuda), %s (cpu), want bf16", what, nb_kv_dtype_name(model_quant_plan(mg)->kv),
               nb_kv_dtype_name(model_quant_plan(mc)->kv));
-        double tol = LOGIT_TOL;
+        double tol = model_config(mc)->moe.n_experts ? MOE_LOGIT_TOL : LOGIT_TOL;
         if (want == NB_FP8_B128) {
             double noise = cpu_kv_noise(dir, setting, &r);
             CHECK(noise >= 0, "%s: the CPU's KV-noise runs failed", what);
