@@ -357,23 +357,32 @@ finally:
     srv.send_signal(signal.SIGTERM)
     srv.wait(timeout=30)
 
+def concurrent_greedy(label, model, name, ref, args, cpu_only=False):
+    """A server on model (with args) answers 8 concurrent greedy requests for
+    ref's prompt with ref's greedy text; returns its stderr."""
+    global PORT, BASE
+    PORT = free_port()
+    BASE = f"http://127.0.0.1:{PORT}"
+    srv = subprocess.Popen(nibble("serve", "--model", model, "--port", str(PORT), "--max-num-seqs", "8",
+                                  "--served-model-name", name, "--threads", "2", *args, cpu_only=cpu_only),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_healthy()
+        body = {"model": name, "prompt": ref["prompt_ids"], "max_tokens": len(ref["greedy"]), "temperature": 0,
+                "ignore_eos": True}
+        results = call_concurrently(8, "/v1/completions", body)
+        check(label, all(r and r[0] == 200 and json.loads(r[1])["choices"][0]["text"] == ref["greedy_text"]
+                         for r in results), str(results)[:300])
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        srv.wait(timeout=30)
+    return srv.stderr.read().decode()
+
+
 # tensor parallelism: a server split over 2 CPU ranks answers 8 concurrent
 # greedy requests (continuous batching across the ranks) with the solo text
-PORT = free_port()
-BASE = f"http://127.0.0.1:{PORT}"
-srv = subprocess.Popen(nibble("serve", "--model", MODEL, "--port", str(PORT), "--tensor-parallel-size", "2",
-                              "--max-num-seqs", "8", "--served-model-name", "qwen2", "--threads", "2", cpu_only=True),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-try:
-    wait_healthy()
-    results = call_concurrently(8, "/v1/completions", greedy)
-    check("a server on 2 CPU ranks answers 8 concurrent requests with the solo greedy text",
-          all(r and r[0] == 200 and json.loads(r[1])["choices"][0]["text"] == REF["greedy_text"] for r in results),
-          str(results)[:300])
-finally:
-    srv.send_signal(signal.SIGTERM)
-    srv.wait(timeout=30)
-log = srv.stderr.read().decode()
+log = concurrent_greedy("a server on 2 CPU ranks answers 8 concurrent requests with the solo greedy text", MODEL,
+                        "qwen2", REF, ["--tensor-parallel-size", "2"], cpu_only=True)
 check("its start-up log says 2 ranks", "on each of 2 ranks" in log, log[-300:])
 
 # a mixture of experts (ERNIE 4.5 MoE: shared expert, router bias): 8
@@ -382,22 +391,8 @@ check("its start-up log says 2 ranks", "on each of 2 ranks" in log, log[-300:])
 MOE = "tests/fixtures/models/ernie-moe"
 with open(os.path.join(MOE, "reference.json")) as f:
     MOE_REF = json.load(f)
-PORT = free_port()
-BASE = f"http://127.0.0.1:{PORT}"
-srv = subprocess.Popen(nibble("serve", "--model", MOE, "--port", str(PORT), "--max-num-seqs", "8",
-                              "--served-model-name", "ernie-moe", "--threads", "2"),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-try:
-    wait_healthy()
-    body = {"model": "ernie-moe", "prompt": MOE_REF["prompt_ids"], "max_tokens": len(MOE_REF["greedy"]),
-            "temperature": 0, "ignore_eos": True}
-    results = call_concurrently(8, "/v1/completions", body)
-    check("a mixture-of-experts server answers 8 concurrent requests with transformers' greedy text",
-          all(r and r[0] == 200 and json.loads(r[1])["choices"][0]["text"] == MOE_REF["greedy_text"] for r in results),
-          str(results)[:300])
-finally:
-    srv.send_signal(signal.SIGTERM)
-    srv.wait(timeout=30)
+concurrent_greedy("a mixture-of-experts server answers 8 concurrent requests with transformers' greedy text", MOE,
+                  "ernie-moe", MOE_REF, [])
 
 # --api-key
 PORT = free_port()
