@@ -277,16 +277,22 @@ void cuda_staging_reserve(cuda_staging *s, size_t bytes) {
     s->cap = cap;
 }
 
-// Copies a host index array to the device for one op. The staging buffer
-// is reused, so wait until the last op that read it has run.
-static const int32_t *stage_indices(cuda_backend *c, const int32_t *idx, int n, const char *op) {
+// Copies host arrays a (na bytes) and, after it, b (nb bytes; none when
+// NULL) to the device for one op, returning where a lands. The staging
+// buffer is reused, so wait until the last op that read it has run.
+static const void *stage_host(cuda_backend *c, const void *a, size_t na, const void *b, size_t nb, const char *op) {
     cuda_require_eager(c, op);
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
-    cuda_staging_reserve(&c->idx, sizeof(int32_t) * (size_t)(n > 0 ? n : 1));
-    memcpy(c->idx.host, idx, sizeof(int32_t) * (size_t)n);
-    CUDA_CHECK(cudaMemcpyAsync(c->idx.dev, c->idx.host, sizeof(int32_t) * (size_t)n, cudaMemcpyHostToDevice,
-                               c->stream));
-    return (const int32_t *)c->idx.dev;
+    cuda_staging_reserve(&c->idx, na + nb > 0 ? na + nb : 1);
+    memcpy(c->idx.host, a, na);
+    if (b) memcpy((char *)c->idx.host + na, b, nb);
+    CUDA_CHECK(cudaMemcpyAsync(c->idx.dev, c->idx.host, na + nb, cudaMemcpyHostToDevice, c->stream));
+    return c->idx.dev;
+}
+
+// A host index array on the device, for one op.
+static const int32_t *stage_indices(cuda_backend *c, const int32_t *idx, int n, const char *op) {
+    return (const int32_t *)stage_host(c, idx, sizeof(int32_t) * (size_t)n, NULL, 0, op);
 }
 
 // ---- ops ----------------------------------------------------------------
@@ -364,16 +370,9 @@ static void cu_add_rows_scaled(nb_backend *b, float *out, const float *x, const 
                                int cols) {
     cuda_backend *c = cuda_impl(b);
     if (n <= 0) return;
-    // rows, then the weights, in one staged copy (the staging buffer holds
-    // n int32 then n floats)
-    cuda_require_eager(c, "add_rows_scaled");
-    CUDA_CHECK(cudaStreamSynchronize(c->stream));
-    size_t half = sizeof(int32_t) * (size_t)n;
-    cuda_staging_reserve(&c->idx, 2 * half);
-    memcpy(c->idx.host, rows, half);
-    memcpy((char *)c->idx.host + half, w, half);
-    CUDA_CHECK(cudaMemcpyAsync(c->idx.dev, c->idx.host, 2 * half, cudaMemcpyHostToDevice, c->stream));
-    const int32_t *rows_dev = (const int32_t *)c->idx.dev;
+    // the rows, then the weights, in one staged copy
+    const int32_t *rows_dev = (const int32_t *)stage_host(c, rows, sizeof(int32_t) * (size_t)n, w,
+                                                          sizeof(float) * (size_t)n, "add_rows_scaled");
     cuda_add_rows_scaled(c, out, x, rows_dev, (const float *)(rows_dev + n), n, cols);
 }
 
