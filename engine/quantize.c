@@ -64,13 +64,12 @@ static int layer_linears(const nb_model_config *c, const nb_quant_plan *p, int l
         add_linear(l, &n, p->dense, 3, "mlp.down_proj");
         return n;
     }
-    int mixtral = c->arch == ARCH_MIXTRAL;
-    const char *blk = mixtral ? "block_sparse_moe" : "mlp";
-    const char *proj[3] = {mixtral ? "w1" : "gate_proj", mixtral ? "w3" : "up_proj", mixtral ? "w2" : "down_proj"};
-    for (int x = 0; x < c->moe.n_experts; x++)
-        for (int j = 0; j < 3; j++) add_linear(l, &n, p->moe, -1, "%s.experts.%d.%s", blk, x, proj[j]);
-    if (c->moe.shared_ffn)
-        for (int j = 0; j < 3; j++) add_linear(l, &n, p->dense, j < 2 ? 2 : -1, "%s.shared_experts.%s", blk, proj[j]);
+    const nb_moe_config *mc = &c->moe;
+    for (int x = 0; x < mc->n_experts; x++)
+        for (int j = 0; j < 3; j++) add_linear(l, &n, p->moe, -1, "%s.experts.%d.%s", mc->block, x, mc->proj[j]);
+    if (mc->shared_ffn)
+        for (int j = 0; j < 3; j++)
+            add_linear(l, &n, p->dense, j < 2 ? 2 : -1, "%s.shared_experts.%s", mc->block, mc->proj[j]);
     return n;
 }
 

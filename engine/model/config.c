@@ -190,7 +190,10 @@ static int parse_moe(const cJSON *root, nb_model_config *c, const char *path, nb
         }
         break;
     }
-    case ARCH_MIXTRAL: m->norm = 1; break;
+    case ARCH_MIXTRAL:
+        m->norm = 1;
+        m->block = "block_sparse_moe", m->proj[0] = "w1", m->proj[1] = "w3", m->proj[2] = "w2";
+        break;
     default: { /* ERNIE 4.5 */
         int n_shared = 0;
         m->norm = 1, m->score_bias = 1;
@@ -204,6 +207,7 @@ static int parse_moe(const cJSON *root, nb_model_config *c, const char *path, nb
         break;
     }
     }
+    if (!m->block) m->block = "mlp", m->proj[0] = "gate_proj", m->proj[1] = "up_proj", m->proj[2] = "down_proj";
     if (m->step < 1) return nb_errf(e, "%s: the MoE layer interval must be at least 1", path);
     return 0;
 }

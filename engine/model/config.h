@@ -43,6 +43,9 @@ typedef struct nb_moe_config {
     /* which layers: (i + 1) % step == 0, first <= i <= last, not in dense[] */
     int step, first, last;
     int n_dense, dense[NB_MAX_MLP_ONLY];
+    /* checkpoint names under model.layers.N.: the block ("mlp",
+     * "block_sparse_moe"), an expert's gate, up and down projections */
+    const char *block, *proj[3];
 } nb_moe_config;
 
 typedef enum nb_rope_type { ROPE_DEFAULT, ROPE_LINEAR, ROPE_LLAMA3 } nb_rope_type;

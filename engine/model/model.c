@@ -267,6 +267,12 @@ fail:
     return NULL;
 }
 
+void model_weight_free(nb_backend *be, const nb_weight *w) {
+    if (w->data) be->ops->weight_free(be, w->data);
+    if (w->scale) be->ops->weight_free(be, w->scale);
+    if (w->scale2) be->ops->weight_free(be, w->scale2);
+}
+
 void model_free(nb_model *m) {
     if (!m) return;
     if (m->tp) model_tp_stop(m);
@@ -287,11 +293,7 @@ void model_free(nb_model *m) {
         /* weight_free releases backend copies; every nb_weight is a plain struct */
         nb_weight *w = (nb_weight *)m->layers;
         size_t n = (size_t)m->cfg.n_layers * (sizeof(nb_layer) / sizeof(nb_weight));
-        for (size_t i = 0; i < n; i++) {
-            if (w[i].data) be->ops->weight_free(be, w[i].data);
-            if (w[i].scale) be->ops->weight_free(be, w[i].scale);
-            if (w[i].scale2) be->ops->weight_free(be, w[i].scale2);
-        }
+        for (size_t i = 0; i < n; i++) model_weight_free(be, &w[i]);
     }
     model_moe_free(m);
     if (m->embed.data) be->ops->weight_free(be, m->embed.data);

@@ -100,6 +100,12 @@ struct nb_model {
 
 /* A zeroed host buffer the model owns (freed with it). */
 void *model_own(nb_model *m, size_t bytes);
+/* Tensor t (BF16/F16/F32, [rows][cols], rows 0: a vector of cols) as FP32
+ * in a host buffer the model owns; NULL with the reason in e (naming
+ * `what`) when t is missing or of another shape or dtype. */
+float *model_host_f32(nb_model *m, const st_tensor *t, int64_t rows, int64_t cols, const char *what, nb_err *e);
+/* Gives back what the backend holds of w (data, scale, scale2). */
+void model_weight_free(nb_backend *be, const nb_weight *w);
 
 /* model_moe.c: binds layer li's router and experts (this rank's share);
  * allocates the block's buffers (after max_tokens is set); runs the block
@@ -115,7 +121,7 @@ void model_moe_free(nb_model *m);
  * tensor leaves w zeroed. */
 int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, const nb_slice *sl,
                int optional, nb_err *e);
-/* As model_bind, a whole [rows, cols] tensor, converted to FP32. */
+/* A whole [rows, cols] tensor as a weight converted to FP32. */
 int model_bind_f32(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, nb_err *e);
 /* Binds linear weight `name` [rows][cols] (or its part sl) as the plan
  * says: packed tensors of an offline checkpoint as they are, else the

@@ -21,59 +21,32 @@
 
 #include "common/util.h"
 #include "engine/model/model_int.h"
-#include "quant/quant.h"
-
-/* Checkpoint names of a layer's MoE tensors, by family. */
-typedef struct moe_names {
-    const char *block;                    /* "mlp" or "block_sparse_moe" */
-    const char *gate, *up, *down;         /* an expert's projections */
-} moe_names;
-
-static moe_names names_of(nb_arch a) {
-    if (a == ARCH_MIXTRAL) return (moe_names){"block_sparse_moe", "w1", "w3", "w2"};
-    return (moe_names){"mlp", "gate_proj", "up_proj", "down_proj"};
-}
 
 /* The router's selection bias [E] (ERNIE's e_score_correction_bias, stored
- * [1][E]) as host floats the model owns. */
+ * [1][E] or [E]) as host floats the model owns. */
 static int bind_score_bias(nb_model *m, nb_moe_layer *L, const char *name, nb_err *e) {
-    int E = m->cfg.moe.n_experts;
     const st_tensor *t = st_find(m->st, name);
-    if (!t) return nb_errf(e, "tensor '%s' not found in the checkpoint", name);
-    int64_t n = 1;
-    for (int d = 0; d < t->ndim; d++) n *= t->shape[d];
-    nb_dtype d;
-    switch (t->dtype) {
-    case ST_F32: d = NB_F32; break;
-    case ST_BF16: d = NB_BF16; break;
-    case ST_F16: d = NB_F16; break;
-    default: return nb_errf(e, "%s: tensor '%s' has dtype %s; expected F32, BF16 or F16", t->file, name, st_dtype_name(t->dtype));
-    }
-    if (n != E) return nb_errf(e, "%s: tensor '%s' has %lld values, expected one per expert (%d)", t->file, name, (long long)n, E);
-    L->score_bias = model_own(m, sizeof(float) * (size_t)E);
-    nb_weight w = {.dtype = d, .rows = 1, .cols = E, .data = t->data};
-    quant_dequant_row(&w, 0, L->score_bias);
-    return 0;
+    L->score_bias = model_host_f32(m, t, t && t->ndim == 1 ? 0 : 1, m->cfg.moe.n_experts, name, e);
+    return L->score_bias ? 0 : -1;
 }
 
 int model_moe_bind(nb_model *m, int li, nb_err *e) {
     const nb_model_config *c = &m->cfg;
     const nb_moe_config *mc = &c->moe;
     nb_moe_layer *L = &m->moe[li];
-    moe_names nm = names_of(c->arch);
     int64_t H = c->hidden_size, F = mc->ffn, S = mc->shared_ffn;
     int split = m->n_ranks > 1;
     /* this rank's share of each expert's width, and of the shared experts' */
     nb_slice fr = {0, m->moe_ffn0, m->moe_ffn}, fc = {1, m->moe_ffn0, m->moe_ffn};
     nb_slice sr = {0, m->shared_ffn0, m->shared_ffn}, sc = {1, m->shared_ffn0, m->shared_ffn};
     char n[192];
-    snprintf(n, sizeof n, "model.layers.%d.%s.gate.weight", li, nm.block);
+    snprintf(n, sizeof n, "model.layers.%d.%s.gate.weight", li, mc->block);
     /* in FP32 on every backend (as ERNIE's router computes; Qwen and
      * Mixtral's in the model's dtype): the GPU's router logits then equal
      * the CPU's but for summation order, and so do their choices */
     if (model_bind_f32(m, &L->router, n, mc->n_experts, H, e)) return -1;
     if (mc->score_bias) {
-        snprintf(n, sizeof n, "model.layers.%d.%s.moe_statics.e_score_correction_bias", li, nm.block);
+        snprintf(n, sizeof n, "model.layers.%d.%s.moe_statics.e_score_correction_bias", li, mc->block);
         if (bind_score_bias(m, L, n, e)) return -1;
     }
     L->gate = xcalloc((size_t)mc->n_experts, sizeof(nb_weight));
@@ -81,29 +54,24 @@ int model_moe_bind(nb_model *m, int li, nb_err *e) {
     L->down = xcalloc((size_t)mc->n_experts, sizeof(nb_weight));
     for (int x = 0; x < mc->n_experts; x++) {
 #define EXPERT(field, proj, rows, cols, sl)                                                        \
-    (snprintf(n, sizeof n, "model.layers.%d.%s.experts.%d.%s.weight", li, nm.block, x, proj),      \
+    (snprintf(n, sizeof n, "model.layers.%d.%s.experts.%d.%s.weight", li, mc->block, x, proj),     \
      model_bind_linear(m, &L->field[x], n, rows, cols, split ? sl : NULL, m->plan.moe, e))
-        if (EXPERT(gate, nm.gate, F, H, &fr) || EXPERT(up, nm.up, F, H, &fr) || EXPERT(down, nm.down, H, F, &fc))
+        if (EXPERT(gate, mc->proj[0], F, H, &fr) || EXPERT(up, mc->proj[1], F, H, &fr) ||
+            EXPERT(down, mc->proj[2], H, F, &fc))
             return -1;
 #undef EXPERT
     }
     if (S) {
         /* shared experts are plain linear layers: the dense format */
 #define SHARED(field, proj, rows, cols, sl)                                                        \
-    (snprintf(n, sizeof n, "model.layers.%d.%s.shared_experts.%s.weight", li, nm.block, proj),     \
+    (snprintf(n, sizeof n, "model.layers.%d.%s.shared_experts.%s.weight", li, mc->block, proj),    \
      model_bind_linear(m, &L->field, n, rows, cols, split ? sl : NULL, m->plan.dense, e))
-        if (SHARED(sh_gate, "gate_proj", S, H, &sr) || SHARED(sh_up, "up_proj", S, H, &sr) ||
-            SHARED(sh_down, "down_proj", H, S, &sc))
+        if (SHARED(sh_gate, mc->proj[0], S, H, &sr) || SHARED(sh_up, mc->proj[1], S, H, &sr) ||
+            SHARED(sh_down, mc->proj[2], H, S, &sc))
             return -1;
 #undef SHARED
     }
     return 0;
-}
-
-static void free_weight(nb_backend *be, const nb_weight *w) {
-    if (w->data) be->ops->weight_free(be, w->data);
-    if (w->scale) be->ops->weight_free(be, w->scale);
-    if (w->scale2) be->ops->weight_free(be, w->scale2);
 }
 
 void model_moe_free(nb_model *m) {
@@ -111,13 +79,13 @@ void model_moe_free(nb_model *m) {
     nb_backend *be = m->be;
     for (int li = 0; li < m->cfg.n_layers; li++) {
         nb_moe_layer *L = &m->moe[li];
-        free_weight(be, &L->router);
+        model_weight_free(be, &L->router);
         for (int x = 0; L->gate && x < m->cfg.moe.n_experts; x++) {
-            free_weight(be, &L->gate[x]);
-            free_weight(be, &L->up[x]);
-            free_weight(be, &L->down[x]);
+            model_weight_free(be, &L->gate[x]);
+            model_weight_free(be, &L->up[x]);
+            model_weight_free(be, &L->down[x]);
         }
-        free_weight(be, &L->sh_gate), free_weight(be, &L->sh_up), free_weight(be, &L->sh_down);
+        model_weight_free(be, &L->sh_gate), model_weight_free(be, &L->sh_up), model_weight_free(be, &L->sh_down);
         free(L->gate), free(L->up), free(L->down);
     }
     free(m->moe);

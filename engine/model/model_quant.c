@@ -178,14 +178,10 @@ int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_
 }
 
 int model_bind_f32(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, nb_err *e) {
-    if (bind_host(m, w, name, rows, cols, NULL, 0, e)) return -1;
-    if (w->dtype != NB_F32) {
-        float *f = model_own(m, sizeof(float) * (size_t)w->rows * (size_t)w->cols);
-        for (int64_t r = 0; r < w->rows; r++) quant_dequant_row(w, r, f + r * w->cols);
-        w->data = f;
-        w->dtype = NB_F32;
-    }
-    w->data = load(m, NB_F32, w->data, sizeof(float) * (size_t)w->rows * (size_t)w->cols);
+    float *f = model_host_f32(m, st_find(m->st, name), rows, cols, name, e);
+    if (!f) return -1;
+    *w = (nb_weight){.dtype = NB_F32, .rows = rows, .cols = cols};
+    w->data = load(m, NB_F32, f, sizeof(float) * (size_t)rows * (size_t)cols);
     return 0;
 }
 
@@ -196,8 +192,7 @@ static const st_tensor *companion(const nb_model *m, const char *name, const cha
     return st_find(m->st, n);
 }
 
-/* Scales stored as BF16/F16/F32 -> FP32 in a host buffer the model owns. */
-static const void *scales_f32(nb_model *m, const st_tensor *t, int64_t rows, int64_t cols, const char *what, nb_err *e) {
+float *model_host_f32(nb_model *m, const st_tensor *t, int64_t rows, int64_t cols, const char *what, nb_err *e) {
     nb_dtype d;
     if (!t) return nb_errf(e, "%s not found in the checkpoint", what), NULL;
     if (!has_shape(t, rows, cols) || plain_dtype(t->dtype, &d)) {
@@ -228,14 +223,14 @@ static int bind_packed(nb_model *m, nb_weight *w, const st_tensor *t, const char
     nb_weight full = {.rows = N, .cols = K, .data = t->data};
     if (t->dtype == ST_I8 && has_shape(t, N, K)) {
         full.dtype = NB_WINT8;
-        if (!(full.scale = scales_f32(m, companion(m, name, "_scale"), 0, N, sname, e))) return -1;
+        if (!(full.scale = model_host_f32(m, companion(m, name, "_scale"), 0, N, sname, e))) return -1;
     } else if (t->dtype == ST_U8 && has_shape(t, N, K / 2) && K % 2 == 0) {
         const st_tensor *s = companion(m, name, "_scale");
         int64_t groups = s && s->ndim == 2 ? s->shape[1] : 0;
         if (groups <= 0 || K % groups) return nb_errf(e, "%s: wint4 needs a [%lld, K/group] scale tensor", sname, (long long)N);
         full.dtype = NB_WINT4;
         full.group = (int)(K / groups);
-        if (!(full.scale = scales_f32(m, s, N, groups, sname, e))) return -1;
+        if (!(full.scale = model_host_f32(m, s, N, groups, sname, e))) return -1;
     } else if (t->dtype == ST_U8 && has_shape(t, N, K / 4) && K % 4 == 0) {
         const st_tensor *s = companion(m, name, "_scale");
         full.dtype = NB_WINT2;
@@ -244,12 +239,12 @@ static int bind_packed(nb_model *m, nb_weight *w, const st_tensor *t, const char
             return nb_errf(e, "%s: wint2 needs U8 codes [%lld, %lld]", sname, (long long)N, (long long)(K / QUANT_WINT2_GROUP));
         full.scale = s->data;
         snprintf(sname, sizeof sname, "%s_super_scale", name);
-        if (!(full.scale2 = scales_f32(m, companion(m, name, "_super_scale"), 0, N, sname, e))) return -1;
+        if (!(full.scale2 = model_host_f32(m, companion(m, name, "_super_scale"), 0, N, sname, e))) return -1;
     } else if (t->dtype == ST_F8_E4M3 && has_shape(t, N, K)) {
         full.dtype = NB_FP8_B128;
         snprintf(sname, sizeof sname, "%s_scale_inv", name);
         int64_t br = (N + QUANT_FP8_BLOCK - 1) / QUANT_FP8_BLOCK, bc = (K + QUANT_FP8_BLOCK - 1) / QUANT_FP8_BLOCK;
-        if (!(full.scale = scales_f32(m, companion(m, name, "_scale_inv"), br, bc, sname, e))) return -1;
+        if (!(full.scale = model_host_f32(m, companion(m, name, "_scale_inv"), br, bc, sname, e))) return -1;
     } else {
         char got[96];
         shape_str(t, got, sizeof got);
