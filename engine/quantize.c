@@ -33,7 +33,7 @@
 
 /* One linear of a layer: its name under model.layers.N., the format it
  * gets, and which captured input feeds it (model_capture_fn; -1: none is
- * captured, as for experts, whose inputs are their tokens alone). */
+ * captured: a mixture of experts' layers, which GPTQ does not take). */
 typedef struct linear_spec {
     char name[96];
     nb_dtype t;
@@ -68,8 +68,7 @@ static int layer_linears(const nb_model_config *c, const nb_quant_plan *p, int l
     for (int x = 0; x < mc->n_experts; x++)
         for (int j = 0; j < 3; j++) add_linear(l, &n, p->moe, -1, "%s.experts.%d.%s", mc->block, x, mc->proj[j]);
     if (mc->shared_ffn)
-        for (int j = 0; j < 3; j++)
-            add_linear(l, &n, p->dense, j < 2 ? 2 : -1, "%s.shared_experts.%s", mc->block, mc->proj[j]);
+        for (int j = 0; j < 3; j++) add_linear(l, &n, p->dense, -1, "%s.shared_experts.%s", mc->block, mc->proj[j]);
     return n;
 }
 
@@ -363,6 +362,8 @@ static int calib_tokens(const nb_quantize_opts *qo, int32_t **ids, size_t *n, nb
     return 0;
 }
 
+static int cmp_name(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
+
 static int is_packed(nb_dtype t) { return t == NB_WINT8 || t == NB_WINT4 || t == NB_WINT2 || t == NB_FP8_B128; }
 
 int quantize_model(const nb_quantize_opts *qo, nb_err *e) {
@@ -425,13 +426,16 @@ int quantize_model(const nb_quantize_opts *qo, nb_err *e) {
         for (int i = 0; cc.H && i < (l1 - l0) * 4; i++) free(cc.H[i]);
         free(cc.H);
     }
-    /* everything else as it is: the tensors not written packed above */
+    /* everything else as it is: the tensors not written packed above
+     * (their names, sorted: a large mixture of experts packs tens of
+     * thousands of them) */
     int n_packed = o.n;
+    const char **packed = xmalloc(sizeof(char *) * (size_t)(n_packed ? n_packed : 1));
+    for (int j = 0; j < n_packed; j++) packed[j] = o.t[j].name;
+    qsort(packed, (size_t)n_packed, sizeof *packed, cmp_name);
     for (int i = 0; i < st_count(st) && !rc; i++) {
         const st_tensor *t = st_get(st, i);
-        int done = 0;
-        for (int j = 0; j < n_packed && !done; j++) done = !strcmp(o.t[j].name, t->name);
-        if (!done) {
+        if (!bsearch(&t->name, packed, (size_t)n_packed, sizeof *packed, cmp_name)) {
             if (o.n == o.cap) o.t = xrealloc(o.t, sizeof(st_write_tensor) * (size_t)(o.cap = o.cap * 2 + 64));
             st_write_tensor *w = &o.t[o.n++];
             memset(w, 0, sizeof *w);
@@ -442,6 +446,7 @@ int quantize_model(const nb_quantize_opts *qo, nb_err *e) {
             w->data = t->data;
         }
     }
+    free(packed);
     if (!rc) {
         char *path = util_path_join(qo->out, "model.safetensors");
         const char *meta[] = {"format", "pt", "quantized_by", "nibble"};
