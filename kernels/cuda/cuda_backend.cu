@@ -54,6 +54,12 @@ void cuda_device_leave(const cuda_backend *c, int prev) {
 
 // ---- memory -------------------------------------------------------------
 
+// Waits for the stream; everything staged before is then consumed.
+static void stream_idle(cuda_backend *c) {
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    c->idx.used = 0;
+}
+
 static void *cu_alloc(nb_backend *b, size_t bytes) {
     cuda_backend *c = cuda_impl(b);
     int prev = cuda_device_enter(c); // cudaMalloc allocates on the current device
@@ -82,17 +88,17 @@ static void cu_free(nb_backend *b, void *p) {
 }
 
 static void cu_upload(nb_backend *b, void *dst, const void *src, size_t bytes) {
-    cudaStream_t s = cuda_impl(b)->stream;
+    cuda_backend *c = cuda_impl(b);
     if (!bytes) return;
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s));
-    CUDA_CHECK(cudaStreamSynchronize(s)); // src may be reused once we return
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream));
+    stream_idle(c); // src may be reused once we return
 }
 
 static void cu_download(nb_backend *b, void *dst, const void *src, size_t bytes) {
-    cudaStream_t s = cuda_impl(b)->stream;
+    cuda_backend *c = cuda_impl(b);
     if (!bytes) return;
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s));
-    CUDA_CHECK(cudaStreamSynchronize(s));
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream));
+    stream_idle(c);
 }
 
 static const void *cu_weight_load(nb_backend *b, const void *host, size_t bytes) {
@@ -203,7 +209,7 @@ static void cu_set_batch(nb_backend *b, const nb_batch *bt) {
     meta_reserve(c, bt);
     // the previous step's copy out of meta_host must be done before we
     // overwrite it (a step ends with a download, so this rarely waits)
-    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    stream_idle(c);
     int n = bt->n_tokens, T = c->cap_tokens;
     int32_t *h = (int32_t *)c->meta_host;
     memcpy(h, bt->pos, sizeof(int32_t) * (size_t)n);
@@ -265,7 +271,7 @@ void cuda_staging_free(cuda_staging *s) {
     if (s->host) CUDA_CHECK(cudaFreeHost(s->host));
     if (s->dev) CUDA_CHECK(cudaFree(s->dev));
     s->host = s->dev = NULL;
-    s->cap = 0;
+    s->cap = s->used = 0;
 }
 
 void cuda_staging_reserve(cuda_staging *s, size_t bytes) {
@@ -278,16 +284,26 @@ void cuda_staging_reserve(cuda_staging *s, size_t bytes) {
 }
 
 // Copies host arrays a (na bytes) and, after it, b (nb bytes; none when
-// NULL) to the device for one op, returning where a lands. The staging
-// buffer is reused, so wait until the last op that read it has run.
+// NULL) to the device for one op, returning where a lands. Each call takes
+// the next piece of the staging buffer, so it waits for the stream only
+// when the buffer is full: a mixture-of-experts layer stages every
+// expert's rows without stalling the GPU between experts. The pieces are
+// free again once the stream is idle (stream_idle).
 static const void *stage_host(cuda_backend *c, const void *a, size_t na, const void *b, size_t nb, const char *op) {
     cuda_require_eager(c, op);
-    CUDA_CHECK(cudaStreamSynchronize(c->stream));
-    cuda_staging_reserve(&c->idx, na + nb > 0 ? na + nb : 1);
-    memcpy(c->idx.host, a, na);
-    if (b) memcpy((char *)c->idx.host + na, b, nb);
-    CUDA_CHECK(cudaMemcpyAsync(c->idx.dev, c->idx.host, na + nb, cudaMemcpyHostToDevice, c->stream));
-    return c->idx.dev;
+    cuda_staging *s = &c->idx;
+    size_t need = (na + nb + 15) / 16 * 16; // pieces stay 16-byte aligned
+    if (!need) need = 16;
+    if (s->used + need > s->cap) {
+        stream_idle(c);
+        cuda_staging_reserve(s, need);
+    }
+    char *h = s->host + s->used, *d = s->dev + s->used;
+    s->used += need;
+    memcpy(h, a, na);
+    if (b) memcpy(h + na, b, nb);
+    CUDA_CHECK(cudaMemcpyAsync(d, h, na + nb, cudaMemcpyHostToDevice, c->stream));
+    return d;
 }
 
 // A host index array on the device, for one op.
@@ -380,7 +396,7 @@ static void cu_sample(nb_backend *b, int32_t *ids, float *x, int n, int cols, co
     cuda_sample(cuda_impl(b), ids, x, n, cols, rows);
 }
 
-static void cu_sync(nb_backend *b) { CUDA_CHECK(cudaStreamSynchronize(cuda_impl(b)->stream)); }
+static void cu_sync(nb_backend *b) { stream_idle(cuda_impl(b)); }
 
 static int cu_supports(nb_backend *b, nb_dtype t) { return t >= 0 && t < NB_DTYPE_COUNT; }
 

@@ -59,10 +59,12 @@ typedef struct cuda_gemm_algo cuda_gemm_algo; // cuda_matmul.cu
 
 // A pinned host buffer and a device buffer of the same size, for ops that
 // copy host arrays in (and results out). Grown only when idle: the owner
-// has waited for the copies that used it.
+// has waited for the copies that used it. used: bytes handed out since the
+// stream was last idle (the idx staging hands out consecutive pieces, so
+// that staging one op's arrays never waits for the ops before it).
 typedef struct cuda_staging {
     char *host, *dev;
-    size_t cap;
+    size_t cap, used;
 } cuda_staging;
 
 typedef struct cuda_backend {
