@@ -108,9 +108,9 @@ nb_backend *backend_create(const nb_backend_opts *opts, nb_err *e) {
     return ranks[0];
 }
 
-size_t backend_weight_load(nb_backend *b, nb_weight *w) {
+static size_t weight_load(nb_backend *b, nb_weight *w, int may_pack) {
     int packed = w->dtype != NB_F32 && w->dtype != NB_BF16 && w->dtype != NB_F16;
-    size_t bytes = packed && b->ops->weight_pack ? b->ops->weight_pack(b, w) : 0;
+    size_t bytes = packed && may_pack && b->ops->weight_pack ? b->ops->weight_pack(b, w) : 0;
     if (bytes) return bytes;
     size_t db = packed ? quant_data_bytes(w->dtype, w->rows, w->cols) : (size_t)w->rows * (size_t)w->cols * nb_dtype_size(w->dtype);
     w->data = b->ops->weight_load(b, w->data, db);
@@ -120,6 +120,9 @@ size_t backend_weight_load(nb_backend *b, nb_weight *w) {
     }
     return packed ? quant_weight_bytes(w) : db;
 }
+
+size_t backend_weight_load(nb_backend *b, nb_weight *w) { return weight_load(b, w, 1); }
+size_t backend_weight_load_plain(nb_backend *b, nb_weight *w) { return weight_load(b, w, 0); }
 
 void backend_destroy(nb_backend *b) {
     if (!b) return;

@@ -130,6 +130,28 @@ int32_t sample_row_ref(float *logits, int vocab, const nb_sample_row *r, float *
 float sample_logprobs_ref(const float *logits, int vocab, int32_t chosen, int n_top, int32_t *top_ids,
                           float *top_lp);
 
+/* How a mixture of experts picks a token's experts, as Hugging Face's
+ * routers do (engine/model/config.h's nb_moe_config). */
+typedef struct nb_moe_route {
+    int n_experts, n_used;
+    int norm;           /* renormalize the chosen weights by max(their sum, norm_min) */
+    float norm_min;
+    const float *bias;  /* [n_experts] selection bias in backend memory, or NULL */
+} nb_moe_route;
+
+/* groups[] of moe_route for E experts: offsets, the count, the ids. */
+#define NB_MOE_GROUPS(E) (2 * (E) + 2)
+/* Most experts a mixture may have (DeepSeek-V3 has 256). */
+#define NB_MOE_MAX_EXPERTS 512
+/* Rows past the end an expert matmul's input must have room for. */
+#define NB_MOE_PAD_ROWS 16
+
+/* The reference every backend's moe_route equals (kernels/cpu/cpu_moe.c)
+ * for one token: softmax of logits[E] in FP32; the n_used highest of
+ * p + bias (host, or NULL; a lower id first on ties); their weights p,
+ * renormalized when r->norm. chosen[] comes out in id order. */
+void moe_route_ref(const nb_moe_route *r, const float *logits, const float *bias, int32_t *chosen, float *w);
+
 typedef struct nb_backend nb_backend;
 
 typedef struct nb_backend_ops {
@@ -200,11 +222,43 @@ typedef struct nb_backend_ops {
                         int n_rows, int cols);
     /* Sets bytes of device memory at p to zero. */
     void (*zero)(nb_backend *b, void *p, size_t bytes);
-    /* out[rows[i]][c] = fmaf(w[i], x[i][c], out[rows[i]][c]) for n rows of
-     * width cols: one expert's weighted outputs added into a mixture-of-
-     * experts block's. rows and w are host arrays; no row twice in a call. */
-    void (*add_rows_scaled)(nb_backend *b, float *out, const float *x, const int32_t *rows, const float *w, int n,
-                            int cols);
+    /* gather_rows with a device index array (rows[n_rows] in backend
+     * memory); recordable. */
+    void (*gather_rows_dev)(nb_backend *b, float *out, const float *x, const int32_t *rows, int n_rows, int cols);
+
+    /* Mixture of experts (engine/model/model_moe.c). All arrays are in
+     * backend memory, so a block records like any other op.
+     *
+     * moe_route picks each of n tokens' r->n_used experts from its router
+     * logits [n][n_experts] as moe_route_ref does, and lays the n * n_used
+     * (token, expert) pairs out grouped by expert, tokens in order within
+     * an expert: groups[x] .. groups[x + 1] - 1 are expert x's rows
+     * (groups[0] = 0, groups[E] = n * n_used), groups[E + 1] is the number
+     * of experts that have rows and groups[E + 2 ..] their ids in order;
+     * rows[i] is the token of grouped row i; slot[t * n_used + k] is the
+     * grouped row of token t's k-th expert (its experts in id order) and
+     * w[t * n_used + k] its weight. groups holds NB_MOE_GROUPS(E) ints. */
+    void (*moe_route)(nb_backend *b, int32_t *groups, int32_t *rows, int32_t *slot, float *w, const float *logits,
+                      int n, const nb_moe_route *r);
+    /* A layer's experts as one set: w[n] host descriptors (same dtype and
+     * shape, loaded), which must outlive the set. Freed by experts_free. */
+    void *(*experts_create)(nb_backend *b, const nb_weight *w, int n);
+    void (*experts_free)(nb_backend *b, void *set);
+    /* For every expert x: rows groups[x] .. groups[x + 1] - 1 of out =
+     * the same rows of x @ w[x]^T (n_rows = groups[E]; every expert has at
+     * most n_tokens rows). x has NB_MOE_PAD_ROWS readable rows past
+     * n_rows, whose products are computed and dropped. out must not
+     * overlap x. */
+    void (*matmul_experts)(nb_backend *b, float *out, const float *x, const void *set, const int32_t *groups,
+                           int n_tokens, int n_rows);
+    /* Whether matmul_experts on set, for a step of n_tokens, only reads
+     * backend memory (and so may be recorded by graph_begin). */
+    int (*experts_recordable)(nb_backend *b, const void *set, int n_tokens);
+    /* out[t][c] = fmaf(w[t*K + k], ye[slot[t*K + k]][c], ...) over k = 0 ..
+     * K - 1 in order, starting from out[t][c]: a token's experts' weighted
+     * outputs added in id order, for n tokens of width cols. */
+    void (*moe_combine)(nb_backend *b, float *out, const float *ye, const int32_t *slot, const float *w, int n, int K,
+                        int cols);
     /* ids[r] = sample_row_ref(row r of x, cols, &rows[r]) for n rows; ids
      * and rows (with their history arrays) are host memory; x is scratch
      * afterwards. */
@@ -272,6 +326,9 @@ typedef struct nb_backend_opts {
  * b's memory, in the backend's layout where weight_pack takes it; w then
  * points there. Returns the bytes w holds in backend memory. */
 size_t backend_weight_load(nb_backend *b, nb_weight *w);
+/* The same, always in quant/quant.h's layout (never weight_pack): what
+ * matmul_experts reads on every backend. */
+size_t backend_weight_load_plain(nb_backend *b, nb_weight *w);
 
 /* Creates the backend named by opts->device: one, or with tensor_parallel
  * > 1 the group, returned as its rank 0. */

@@ -183,13 +183,18 @@ static void test_batched_moe(void) {
  * tokens of their own in a spare KV block. The CPU backend's ops are exact
  * whatever the batch size, so a copy of its op table that claims to record
  * must give every real row the same logits, bit for bit, as the plain CPU
- * backend; and the padding must not touch the real sequences' blocks. */
-static void test_decode_padding(void) {
+ * backend; and the padding must not touch the real sequences' blocks. A
+ * mixture of experts pads too where its experts record (here: claimed),
+ * its padding tokens routed like any other. */
+static int always_recordable(nb_backend *b, const void *set, int n_tokens) { return 1; }
+
+static void decode_padding(const char *name) {
     nb_backend_ops rec_ops = *be->ops;
     rec_ops.records_graphs = 1;
+    rec_ops.experts_recordable = always_recordable;
     nb_backend rec = {.ops = &rec_ops, .impl = be->impl, .n_ranks = 1}; /* shares be's state; never destroyed itself */
-    nb_model *mp = load(&rec, "qwen2", 64), *mu = load(be, "qwen2", 64);
-    REQUIRE(mp && mu, "load");
+    nb_model *mp = load(&rec, name, 64), *mu = load(be, name, 64);
+    REQUIRE(mp && mu, "%s: load", name);
     int V = model_config(mu)->vocab_size;
     static const int sizes[] = {3, 5, 11, 16};
     enum { MAXN = 16, PROMPT = 5 };
@@ -209,22 +214,27 @@ static void test_decode_padding(void) {
             ok = !model_forward(mp, ptok, &pb, &last, 1, lp, &e) && !model_forward(mu, ptok, &pb, &last, 1, lu, &e);
             tables[s][0] = s, tables[s][1] = 63;
         }
-        REQUIRE(ok, "prefill: %s", e.msg);
+        REQUIRE(ok, "%s: prefill: %s", name, e.msg);
         for (int s = 0; s < n; s++)
             tok[s] = (int32_t)((s * 17 + 3) % V), pos[s] = PROMPT, seq[s] = s, rows[s] = s,
             slot[s] = s * NB_KV_BLOCK_SIZE + PROMPT;
         nb_batch b = {n, pos, seq, slot, n, 2, &tables[0][0]};
         ok = !model_forward(mp, tok, &b, rows, n, lp, &e) && !model_forward(mu, tok, &b, rows, n, lu, &e);
-        CHECK(ok, "decode of %d sequences: %s", n, e.msg);
+        CHECK(ok, "%s: decode of %d sequences: %s", name, n, e.msg);
         if (ok)
-            CHECK(!memcmp(lp, lu, sizeof(float) * (size_t)n * V), "decode of %d sequences: padded logits differ", n);
+            CHECK(!memcmp(lp, lu, sizeof(float) * (size_t)n * V), "%s: decode of %d sequences: padded logits differ", name, n);
         /* a second step reads the first step's K/V: wrong slots would show */
         for (int s = 0; s < n; s++) pos[s]++, slot[s]++;
         ok = !model_forward(mp, tok, &b, rows, n, lp, &e) && !model_forward(mu, tok, &b, rows, n, lu, &e);
-        CHECK(ok && !memcmp(lp, lu, sizeof(float) * (size_t)n * V), "second decode step of %d sequences differs", n);
+        CHECK(ok && !memcmp(lp, lu, sizeof(float) * (size_t)n * V), "%s: second decode step of %d sequences differs", name, n);
     }
     free(lp), free(lu);
     model_free(mp), model_free(mu);
+}
+
+static void test_decode_padding(void) {
+    decode_padding("qwen2");
+    decode_padding("qwen3-moe");
 }
 
 /* Out-of-range inputs to a forward step are errors, not crashes. */

@@ -494,9 +494,9 @@ static int forward_logits(nb_model *m, const int32_t *tokens, const nb_batch *ba
      * the same token count, whatever the positions: the backend may record
      * them once and replay them. Prefill steps and calibration runs (host
      * callbacks) issue theirs every time. */
-    /* (A mixture of experts routes on the host between its ops: never
-     * recorded.) */
-    int decode = batch->n_seqs == n && !m->capture && !m->moe;
+    /* (A mixture of experts records where its expert matmuls can.) */
+    int decode = batch->n_seqs == n && !m->capture &&
+                 (!m->moe || !op->records_graphs || model_moe_recordable(m, decode_pad_size(n)));
     nb_batch padded;
     if (decode && op->records_graphs && decode_pad(m, tokens, batch, &padded)) {
         tokens = m->pad_tok;

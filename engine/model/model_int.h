@@ -24,8 +24,9 @@ _Static_assert(sizeof(nb_layer) % sizeof(nb_weight) == 0, "nb_layer holds only n
  * expert, and of the shared experts when the model has them. */
 typedef struct nb_moe_layer {
     nb_weight router;              /* [n_experts][hidden], in FP32: never quantized */
-    float *score_bias;             /* [n_experts] host, or NULL */
+    float *score_bias;             /* [n_experts] in backend memory, or NULL */
     nb_weight *gate, *up, *down;   /* [n_experts] */
+    void *gate_set, *up_set, *down_set; /* the same, as experts_create sets */
     nb_weight sh_gate, sh_up, sh_down;
 } nb_moe_layer;
 
@@ -57,15 +58,17 @@ struct nb_model {
     nb_weight embed, final_norm, lm_head;
     nb_layer *layers;
     /* [n_layers] for a mixture of experts (layer i's where config_layer_is_moe),
-     * else NULL; with the block's buffers: router logits [T][E] (and their
-     * host copy), the experts' gathered input rows [T * n_used][hidden],
-     * one expert's output [T][hidden], and the grouping by expert (rows
-     * and weights [T * n_used], moe_count [E + 1], per token: moe_tok_x,
-     * moe_tok_w [T * n_used]) */
+     * else NULL; with the block's backend buffers (T tokens, TK = T *
+     * n_used (token, expert) pairs, P = NB_MOE_PAD_ROWS): router logits
+     * [T][E]; moe_route's groups, rows, slot and weights; the pairs' input
+     * rows, later their outputs, moe_xe [TK + P][hidden]; their gate and up
+     * moe_g, moe_u [TK + P][expert width] */
     nb_moe_layer *moe;
-    float *moe_logits, *moe_xe, *moe_ye, *moe_host_logits, *moe_w, *moe_tok_w;
-    int32_t *moe_rows, *moe_tok_x;
-    int *moe_count;
+    float *moe_logits, *moe_xe, *moe_g, *moe_u, *moe_w;
+    int32_t *moe_groups, *moe_rows, *moe_slot;
+    /* set while a layer's experts are bound: their weights stay in
+     * quant.h's layout, which matmul_experts reads */
+    int load_plain;
     nb_quant_plan plan;
     void **owned; /* host buffers made at load (packed weights, scales) */
     int n_owned, cap_owned;
@@ -115,6 +118,9 @@ int model_moe_bind(nb_model *m, int li, nb_err *e);
 void model_moe_alloc(nb_model *m);
 void model_moe_forward(nb_model *m, int li, int n);
 void model_moe_free(nb_model *m);
+/* Whether a step of n tokens through the mixture's layers may be recorded
+ * (every layer's experts: experts_recordable). */
+int model_moe_recordable(const nb_model *m, int n);
 
 /* Binds a plain tensor (norms, biases, embeddings) as a [rows, cols] weight
  * (rows == 0: a vector of cols), or the part sl of it; a missing optional

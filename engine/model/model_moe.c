@@ -1,14 +1,16 @@
 /* Mixture-of-experts MLP blocks (Qwen3-MoE, Mixtral, ERNIE 4.5 MoE): the
  * weights of a layer's router and experts, and the block's forward.
  *
- * The router runs on the backend; its logits come back to the host, which
- * picks each token's experts (engine/model/config.h says how, as Hugging
- * Face computes it) and groups the tokens by expert. Each expert then runs
- * its SiLU MLP on its tokens only (gathered rows), and add_rows_scaled adds
- * the weighted outputs into the block's output, expert by expert in id
- * order. So a token's result is the same whatever else is in the batch:
- * each expert's rows go through the same matmuls one row at a time, and
- * its sum always runs over its experts in the same order.
+ * Everything runs on the backend, so a decode step records like a dense
+ * one: the router's logits go to moe_route, which picks each token's
+ * experts (as Hugging Face computes it: backend.h's moe_route_ref) and lays
+ * the (token, expert) pairs out grouped by expert; gather_rows_dev copies
+ * each pair's input row into place; matmul_experts runs gate, up and down
+ * for every expert on its rows at once; moe_combine adds each token's
+ * weighted outputs into the block's output, over its experts in id order.
+ * A token's result is the same whatever else is in the batch: each row
+ * goes through the same matmuls as it would alone, and its sum always runs
+ * over its experts in the same order.
  *
  * Tensor parallelism cuts every expert (and the shared experts) like the
  * dense MLP: gate/up by rows, down by columns; every rank routes the same
@@ -22,12 +24,18 @@
 #include "common/util.h"
 #include "engine/model/model_int.h"
 
+_Static_assert(NB_MAX_EXPERTS <= NB_MOE_MAX_EXPERTS, "the backends route at most NB_MOE_MAX_EXPERTS experts");
+
 /* The router's selection bias [E] (ERNIE's e_score_correction_bias, stored
- * [1][E] or [E]) as host floats the model owns. */
+ * [1][E] or [E]) as FP32 in backend memory. */
 static int bind_score_bias(nb_model *m, nb_moe_layer *L, const char *name, nb_err *e) {
     const st_tensor *t = st_find(m->st, name);
-    L->score_bias = model_host_f32(m, t, t && t->ndim == 1 ? 0 : 1, m->cfg.moe.n_experts, name, e);
-    return L->score_bias ? 0 : -1;
+    size_t E = (size_t)m->cfg.moe.n_experts;
+    const float *host = model_host_f32(m, t, t && t->ndim == 1 ? 0 : 1, (int64_t)E, name, e);
+    if (!host) return -1;
+    L->score_bias = m->be->ops->alloc(m->be, sizeof(float) * E);
+    m->be->ops->upload(m->be, L->score_bias, host, sizeof(float) * E);
+    return 0;
 }
 
 int model_moe_bind(nb_model *m, int li, nb_err *e) {
@@ -52,15 +60,23 @@ int model_moe_bind(nb_model *m, int li, nb_err *e) {
     L->gate = xcalloc((size_t)mc->n_experts, sizeof(nb_weight));
     L->up = xcalloc((size_t)mc->n_experts, sizeof(nb_weight));
     L->down = xcalloc((size_t)mc->n_experts, sizeof(nb_weight));
+    m->load_plain = 1;
     for (int x = 0; x < mc->n_experts; x++) {
 #define EXPERT(field, proj, rows, cols, sl)                                                        \
     (snprintf(n, sizeof n, "model.layers.%d.%s.experts.%d.%s.weight", li, mc->block, x, proj),     \
      model_bind_linear(m, &L->field[x], n, rows, cols, split ? sl : NULL, m->plan.moe, e))
         if (EXPERT(gate, mc->proj[0], F, H, &fr) || EXPERT(up, mc->proj[1], F, H, &fr) ||
-            EXPERT(down, mc->proj[2], H, F, &fc))
+            EXPERT(down, mc->proj[2], H, F, &fc)) {
+            m->load_plain = 0;
             return -1;
+        }
 #undef EXPERT
     }
+    m->load_plain = 0;
+    const nb_backend_ops *op = m->be->ops;
+    L->gate_set = op->experts_create(m->be, L->gate, mc->n_experts);
+    L->up_set = op->experts_create(m->be, L->up, mc->n_experts);
+    L->down_set = op->experts_create(m->be, L->down, mc->n_experts);
     if (S) {
         /* shared experts are plain linear layers: the dense format */
 #define SHARED(field, proj, rows, cols, sl)                                                        \
@@ -77,9 +93,14 @@ int model_moe_bind(nb_model *m, int li, nb_err *e) {
 void model_moe_free(nb_model *m) {
     if (!m->moe) return;
     nb_backend *be = m->be;
+    const nb_backend_ops *op = be->ops;
     for (int li = 0; li < m->cfg.n_layers; li++) {
         nb_moe_layer *L = &m->moe[li];
+        void *sets[] = {L->gate_set, L->up_set, L->down_set};
+        for (int i = 0; i < 3; i++)
+            if (sets[i]) op->experts_free(be, sets[i]);
         model_weight_free(be, &L->router);
+        if (L->score_bias) op->free(be, L->score_bias);
         for (int x = 0; L->gate && x < m->cfg.moe.n_experts; x++) {
             model_weight_free(be, &L->gate[x]);
             model_weight_free(be, &L->up[x]);
@@ -90,62 +111,40 @@ void model_moe_free(nb_model *m) {
     }
     free(m->moe);
     m->moe = NULL;
-    float *dev[] = {m->moe_logits, m->moe_xe, m->moe_ye};
+    void *dev[] = {m->moe_logits, m->moe_xe, m->moe_g, m->moe_u, m->moe_w, m->moe_groups, m->moe_rows, m->moe_slot};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
-        if (dev[i]) be->ops->free(be, dev[i]);
-    free(m->moe_host_logits), free(m->moe_rows), free(m->moe_w), free(m->moe_count);
-    free(m->moe_tok_x), free(m->moe_tok_w);
+        if (dev[i]) op->free(be, dev[i]);
 }
 
 void model_moe_alloc(nb_model *m) {
     const nb_moe_config *mc = &m->cfg.moe;
     size_t T = (size_t)m->max_tokens, H = (size_t)m->cfg.hidden_size, E = (size_t)mc->n_experts,
-           TK = T * (size_t)mc->n_used;
+           F = (size_t)m->moe_ffn, TK = T * (size_t)mc->n_used, P = NB_MOE_PAD_ROWS;
     nb_backend *be = m->be;
     m->moe_logits = be->ops->alloc(be, sizeof(float) * T * E);
-    m->moe_xe = be->ops->alloc(be, sizeof(float) * TK * H);
-    m->moe_ye = be->ops->alloc(be, sizeof(float) * T * H);
-    m->moe_host_logits = xmalloc(sizeof(float) * T * E);
-    m->moe_rows = xmalloc(sizeof(int32_t) * TK);
-    m->moe_w = xmalloc(sizeof(float) * TK);
-    m->moe_count = xmalloc(sizeof(int) * (E + 1));
-    m->moe_tok_x = xmalloc(sizeof(int32_t) * TK);
-    m->moe_tok_w = xmalloc(sizeof(float) * TK);
+    m->moe_xe = be->ops->alloc(be, sizeof(float) * (TK + P) * H);
+    m->moe_g = be->ops->alloc(be, sizeof(float) * (TK + P) * F);
+    m->moe_u = be->ops->alloc(be, sizeof(float) * (TK + P) * F);
+    m->moe_w = be->ops->alloc(be, sizeof(float) * TK);
+    m->moe_groups = be->ops->alloc(be, sizeof(int32_t) * NB_MOE_GROUPS(E));
+    m->moe_rows = be->ops->alloc(be, sizeof(int32_t) * TK);
+    m->moe_slot = be->ops->alloc(be, sizeof(int32_t) * TK);
 }
 
-/* Token t's experts, as Hugging Face's routers pick them: softmax of the
- * logits in FP32; the n_used highest of p + score bias (a lower id first
- * on ties); weights p of those, renormalized when the config says so.
- * chosen[] is in id order, so the caller's sums run over the experts in
- * one order whatever the weights. */
-static void route(const nb_moe_config *mc, const float *logits, const float *bias, int32_t *chosen, float *w) {
-    int E = mc->n_experts, K = mc->n_used;
-    float mx = -INFINITY, p[NB_MAX_EXPERTS];
-    for (int x = 0; x < E; x++) mx = logits[x] > mx ? logits[x] : mx;
-    float sum = 0.0f;
-    for (int x = 0; x < E; x++) sum += p[x] = expf(logits[x] - mx);
-    for (int x = 0; x < E; x++) p[x] /= sum;
-    unsigned char taken[NB_MAX_EXPERTS] = {0};
-    for (int k = 0; k < K; k++) {
-        int best = -1;
-        float bs = 0.0f;
-        for (int x = 0; x < E; x++) {
-            float s = bias ? p[x] + bias[x] : p[x];
-            if (!taken[x] && (best < 0 || s > bs)) best = x, bs = s;
-        }
-        taken[best] = 1;
+int model_moe_recordable(const nb_model *m, int n) {
+    const nb_backend_ops *op = m->be->ops;
+    for (int li = 0; li < m->cfg.n_layers; li++) {
+        const nb_moe_layer *L = &m->moe[li];
+        if (!L->gate_set) continue; /* a dense layer */
+        if (!op->experts_recordable(m->be, L->gate_set, n) || !op->experts_recordable(m->be, L->up_set, n) ||
+            !op->experts_recordable(m->be, L->down_set, n))
+            return 0;
     }
-    float wsum = 0.0f;
-    for (int x = 0, k = 0; x < E; x++)
-        if (taken[x]) chosen[k] = x, wsum += w[k++] = p[x];
-    if (mc->norm) {
-        float d = wsum > mc->norm_min ? wsum : mc->norm_min;
-        for (int k = 0; k < K; k++) w[k] /= d;
-    }
+    return 1;
 }
 
-/* The SiLU MLP of one expert (or the shared experts) on n rows of x, into
- * out, through the model's gate/up buffers. */
+/* The SiLU MLP of the shared experts on n rows of x, into out, through the
+ * model's gate/up buffers. */
 static void mlp(nb_model *m, float *out, const float *x, const nb_weight *gate, const nb_weight *up,
                 const nb_weight *down, int n) {
     const nb_backend_ops *op = m->be->ops;
@@ -161,44 +160,21 @@ void model_moe_forward(nb_model *m, int li, int n) {
     const nb_model_config *c = &m->cfg;
     const nb_moe_config *mc = &c->moe;
     const nb_moe_layer *L = &m->moe[li];
-    int E = mc->n_experts, K = mc->n_used;
+    int K = mc->n_used, nk = n * K;
     size_t H = (size_t)c->hidden_size;
+    nb_moe_route r = {mc->n_experts, K, mc->norm, mc->norm_min, L->score_bias};
 
     op->matmul(be, m->moe_logits, m->xn, &L->router, n);
-    op->download(be, m->moe_host_logits, m->moe_logits, sizeof(float) * (size_t)n * (size_t)E);
-    /* each token's experts, then the tokens grouped by expert (in token
-     * order within an expert): moe_count[x] is where expert x's rows start */
-    int32_t chosen[NB_MAX_EXPERTS_USED];
-    float wt[NB_MAX_EXPERTS_USED];
-    int *start = m->moe_count;
-    memset(start, 0, sizeof(int) * (size_t)(E + 1));
-    int32_t *tok_experts = m->moe_tok_x;
-    float *tok_w = m->moe_tok_w;
-    for (int t = 0; t < n; t++) {
-        route(mc, m->moe_host_logits + (size_t)t * E, L->score_bias, chosen, wt);
-        for (int k = 0; k < K; k++) {
-            tok_experts[t * K + k] = chosen[k], tok_w[t * K + k] = wt[k];
-            start[chosen[k] + 1]++;
-        }
-    }
-    for (int x = 0; x < E; x++) start[x + 1] += start[x];
-    int fill[NB_MAX_EXPERTS];
-    memcpy(fill, start, sizeof(int) * (size_t)E);
-    for (int t = 0; t < n; t++)
-        for (int k = 0; k < K; k++) {
-            int x = tok_experts[t * K + k], at = fill[x]++;
-            m->moe_rows[at] = t, m->moe_w[at] = tok_w[t * K + k];
-        }
-
-    /* every expert's input rows, so that xn can take the block's output */
-    op->gather_rows(be, m->moe_xe, m->xn, m->moe_rows, n * K, (int)H);
+    op->moe_route(be, m->moe_groups, m->moe_rows, m->moe_slot, m->moe_w, m->moe_logits, n, &r);
+    /* every pair's input row, so that xn can take the block's output */
+    op->gather_rows_dev(be, m->moe_xe, m->xn, m->moe_rows, nk, (int)H);
     if (mc->shared_ffn) mlp(m, m->xn, m->xn, &L->sh_gate, &L->sh_up, &L->sh_down, n);
     else op->zero(be, m->xn, sizeof(float) * (size_t)n * H);
-    for (int x = 0; x < E; x++) {
-        int cnt = start[x + 1] - start[x];
-        if (!cnt) continue;
-        mlp(m, m->moe_ye, m->moe_xe + (size_t)start[x] * H, &L->gate[x], &L->up[x], &L->down[x], cnt);
-        op->add_rows_scaled(be, m->xn, m->moe_ye, m->moe_rows + start[x], m->moe_w + start[x], cnt, (int)H);
-    }
+    op->matmul_experts(be, m->moe_g, m->moe_xe, L->gate_set, m->moe_groups, n, nk);
+    op->matmul_experts(be, m->moe_u, m->moe_xe, L->up_set, m->moe_groups, n, nk);
+    op->silu_mul(be, m->moe_g, m->moe_g, m->moe_u, (size_t)nk * (size_t)m->moe_ffn);
+    /* the pairs' outputs where their inputs were (read by now) */
+    op->matmul_experts(be, m->moe_xe, m->moe_g, L->down_set, m->moe_groups, n, nk);
+    op->moe_combine(be, m->xn, m->moe_xe, m->moe_slot, m->moe_w, n, K, (int)H);
     if (m->n_ranks > 1) op->all_reduce(be, m->xn, (size_t)n * H);
 }

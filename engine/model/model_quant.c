@@ -209,9 +209,9 @@ float *model_host_f32(nb_model *m, const st_tensor *t, int64_t rows, int64_t col
 }
 
 /* Hands a packed host weight to the backend (in its own layout where it
- * has one), counted as its format. */
+ * has one, unless the model asks for quant.h's), counted as its format. */
 static void load_packed(nb_model *m, nb_weight *w) {
-    m->bytes_by[w->dtype] += backend_weight_load(m->be, w);
+    m->bytes_by[w->dtype] += m->load_plain ? backend_weight_load_plain(m->be, w) : backend_weight_load(m->be, w);
 }
 
 /* The packed tensors of an offline checkpoint (or their part sl), bound

@@ -256,15 +256,6 @@ static void cpu_gather_rows(nb_backend *b, float *out, const float *x, const int
 
 static void cpu_zero(nb_backend *b, void *p, size_t bytes) { memset(p, 0, bytes); }
 
-static void cpu_add_rows_scaled(nb_backend *b, float *out, const float *x, const int32_t *rows, const float *w, int n,
-                                int cols) {
-    for (int i = 0; i < n; i++) {
-        float *o = out + (size_t)rows[i] * cols;
-        const float *xi = x + (size_t)i * cols;
-        for (int c = 0; c < cols; c++) o[c] = fmaf(w[i], xi[c], o[c]);
-    }
-}
-
 static void cpu_sync(nb_backend *b) {}
 
 static int cpu_supports(nb_backend *b, nb_dtype t) { return t >= 0 && t < NB_DTYPE_COUNT; }
@@ -350,7 +341,13 @@ static const nb_backend_ops CPU_OPS = {
     .softmax = cpu_softmax,
     .gather_rows = cpu_gather_rows,
     .zero = cpu_zero,
-    .add_rows_scaled = cpu_add_rows_scaled,
+    .gather_rows_dev = cpu_gather_rows,
+    .moe_route = cpu_moe_route,
+    .experts_create = cpu_experts_create,
+    .experts_free = cpu_experts_free,
+    .matmul_experts = cpu_matmul_experts,
+    .experts_recordable = cpu_experts_recordable,
+    .moe_combine = cpu_moe_combine,
     .sample = cpu_sample,
     .sync = cpu_sync,
     .destroy = cpu_destroy,

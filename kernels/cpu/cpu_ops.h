@@ -61,4 +61,15 @@ void cpu_attention(threadpool *pool, const nb_batch *batch, float *out, const fl
  * cache for F32, else decoded into buf (head_dim floats). */
 const float *cpu_kv_row(const void *cache, const nb_attn_shape *s, size_t slot, int kvh, float *buf);
 
+/* Mixture-of-experts ops (kernels/cpu/cpu_moe.c), as in backend.h. */
+void cpu_moe_route(nb_backend *b, int32_t *groups, int32_t *rows, int32_t *slot, float *w, const float *logits, int n,
+                   const nb_moe_route *r);
+void *cpu_experts_create(nb_backend *b, const nb_weight *w, int n);
+void cpu_experts_free(nb_backend *b, void *set);
+void cpu_matmul_experts(nb_backend *b, float *out, const float *x, const void *set, const int32_t *groups,
+                        int n_tokens, int n_rows);
+int cpu_experts_recordable(nb_backend *b, const void *set, int n_tokens);
+void cpu_moe_combine(nb_backend *b, float *out, const float *ye, const int32_t *slot, const float *w, int n, int K,
+                     int cols);
+
 #endif

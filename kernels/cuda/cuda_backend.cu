@@ -382,14 +382,33 @@ static void cu_zero(nb_backend *b, void *p, size_t bytes) {
     CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_impl(b)->stream));
 }
 
-static void cu_add_rows_scaled(nb_backend *b, float *out, const float *x, const int32_t *rows, const float *w, int n,
-                               int cols) {
-    cuda_backend *c = cuda_impl(b);
-    if (n <= 0) return;
-    // the rows, then the weights, in one staged copy
-    const int32_t *rows_dev = (const int32_t *)stage_host(c, rows, sizeof(int32_t) * (size_t)n, w,
-                                                          sizeof(float) * (size_t)n, "add_rows_scaled");
-    cuda_add_rows_scaled(c, out, x, rows_dev, (const float *)(rows_dev + n), n, cols);
+static void cu_gather_rows_dev(nb_backend *b, float *out, const float *x, const int32_t *rows, int n_rows, int cols) {
+    if (n_rows > 0) cuda_gather_rows(cuda_impl(b), out, x, rows, n_rows, cols);
+}
+
+static void cu_moe_route(nb_backend *b, int32_t *groups, int32_t *rows, int32_t *slot, float *w, const float *logits,
+                         int n, const nb_moe_route *r) {
+    cuda_moe_route(cuda_impl(b), groups, rows, slot, w, logits, n, r);
+}
+
+static void *cu_experts_create(nb_backend *b, const nb_weight *w, int n) {
+    return cuda_experts_create(cuda_impl(b), w, n);
+}
+
+static void cu_experts_free(nb_backend *b, void *set) { cuda_experts_free(cuda_impl(b), set); }
+
+static void cu_matmul_experts(nb_backend *b, float *out, const float *x, const void *set, const int32_t *groups,
+                              int n_tokens, int n_rows) {
+    cuda_matmul_experts(cuda_impl(b), out, x, set, groups, n_tokens, n_rows);
+}
+
+static int cu_experts_recordable(nb_backend *b, const void *set, int n_tokens) {
+    return cuda_experts_recordable(set, n_tokens);
+}
+
+static void cu_moe_combine(nb_backend *b, float *out, const float *ye, const int32_t *slot, const float *w, int n,
+                           int K, int cols) {
+    cuda_moe_combine(cuda_impl(b), out, ye, slot, w, n, K, cols);
 }
 
 static void cu_sample(nb_backend *b, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows) {
@@ -488,6 +507,7 @@ static void cu_destroy(nb_backend *b) {
     if (c->meta_host) cudaFreeHost(c->meta_host);
     if (c->pack_host) cudaFreeHost(c->pack_host);
     cuda_staging_free(&c->idx);
+    cuda_staging_free(&c->moe);
     cuda_staging_free(&c->smp);
     free(c->host_pos);
     if (c->stream) cudaStreamDestroy(c->stream);
@@ -521,7 +541,13 @@ static nb_backend_ops make_ops(void) {
     o.softmax = cu_softmax;
     o.gather_rows = cu_gather_rows;
     o.zero = cu_zero;
-    o.add_rows_scaled = cu_add_rows_scaled;
+    o.gather_rows_dev = cu_gather_rows_dev;
+    o.moe_route = cu_moe_route;
+    o.experts_create = cu_experts_create;
+    o.experts_free = cu_experts_free;
+    o.matmul_experts = cu_matmul_experts;
+    o.experts_recordable = cu_experts_recordable;
+    o.moe_combine = cu_moe_combine;
     o.sync = cu_sync;
     o.sample = cu_sample;
     o.destroy = cu_destroy;

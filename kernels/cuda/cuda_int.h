@@ -119,6 +119,9 @@ typedef struct cuda_backend {
     struct cuda_wint_tc_state *wint_tc;
     // cuda_sample.cu: staging of the rows, their histories and the ids
     cuda_staging smp;
+    // cuda_moe.cu: the expert counts, read back for matmul_experts' expert-
+    // by-expert path
+    cuda_staging moe;
 
     // cuda_comm.cu: tensor parallelism. The group this backend is a rank
     // of (NULL alone) and its NCCL communicator (an ncclComm_t, opaque here
@@ -243,19 +246,41 @@ void cuda_silu_mul(cuda_backend *c, float *out, const float *gate, const float *
 void cuda_rope(cuda_backend *c, float *x, int n_heads, int head_dim, const float *inv_freq, int interleaved);
 void cuda_softmax(cuda_backend *c, float *x, int n, int cols);
 void cuda_gather_rows(cuda_backend *c, float *out, const float *x, const int32_t *rows_dev, int n_rows, int cols);
-void cuda_add_rows_scaled(cuda_backend *c, float *out, const float *x, const int32_t *rows_dev, const float *w_dev,
-                          int n, int cols);
 // x (FP32) to BF16 or F16, n elements
 void cuda_convert(cuda_backend *c, void *out, nb_dtype t, const float *x, size_t n);
 
 // cuda_matmul.cu
 void cuda_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
 void cuda_gemm_algos_free(cuda_backend *c);
+// The experts of a mixture with F32/BF16/F16 weights (w_dev: their data
+// pointers in device memory; w0 the first's descriptor), grouped as
+// moe_route lays them out: the GEMV kernel, one block row per expert in use.
+int cuda_gemv_experts_ok(nb_dtype t);
+void cuda_gemv_experts(cuda_backend *c, float *out, const float *x, const void *const *w_dev, int vec,
+                       const int32_t *groups, int E, const nb_weight *w0, int n_tokens, int n_rows);
 
 // cuda_wint.cu: weight-only NB_WINT8 / NB_WINT4 / NB_WINT2 (quant/quant.h
 // layouts), FP32 activations in and out, the same contract as cuda_matmul.
 void cuda_wint_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
 void cuda_wint_free(cuda_backend *c);
+// The same for a mixture's experts in quant.h's layout: whether w can be
+// one, the device table of n experts (cudaFree'd by the caller; vec: all
+// read in 16-byte chunks) and the grouped GEMV (as cuda_gemv_experts).
+int cuda_wint_experts_ok(const nb_weight *w);
+void *cuda_wint_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec);
+void cuda_wint_experts(cuda_backend *c, float *out, const float *x, const void *table, int vec, const int32_t *groups,
+                       int E, const nb_weight *w0, int n_tokens, int n_rows);
+
+// cuda_moe.cu: the mixture-of-experts ops of backend.h.
+void cuda_moe_route(cuda_backend *c, int32_t *groups, int32_t *rows, int32_t *slot, float *w, const float *logits,
+                    int n, const nb_moe_route *r);
+void cuda_moe_combine(cuda_backend *c, float *out, const float *ye, const int32_t *slot, const float *w, int n, int K,
+                      int cols);
+void *cuda_experts_create(cuda_backend *c, const nb_weight *w, int n);
+void cuda_experts_free(cuda_backend *c, void *set);
+int cuda_experts_recordable(const void *set, int n_tokens);
+void cuda_matmul_experts(cuda_backend *c, float *out, const float *x, const void *set, const int32_t *groups,
+                         int n_tokens, int n_rows);
 
 // cuda_wint_tc.cu: the same product for NB_WINT8 / NB_WINT4 weights in the
 // tensor-core layout of quant/quant_tc.h (w->layout == NB_LAYOUT_TC), any M.

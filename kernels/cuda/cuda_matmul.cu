@@ -38,19 +38,14 @@ __device__ __forceinline__ void load_vec(float *dst, const __half *w) {
     }
 }
 
-// One warp per output column n: lanes walk the weight row in 16-byte
-// vectors, each multiplied into all MT activation rows, then the warp sums.
-// vec: the row length is a multiple of the vector width (else one element
-// per lane per step).
+// Output column n of MT activation rows (K apart) for one warp: lanes walk
+// the weight row wr in 16-byte vectors, each multiplied into all MT rows;
+// the warp's sums are left in acc (lane 0's are whole). vec: the row
+// length is a multiple of the vector width (else one element per lane per
+// step).
 template <typename T, int MT>
-__global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const float *x, const T *w, int N, int K,
-                                                               int vec) {
+__device__ __forceinline__ void gemv_col(float (&acc)[MT], const float *x, const T *wr, int K, int vec, int lane) {
     constexpr int V = 16 / sizeof(T);
-    int lane = threadIdx.x & 31;
-    int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (n >= N) return;
-    const T *wr = w + (size_t)n * K;
-    float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; m++) acc[m] = 0.0f;
     if (vec) {
@@ -76,9 +71,45 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const
         }
     }
 #pragma unroll
-    for (int m = 0; m < MT; m++) {
-        float s = cuda_warp_sum(acc[m]);
-        if (lane == 0) out[(size_t)m * N + n] = s;
+    for (int m = 0; m < MT; m++) acc[m] = cuda_warp_sum(acc[m]);
+}
+
+// One warp per output column n.
+template <typename T, int MT>
+__global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const float *x, const T *w, int N, int K,
+                                                               int vec) {
+    int lane = threadIdx.x & 31;
+    int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N) return;
+    float acc[MT];
+    gemv_col<T, MT>(acc, x, w + (size_t)n * K, K, vec, lane);
+    if (lane == 0)
+#pragma unroll
+        for (int m = 0; m < MT; m++) out[(size_t)m * N + n] = acc[m];
+}
+
+// The experts of a mixture (matmul_experts): block row j takes the j-th
+// expert that has rows (groups as moe_route lays them out) and walks its
+// rows MT at a time. Rows past the expert's last are read (the input has
+// NB_MOE_PAD_ROWS to spare) and not stored.
+template <typename T, int MT>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_experts_kernel(float *out, const float *x, const void *const *w, const int32_t *groups, int E, int N, int K,
+                        int vec) {
+    const int j = blockIdx.y;
+    if (j >= groups[E + 1]) return;
+    const int e = groups[E + 2 + j], r0 = groups[e], cnt = groups[e + 1] - r0;
+    int lane = threadIdx.x & 31;
+    int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N) return;
+    const T *wr = (const T *)w[e] + (size_t)n * K;
+    for (int c0 = 0; c0 < cnt; c0 += MT) {
+        float acc[MT];
+        gemv_col<T, MT>(acc, x + (size_t)(r0 + c0) * K, wr, K, vec, lane);
+        if (lane == 0)
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+                if (c0 + m < cnt) out[(size_t)(r0 + c0 + m) * N + n] = acc[m];
     }
 }
 
@@ -95,6 +126,40 @@ static void gemv_launch(cudaStream_t st, float *out, const float *x, const T *w,
     default: abort();
     }
     CUDA_LAUNCHED();
+}
+
+template <typename T>
+static void gemv_experts_launch(cudaStream_t st, float *out, const float *x, const void *const *w,
+                                const int32_t *groups, int E, int N, int K, int vec, int mt, int max_active) {
+    dim3 grid((unsigned)((N + GEMV_WARPS - 1) / GEMV_WARPS), (unsigned)max_active), block(GEMV_WARPS * 32);
+    switch (mt) {
+#define CASE(m) \
+    case m: gemv_experts_kernel<T, m><<<grid, block, 0, st>>>(out, x, w, groups, E, N, K, vec); break;
+        CASE(1) CASE(2) CASE(4) CASE(8)
+#undef CASE
+    default: abort();
+    }
+    CUDA_LAUNCHED();
+}
+
+int cuda_gemv_experts_ok(nb_dtype t) { return t == NB_F32 || t == NB_BF16 || t == NB_F16; }
+
+void cuda_gemv_experts(cuda_backend *c, float *out, const float *x, const void *const *w_dev, int vec,
+                       const int32_t *groups, int E, const nb_weight *w0, int n_tokens, int n_rows) {
+    const int N = (int)w0->rows, K = (int)w0->cols;
+    // rows per pass: the tokens (no expert has more), at most GEMV_MAX_M
+    int mt = 1;
+    while (mt < n_tokens && mt < GEMV_MAX_M) mt *= 2;
+    const int max_active = E < n_rows ? E : n_rows;
+    vec = vec && K % (16 / (int)nb_dtype_size(w0->dtype)) == 0 && (uintptr_t)x % 16 == 0;
+    switch (w0->dtype) {
+    case NB_F32: gemv_experts_launch<float>(c->stream, out, x, w_dev, groups, E, N, K, vec, mt, max_active); break;
+    case NB_BF16:
+        gemv_experts_launch<__nv_bfloat16>(c->stream, out, x, w_dev, groups, E, N, K, vec, mt, max_active);
+        break;
+    case NB_F16: gemv_experts_launch<__half>(c->stream, out, x, w_dev, groups, E, N, K, vec, mt, max_active); break;
+    default: abort();
+    }
 }
 
 // ---- larger M: cuBLASLt ---------------------------------------------------

@@ -242,18 +242,4 @@ void cuda_gather_rows(cuda_backend *c, float *out, const float *x, const int32_t
     CUDA_LAUNCHED();
 }
 
-// One block per row; a call names no row twice, so no two blocks write
-// the same element. fmaf as on the CPU, so both give the same bytes.
-__global__ void add_rows_scaled_kernel(float *out, const float *x, const int32_t *rows, const float *w, int cols) {
-    float *dst = out + (size_t)rows[blockIdx.x] * cols;
-    const float *src = x + (size_t)blockIdx.x * cols;
-    const float wt = w[blockIdx.x];
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = fmaf(wt, src[i], dst[i]);
-}
-
-void cuda_add_rows_scaled(cuda_backend *c, float *out, const float *x, const int32_t *rows_dev, const float *w_dev,
-                          int n, int cols) {
-    add_rows_scaled_kernel<<<n, ELEM_THREADS, 0, c->stream>>>(out, x, rows_dev, w_dev, cols);
-    CUDA_LAUNCHED();
-}
 

@@ -177,17 +177,15 @@ __device__ __forceinline__ void gemv_byte(float (&acc)[MT], const float *x, cons
     }
 }
 
-// One warp per output column n; lanes take the packed row's 16-byte chunks
-// in turn (vec) or its bytes (otherwise).
+// Output column n of MT activation rows for one warp: lanes take the
+// packed row's 16-byte chunks in turn (vec) or its bytes (otherwise); the
+// warp's sums are left in acc.
 template <nb_dtype T, int MT>
-__global__ void __launch_bounds__(WG_WARPS * 32) wint_gemv_kernel(float *out, const float *x, wint_args a, int vec) {
+__device__ __forceinline__ void wint_gemv_col(float (&acc)[MT], const float *x, const wint_args &a, int n, int vec,
+                                              int lane) {
     constexpr int WPB = wint_per_byte<T>();
-    const int lane = threadIdx.x & 31;
-    const int n = blockIdx.x * WG_WARPS + (threadIdx.x >> 5);
-    if (n >= a.N) return;
     const int rb = a.K / WPB;
     const uint8_t *row = a.data + (size_t)n * rb;
-    float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; m++) acc[m] = 0.0f;
     if (vec) {
@@ -196,9 +194,42 @@ __global__ void __launch_bounds__(WG_WARPS * 32) wint_gemv_kernel(float *out, co
         for (int b = lane; b < rb; b += 32) gemv_byte<T, MT>(acc, x, a, n, b, row[b]);
     }
 #pragma unroll
-    for (int m = 0; m < MT; m++) {
-        float s = cuda_warp_sum(acc[m]);
-        if (lane == 0) out[(size_t)m * a.N + n] = s;
+    for (int m = 0; m < MT; m++) acc[m] = cuda_warp_sum(acc[m]);
+}
+
+// One warp per output column n.
+template <nb_dtype T, int MT>
+__global__ void __launch_bounds__(WG_WARPS * 32) wint_gemv_kernel(float *out, const float *x, wint_args a, int vec) {
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * WG_WARPS + (threadIdx.x >> 5);
+    if (n >= a.N) return;
+    float acc[MT];
+    wint_gemv_col<T, MT>(acc, x, a, n, vec, lane);
+    if (lane == 0)
+#pragma unroll
+        for (int m = 0; m < MT; m++) out[(size_t)m * a.N + n] = acc[m];
+}
+
+// The experts of a mixture (matmul_experts), as cuda_matmul.cu's
+// gemv_experts_kernel: block row j takes the j-th expert that has rows and
+// walks them MT at a time (rows past its last are read and not stored).
+template <nb_dtype T, int MT>
+__global__ void __launch_bounds__(WG_WARPS * 32)
+    wint_gemv_experts_kernel(float *out, const float *x, const wint_args *tab, const int32_t *groups, int E, int vec) {
+    const int j = blockIdx.y;
+    if (j >= groups[E + 1]) return;
+    const int e = groups[E + 2 + j], r0 = groups[e], cnt = groups[e + 1] - r0;
+    const wint_args a = tab[e];
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * WG_WARPS + (threadIdx.x >> 5);
+    if (n >= a.N) return;
+    for (int c0 = 0; c0 < cnt; c0 += MT) {
+        float acc[MT];
+        wint_gemv_col<T, MT>(acc, x + (size_t)(r0 + c0) * a.K, a, n, vec, lane);
+        if (lane == 0)
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+                if (c0 + m < cnt) out[(size_t)(r0 + c0 + m) * a.N + n] = acc[m];
     }
 }
 
@@ -433,6 +464,19 @@ template <nb_dtype T> static void wint_run(cuda_backend *c, float *out, const fl
     }
 }
 
+// The kernels' view of w; nonzero when its group breaks the layout they
+// read (they divide by the group and read whole bytes of a group).
+static int wint_make_args(const nb_weight *w, wint_args *a) {
+    a->data = (const uint8_t *)w->data;
+    a->scale = (const float *)w->scale;
+    a->codes = (const uint8_t *)w->scale;
+    a->super = (const float *)w->scale2;
+    a->N = (int)w->rows, a->K = (int)w->cols, a->group = w->group;
+    if (w->dtype == NB_WINT4) return a->group <= 0 || a->K % a->group != 0 || a->group % 2 != 0;
+    if (w->dtype == NB_WINT2) return a->K % QUANT_WINT2_GROUP != 0;
+    return 0;
+}
+
 void cuda_wint_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
     if (w->layout == NB_LAYOUT_TC) {
         cuda_wint_tc_matmul(c, out, x, w, M);
@@ -445,16 +489,7 @@ void cuda_wint_matmul(cuda_backend *c, float *out, const float *x, const nb_weig
         abort();
     }
     wint_args a;
-    a.data = (const uint8_t *)w->data;
-    a.scale = (const float *)w->scale;
-    a.codes = (const uint8_t *)w->scale;
-    a.super = (const float *)w->scale2;
-    a.N = (int)w->rows, a.K = (int)w->cols, a.group = w->group;
-    // the kernels divide by the group and read whole bytes of a group
-    int bad = 0;
-    if (w->dtype == NB_WINT4) bad = a.group <= 0 || a.K % a.group != 0 || a.group % 2 != 0;
-    if (w->dtype == NB_WINT2) bad = a.K % QUANT_WINT2_GROUP != 0;
-    if (bad) {
+    if (wint_make_args(w, &a)) {
         fprintf(stderr, "nibble: cuda matmul: %s weight [%d, %d] with group %d breaks its layout (quant_check)\n",
                 nb_dtype_name(w->dtype), a.N, a.K, a.group);
         abort();
@@ -467,5 +502,61 @@ void cuda_wint_matmul(cuda_backend *c, float *out, const float *x, const nb_weig
         fprintf(stderr, "nibble: cuda wint matmul: %s weights are not weight-only quantized\n",
                 nb_dtype_name(w->dtype));
         abort();
+    }
+}
+
+// ---- experts -------------------------------------------------------------------
+
+int cuda_wint_experts_ok(const nb_weight *w) {
+    wint_args a;
+    return (w->dtype == NB_WINT8 || w->dtype == NB_WINT4 || w->dtype == NB_WINT2) && w->layout == NB_LAYOUT_PLAIN &&
+           w->rows <= INT32_MAX && w->cols <= INT32_MAX && !wint_make_args(w, &a);
+}
+
+void *cuda_wint_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec) {
+    wint_args *h = (wint_args *)malloc(sizeof(wint_args) * (size_t)n);
+    if (!h) abort();
+    *vec = 1;
+    for (int e = 0; e < n; e++) {
+        wint_make_args(&w[e], &h[e]);
+        switch (w[e].dtype) {
+        case NB_WINT8: *vec &= chunked<NB_WINT8>(h[e]); break;
+        case NB_WINT4: *vec &= chunked<NB_WINT4>(h[e]); break;
+        default: *vec &= chunked<NB_WINT2>(h[e]); break;
+        }
+    }
+    void *d = NULL;
+    CUDA_CHECK(cudaMalloc(&d, sizeof(wint_args) * (size_t)n));
+    CUDA_CHECK(cudaMemcpy(d, h, sizeof(wint_args) * (size_t)n, cudaMemcpyHostToDevice));
+    free(h);
+    return d;
+}
+
+template <nb_dtype T>
+static void experts_launch(cudaStream_t st, float *out, const float *x, const wint_args *tab, const int32_t *groups,
+                           int E, int N, int vec, int mt, int max_active) {
+    dim3 grid((unsigned)((N + WG_WARPS - 1) / WG_WARPS), (unsigned)max_active), block(WG_WARPS * 32);
+    switch (mt) {
+#define CASE(m) \
+    case m: wint_gemv_experts_kernel<T, m><<<grid, block, 0, st>>>(out, x, tab, groups, E, vec); break;
+        CASE(1) CASE(2) CASE(4) CASE(8) CASE(16)
+#undef CASE
+    default: abort();
+    }
+    CUDA_LAUNCHED();
+}
+
+void cuda_wint_experts(cuda_backend *c, float *out, const float *x, const void *table, int vec, const int32_t *groups,
+                       int E, const nb_weight *w0, int n_tokens, int n_rows) {
+    int mt = 1;
+    while (mt < n_tokens && mt < WG_MAX_M) mt *= 2;
+    const int max_active = E < n_rows ? E : n_rows, N = (int)w0->rows;
+    vec = vec && (uintptr_t)x % 16 == 0;
+    const wint_args *tab = (const wint_args *)table;
+    switch (w0->dtype) {
+    case NB_WINT8: experts_launch<NB_WINT8>(c->stream, out, x, tab, groups, E, N, vec, mt, max_active); break;
+    case NB_WINT4: experts_launch<NB_WINT4>(c->stream, out, x, tab, groups, E, N, vec, mt, max_active); break;
+    case NB_WINT2: experts_launch<NB_WINT2>(c->stream, out, x, tab, groups, E, N, vec, mt, max_active); break;
+    default: abort();
     }
 }

@@ -190,9 +190,9 @@ static void check_on(const char *name, const ref *r, const char *kv, int ranks) 
              * noise is routed otherwise on the GPU (gpu_model_test.h), and
              * such positions of the batched and decode-batch checks were
              * seen 8e-2 from the CPU: no tolerance there would tell a bug
-             * from a flip. The ops the block adds are held bit for bit in
-             * test_cuda_ops; the routing is host code shared with the CPU,
-             * which tests/test_model.c holds to transformers. */
+             * from a flip. The block's ops are held to the CPU's op by op in
+             * test_cuda_moe, and the CPU's routing to transformers in
+             * tests/test_model.c. */
             check_logits(mc, mg, r, what, chunks, 3, MOE_LOGIT_TOL);
             check_greedy(mc, mg, r, what, 1, 1);
         } else {
@@ -227,9 +227,9 @@ static void test_mistral(void) { check_fixture("mistral"); }
 static void test_qwen2(void) { check_fixture("qwen2"); }
 static void test_qwen3(void) { check_fixture("qwen3"); }
 static void test_ernie(void) { check_fixture("ernie"); }
-/* mixtures of experts: routing on the host from the device's router logits,
- * each expert's rows through the device's matmuls; never recorded. The
- * prompt's logits and the greedy path (see check_on). */
+/* mixtures of experts: routed on the device, decode steps recorded like a
+ * dense model's (one token at a time: the chunks of 1 and the greedy
+ * path). The prompt's logits and the greedy path (see check_on). */
 static void test_moe(void) {
     check_fixture("qwen3-moe");
     check_fixture("mixtral");
