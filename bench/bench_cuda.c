@@ -102,6 +102,12 @@ static void bench_decode(const char *dir, const nb_quant_plan *quant, const int 
     double emb_bytes = (double)et->nbytes, emb_row = emb_bytes / V;
     st_close(st);
     double w_fixed = c->tie_embeddings ? wtotal : wtotal - emb_bytes;
+    /* a mixture reads only the experts a step's tokens pick: with the
+     * random router of a synthetic model every expert is as likely, so a
+     * step of B tokens reads the expected share 1 - (1 - used/E)^B of them
+     * (a layer's tokens pick distinct experts) */
+    double w_experts = (double)model_expert_bytes(m);
+    w_fixed -= w_experts;
 
     printf("\ndecode: %s (%s, %d layers, hidden %d, vocab %d, %s lm_head), weights %s, KV cache %s; load %.1f s\n", dir,
            c->arch_name, L, c->hidden_size, V, c->tie_embeddings ? "tied" : "untied", wdesc, nb_kv_dtype_name(s.kv_dtype),
@@ -110,6 +116,10 @@ static void bench_decode(const char *dir, const nb_quant_plan *quant, const int 
            "%.3f GB (every linear and norm weight and the lm_head%s; of the embedding only the step's rows);\n"
            "KV %.0f KiB per token of context (all layers, K and V)\n",
            w_fixed / 1e9, c->tie_embeddings ? " = the embedding" : "", kv_tok / 1024.0);
+    if (w_experts > 0)
+        printf("plus experts: %.3f GB, of which a step of B tokens reads the share 1 - (1 - %d/%d)^B expected of\n"
+               "uniform routing (the synthetic router's weights are random)\n",
+               w_experts / 1e9, c->moe.n_used, c->moe.n_experts);
 
     /* sequence s owns blocks s * bps ...; the first B rows serve batch B */
     int32_t *tables = xmalloc(sizeof(int32_t) * (size_t)max_b * bps);
@@ -189,7 +199,9 @@ static void bench_decode(const char *dir, const nb_quant_plan *quant, const int 
             ms[phase] = dt / steps * 1e3;
         }
         kv_read /= steps;
-        double wread = w_fixed + B * emb_row, bound_step = (wread + kv_read) / bw, bound = B / bound_step;
+        double share = w_experts > 0 ? 1.0 - pow(1.0 - (double)c->moe.n_used / c->moe.n_experts, B) : 0.0;
+        double wread = w_fixed + share * w_experts + B * emb_row, bound_step = (wread + kv_read) / bw,
+               bound = B / bound_step;
         printf("  %5d %14.1f %10.3f %14.1f %10.3f %14.1f %9.2f %9.3f %8.2f %8.2f\n", B, rate[0], ms[0], rate[1], ms[1],
                bound, wread / 1e9, kv_read / 1e9, rate[0] / bound, rate[1] / bound);
     }

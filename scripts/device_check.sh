@@ -17,12 +17,15 @@
 #             QUANTS at batch 1,32
 #   memcheck  compute-sanitizer memcheck on test_cuda_ops
 #   server    test_cli.py and test_server.py with NIBBLE_DEVICE=cuda
+#   moe       a synthetic Qwen3-30B-A3B-shaped mixture (MOE_LAYERS of its 48
+#             layers, ~1.2 GB each), decode in BF16 and wint4 at batch 1,8,32
 # Logs go to $OUT (the device tool's return folder; ./tmp/device_check when
 # unset), at most 8 files; the last thing printed is a table of phases with
 # their results and the lines that matter, since a reply carries only the
 # end of the output.
 # Environment: SKIP (phase names to leave out, e.g. "synth decode"), QUANTS
 # (wint8 wint4 block_wise_fp8), LAYERS (32), SYNTH_DIR (/tmp/nibble-synth-8b),
+# MOE_DIR (/tmp/nibble-synth-moe), MOE_LAYERS (8),
 # JOBS (nproc), CUDA_ARCHS (sm_90 only).
 set -u
 cd "$(dirname "$0")/.."
@@ -35,6 +38,8 @@ SKIP=${SKIP:-}
 QUANTS=${QUANTS-wint8 wint4 block_wise_fp8}
 LAYERS=${LAYERS:-32}
 SYNTH_DIR=${SYNTH_DIR:-/tmp/nibble-synth-8b}
+MOE_DIR=${MOE_DIR:-/tmp/nibble-synth-moe}
+MOE_LAYERS=${MOE_LAYERS:-8}
 JOBS=${JOBS:-$(nproc)}
 export CUDA_ARCHS=${CUDA_ARCHS:--gencode arch=compute_90,code=sm_90}
 export PYTHONUNBUFFERED=1
@@ -105,8 +110,8 @@ if [ "${ndev:-0}" -lt 1 ]; then
 fi
 
 # ---- GPU tests, op tests first ---------------------------------------------------------
-GPU_TESTS="test_cuda_ops test_cuda_attention test_cuda_wint test_cuda_fp8 test_cuda_sample test_cuda_model
-           test_cuda_wint_model test_cuda_fp8_model test_cuda_comm"
+GPU_TESTS="test_cuda_ops test_cuda_attention test_cuda_wint test_cuda_fp8 test_cuda_moe test_cuda_sample
+           test_cuda_model test_cuda_wint_model test_cuda_fp8_model test_cuda_comm"
 if ! skipped gpu; then
     for t in $GPU_TESTS; do
         run_capped "$t" 150 "$OUT/gpu_tests.log" "build/tests/gpu/$t"
@@ -153,6 +158,22 @@ if ! skipped server; then
     note server "$(result $RC)" "$DT" "$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$OUT/server.log" | tail -n 1)"
 fi
 
+# ---- last, with what time is left: a mixture of experts (Qwen3-30B-A3B's shapes) --------
+if ! skipped moe; then
+    if [ ! -f "$MOE_DIR/model.safetensors.index.json" ]; then
+        run_capped synth-moe 90 "$OUT/bench_decode.log" python3 scripts/make_synth_model.py "$MOE_DIR" \
+            --arch qwen3-30b-a3b --layers "$MOE_LAYERS"
+        note synth-moe "$(result $RC)" "$DT" "$MOE_DIR, $MOE_LAYERS layers"
+    fi
+    if [ -f "$MOE_DIR/model.safetensors.index.json" ]; then
+        for q in "" wint4; do
+            run_capped "moe-${q:-bf16}" 75 "$OUT/bench_decode.log" build/bench/bench_cuda --model "$MOE_DIR" \
+                ${q:+--quantization $q} --context 512 --steps 32 --batches 1,8,32
+            note "moe-${q:-bf16}" "$(result $RC)" "$DT" "batch 1,8,32"
+        done
+    fi
+fi
+
 # ---- what the reply should carry ------------------------------------------------------------
 echo
 echo "== failures (gpu tests, server)"
@@ -161,6 +182,6 @@ grep -h -E '^(FAIL|not ok)|check failed|MISMATCH' "$OUT"/gpu_tests.log "$OUT"/se
 echo "== issue 6 targets (bench_cuda --ops)"
 sed -n '/issue 6 targets/,/^$/p' "$OUT/bench_ops.log" 2>/dev/null | head -n 8
 echo "== decode (bench_cuda --model)"
-grep -E '^decode:|^ +[0-9]+ +[0-9.]+ ' "$OUT/bench_decode.log" 2>/dev/null | cut -c1-150 | head -n 24
+grep -E '^decode:|^ +[0-9]+ +[0-9.]+ ' "$OUT/bench_decode.log" 2>/dev/null | cut -c1-150 | head -n 36
 echo "== phases ($(($(date +%s) - T0)) s of $BUDGET)"
 cat "$SUMMARY"

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """Writes a synthetic Llama-3-8B-shaped checkpoint for the GPU benchmarks.
 
-    python3 scripts/make_synth_model.py OUT_DIR [--layers 32] [--device auto|cuda|cpu]
+    python3 scripts/make_synth_model.py OUT_DIR [--layers 32] [--device auto|cuda|cpu] [--arch llama3-8b|qwen3-30b-a3b]
+
+--arch qwen3-30b-a3b writes a mixture of experts of Qwen3-30B-A3B's shapes
+instead (Qwen3MoeForCausalLM: hidden 2048, 32 heads, 4 KV heads, head_dim
+128, QK norms, 128 experts of width 768, 8 per token, vocab 151936; about
+1.2 GB a layer of its 48).
 
 The directory is a complete Hugging Face model: config.json
 (LlamaForCausalLM, hidden 4096, intermediate 14336, 32 heads, 8 KV heads,
@@ -35,6 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(ROOT, "tests", "fixtures", "models", "llama")
 
+# the model's shapes; main() switches them to MOE's for --arch qwen3-30b-a3b
 HIDDEN = 4096
 INTERMEDIATE = 14336
 HEADS = 32
@@ -42,6 +48,11 @@ KV_HEADS = 8
 HEAD_DIM = 128
 VOCAB = 128256
 STD = 0.02
+EXPERTS = 0  # experts per layer (0: dense)
+MOE = {"HIDDEN": 2048, "INTERMEDIATE": 6144, "HEADS": 32, "KV_HEADS": 4, "HEAD_DIM": 128, "VOCAB": 151936,
+       "EXPERTS": 128}
+EXPERT_WIDTH = 768
+EXPERTS_USED = 8
 
 
 def die(msg):
@@ -72,10 +83,23 @@ def tensor_plan(layers):
             (p + "self_attn.v_proj.weight", (kv, HIDDEN), False),
             (p + "self_attn.o_proj.weight", (HIDDEN, q), False),
             (p + "post_attention_layernorm.weight", (HIDDEN,), True),
-            (p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN), False),
-            (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN), False),
-            (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE), False),
         ]
+        if not EXPERTS:
+            plan += [
+                (p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN), False),
+                (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN), False),
+                (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE), False),
+            ]
+            continue
+        plan += [(p + "self_attn.q_norm.weight", (HEAD_DIM,), True), (p + "self_attn.k_norm.weight", (HEAD_DIM,), True),
+                 (p + "mlp.gate.weight", (EXPERTS, HIDDEN), False)]
+        for x in range(EXPERTS):
+            e = f"{p}mlp.experts.{x}."
+            plan += [
+                (e + "gate_proj.weight", (EXPERT_WIDTH, HIDDEN), False),
+                (e + "up_proj.weight", (EXPERT_WIDTH, HIDDEN), False),
+                (e + "down_proj.weight", (HIDDEN, EXPERT_WIDTH), False),
+            ]
     plan += [("model.norm.weight", (HIDDEN,), True), ("lm_head.weight", (VOCAB, HIDDEN), False)]
     return plan
 
@@ -182,6 +206,20 @@ def write_configs(out, layers, bos, eos, seed):
         "vocab_size": VOCAB,
         "nibble_synthetic": f"random N(0, {STD}) weights, seed {seed}, written by scripts/make_synth_model.py",
     }
+    if EXPERTS:
+        config.update({
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "moe_intermediate_size": EXPERT_WIDTH,
+            "norm_topk_prob": True,
+            "num_experts": EXPERTS,
+            "num_experts_per_tok": EXPERTS_USED,
+            "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0,
+        })
+        del config["mlp_bias"], config["pretraining_tp"]
     gen = {"bos_token_id": bos, "eos_token_id": eos}
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -198,7 +236,12 @@ def main():
     ap.add_argument("--device", default="auto", help="where to generate the tensors: auto, cuda or cpu")
     ap.add_argument("--shard-gb", type=float, default=4.0, help="largest shard in GB (default 4)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", default="llama3-8b", help="llama3-8b (default) or qwen3-30b-a3b (a mixture of experts)")
     args = ap.parse_args()
+    if args.arch not in ("llama3-8b", "qwen3-30b-a3b"):
+        die(f"--arch {args.arch!r}: expected llama3-8b or qwen3-30b-a3b")
+    if args.arch == "qwen3-30b-a3b":
+        globals().update(MOE)
     if args.layers < 1:
         die("--layers must be at least 1")
     if args.device not in ("auto", "cuda", "cpu"):
@@ -226,7 +269,8 @@ def main():
     n = len(shards)
     bos, eos, tok_vocab = special_ids()
     write_configs(out, args.layers, bos, eos, args.seed)
-    print(f"make_synth_model: {out}: LlamaForCausalLM, {args.layers} layers, "
+    arch = "Qwen3MoeForCausalLM" if EXPERTS else "LlamaForCausalLM"
+    print(f"make_synth_model: {out}: {arch}, {args.layers} layers, "
           f"{len(plan)} tensors, {total / 1e9:.2f} GB BF16 in {n} shard(s), generated on {dev} with {'torch' if torch is not None else 'numpy'}; "
           f"tokenizer vocab {tok_vocab} of the model's {VOCAB}", flush=True)
 

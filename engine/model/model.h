@@ -38,6 +38,10 @@ void model_set_capture(nb_model *m, model_capture_fn fn, void *ctx);
 const nb_quant_plan *model_quant_plan(const nb_model *m);
 /* Resident weight bytes of format t. */
 size_t model_weight_bytes(const nb_model *m, nb_dtype t);
+/* Of those, the bytes of a mixture's experts (all ranks; not the shared
+ * experts or routers): a decode step reads only the experts its tokens
+ * pick. 0 for a dense model. */
+size_t model_expert_bytes(const nb_model *m);
 int model_num_kv_blocks(const nb_model *m);
 int model_max_batch_tokens(const nb_model *m);
 int model_max_logit_rows(const nb_model *m);

@@ -23,6 +23,7 @@
 
 #include "common/util.h"
 #include "engine/model/model_int.h"
+#include "quant/quant.h"
 
 _Static_assert(NB_MAX_EXPERTS <= NB_MOE_MAX_EXPERTS, "the backends route at most NB_MOE_MAX_EXPERTS experts");
 
@@ -129,6 +130,25 @@ void model_moe_alloc(nb_model *m) {
     m->moe_groups = be->ops->alloc(be, sizeof(int32_t) * NB_MOE_GROUPS(E));
     m->moe_rows = be->ops->alloc(be, sizeof(int32_t) * TK);
     m->moe_slot = be->ops->alloc(be, sizeof(int32_t) * TK);
+}
+
+static size_t weight_bytes(const nb_weight *w) {
+    if (w->dtype == NB_F32 || w->dtype == NB_BF16 || w->dtype == NB_F16)
+        return (size_t)w->rows * (size_t)w->cols * nb_dtype_size(w->dtype);
+    return quant_weight_bytes(w);
+}
+
+size_t model_expert_bytes(const nb_model *m) {
+    size_t sum = 0;
+    for (int r = 0; m->moe && r < m->n_ranks; r++) {
+        const nb_model *rm = model_tp_rank((nb_model *)m, r);
+        for (int li = 0; li < rm->cfg.n_layers; li++) {
+            const nb_moe_layer *L = &rm->moe[li];
+            for (int x = 0; L->gate && x < rm->cfg.moe.n_experts; x++)
+                sum += weight_bytes(&L->gate[x]) + weight_bytes(&L->up[x]) + weight_bytes(&L->down[x]);
+        }
+    }
+    return sum;
 }
 
 int model_moe_recordable(const nb_model *m, int n) {
