@@ -264,12 +264,14 @@ void cuda_gemv_experts(cuda_backend *c, float *out, const float *x, const void *
 void cuda_wint_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
 void cuda_wint_free(cuda_backend *c);
 // The same for a mixture's experts in quant.h's layout: whether w can be
-// one, the device table of n experts (cudaFree'd by the caller; vec: all
-// read in 16-byte chunks) and the grouped GEMV (as cuda_gemv_experts).
+// one, the device table of n experts (cudaFree'd by the caller; chunked:
+// all are read in 16-byte chunks) and their grouped product (as
+// cuda_gemv_experts): the GEMV up to 16 tokens, tensor cores above (for
+// chunked experts; else the GEMV, 16 rows a pass), any number of tokens.
 int cuda_wint_experts_ok(const nb_weight *w);
-void *cuda_wint_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec);
-void cuda_wint_experts(cuda_backend *c, float *out, const float *x, const void *table, int vec, const int32_t *groups,
-                       int E, const nb_weight *w0, int n_tokens, int n_rows);
+void *cuda_wint_experts_table(cuda_backend *c, const nb_weight *w, int n, int *chunked);
+void cuda_wint_experts(cuda_backend *c, float *out, const float *x, const void *table, int chunked,
+                       const int32_t *groups, int E, const nb_weight *w0, int n_tokens, int n_rows);
 
 // cuda_moe.cu: the mixture-of-experts ops of backend.h.
 void cuda_moe_route(cuda_backend *c, int32_t *groups, int32_t *rows, int32_t *slot, float *w, const float *logits,

@@ -12,14 +12,17 @@
 // keep token order within an expert without a sort; the pairs pass through
 // shared memory in chunks.
 //
-// matmul_experts on a grouped set (BF16/F16/F32 or WINT8/WINT4/WINT2 in
-// quant.h's layout, which the model keeps experts in) up to
-// CUDA_EXPERTS_GEMV_MAX_TOKENS tokens: the GEMV kernels of cuda_matmul.cu
-// and cuda_wint.cu with one block row per expert that has rows, so the
-// weights of the experts in use are each read once a pass (their rows go
-// MT at a time). Above that (prefill), and for FP8 experts, the expert
-// counts come back to the host and each expert runs cuda_matmul on its
-// rows: tensor cores where the rows are many, one stream sync a call.
+// matmul_experts on a grouped set, one launch whatever the routing:
+//  - WINT8/WINT4/WINT2 in quant.h's layout (which the model keeps experts
+//    in), any number of tokens: cuda_wint.cu's GEMV with one block row per
+//    expert in use up to 16 tokens (each expert's weights read once a pass,
+//    its rows MT at a time), its tensor-core kernel above, one block row per
+//    64-row tile of the experts in use;
+//  - BF16/F16/F32 up to CUDA_EXPERTS_GEMV_MAX_TOKENS tokens: cuda_matmul.cu's
+//    GEMV the same way.
+// Larger BF16 steps (prefill) and FP8 experts read the expert counts back
+// and run each expert through cuda_matmul on its rows (cuBLASLt where the
+// rows are many), one stream sync a call; such steps are not recorded.
 #include "kernels/cuda/cuda_int.h"
 
 // Beyond this many tokens an expert's rows are better served by the
@@ -220,7 +223,7 @@ void cuda_experts_free(cuda_backend *c, void *set) {
 
 int cuda_experts_recordable(const void *set, int n_tokens) {
     const cuda_experts *s = (const cuda_experts *)set;
-    return s->kind != EXPERTS_EACH && n_tokens <= CUDA_EXPERTS_GEMV_MAX_TOKENS;
+    return s->kind == EXPERTS_WINT || (s->kind == EXPERTS_DENSE && n_tokens <= CUDA_EXPERTS_GEMV_MAX_TOKENS);
 }
 
 void cuda_matmul_experts(cuda_backend *c, float *out, const float *x, const void *set, const int32_t *groups,

@@ -358,19 +358,18 @@ __device__ __forceinline__ void mma_dequant(__nv_bfloat16 *bs, const uint8_t *bp
     }
 }
 
-// One 64x64 tile of out per block (blockIdx.x: columns n, blockIdx.y: rows
-// m). Warp w computes rows 32 * (w / 2) .. +31 and columns 32 * (w % 2) ..
-// +31 of it as 2 x 4 mma tiles of 16x8.
+// The 64x64 tile of out at rows m0, columns n0, for one block. Warp w
+// computes rows 32 * (w / 2) .. +31 and columns 32 * (w % 2) .. +31 of it
+// as 2 x 4 mma tiles of 16x8.
 template <nb_dtype T>
-__global__ void __launch_bounds__(WT_THREADS) wint_mma_kernel(float *out, const __nv_bfloat16 *act, int Kp, int M,
-                                                              wint_args a) {
+__device__ __forceinline__ void mma_tile(float *out, const __nv_bfloat16 *act, int Kp, int M, const wint_args &a,
+                                         int m0, int n0) {
     constexpr int BKB = WT_BK / wint_per_byte<T>();
     __shared__ __align__(16) __nv_bfloat16 As[2][WT_BM * WT_LDS];
     __shared__ __align__(16) uint8_t Bp[2][WT_BN * BKB];
     __shared__ __align__(16) __nv_bfloat16 Bs[WT_BN * WT_LDS];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int m0 = blockIdx.y * WT_BM, n0 = blockIdx.x * WT_BN;
     const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
     const int KT = Kp / WT_BK;
 
@@ -429,6 +428,33 @@ __global__ void __launch_bounds__(WT_THREADS) wint_mma_kernel(float *out, const 
                 const int m = m0 + wm + 16 * i + g + (e >= 2 ? 8 : 0), n = n0 + wn + 8 * j + 2 * t + (e & 1);
                 if (m < M && n < a.N) out[(size_t)m * a.N + n] = acc[i][j][e];
             }
+}
+
+// One tile per block (blockIdx.x: columns n, blockIdx.y: rows m).
+template <nb_dtype T>
+__global__ void __launch_bounds__(WT_THREADS) wint_mma_kernel(float *out, const __nv_bfloat16 *act, int Kp, int M,
+                                                              wint_args a) {
+    mma_tile<T>(out, act, Kp, M, a, blockIdx.y * WT_BM, blockIdx.x * WT_BN);
+}
+
+// The experts of a mixture: block row j is the j-th 64-row tile of the
+// experts in use, their tiles in expert order (the block finds its expert
+// by walking the list; a step uses few experts next to a tile's work).
+template <nb_dtype T>
+__global__ void __launch_bounds__(WT_THREADS)
+    wint_mma_experts_kernel(float *out, const __nv_bfloat16 *act, int Kp, const wint_args *tab, const int32_t *groups,
+                            int E) {
+    int j = blockIdx.y;
+    const int active = groups[E + 1];
+    for (int i = 0; i < active; i++) {
+        const int e = groups[E + 2 + i], r0 = groups[e], cnt = groups[e + 1] - r0, tiles = (cnt + WT_BM - 1) / WT_BM;
+        if (j < tiles) {
+            const wint_args a = tab[e];
+            mma_tile<T>(out + (size_t)r0 * a.N, act + (size_t)r0 * Kp, Kp, cnt, a, j * WT_BM, blockIdx.x * WT_BN);
+            return;
+        }
+        j -= tiles;
+    }
 }
 
 template <nb_dtype T> static void mma_launch(cuda_backend *c, float *out, const float *x, const wint_args &a, int M) {
@@ -513,18 +539,19 @@ int cuda_wint_experts_ok(const nb_weight *w) {
            w->rows <= INT32_MAX && w->cols <= INT32_MAX && !wint_make_args(w, &a);
 }
 
-void *cuda_wint_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec) {
+void *cuda_wint_experts_table(cuda_backend *c, const nb_weight *w, int n, int *chunked_all) {
     wint_args *h = (wint_args *)malloc(sizeof(wint_args) * (size_t)n);
     if (!h) abort();
-    *vec = 1;
+    int ok = 1;
     for (int e = 0; e < n; e++) {
         wint_make_args(&w[e], &h[e]);
         switch (w[e].dtype) {
-        case NB_WINT8: *vec &= chunked<NB_WINT8>(h[e]); break;
-        case NB_WINT4: *vec &= chunked<NB_WINT4>(h[e]); break;
-        default: *vec &= chunked<NB_WINT2>(h[e]); break;
+        case NB_WINT8: ok &= chunked<NB_WINT8>(h[e]); break;
+        case NB_WINT4: ok &= chunked<NB_WINT4>(h[e]); break;
+        default: ok &= chunked<NB_WINT2>(h[e]); break;
         }
     }
+    *chunked_all = ok;
     void *d = NULL;
     CUDA_CHECK(cudaMalloc(&d, sizeof(wint_args) * (size_t)n));
     CUDA_CHECK(cudaMemcpy(d, h, sizeof(wint_args) * (size_t)n, cudaMemcpyHostToDevice));
@@ -546,13 +573,45 @@ static void experts_launch(cudaStream_t st, float *out, const float *x, const wi
     CUDA_LAUNCHED();
 }
 
-void cuda_wint_experts(cuda_backend *c, float *out, const float *x, const void *table, int vec, const int32_t *groups,
-                       int E, const nb_weight *w0, int n_tokens, int n_rows) {
+template <nb_dtype T>
+static void mma_experts_launch(cuda_backend *c, float *out, const float *x, const wint_args *tab,
+                               const int32_t *groups, int E, const nb_weight *w0, int n_rows) {
+    if (!c->wint) {
+        c->wint = (cuda_wint_state *)calloc(1, sizeof *c->wint);
+        if (!c->wint) abort();
+    }
+    const int K = (int)w0->cols, N = (int)w0->rows, Kp = (K + WT_BK - 1) / WT_BK * WT_BK;
+    const size_t total = (size_t)n_rows * (size_t)Kp;
+    cuda_scratch(c, &c->wint->act, &c->wint->act_cap, total * sizeof(__nv_bfloat16));
+    __nv_bfloat16 *act = (__nv_bfloat16 *)c->wint->act;
+    size_t blocks = (total + 255) / 256;
+    wint_act_kernel<<<(unsigned)(blocks < 65535u * 16u ? blocks : 65535u * 16u), 256, 0, c->stream>>>(act, x, K, Kp,
+                                                                                                     total);
+    CUDA_LAUNCHED();
+    // an expert with r rows has ceil(r / 64) <= r / 64 + 1 tiles
+    const int max_tiles = (E < n_rows ? E : n_rows) + n_rows / WT_BM;
+    dim3 grid((unsigned)((N + WT_BN - 1) / WT_BN), (unsigned)max_tiles);
+    wint_mma_experts_kernel<T><<<grid, WT_THREADS, 0, c->stream>>>(out, act, Kp, tab, groups, E);
+    CUDA_LAUNCHED();
+}
+
+void cuda_wint_experts(cuda_backend *c, float *out, const float *x, const void *table, int chunked,
+                       const int32_t *groups, int E, const nb_weight *w0, int n_tokens, int n_rows) {
+    const wint_args *tab = (const wint_args *)table;
+    if (n_tokens > WG_MAX_M && chunked && n_rows <= 65535 * (WT_BM / 2)) {
+        // more rows an expert than the GEMV takes at once: tensor cores
+        switch (w0->dtype) {
+        case NB_WINT8: mma_experts_launch<NB_WINT8>(c, out, x, tab, groups, E, w0, n_rows); break;
+        case NB_WINT4: mma_experts_launch<NB_WINT4>(c, out, x, tab, groups, E, w0, n_rows); break;
+        case NB_WINT2: mma_experts_launch<NB_WINT2>(c, out, x, tab, groups, E, w0, n_rows); break;
+        default: abort();
+        }
+        return;
+    }
     int mt = 1;
     while (mt < n_tokens && mt < WG_MAX_M) mt *= 2;
     const int max_active = E < n_rows ? E : n_rows, N = (int)w0->rows;
-    vec = vec && (uintptr_t)x % 16 == 0;
-    const wint_args *tab = (const wint_args *)table;
+    const int vec = chunked && (uintptr_t)x % 16 == 0;
     switch (w0->dtype) {
     case NB_WINT8: experts_launch<NB_WINT8>(c->stream, out, x, tab, groups, E, N, vec, mt, max_active); break;
     case NB_WINT4: experts_launch<NB_WINT4>(c->stream, out, x, tab, groups, E, N, vec, mt, max_active); break;
