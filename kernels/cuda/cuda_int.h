@@ -249,7 +249,9 @@ void cuda_gather_rows(cuda_backend *c, float *out, const float *x, const int32_t
 // x (FP32) to BF16 or F16, n elements
 void cuda_convert(cuda_backend *c, void *out, nb_dtype t, const float *x, size_t n);
 
-// cuda_matmul.cu
+// cuda_matmul.cu. Up to CUDA_GEMV_MAX_M rows, a GEMV that keeps the
+// activations FP32; above, tensor cores (BF16 activations).
+#define CUDA_GEMV_MAX_M 8
 void cuda_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
 void cuda_gemm_algos_free(cuda_backend *c);
 // The experts of a mixture with F32/BF16/F16 weights (w_dev: their data
@@ -269,6 +271,11 @@ void cuda_wint_free(cuda_backend *c);
 // cuda_gemv_experts): the GEMV up to 16 tokens, tensor cores above (for
 // chunked experts; else the GEMV, 16 rows a pass), any number of tokens.
 int cuda_wint_experts_ok(const nb_weight *w);
+// BF16 experts on the same tensor-core kernel (table: cuda_wint_experts_table
+// of them, which also takes BF16; K % 8 == 0, every expert chunked).
+int cuda_bf16_experts_mma_ok(const nb_weight *w);
+void cuda_bf16_experts_mma(cuda_backend *c, float *out, const float *x, const void *table, const int32_t *groups, int E,
+                           const nb_weight *w0, int n_rows);
 void *cuda_wint_experts_table(cuda_backend *c, const nb_weight *w, int n, int *chunked);
 void cuda_wint_experts(cuda_backend *c, float *out, const float *x, const void *table, int chunked,
                        const int32_t *groups, int E, const nb_weight *w0, int n_tokens, int n_rows);

@@ -10,7 +10,7 @@
 #include "kernels/cuda/cuda_int.h"
 
 // Largest M the GEMV kernel takes: its accumulators live in registers.
-#define GEMV_MAX_M 8
+#define GEMV_MAX_M CUDA_GEMV_MAX_M
 #define GEMV_WARPS 8
 
 // ---- small M --------------------------------------------------------------

@@ -18,11 +18,14 @@
 //    expert in use up to 16 tokens (each expert's weights read once a pass,
 //    its rows MT at a time), its tensor-core kernel above, one block row per
 //    64-row tile of the experts in use;
-//  - BF16/F16/F32 up to CUDA_EXPERTS_GEMV_MAX_TOKENS tokens: cuda_matmul.cu's
-//    GEMV the same way.
-// Larger BF16 steps (prefill) and FP8 experts read the expert counts back
-// and run each expert through cuda_matmul on its rows (cuBLASLt where the
-// rows are many), one stream sync a call; such steps are not recorded.
+//  - BF16 (K % 8 == 0): cuda_matmul.cu's GEMV the same way up to
+//    CUDA_GEMV_MAX_M tokens, cuda_wint.cu's tensor-core kernel above (the
+//    weights copied where packed ones are dequantized);
+//  - F16/F32 (and BF16 of other K) up to CUDA_EXPERTS_GEMV_MAX_TOKENS
+//    tokens: the GEMV.
+// Larger F16/F32 steps and FP8 experts read the expert counts back and run
+// each expert through cuda_matmul on its rows (cuBLASLt where the rows are
+// many), one stream sync a call; such steps are not recorded.
 #include "kernels/cuda/cuda_int.h"
 
 // Beyond this many tokens an expert's rows are better served by the
@@ -38,6 +41,7 @@ struct cuda_experts {
     int kind; // EXPERTS_DENSE, EXPERTS_WINT, EXPERTS_EACH
     int vec;
     void *table; // device: data pointers (dense) or wint args
+    void *mma;   // BF16 experts: the tensor-core kernel's wint args, or NULL
 };
 
 enum { EXPERTS_EACH = 0, EXPERTS_DENSE, EXPERTS_WINT };
@@ -198,6 +202,10 @@ void *cuda_experts_create(cuda_backend *c, const nb_weight *w, int n) {
         CUDA_CHECK(cudaMemcpy(s->table, h, sizeof(void *) * (size_t)n, cudaMemcpyHostToDevice));
         free(h);
         s->kind = EXPERTS_DENSE;
+        int mma = 1, chunked = 0;
+        for (int e = 0; e < n && mma; e++) mma = cuda_bf16_experts_mma_ok(&w[e]);
+        if (mma) s->mma = cuda_wint_experts_table(c, w, n, &chunked);
+        if (s->mma && !chunked) CUDA_CHECK(cudaFree(s->mma)), s->mma = NULL;
     } else if (wint) {
         s->table = cuda_wint_experts_table(c, w, n, &s->vec);
         s->kind = EXPERTS_WINT;
@@ -214,8 +222,9 @@ void cuda_experts_free(cuda_backend *c, void *set) {
     if (s->table) {
         int prev = cuda_device_enter(c);
         CUDA_CHECK(cudaStreamSynchronize(c->stream));
-        if (c->n_graphs) cuda_graphs_clear(c); // recorded steps point at the table
+        if (c->n_graphs) cuda_graphs_clear(c); // recorded steps point at the tables
         CUDA_CHECK(cudaFree(s->table));
+        if (s->mma) CUDA_CHECK(cudaFree(s->mma));
         cuda_device_leave(c, prev);
     }
     free(s);
@@ -223,13 +232,17 @@ void cuda_experts_free(cuda_backend *c, void *set) {
 
 int cuda_experts_recordable(const void *set, int n_tokens) {
     const cuda_experts *s = (const cuda_experts *)set;
-    return s->kind == EXPERTS_WINT || (s->kind == EXPERTS_DENSE && n_tokens <= CUDA_EXPERTS_GEMV_MAX_TOKENS);
+    return s->kind == EXPERTS_WINT || s->mma || (s->kind == EXPERTS_DENSE && n_tokens <= CUDA_EXPERTS_GEMV_MAX_TOKENS);
 }
 
 void cuda_matmul_experts(cuda_backend *c, float *out, const float *x, const void *set, const int32_t *groups,
                          int n_tokens, int n_rows) {
     const cuda_experts *s = (const cuda_experts *)set;
     if (n_rows <= 0) return;
+    if (s->mma && n_tokens > CUDA_GEMV_MAX_M) {
+        cuda_bf16_experts_mma(c, out, x, s->mma, groups, s->n, &s->w[0], n_rows);
+        return;
+    }
     if (cuda_experts_recordable(set, n_tokens)) {
         if (s->kind == EXPERTS_DENSE)
             cuda_gemv_experts(c, out, x, (const void *const *)s->table, s->vec, groups, s->n, &s->w[0], n_tokens,

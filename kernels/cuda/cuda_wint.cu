@@ -71,6 +71,11 @@ struct wint_args {
 template <nb_dtype T> __host__ __device__ constexpr int wint_per_byte() {
     return T == NB_WINT8 ? 1 : T == NB_WINT4 ? 2 : 4;
 }
+// Bytes of one packed row of k columns. NB_BF16 too: the tensor-core
+// kernel also takes a mixture's BF16 experts, copied instead of dequantized.
+template <nb_dtype T> __host__ __device__ constexpr int wint_row_bytes(int k) {
+    return T == NB_BF16 ? 2 * k : k / wint_per_byte<T>();
+}
 
 // ---- dequantization: the arithmetic of quant_dequant_row -------------------
 
@@ -238,7 +243,7 @@ __global__ void __launch_bounds__(WG_WARPS * 32)
 // kernel assume. Only odd per-channel shapes (WINT8 with K % 16 != 0, WINT4
 // with K % 32 != 0) are not.
 template <nb_dtype T> static int chunked(const wint_args &a) {
-    const int rb = a.K / wint_per_byte<T>();
+    const int rb = wint_row_bytes<T>(a.K);
     return rb % 16 == 0 && (uintptr_t)a.data % 16 == 0 && (T != NB_WINT4 || a.group % 16 == 0);
 }
 
@@ -290,8 +295,8 @@ __global__ void wint_act_kernel(__nv_bfloat16 *out, const float *x, int K, int K
 template <nb_dtype T>
 __device__ __forceinline__ void mma_load_stage(__nv_bfloat16 *as, uint8_t *bp, const __nv_bfloat16 *act, int Kp,
                                                int M, const wint_args &a, int m0, int n0, int kt) {
-    constexpr int WPB = wint_per_byte<T>(), BKB = WT_BK / WPB, BCH = BKB / 16;
-    const int tid = threadIdx.x, k0 = kt * WT_BK, rb = a.K / WPB;
+    constexpr int BKB = wint_row_bytes<T>(WT_BK), BCH = BKB / 16;
+    const int tid = threadIdx.x, k0 = kt * WT_BK, rb = wint_row_bytes<T>(a.K);
 #pragma unroll
     for (int i = 0; i < WT_BM * 8 / WT_THREADS; i++) {
         const int c = tid + i * WT_THREADS, r = c >> 3, cc = c & 7, m = m0 + r;
@@ -300,7 +305,7 @@ __device__ __forceinline__ void mma_load_stage(__nv_bfloat16 *as, uint8_t *bp, c
         cuda_cp_async16(as + r * WT_LDS + cc * 8, src, m < M);
     }
     for (int c = tid; c < WT_BN * BCH; c += WT_THREADS) {
-        const int r = c / BCH, cc = c % BCH, n = n0 + r, boff = k0 / WPB + cc * 16;
+        const int r = c / BCH, cc = c % BCH, n = n0 + r, boff = wint_row_bytes<T>(k0) + cc * 16;
         const bool ok = n < a.N && boff < rb;
         cuda_cp_async16(bp + r * BKB + cc * 16, ok ? a.data + (size_t)n * rb + boff : a.data, ok);
     }
@@ -314,11 +319,17 @@ __device__ __forceinline__ void mma_load_stage(__nv_bfloat16 *as, uint8_t *bp, c
 template <nb_dtype T>
 __device__ __forceinline__ void mma_dequant(__nv_bfloat16 *bs, const uint8_t *bp, const wint_args &a, int n0,
                                             int kt) {
-    constexpr int WPB = wint_per_byte<T>(), BKB = WT_BK / WPB;
+    constexpr int BKB = wint_row_bytes<T>(WT_BK);
     const int r = threadIdx.x >> 1, h = threadIdx.x & 1, n = n0 + r, K = a.K;
     const int kb = kt * WT_BK + 32 * h;
     const uint8_t *src = bp + r * BKB + h * (BKB / 2); // 32 columns' bytes
     __nv_bfloat16 *dst = bs + r * WT_LDS + 32 * h;
+    if constexpr (T == NB_BF16) {
+        // as they are: the copies left zeros past N and K (K % 8 == 0)
+#pragma unroll
+        for (int u = 0; u < 4; u++) *(uint4 *)(dst + 8 * u) = *(const uint4 *)(src + 16 * u);
+        return;
+    }
     float s = 0.0f, off = 0.0f;
     if (n < a.N) {
         if constexpr (T == NB_WINT8) s = a.scale[n];
@@ -364,7 +375,7 @@ __device__ __forceinline__ void mma_dequant(__nv_bfloat16 *bs, const uint8_t *bp
 template <nb_dtype T>
 __device__ __forceinline__ void mma_tile(float *out, const __nv_bfloat16 *act, int Kp, int M, const wint_args &a,
                                          int m0, int n0) {
-    constexpr int BKB = WT_BK / wint_per_byte<T>();
+    constexpr int BKB = wint_row_bytes<T>(WT_BK);
     __shared__ __align__(16) __nv_bfloat16 As[2][WT_BM * WT_LDS];
     __shared__ __align__(16) uint8_t Bp[2][WT_BN * BKB];
     __shared__ __align__(16) __nv_bfloat16 Bs[WT_BN * WT_LDS];
@@ -500,6 +511,7 @@ static int wint_make_args(const nb_weight *w, wint_args *a) {
     a->N = (int)w->rows, a->K = (int)w->cols, a->group = w->group;
     if (w->dtype == NB_WINT4) return a->group <= 0 || a->K % a->group != 0 || a->group % 2 != 0;
     if (w->dtype == NB_WINT2) return a->K % QUANT_WINT2_GROUP != 0;
+    if (w->dtype == NB_BF16) return a->K % 8 != 0; // whole 16-byte chunks
     return 0;
 }
 
@@ -548,7 +560,8 @@ void *cuda_wint_experts_table(cuda_backend *c, const nb_weight *w, int n, int *c
         switch (w[e].dtype) {
         case NB_WINT8: ok &= chunked<NB_WINT8>(h[e]); break;
         case NB_WINT4: ok &= chunked<NB_WINT4>(h[e]); break;
-        default: ok &= chunked<NB_WINT2>(h[e]); break;
+        case NB_WINT2: ok &= chunked<NB_WINT2>(h[e]); break;
+        default: ok &= chunked<NB_BF16>(h[e]); break;
         }
     }
     *chunked_all = ok;
@@ -608,6 +621,7 @@ void cuda_wint_experts(cuda_backend *c, float *out, const float *x, const void *
         }
         return;
     }
+    if (w0->dtype == NB_BF16) abort(); // the GEMV here is for packed weights only
     int mt = 1;
     while (mt < n_tokens && mt < WG_MAX_M) mt *= 2;
     const int max_active = E < n_rows ? E : n_rows, N = (int)w0->rows;
@@ -618,4 +632,14 @@ void cuda_wint_experts(cuda_backend *c, float *out, const float *x, const void *
     case NB_WINT2: experts_launch<NB_WINT2>(c->stream, out, x, tab, groups, E, N, vec, mt, max_active); break;
     default: abort();
     }
+}
+
+int cuda_bf16_experts_mma_ok(const nb_weight *w) {
+    wint_args a;
+    return w->dtype == NB_BF16 && w->rows <= INT32_MAX && w->cols <= INT32_MAX && !wint_make_args(w, &a);
+}
+
+void cuda_bf16_experts_mma(cuda_backend *c, float *out, const float *x, const void *table, const int32_t *groups, int E,
+                           const nb_weight *w0, int n_rows) {
+    mma_experts_launch<NB_BF16>(c, out, x, (const wint_args *)table, groups, E, w0, n_rows);
 }
