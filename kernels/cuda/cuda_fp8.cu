@@ -182,14 +182,9 @@ __global__ void fp8_scale_pad_kernel(float *dst, const float *src, int NB, int L
 // scale of row m, block kb at xs[kb * ld + m]. vec == 0 (K % 16 != 0): one
 // column per lane per step.
 template <int MT>
-__global__ void __launch_bounds__(FP8_GEMV_WARPS * 32)
-    fp8_gemv_kernel(float *out, const uint8_t *xq, const float *xs, int ld, int rows, const uint8_t *w,
-                    const float *ws, int N, int K, int L, int vec) {
-    int lane = threadIdx.x & 31;
-    int n = blockIdx.x * FP8_GEMV_WARPS + (threadIdx.x >> 5);
-    if (n >= N) return;
-    const uint8_t *wr = w + (size_t)n * K;
-    const float *wsr = ws + (size_t)(n / QUANT_FP8_BLOCK) * L;
+__device__ __forceinline__ void fp8_gemv_col(float *out, const uint8_t *xq, const float *xs, int ld, int rows,
+                                             const uint8_t *wr, const float *wsr, int n, int N, int K, int vec,
+                                             int lane) {
     float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; m++) acc[m] = 0.0f;
@@ -224,6 +219,44 @@ __global__ void __launch_bounds__(FP8_GEMV_WARPS * 32)
             float s = cuda_warp_sum(acc[m]);
             if (lane == 0) out[(size_t)m * N + n] = s;
         }
+    }
+}
+
+template <int MT>
+__global__ void __launch_bounds__(FP8_GEMV_WARPS * 32)
+    fp8_gemv_kernel(float *out, const uint8_t *xq, const float *xs, int ld, int rows, const uint8_t *w,
+                    const float *ws, int N, int K, int L, int vec) {
+    int lane = threadIdx.x & 31;
+    int n = blockIdx.x * FP8_GEMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N) return;
+    fp8_gemv_col<MT>(out, xq, xs, ld, rows, w + (size_t)n * K, ws + (size_t)(n / QUANT_FP8_BLOCK) * L, n, N, K, vec,
+                     lane);
+}
+
+// One expert of a mixture, as the grouped kernel reads it.
+struct fp8_expert {
+    const uint8_t *w;
+    const float *ws;
+};
+
+// The experts of a mixture (matmul_experts), as cuda_matmul.cu's
+// gemv_experts_kernel: block row j takes the j-th expert in use and walks
+// its rows MT at a time; xq/xs are the quantized grouped rows (ld: all).
+template <int MT>
+__global__ void __launch_bounds__(FP8_GEMV_WARPS * 32)
+    fp8_gemv_experts_kernel(float *out, const uint8_t *xq, const float *xs, int ld, const fp8_expert *tab,
+                            const int32_t *groups, int E, int N, int K, int L, int vec) {
+    const int j = blockIdx.y;
+    if (j >= groups[E + 1]) return;
+    const int e = groups[E + 2 + j], r0 = groups[e], cnt = groups[e + 1] - r0;
+    int lane = threadIdx.x & 31;
+    int n = blockIdx.x * FP8_GEMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N) return;
+    const fp8_expert x = tab[e];
+    for (int c0 = 0; c0 < cnt; c0 += MT) {
+        const int r = r0 + c0;
+        fp8_gemv_col<MT>(out + (size_t)r * N, xq + (size_t)r * K, xs + r, ld, cnt - c0 < MT ? cnt - c0 : MT,
+                         x.w + (size_t)n * K, x.ws + (size_t)(n / QUANT_FP8_BLOCK) * L, n, N, K, vec, lane);
     }
 }
 
@@ -391,6 +424,52 @@ void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weigh
     if (lt_rows < head) gemv_rows(c, out, xq, xs, head, head, w);
     if (head < M)
         gemv_rows(c, out + (size_t)head * N, xq + (size_t)head * K, xs + (size_t)head * L, M - head, M - head, w);
+}
+
+// ---- experts --------------------------------------------------------------------
+
+void *cuda_fp8_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec) {
+    fp8_expert *h = (fp8_expert *)malloc(sizeof(fp8_expert) * (size_t)n);
+    if (!h) abort();
+    *vec = w[0].cols % 16 == 0;
+    for (int e = 0; e < n; e++) {
+        h[e].w = (const uint8_t *)w[e].data, h[e].ws = (const float *)w[e].scale;
+        *vec &= (uintptr_t)w[e].data % 16 == 0;
+    }
+    void *d = NULL;
+    CUDA_CHECK(cudaMalloc(&d, sizeof(fp8_expert) * (size_t)n));
+    CUDA_CHECK(cudaMemcpy(d, h, sizeof(fp8_expert) * (size_t)n, cudaMemcpyHostToDevice));
+    free(h);
+    return d;
+}
+
+void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *table, int vec, const int32_t *groups,
+                      int E, const nb_weight *w0, int n_tokens, int n_rows) {
+    cuda_fp8_state *f = fp8_state(c);
+    const int N = (int)w0->rows, K = (int)w0->cols, L = (K + QUANT_FP8_BLOCK - 1) / QUANT_FP8_BLOCK;
+    size_t q_bytes = align_up((size_t)n_rows * K);
+    cuda_scratch(c, &f->buf, &f->cap, q_bytes + sizeof(float) * (size_t)n_rows * L);
+    uint8_t *xq = (uint8_t *)f->buf;
+    float *xs = (float *)((char *)f->buf + q_bytes);
+    int64_t units = (int64_t)n_rows * L;
+    fp8_quant_kernel<<<(unsigned)((units + FP8_QUANT_WARPS - 1) / FP8_QUANT_WARPS), FP8_QUANT_WARPS * 32, 0,
+                       c->stream>>>(xq, xs, x, n_rows, K, L, n_rows);
+    CUDA_LAUNCHED();
+    int mt = 1;
+    while (mt < n_tokens && mt < FP8_GEMV_MAX_M) mt *= 2;
+    const int max_active = E < n_rows ? E : n_rows;
+    dim3 grid((unsigned)((N + FP8_GEMV_WARPS - 1) / FP8_GEMV_WARPS), (unsigned)max_active), block(FP8_GEMV_WARPS * 32);
+    const fp8_expert *tab = (const fp8_expert *)table;
+    switch (mt) {
+#define CASE(m)                                                                                                        \
+    case m:                                                                                                            \
+        fp8_gemv_experts_kernel<m><<<grid, block, 0, c->stream>>>(out, xq, xs, n_rows, tab, groups, E, N, K, L, vec); \
+        break;
+        CASE(1) CASE(2) CASE(4) CASE(8) CASE(16)
+#undef CASE
+    default: abort();
+    }
+    CUDA_LAUNCHED();
 }
 
 void cuda_fp8_free(cuda_backend *c) {

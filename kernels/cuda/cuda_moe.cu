@@ -22,10 +22,11 @@
 //    CUDA_GEMV_MAX_M tokens, cuda_wint.cu's tensor-core kernel above (the
 //    weights copied where packed ones are dequantized);
 //  - F16/F32 (and BF16 of other K) up to CUDA_EXPERTS_GEMV_MAX_TOKENS
-//    tokens: the GEMV.
-// Larger F16/F32 steps and FP8 experts read the expert counts back and run
-// each expert through cuda_matmul on its rows (cuBLASLt where the rows are
-// many), one stream sync a call; such steps are not recorded.
+//    tokens: the GEMV; FP8 the same with cuda_fp8.cu's GEMV, the grouped
+//    rows quantized per token per 128 columns first.
+// Larger F16/F32 and FP8 steps (prefill) read the expert counts back and
+// run each expert through cuda_matmul on its rows (cuBLASLt where the rows
+// are many), one stream sync a call; such steps are not recorded.
 #include "kernels/cuda/cuda_int.h"
 
 // Beyond this many tokens an expert's rows are better served by the
@@ -38,13 +39,13 @@
 struct cuda_experts {
     const nb_weight *w; // host descriptors, the model's
     int n;
-    int kind; // EXPERTS_DENSE, EXPERTS_WINT, EXPERTS_EACH
+    int kind; // EXPERTS_DENSE, EXPERTS_WINT, EXPERTS_FP8, EXPERTS_EACH
     int vec;
     void *table; // device: data pointers (dense) or wint args
     void *mma;   // BF16 experts: the tensor-core kernel's wint args, or NULL
 };
 
-enum { EXPERTS_EACH = 0, EXPERTS_DENSE, EXPERTS_WINT };
+enum { EXPERTS_EACH = 0, EXPERTS_DENSE, EXPERTS_WINT, EXPERTS_FP8 };
 
 // ---- routing -------------------------------------------------------------------
 
@@ -209,6 +210,9 @@ void *cuda_experts_create(cuda_backend *c, const nb_weight *w, int n) {
     } else if (wint) {
         s->table = cuda_wint_experts_table(c, w, n, &s->vec);
         s->kind = EXPERTS_WINT;
+    } else if (same && w[0].dtype == NB_FP8_B128 && w[0].rows <= INT32_MAX && w[0].cols <= INT32_MAX) {
+        s->table = cuda_fp8_experts_table(c, w, n, &s->vec);
+        s->kind = EXPERTS_FP8;
     } else {
         s->kind = EXPERTS_EACH;
     }
@@ -232,7 +236,8 @@ void cuda_experts_free(cuda_backend *c, void *set) {
 
 int cuda_experts_recordable(const void *set, int n_tokens) {
     const cuda_experts *s = (const cuda_experts *)set;
-    return s->kind == EXPERTS_WINT || s->mma || (s->kind == EXPERTS_DENSE && n_tokens <= CUDA_EXPERTS_GEMV_MAX_TOKENS);
+    return s->kind == EXPERTS_WINT || s->mma ||
+           ((s->kind == EXPERTS_DENSE || s->kind == EXPERTS_FP8) && n_tokens <= CUDA_EXPERTS_GEMV_MAX_TOKENS);
 }
 
 void cuda_matmul_experts(cuda_backend *c, float *out, const float *x, const void *set, const int32_t *groups,
@@ -247,6 +252,8 @@ void cuda_matmul_experts(cuda_backend *c, float *out, const float *x, const void
         if (s->kind == EXPERTS_DENSE)
             cuda_gemv_experts(c, out, x, (const void *const *)s->table, s->vec, groups, s->n, &s->w[0], n_tokens,
                               n_rows);
+        else if (s->kind == EXPERTS_FP8)
+            cuda_fp8_experts(c, out, x, s->table, s->vec, groups, s->n, &s->w[0], n_tokens, n_rows);
         else
             cuda_wint_experts(c, out, x, s->table, s->vec, groups, s->n, &s->w[0], n_tokens, n_rows);
         return;

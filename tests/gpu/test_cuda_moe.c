@@ -21,7 +21,7 @@
  *    backend_weight_load_plain (quant.h's layout, never repacked); outputs
  *    are poisoned with NaN, so rows left unwritten fail, and the
  *    NB_MOE_PAD_ROWS rows past n_rows must stay poisoned;
- *  - recorded steps: experts_recordable for the GEMV formats at up to 64
+ *  - recorded steps: experts_recordable for every format at up to 64
  *    tokens, then a block recorded under a key (with and without moe_route
  *    inside) and replayed on other tokens routed to other experts, after a
  *    product that outgrows the scratch the recording points at: the replay
@@ -320,7 +320,7 @@ static void check_experts(nb_dtype t, int group, int64_t N, int64_t K, int n_tok
     int32_t *dgroups = to_gpu(rt.groups, sizeof(int32_t) * NB_MOE_GROUPS(E));
     void *cs = cpu->ops->experts_create(cpu, s.c, E), *gs = gpu->ops->experts_create(gpu, s.g, E);
     int rec = gpu->ops->experts_recordable(gpu, gs, n_tokens);
-    if (t != NB_FP8_B128 && n_tokens <= 64)
+    if (n_tokens <= 64)
         CHECK(rec == 1, "%s experts at %d tokens: not recordable", nb_dtype_name(t), n_tokens);
     WHERE("matmul_experts %s group %d N=%lld K=%lld n_tokens=%d%s", nb_dtype_name(t), group, (long long)N,
           (long long)K, n_tokens, rec ? " (recordable)" : "");
@@ -505,7 +505,7 @@ static void test_graph(void) {
     static const struct {
         nb_dtype t;
         int group;
-    } fs[] = {{NB_BF16, 0}, {NB_WINT8, 0}, {NB_WINT4, 128}, {NB_WINT2, QUANT_WINT2_GROUP}};
+    } fs[] = {{NB_BF16, 0}, {NB_WINT8, 0}, {NB_WINT4, 128}, {NB_WINT2, QUANT_WINT2_GROUP}, {NB_FP8_B128, 0}};
     /* on a backend of its own, so that its scratch starts empty */
     nb_backend *shared = gpu;
     nb_err e = {{0}};
@@ -518,7 +518,7 @@ static void test_graph(void) {
     }
     WHERE("graphs: setup");
     big_init();
-    for (int f = 0; f < 4; f++)
+    for (int f = 0; f < (int)(sizeof fs / sizeof fs[0]); f++)
         for (int i = 0; i < 2; i++)
             for (int whole = 0; whole < 2; whole++) graph_case(fs[f].t, fs[f].group, ns[i], whole);
     big_free();
