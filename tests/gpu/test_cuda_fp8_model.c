@@ -1,6 +1,7 @@
 /* block_wise_fp8 models end to end on the CUDA backend against the CPU
  * backend (`make test-gpu`; `make test` only builds this): every committed
- * fixture quantized online at load (--quantization block_wise_fp8), and the
+ * fixture quantized online at load (--quantization block_wise_fp8; qwen3-moe's
+ * experts too), and the
  * Hugging Face FP8 checkpoint fixture (llama-fp8, quantization from its
  * config.json), each loaded on the CPU backend and on a fresh CUDA backend
  * with the same KV cache type (BF16):
@@ -38,6 +39,9 @@ static void test_mistral(void) { check_model("mistral", "block_wise_fp8"); }
 static void test_qwen2(void) { check_model("qwen2", "block_wise_fp8"); }
 static void test_qwen3(void) { check_model("qwen3", "block_wise_fp8"); }
 static void test_ernie(void) { check_model("ernie", "block_wise_fp8"); }
+/* FP8 experts: the grouped GEMV (the fixture's prompt is short) for the
+ * prompt, its chunks and the decode steps, which are recorded */
+static void test_moe(void) { check_model("qwen3-moe", "block_wise_fp8"); }
 static void test_hf_checkpoint(void) { check_model("llama-fp8", NULL); }
 
 int main(void) {
@@ -47,6 +51,7 @@ int main(void) {
     RUN(test_qwen2);
     RUN(test_qwen3);
     RUN(test_ernie);
+    RUN(test_moe);
     RUN(test_hf_checkpoint);
     backend_destroy(cpu);
     TEST_DONE("test_cuda_fp8_model");
