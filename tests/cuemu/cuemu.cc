@@ -337,20 +337,38 @@ static void run_block(unsigned order) {
 
 // ---- launches -----------------------------------------------------------------
 
+// A node of a stream's queue or of a graph: the work, and whether it blocks
+// on other host threads (an NCCL collective), which must not wait in a
+// queue that only its own thread drains.
+struct emu_work {
+    std::function<void()> fn;
+    int collective;
+};
+typedef std::shared_ptr<emu_work> emu_node;
+
+// Streams run their work later, as a GPU does: a stream's queue is drained
+// in order when the host waits for it (cudaStreamSynchronize, cudaFree,
+// cudaDeviceSynchronize, a copy to or from pageable memory), so that host
+// code which reuses a buffer before the stream has read it, or reads a
+// result before waiting, sees what a GPU would give it. CUEMU_SYNC=1 runs
+// everything at the call instead.
 struct emu_stream {
     int capturing;
     cudaGraph_t graph;
-    int device; // current when the stream was made
+    int device;   // current when the stream was made
+    int blocking; // not cudaStreamNonBlocking: the legacy default stream waits for it
+    std::vector<emu_node> pending;
+    std::mutex drain; // held while the queue drains, so its work runs in order
 };
 struct CUstream_st {
     emu_stream s;
 };
-typedef std::shared_ptr<std::function<void()>> emu_node;
 struct CUgraph_st {
     std::vector<emu_node> nodes;
 };
 struct CUgraphExec_st {
     std::vector<emu_node> nodes;
+    int collective;
 };
 
 static CUstream_st default_stream;
@@ -362,13 +380,75 @@ static std::map<std::pair<int, std::string>, int> smem_optin;
 #define SMEM_DEFAULT (48 << 10)
 #define SMEM_OPTIN_MAX 232448 // sm_90: 227 KiB
 
+// Every stream made, for the waits that cover a device.
+static std::mutex streams_mu;
+static std::vector<CUstream_st *> streams;
+
 static CUstream_st *emu_stream_of(cudaStream_t s) { return s ? (CUstream_st *)s : &default_stream; }
 
-// Runs fn now, or appends it to the graph the stream is recording.
-static void stream_enqueue(cudaStream_t s, std::function<void()> fn) {
+static int emu_deferred(void) {
+    static const int v = [] {
+        const char *e = getenv("CUEMU_SYNC");
+        return !(e && atoi(e));
+    }();
+    return v;
+}
+
+// Runs the stream's queued work, in order, on the calling thread.
+static void stream_drain(CUstream_st *st) {
+    std::lock_guard<std::mutex> hold(st->s.drain);
+    for (;;) {
+        std::vector<emu_node> work;
+        {
+            std::lock_guard<std::mutex> q(streams_mu);
+            work.swap(st->s.pending);
+        }
+        if (work.empty()) return;
+        for (const emu_node &n : work) n->fn();
+    }
+}
+
+// Drains every stream of device d (blocking_only: those the legacy default
+// stream waits for).
+static void device_drain(int d, int blocking_only) {
+    std::vector<CUstream_st *> of;
+    {
+        std::lock_guard<std::mutex> q(streams_mu);
+        for (CUstream_st *st : streams)
+            if (st->s.device == d && (!blocking_only || st->s.blocking)) of.push_back(st);
+    }
+    for (CUstream_st *st : of) stream_drain(st);
+}
+
+// Appends work to the graph the stream is recording, or to its queue; work
+// on the legacy default stream, and collectives, run now (after what the
+// stream already holds), since no one else would drain them.
+static void stream_push(cudaStream_t s, emu_node n) {
     CUstream_st *st = emu_stream_of(s);
-    if (st->s.capturing) st->s.graph->nodes.push_back(std::make_shared<std::function<void()>>(std::move(fn)));
-    else fn();
+    if (st->s.capturing) {
+        st->s.graph->nodes.push_back(std::move(n));
+        return;
+    }
+    if (!emu_deferred()) {
+        n->fn();
+        return;
+    }
+    if (!s) {
+        device_drain(current_device, 1);
+        n->fn();
+        return;
+    }
+    if (n->collective) {
+        stream_drain(st);
+        n->fn();
+        return;
+    }
+    std::lock_guard<std::mutex> q(streams_mu);
+    st->s.pending.push_back(std::move(n));
+}
+
+static void stream_enqueue(cudaStream_t s, std::function<void()> fn, int collective = 0) {
+    stream_push(s, std::make_shared<emu_work>(emu_work{std::move(fn), collective}));
 }
 
 static void run_grid(const char *name, cuemu_cfg cfg, void (*run)(void *), void *args) {
@@ -522,10 +602,29 @@ static cudaError_t emu_free(std::map<uintptr_t, emu_alloc_info> &m, void *p, int
     return cudaSuccess;
 }
 
+// Whether [p, p + n) lies in pinned memory (cudaMallocHost), which copies
+// read or write when the stream gets to them; pageable memory is copied at
+// the call.
+static int emu_pinned(const void *p, size_t n) {
+    std::lock_guard<std::mutex> hold(emu_mu);
+    auto it = host_allocs.upper_bound((uintptr_t)p);
+    if (it == host_allocs.begin()) return 0;
+    --it;
+    return (uintptr_t)p + n <= it->first + it->second.n;
+}
+
 cudaError_t cudaMalloc(void **p, size_t n) { return emu_alloc(device_allocs, p, n, 1); }
-cudaError_t cudaFree(void *p) { return emu_free(device_allocs, p, 1); }
 cudaError_t cudaMallocHost(void **p, size_t n) { return emu_alloc(host_allocs, p, n, 0); }
-cudaError_t cudaFreeHost(void *p) { return emu_free(host_allocs, p, 0); }
+// Both wait for the device first, as on a GPU, so nothing queued still
+// reads what they free.
+cudaError_t cudaFree(void *p) {
+    device_drain(current_device, 0);
+    return emu_free(device_allocs, p, 1);
+}
+cudaError_t cudaFreeHost(void *p) {
+    device_drain(current_device, 0);
+    return emu_free(host_allocs, p, 0);
+}
 
 cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
     std::lock_guard<std::mutex> hold(emu_mu);
@@ -534,17 +633,32 @@ cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
     return cudaSuccess;
 }
 
+// The synchronous calls run on the legacy default stream, which first waits
+// for the device's blocking streams (not for cudaStreamNonBlocking ones).
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
+    if (emu_deferred()) device_drain(current_device, 1);
     memcpy(dst, src, n);
     return cudaSuccess;
 }
 
+// A copy from pageable memory waits for the stream and reads the source at
+// the call; one to pageable memory returns when it is done; copies between
+// device and pinned memory happen in stream order.
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t s) {
+    CUstream_st *st = emu_stream_of(s);
+    int pageable = (kind == cudaMemcpyHostToDevice && !emu_pinned(src, n)) ||
+                   (kind == cudaMemcpyDeviceToHost && !emu_pinned(dst, n));
+    if (pageable && !st->s.capturing && emu_deferred() && s) {
+        stream_drain(st);
+        memcpy(dst, src, n);
+        return cudaSuccess;
+    }
     stream_enqueue(s, [=]() { memcpy(dst, src, n); });
     return cudaSuccess;
 }
 
 cudaError_t cudaMemset(void *p, int v, size_t n) {
+    if (emu_deferred()) device_drain(current_device, 1);
     memset(p, v, n);
     return cudaSuccess;
 }
@@ -554,28 +668,43 @@ cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s) {
     return cudaSuccess;
 }
 
-cudaError_t cudaStreamCreate(cudaStream_t *s) {
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags) {
     CUstream_st *st = new CUstream_st();
     st->s.device = current_device;
+    st->s.blocking = !(flags & cudaStreamNonBlocking);
+    std::lock_guard<std::mutex> q(streams_mu);
+    streams.push_back(st);
     *s = (cudaStream_t)st;
     return cudaSuccess;
 }
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags) { return cudaStreamCreate(s); }
+cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
+// The stream's queued work still runs, as on a GPU.
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
-    delete (CUstream_st *)s;
+    CUstream_st *st = (CUstream_st *)s;
+    stream_drain(st);
+    {
+        std::lock_guard<std::mutex> q(streams_mu);
+        for (size_t i = 0; i < streams.size(); i++)
+            if (streams[i] == st) streams.erase(streams.begin() + (long)i), i = streams.size();
+    }
+    delete st;
     return cudaSuccess;
 }
 
-// Work runs when it is enqueued, so a synchronisation only has to refuse
-// what the device refuses: waiting on a stream that is being recorded.
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-    if (emu_stream_of(s)->s.capturing) {
+    CUstream_st *st = emu_stream_of(s);
+    if (st->s.capturing) {
         fprintf(stderr, "cuemu: cudaStreamSynchronize on a stream being captured\n");
         return emu_error(cudaErrorStreamCaptureUnsupported);
     }
+    if (s) stream_drain(st);
+    else device_drain(current_device, 1);
     return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize(void) {
+    device_drain(current_device, 0);
+    return cudaSuccess;
+}
 
 cudaError_t cudaStreamBeginCapture(cudaStream_t s, enum cudaStreamCaptureMode mode) {
     CUstream_st *st = emu_stream_of(s);
@@ -597,12 +726,22 @@ cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *g) {
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t g, unsigned long long flags) {
     CUgraphExec_st *e = new CUgraphExec_st();
     e->nodes = g->nodes;
+    e->collective = 0;
+    for (const emu_node &n : e->nodes) e->collective |= n->collective;
     *exec = e;
     return cudaSuccess;
 }
 
+// A graph that holds a collective runs at the launch (after what the stream
+// holds), since its peers' graphs wait for it in theirs.
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
-    for (const emu_node &n : exec->nodes) stream_enqueue(s, *n);
+    CUstream_st *st = emu_stream_of(s);
+    if (exec->collective && !st->s.capturing && emu_deferred()) {
+        if (s) stream_drain(st);
+        for (const emu_node &n : exec->nodes) n->fn();
+        return cudaSuccess;
+    }
+    for (const emu_node &n : exec->nodes) stream_push(s, n);
     return cudaSuccess;
 }
 
@@ -699,4 +838,6 @@ cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr attr, int d) {
 }
 
 // cuemu_lt.cc enqueues its products on streams too.
-void cuemu_stream_enqueue(cudaStream_t s, std::function<void()> fn) { stream_enqueue(s, std::move(fn)); }
+void cuemu_stream_enqueue(cudaStream_t s, std::function<void()> fn, int collective) {
+    stream_enqueue(s, std::move(fn), collective);
+}

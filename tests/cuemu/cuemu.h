@@ -26,6 +26,14 @@
 // only when a wait_group retires them, so reading a tile before waiting for
 // it reads stale data here too.
 //
+// Streams are asynchronous as on a GPU: work queued on a stream runs when
+// the host waits for it (cudaStreamSynchronize, cudaDeviceSynchronize, a
+// blocking copy or cudaFree, the legacy default stream's implicit
+// barrier), so reading a result before waiting reads what was there
+// before, and a pinned buffer reused before the stream read it is read
+// with its new contents. Copies from pageable memory happen at the call,
+// as the driver stages them. CUEMU_SYNC=1 runs everything at the call.
+//
 // What it cannot see: timing, register pressure, bank conflicts, real
 // concurrency between warps, and whether cuBLASLt accepts a configuration
 // (cuemu_lt.cc follows the documentation).

@@ -181,7 +181,7 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, n
         return ncclInvalidArgument;
     const float *s = (const float *)sendbuff;
     float *r = (float *)recvbuff;
-    cuemu_stream_enqueue(stream, [=]() { clique_collective(c, s, r, count, 0); });
+    cuemu_stream_enqueue(stream, [=]() { clique_collective(c, s, r, count, 0); }, 1);
     return ncclSuccess;
 }
 
@@ -198,7 +198,7 @@ ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t sendcoun
         return ncclInvalidArgument;
     const float *s = (const float *)sendbuff;
     float *r = (float *)recvbuff;
-    cuemu_stream_enqueue(stream, [=]() { clique_collective(c, s, r, sendcount, 1); });
+    cuemu_stream_enqueue(stream, [=]() { clique_collective(c, s, r, sendcount, 1); }, 1);
     return ncclSuccess;
 }
 
