@@ -5,9 +5,11 @@
 // Every call first quantizes x (fp8_quant_kernel: E4M3 codes + FP32 scales
 // in scratch), then multiplies. Larger M (> FP8_GEMV_MAX_M) goes to
 // cuBLASLt's block-scaled FP8 GEMM on tensor cores where the device and the
-// shape allow it; decode-sized M, and every shape cuBLASLt refuses, go to
-// fp8_gemv_kernel (one warp per output column, FP32 accumulation), which
-// streams the weight bytes once per 16 activation rows.
+// shape allow it, and where they do not (other devices, N % 4 != 0) to
+// fp8_mma_kernel (K % 16 == 0; F16 mma on the codes, scaled per 128-wide
+// K block); decode-sized M, and the rest, go to fp8_gemv_kernel (one warp
+// per output column, FP32 accumulation), which streams the weight bytes
+// once per 16 activation rows.
 //
 // What cuBLASLt requires (NVIDIA cuBLAS documentation, "Using the cuBLASLt
 // API"; verify these first on a GPU):
@@ -51,6 +53,7 @@
 #include <cuda_fp8.h>
 
 #include "kernels/cuda/cuda_int.h"
+#include "kernels/cuda/cuda_ptx.h"
 
 extern "C" {
 #include "common/log.h"
@@ -260,15 +263,177 @@ __global__ void __launch_bounds__(FP8_GEMV_WARPS * 32)
     }
 }
 
+// ---- larger M where cuBLASLt does not take it: tensor cores ---------------
+
+// A 64x64 tile of out per block of 4 warps, as cuda_wint.cu's mma_tile, on
+// the E4M3 codes themselves: both operands' k-tiles (64 codes a row) come
+// into shared memory by cp.async, double-buffered; fragments are converted
+// to F16 in registers (exact: E4M3 fits F16) for mma.m16n8k16 with FP32
+// accumulators. The scales apply where the format puts them: each 128-wide
+// K block (two k-tiles) is summed on its own, then added to the result
+// times the weight block's scale (one per tile: its 64 columns lie in one
+// 128-row weight block) and the row's activation scale, as the GEMV does
+// per 16 columns. Hopper's FP8 mma (m16n8k32) would double the tensor
+// rate; this kernel serves the experts of a mixture and the shapes
+// cuBLASLt refuses, where it replaces GEMV passes per 16 rows.
+#define F8_BM 64
+#define F8_BN 64
+#define F8_BK 64
+#define F8_LDS (F8_BK + 16) // bytes a shared row: 16-byte aligned, lanes' loads on distinct banks
+#define F8_THREADS 128
+
+// Two E4M3 codes (the first in the low byte) -> two F16 in one register.
+__device__ __forceinline__ uint32_t fp8x2_to_f16x2(const uint8_t *p) {
+    __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(*(const uint16_t *)p), __NV_E4M3);
+    return (uint32_t)r.x | ((uint32_t)r.y << 16);
+}
+
+// The async copies of k-tile kt (codes k0 .. k0 + 63) of rows r0.. of a
+// [rows][K] code matrix into a 64-row stage; rows past `rows` and chunks
+// past K zero (K % 16 == 0: a chunk is wholly in or out).
+__device__ __forceinline__ void f8_load_tile(uint8_t *dst, const uint8_t *src, int rows, int K, int r0, int k0) {
+#pragma unroll
+    for (int i = 0; i < F8_BM * (F8_BK / 16) / F8_THREADS; i++) {
+        const int c = threadIdx.x + i * F8_THREADS, r = c >> 2, k = k0 + (c & 3) * 16;
+        const bool ok = r0 + r < rows && k < K;
+        // an invalid copy reads nothing, but its address stays a real one
+        cuda_cp_async16(dst + r * F8_LDS + (c & 3) * 16, ok ? src + (size_t)(r0 + r) * K + k : src, ok);
+    }
+}
+
+// Rows m0.. and columns n0.. of out[M][N] = codes xq [M][K] (scales
+// xs[kb * ld + m]) times weight w [N][K] (block scales ws [N/128][L]).
+// Warp w computes rows 32 (w / 2).. and columns 32 (w % 2).. as 2 x 4 mma
+// tiles of 16x8.
+__device__ __forceinline__ void fp8_mma_tile(float *out, const uint8_t *xq, const float *xs, int ld, int M,
+                                             const uint8_t *w, const float *ws, int N, int K, int L, int m0,
+                                             int n0) {
+    __shared__ __align__(16) uint8_t As[2][F8_BM * F8_LDS];
+    __shared__ __align__(16) uint8_t Bs[2][F8_BN * F8_LDS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+    const int KT = (K + F8_BK - 1) / F8_BK;
+    const float *wsr = ws + (size_t)(n0 / QUANT_FP8_BLOCK) * L;
+
+    float acc[2][4][4], part[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = part[i][j][e] = 0.0f;
+
+    f8_load_tile(As[0], xq, M, K, m0, 0);
+    f8_load_tile(Bs[0], w, N, K, n0, 0);
+    cuda_cp_async_commit();
+    for (int kt = 0; kt < KT; kt++) {
+        const int st = kt & 1;
+        // stage st ^ 1 was last read in iteration kt - 1, which ended with a barrier
+        if (kt + 1 < KT) {
+            f8_load_tile(As[st ^ 1], xq, M, K, m0, (kt + 1) * F8_BK);
+            f8_load_tile(Bs[st ^ 1], w, N, K, n0, (kt + 1) * F8_BK);
+        }
+        cuda_cp_async_commit(); // possibly empty: the wait still means "tile kt is in"
+        cuda_cp_async_wait<1>();
+        __syncthreads();
+        const uint8_t *as = As[st], *bs = Bs[st];
+#pragma unroll
+        for (int kk = 0; kk < F8_BK; kk += 16) {
+            uint32_t af[2][4], bf[4][2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const uint8_t *p = as + (wm + 16 * i + g) * F8_LDS + kk + 2 * t;
+                af[i][0] = fp8x2_to_f16x2(p);
+                af[i][1] = fp8x2_to_f16x2(p + 8 * F8_LDS);
+                af[i][2] = fp8x2_to_f16x2(p + 8);
+                af[i][3] = fp8x2_to_f16x2(p + 8 * F8_LDS + 8);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint8_t *p = bs + (wn + 8 * j + g) * F8_LDS + kk + 2 * t;
+                bf[j][0] = fp8x2_to_f16x2(p);
+                bf[j][1] = fp8x2_to_f16x2(p + 8);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) cuda_mma_f16(part[i][j], af[i], bf[j][0], bf[j][1]);
+        }
+        __syncthreads(); // stage st is rewritten next
+        if ((kt & 1) || kt == KT - 1) { // the end of K block kb: scale it in
+            const int kb = kt / 2;
+            const float wsc = __ldg(wsr + kb);
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int m = m0 + wm + 16 * i + g + 8 * h;
+                    const float sc = m < M ? wsc * xs[(size_t)kb * ld + m] : 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+#pragma unroll
+                        for (int e = 2 * h; e < 2 * h + 2; e++) {
+                            acc[i][j][e] = fmaf(part[i][j][e], sc, acc[i][j][e]);
+                            part[i][j][e] = 0.0f;
+                        }
+                }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = m0 + wm + 16 * i + g + (e >= 2 ? 8 : 0), n = n0 + wn + 8 * j + 2 * t + (e & 1);
+                if (m < M && n < N) out[(size_t)m * N + n] = acc[i][j][e];
+            }
+}
+
+// One tile per block (blockIdx.x: columns, blockIdx.y: rows).
+__global__ void __launch_bounds__(F8_THREADS)
+    fp8_mma_kernel(float *out, const uint8_t *xq, const float *xs, int ld, int M, const uint8_t *w, const float *ws,
+                   int N, int K, int L) {
+    fp8_mma_tile(out, xq, xs, ld, M, w, ws, N, K, L, blockIdx.y * F8_BM, blockIdx.x * F8_BN);
+}
+
+// The experts of a mixture: block row j is the j-th 64-row tile of the
+// experts in use, their tiles in expert order (as wint_mma_experts_kernel).
+__global__ void __launch_bounds__(F8_THREADS)
+    fp8_mma_experts_kernel(float *out, const uint8_t *xq, const float *xs, int ld, const fp8_expert *tab,
+                           const int32_t *groups, int E, int N, int K, int L) {
+    int j = blockIdx.y;
+    const int active = groups[E + 1];
+    for (int i = 0; i < active; i++) {
+        const int e = groups[E + 2 + i], r0 = groups[e], cnt = groups[e + 1] - r0, tiles = (cnt + F8_BM - 1) / F8_BM;
+        if (j < tiles) {
+            const fp8_expert x = tab[e];
+            fp8_mma_tile(out + (size_t)r0 * N, xq + (size_t)r0 * K, xs + r0, ld, cnt, x.w, x.ws, N, K, L, j * F8_BM,
+                         blockIdx.x * F8_BN);
+            return;
+        }
+        j -= tiles;
+    }
+}
+
 // out rows [0, rows) of the product from quantized rows xq (row stride K)
-// with scales xs[kb * ld + m], FP8_GEMV_MAX_M rows per launch.
-static void gemv_rows(cuda_backend *c, float *out, const uint8_t *xq, const float *xs, int ld, int rows,
-                      const nb_weight *w) {
+// with scales xs[kb * ld + m]: more than FP8_GEMV_MAX_M rows on tensor
+// cores where the rows are whole 16-byte chunks, else the GEMV,
+// FP8_GEMV_MAX_M rows per launch.
+static void product_rows(cuda_backend *c, float *out, const uint8_t *xq, const float *xs, int ld, int rows,
+                         const nb_weight *w) {
     int N = (int)w->rows, K = (int)w->cols, L = (K + QUANT_FP8_BLOCK - 1) / QUANT_FP8_BLOCK;
     int vec = K % 16 == 0 && (uintptr_t)w->data % 16 == 0 && (uintptr_t)xq % 16 == 0;
-    dim3 grid((unsigned)((N + FP8_GEMV_WARPS - 1) / FP8_GEMV_WARPS)), block(FP8_GEMV_WARPS * 32);
     const uint8_t *wd = (const uint8_t *)w->data;
     const float *ws = (const float *)w->scale;
+    if (vec && rows > FP8_GEMV_MAX_M && rows <= 65535 * F8_BM) {
+        dim3 tiles((unsigned)((N + F8_BN - 1) / F8_BN), (unsigned)((rows + F8_BM - 1) / F8_BM));
+        fp8_mma_kernel<<<tiles, F8_THREADS, 0, c->stream>>>(out, xq, xs, ld, rows, wd, ws, N, K, L);
+        CUDA_LAUNCHED();
+        return;
+    }
+    dim3 grid((unsigned)((N + FP8_GEMV_WARPS - 1) / FP8_GEMV_WARPS)), block(FP8_GEMV_WARPS * 32);
     for (int m0 = 0; m0 < rows; m0 += FP8_GEMV_MAX_M) {
         int mt = rows - m0 < FP8_GEMV_MAX_M ? rows - m0 : FP8_GEMV_MAX_M;
         float *o = out + (size_t)m0 * N;
@@ -421,9 +586,9 @@ void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weigh
         }
         if (lt_run(c, g, out, xq, xs, wscale, w)) lt_rows = head;
     }
-    if (lt_rows < head) gemv_rows(c, out, xq, xs, head, head, w);
+    if (lt_rows < head) product_rows(c, out, xq, xs, head, head, w);
     if (head < M)
-        gemv_rows(c, out + (size_t)head * N, xq + (size_t)head * K, xs + (size_t)head * L, M - head, M - head, w);
+        product_rows(c, out + (size_t)head * N, xq + (size_t)head * K, xs + (size_t)head * L, M - head, M - head, w);
 }
 
 // ---- experts --------------------------------------------------------------------
@@ -455,11 +620,18 @@ void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *t
     fp8_quant_kernel<<<(unsigned)((units + FP8_QUANT_WARPS - 1) / FP8_QUANT_WARPS), FP8_QUANT_WARPS * 32, 0,
                        c->stream>>>(xq, xs, x, n_rows, K, L, n_rows);
     CUDA_LAUNCHED();
+    const int max_active = E < n_rows ? E : n_rows;
+    const fp8_expert *tab = (const fp8_expert *)table;
+    if (vec && n_tokens > FP8_GEMV_MAX_M) {
+        // an expert with r rows has ceil(r / 64) <= r / 64 + 1 tiles
+        dim3 tiles((unsigned)((N + F8_BN - 1) / F8_BN), (unsigned)(max_active + n_rows / F8_BM));
+        fp8_mma_experts_kernel<<<tiles, F8_THREADS, 0, c->stream>>>(out, xq, xs, n_rows, tab, groups, E, N, K, L);
+        CUDA_LAUNCHED();
+        return;
+    }
     int mt = 1;
     while (mt < n_tokens && mt < FP8_GEMV_MAX_M) mt *= 2;
-    const int max_active = E < n_rows ? E : n_rows;
     dim3 grid((unsigned)((N + FP8_GEMV_WARPS - 1) / FP8_GEMV_WARPS), (unsigned)max_active), block(FP8_GEMV_WARPS * 32);
-    const fp8_expert *tab = (const fp8_expert *)table;
     switch (mt) {
 #define CASE(m)                                                                                                        \
     case m:                                                                                                            \

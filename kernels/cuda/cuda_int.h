@@ -301,8 +301,9 @@ void cuda_wint_tc_free(cuda_backend *c);
 void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
 void cuda_fp8_free(cuda_backend *c);
 // A mixture's FP8 experts (as cuda_gemv_experts): the device table of n
-// (cudaFree'd by the caller; vec: 16-byte reads) and the grouped GEMV,
-// the grouped rows quantized once.
+// (cudaFree'd by the caller; vec: rows of whole 16-byte chunks) and one
+// grouped launch, the grouped rows quantized once: the GEMV up to 16
+// tokens, tensor cores above where vec.
 void *cuda_fp8_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec);
 void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *table, int vec, const int32_t *groups,
                       int E, const nb_weight *w0, int n_tokens, int n_rows);

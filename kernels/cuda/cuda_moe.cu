@@ -21,9 +21,11 @@
 //  - BF16 (K % 8 == 0): cuda_matmul.cu's GEMV the same way up to
 //    CUDA_GEMV_MAX_M tokens, cuda_wint.cu's tensor-core kernel above (the
 //    weights copied where packed ones are dequantized);
-//  - F16/F32 (and BF16 of other K) up to CUDA_EXPERTS_GEMV_MAX_TOKENS
-//    tokens: the GEMV; FP8 the same with cuda_fp8.cu's GEMV, the grouped
-//    rows quantized per token per 128 columns first.
+//  - FP8 (the grouped rows quantized per token per 128 columns first):
+//    cuda_fp8.cu's GEMV up to 16 tokens, its tensor-core kernel above
+//    (K % 16 == 0), one block row per 64-row tile of the experts in use;
+//  - F16/F32 (and BF16 of other K, FP8 of other K) up to
+//    CUDA_EXPERTS_GEMV_MAX_TOKENS tokens: the GEMV.
 // Larger F16/F32 and FP8 steps (prefill) read the expert counts back and
 // run each expert through cuda_matmul on its rows (cuBLASLt where the rows
 // are many), one stream sync a call; such steps are not recorded.
@@ -236,7 +238,7 @@ void cuda_experts_free(cuda_backend *c, void *set) {
 
 int cuda_experts_recordable(const void *set, int n_tokens) {
     const cuda_experts *s = (const cuda_experts *)set;
-    return s->kind == EXPERTS_WINT || s->mma ||
+    return s->kind == EXPERTS_WINT || s->mma || (s->kind == EXPERTS_FP8 && s->vec) ||
            ((s->kind == EXPERTS_DENSE || s->kind == EXPERTS_FP8) && n_tokens <= CUDA_EXPERTS_GEMV_MAX_TOKENS);
 }
 

@@ -39,6 +39,16 @@ __device__ __forceinline__ void cuda_mma_bf16(float (&d)[4], const uint32_t (&a)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The same step with F16 inputs (the fragments' layout is the same; each
+// .b32 register holds two F16): E4M3 codes are exact in F16, so FP8
+// products run on it without rounding.
+__device__ __forceinline__ void cuda_mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // 16 bytes from global to shared memory without passing through registers;
 // valid == false reads nothing and fills the 16 bytes with zeros (src-size 0).
 __device__ __forceinline__ void cuda_cp_async16(void *smem, const void *gmem, bool valid) {

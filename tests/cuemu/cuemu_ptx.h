@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <cuda_fp16.h>
+
 static inline float cuemu_bf16_bits(uint32_t reg, int high) {
     uint32_t u = (high ? reg >> 16 : reg & 0xffffu) << 16;
     float f;
@@ -14,18 +16,28 @@ static inline float cuemu_bf16_bits(uint32_t reg, int high) {
     return f;
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, PTX ISA 9.7.14.5.8
+// The F16 element of a register (high: the upper half), by the CUDA
+// headers' host conversion (exact).
+static inline float cuemu_f16_bits(uint32_t reg, int high) {
+    __half_raw h;
+    h.x = (unsigned short)(high ? reg >> 16 : reg & 0xffffu);
+    return __half2float(__half(h));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32, PTX ISA 9.7.14.5.8
 // "Matrix Fragments for mma.m16n8k16 with floating point type": with
 // groupID = lane >> 2 and threadID_in_group = lane % 4, element i of a
-// lane's A fragment (8 BF16 in 4 registers, two per register, the first in
+// lane's A fragment (8 values in 4 registers, two per register, the first in
 // the low half) is at
 //   row = groupID + 8 * ((i % 4) >= 2), col = 2 * threadID_in_group + (i % 2) + 8 * (i >= 4);
-// element i of B (4 BF16 in 2 registers) at
+// element i of B (4 values in 2 registers) at
 //   row (k) = 2 * threadID_in_group + (i % 2) + 8 * (i >= 2), col (n) = groupID;
 // element i of C and D (4 FP32) at
 //   row = groupID + 8 * (i >= 2), col = 2 * threadID_in_group + (i % 2).
-// The lanes' registers are exchanged through the warp barrier.
-static inline void cuda_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// The lanes' registers are exchanged through the warp barrier; `elem`
+// reads one input element (BF16 or F16) out of a register.
+static inline void cuemu_mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                      float (*elem)(uint32_t, int)) {
     struct frag {
         uint32_t a[4], b[2];
         float c[4];
@@ -41,11 +53,11 @@ static inline void cuda_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t
             int g = lane >> 2, t = lane & 3;
             for (int i = 0; i < 8; i++) {
                 int row = g + 8 * ((i % 4) >= 2), col = 2 * t + (i % 2) + 8 * (i >= 4);
-                A[row][col] = cuemu_bf16_bits(f.a[i / 2], i % 2);
+                A[row][col] = elem(f.a[i / 2], i % 2);
             }
             for (int i = 0; i < 4; i++) {
                 int k = 2 * t + (i % 2) + 8 * (i >= 2);
-                B[k][g] = cuemu_bf16_bits(f.b[i / 2], i % 2);
+                B[k][g] = elem(f.b[i / 2], i % 2);
             }
             for (int i = 0; i < 4; i++) D[g + 8 * (i >= 2)][2 * t + (i % 2)] = f.c[i];
         }
@@ -58,6 +70,13 @@ static inline void cuda_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t
     }
     int lane = (int)cuemu_lane(), g = lane >> 2, t = lane & 3;
     for (int i = 0; i < 4; i++) d[i] = D[g + 8 * (i >= 2)][2 * t + (i % 2)];
+}
+
+static inline void cuda_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    cuemu_mma_m16n8k16(d, a, b0, b1, cuemu_bf16_bits);
+}
+static inline void cuda_mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    cuemu_mma_m16n8k16(d, a, b0, b1, cuemu_f16_bits);
 }
 
 // cp.async: queued per thread and performed when a wait_group retires its
