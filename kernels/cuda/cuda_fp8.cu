@@ -5,11 +5,12 @@
 // Every call first quantizes x (fp8_quant_kernel: E4M3 codes + FP32 scales
 // in scratch), then multiplies. Larger M (> FP8_GEMV_MAX_M) goes to
 // cuBLASLt's block-scaled FP8 GEMM on tensor cores where the device and the
-// shape allow it, and where they do not (other devices, N % 4 != 0) to
-// fp8_mma_kernel (K % 16 == 0; F16 mma on the codes, scaled per 128-wide
-// K block); decode-sized M, and the rest, go to fp8_gemv_kernel (one warp
-// per output column, FP32 accumulation), which streams the weight bytes
-// once per 16 activation rows.
+// shape allow it, and where they do not (Ada, N % 4 != 0) to
+// fp8_mma_kernel (K % 16 == 0, compute capability 8.9+: FP8 mma on the
+// codes, scaled per 128-wide K block); decode-sized M, and the rest (sm_80
+// has no FP8 mma), go to fp8_gemv_kernel (one warp per output column, FP32
+// accumulation), which streams the weight bytes once per 16 activation
+// rows.
 //
 // What cuBLASLt requires (NVIDIA cuBLAS documentation, "Using the cuBLASLt
 // API"; verify these first on a GPU):
@@ -80,7 +81,8 @@ typedef struct fp8_gemm {
 } fp8_gemm;
 
 struct cuda_fp8_state {
-    int lt_ok; // device and cuBLASLt support block-scaled FP8
+    int lt_ok;  // device and cuBLASLt support block-scaled FP8
+    int mma_ok; // FP8 mma.sync (compute capability 8.9+): fp8_mma_kernel
     fp8_gemm *gemms;
     int n_gemms, cap_gemms;
     // one scratch buffer: quantized activations, their scales, padded
@@ -266,27 +268,24 @@ __global__ void __launch_bounds__(FP8_GEMV_WARPS * 32)
 // ---- larger M where cuBLASLt does not take it: tensor cores ---------------
 
 // A 64x64 tile of out per block of 4 warps, as cuda_wint.cu's mma_tile, on
-// the E4M3 codes themselves: both operands' k-tiles (64 codes a row) come
-// into shared memory by cp.async, double-buffered; fragments are converted
-// to F16 in registers (exact: E4M3 fits F16) for mma.m16n8k16 with FP32
+// the E4M3 codes themselves (sm_89 and newer): both operands' k-tiles (64
+// codes a row) come into shared memory by cp.async, double-buffered, and
+// go to mma.m16n8k32.e4m3 as they are (four codes a register), FP32
 // accumulators. The scales apply where the format puts them: each 128-wide
 // K block (two k-tiles) is summed on its own, then added to the result
 // times the weight block's scale (one per tile: its 64 columns lie in one
 // 128-row weight block) and the row's activation scale, as the GEMV does
-// per 16 columns. Hopper's FP8 mma (m16n8k32) would double the tensor
-// rate; this kernel serves the experts of a mixture and the shapes
-// cuBLASLt refuses, where it replaces GEMV passes per 16 rows.
+// per 16 columns, which also bounds what the MMA's short internal sums
+// lose to one block's worth. This kernel serves the experts of a mixture
+// and the shapes cuBLASLt refuses, where it replaces GEMV passes per 16
+// rows.
 #define F8_BM 64
 #define F8_BN 64
 #define F8_BK 64
 #define F8_LDS (F8_BK + 16) // bytes a shared row: 16-byte aligned, lanes' loads on distinct banks
 #define F8_THREADS 128
 
-// Two E4M3 codes (the first in the low byte) -> two F16 in one register.
-__device__ __forceinline__ uint32_t fp8x2_to_f16x2(const uint8_t *p) {
-    __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(*(const uint16_t *)p), __NV_E4M3);
-    return (uint32_t)r.x | ((uint32_t)r.y << 16);
-}
+__device__ __forceinline__ uint32_t ld_u32(const uint8_t *p) { return *(const uint32_t *)p; }
 
 // The async copies of k-tile kt (codes k0 .. k0 + 63) of rows r0.. of a
 // [rows][K] code matrix into a 64-row stage; rows past `rows` and chunks
@@ -338,26 +337,26 @@ __device__ __forceinline__ void fp8_mma_tile(float *out, const uint8_t *xq, cons
         __syncthreads();
         const uint8_t *as = As[st], *bs = Bs[st];
 #pragma unroll
-        for (int kk = 0; kk < F8_BK; kk += 16) {
+        for (int kk = 0; kk < F8_BK; kk += 32) {
             uint32_t af[2][4], bf[4][2];
 #pragma unroll
             for (int i = 0; i < 2; i++) {
-                const uint8_t *p = as + (wm + 16 * i + g) * F8_LDS + kk + 2 * t;
-                af[i][0] = fp8x2_to_f16x2(p);
-                af[i][1] = fp8x2_to_f16x2(p + 8 * F8_LDS);
-                af[i][2] = fp8x2_to_f16x2(p + 8);
-                af[i][3] = fp8x2_to_f16x2(p + 8 * F8_LDS + 8);
+                const uint8_t *p = as + (wm + 16 * i + g) * F8_LDS + kk + 4 * t;
+                af[i][0] = ld_u32(p);
+                af[i][1] = ld_u32(p + 8 * F8_LDS);
+                af[i][2] = ld_u32(p + 16);
+                af[i][3] = ld_u32(p + 8 * F8_LDS + 16);
             }
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                const uint8_t *p = bs + (wn + 8 * j + g) * F8_LDS + kk + 2 * t;
-                bf[j][0] = fp8x2_to_f16x2(p);
-                bf[j][1] = fp8x2_to_f16x2(p + 8);
+                const uint8_t *p = bs + (wn + 8 * j + g) * F8_LDS + kk + 4 * t;
+                bf[j][0] = ld_u32(p);
+                bf[j][1] = ld_u32(p + 16);
             }
 #pragma unroll
             for (int i = 0; i < 2; i++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) cuda_mma_f16(part[i][j], af[i], bf[j][0], bf[j][1]);
+                for (int j = 0; j < 4; j++) cuda_mma_e4m3(part[i][j], af[i], bf[j][0], bf[j][1]);
         }
         __syncthreads(); // stage st is rewritten next
         if ((kt & 1) || kt == KT - 1) { // the end of K block kb: scale it in
@@ -421,13 +420,15 @@ __global__ void __launch_bounds__(F8_THREADS)
 // with scales xs[kb * ld + m]: more than FP8_GEMV_MAX_M rows on tensor
 // cores where the rows are whole 16-byte chunks, else the GEMV,
 // FP8_GEMV_MAX_M rows per launch.
+static cuda_fp8_state *fp8_state(cuda_backend *c);
+
 static void product_rows(cuda_backend *c, float *out, const uint8_t *xq, const float *xs, int ld, int rows,
                          const nb_weight *w) {
     int N = (int)w->rows, K = (int)w->cols, L = (K + QUANT_FP8_BLOCK - 1) / QUANT_FP8_BLOCK;
     int vec = K % 16 == 0 && (uintptr_t)w->data % 16 == 0 && (uintptr_t)xq % 16 == 0;
     const uint8_t *wd = (const uint8_t *)w->data;
     const float *ws = (const float *)w->scale;
-    if (vec && rows > FP8_GEMV_MAX_M && rows <= 65535 * F8_BM) {
+    if (vec && rows > FP8_GEMV_MAX_M && rows <= 65535 * F8_BM && fp8_state(c)->mma_ok) {
         dim3 tiles((unsigned)((N + F8_BN - 1) / F8_BN), (unsigned)((rows + F8_BM - 1) / F8_BM));
         fp8_mma_kernel<<<tiles, F8_THREADS, 0, c->stream>>>(out, xq, xs, ld, rows, wd, ws, N, K, L);
         CUDA_LAUNCHED();
@@ -461,6 +462,7 @@ static cuda_fp8_state *fp8_state(cuda_backend *c) {
     CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, c->device));
     size_t ver = cublasLtGetVersion();
     f->lt_ok = major == 9 && minor == 0 && ver >= 120900;
+    f->mma_ok = major * 10 + minor >= 89;
     if (!f->lt_ok)
         log_warn("cuda fp8: cuBLASLt block-scaled FP8 needs compute capability 9.0 and cuBLASLt 12.9+ (device "
                  "%d.%d, cuBLASLt %zu): every FP8 product runs on the GEMV kernel",
@@ -593,7 +595,7 @@ void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weigh
 
 // ---- experts --------------------------------------------------------------------
 
-void *cuda_fp8_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec) {
+void *cuda_fp8_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec, int *mma) {
     fp8_expert *h = (fp8_expert *)malloc(sizeof(fp8_expert) * (size_t)n);
     if (!h) abort();
     *vec = w[0].cols % 16 == 0;
@@ -601,6 +603,7 @@ void *cuda_fp8_experts_table(cuda_backend *c, const nb_weight *w, int n, int *ve
         h[e].w = (const uint8_t *)w[e].data, h[e].ws = (const float *)w[e].scale;
         *vec &= (uintptr_t)w[e].data % 16 == 0;
     }
+    *mma = *vec && fp8_state(c)->mma_ok;
     void *d = NULL;
     CUDA_CHECK(cudaMalloc(&d, sizeof(fp8_expert) * (size_t)n));
     CUDA_CHECK(cudaMemcpy(d, h, sizeof(fp8_expert) * (size_t)n, cudaMemcpyHostToDevice));
@@ -622,7 +625,7 @@ void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *t
     CUDA_LAUNCHED();
     const int max_active = E < n_rows ? E : n_rows;
     const fp8_expert *tab = (const fp8_expert *)table;
-    if (vec && n_tokens > FP8_GEMV_MAX_M) {
+    if (vec && n_tokens > FP8_GEMV_MAX_M && f->mma_ok) {
         // an expert with r rows has ceil(r / 64) <= r / 64 + 1 tiles
         dim3 tiles((unsigned)((N + F8_BN - 1) / F8_BN), (unsigned)(max_active + n_rows / F8_BM));
         fp8_mma_experts_kernel<<<tiles, F8_THREADS, 0, c->stream>>>(out, xq, xs, n_rows, tab, groups, E, N, K, L);

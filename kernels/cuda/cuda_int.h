@@ -303,8 +303,8 @@ void cuda_fp8_free(cuda_backend *c);
 // A mixture's FP8 experts (as cuda_gemv_experts): the device table of n
 // (cudaFree'd by the caller; vec: rows of whole 16-byte chunks) and one
 // grouped launch, the grouped rows quantized once: the GEMV up to 16
-// tokens, tensor cores above where vec.
-void *cuda_fp8_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec);
+// tokens, tensor cores above where *mma (vec, and a device with FP8 mma).
+void *cuda_fp8_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec, int *mma);
 void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *table, int vec, const int32_t *groups,
                       int E, const nb_weight *w0, int n_tokens, int n_rows);
 

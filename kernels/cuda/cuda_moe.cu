@@ -23,7 +23,8 @@
 //    weights copied where packed ones are dequantized);
 //  - FP8 (the grouped rows quantized per token per 128 columns first):
 //    cuda_fp8.cu's GEMV up to 16 tokens, its tensor-core kernel above
-//    (K % 16 == 0), one block row per 64-row tile of the experts in use;
+//    (K % 16 == 0, compute capability 8.9+), one block row per 64-row tile
+//    of the experts in use;
 //  - F16/F32 (and BF16 of other K, FP8 of other K) up to
 //    CUDA_EXPERTS_GEMV_MAX_TOKENS tokens: the GEMV.
 // Larger F16/F32 and FP8 steps (prefill) read the expert counts back and
@@ -45,6 +46,7 @@ struct cuda_experts {
     int vec;
     void *table; // device: data pointers (dense) or wint args
     void *mma;   // BF16 experts: the tensor-core kernel's wint args, or NULL
+    int fp8_mma; // FP8 experts: a tensor-core launch at any size
 };
 
 enum { EXPERTS_EACH = 0, EXPERTS_DENSE, EXPERTS_WINT, EXPERTS_FP8 };
@@ -213,7 +215,7 @@ void *cuda_experts_create(cuda_backend *c, const nb_weight *w, int n) {
         s->table = cuda_wint_experts_table(c, w, n, &s->vec);
         s->kind = EXPERTS_WINT;
     } else if (same && w[0].dtype == NB_FP8_B128 && w[0].rows <= INT32_MAX && w[0].cols <= INT32_MAX) {
-        s->table = cuda_fp8_experts_table(c, w, n, &s->vec);
+        s->table = cuda_fp8_experts_table(c, w, n, &s->vec, &s->fp8_mma);
         s->kind = EXPERTS_FP8;
     } else {
         s->kind = EXPERTS_EACH;
@@ -238,7 +240,7 @@ void cuda_experts_free(cuda_backend *c, void *set) {
 
 int cuda_experts_recordable(const void *set, int n_tokens) {
     const cuda_experts *s = (const cuda_experts *)set;
-    return s->kind == EXPERTS_WINT || s->mma || (s->kind == EXPERTS_FP8 && s->vec) ||
+    return s->kind == EXPERTS_WINT || s->mma || s->fp8_mma ||
            ((s->kind == EXPERTS_DENSE || s->kind == EXPERTS_FP8) && n_tokens <= CUDA_EXPERTS_GEMV_MAX_TOKENS);
 }
 

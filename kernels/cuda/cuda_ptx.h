@@ -39,14 +39,25 @@ __device__ __forceinline__ void cuda_mma_bf16(float (&d)[4], const uint32_t (&a)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// The same step with F16 inputs (the fragments' layout is the same; each
-// .b32 register holds two F16): E4M3 codes are exact in F16, so FP8
-// products run on it without rounding.
-__device__ __forceinline__ void cuda_mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+// D = A B + D for one 16x8x32 step on E4M3 codes (sm_89 and newer), FP32
+// accumulators. The fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32"
+// with .e4m3), g and t as above; each .b32 register holds four codes, the
+// lowest-indexed in the low byte:
+//   A (16x32, row major): a[0] = A[g][4t .. 4t+3]     a[1] = A[g+8][4t .. 4t+3]
+//                         a[2] = A[g][4t+16 .. 4t+19] a[3] = A[g+8][4t+16 .. 4t+19]
+//   B (32x8, column n's K values adjacent): b0 = B[4t .. 4t+3][g]  b1 = B[4t+16 .. 4t+19][g]
+//   C, D as for m16n8k16.
+// So a weight row's or an activation row's four consecutive codes are one
+// register, read from shared memory as they are.
+__device__ __forceinline__ void cuda_mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap(); // the host launches FP8 mma kernels only on 8.9+ (cuda_fp8.cu)
+#endif
 }
 
 // 16 bytes from global to shared memory without passing through registers;

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 static inline float cuemu_bf16_bits(uint32_t reg, int high) {
     uint32_t u = (high ? reg >> 16 : reg & 0xffffu) << 16;
@@ -16,55 +17,43 @@ static inline float cuemu_bf16_bits(uint32_t reg, int high) {
     return f;
 }
 
-// The F16 element of a register (high: the upper half), by the CUDA
-// headers' host conversion (exact).
-static inline float cuemu_f16_bits(uint32_t reg, int high) {
-    __half_raw h;
-    h.x = (unsigned short)(high ? reg >> 16 : reg & 0xffffu);
+// Code `byte` (0-3) of a register as E4M3, by the CUDA headers' host
+// conversion (exact).
+static inline float cuemu_e4m3_bits(uint32_t reg, int byte) {
+    __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)(reg >> (8 * byte) & 0xffu), __NV_E4M3);
     return __half2float(__half(h));
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32, PTX ISA 9.7.14.5.8
-// "Matrix Fragments for mma.m16n8k16 with floating point type": with
-// groupID = lane >> 2 and threadID_in_group = lane % 4, element i of a
-// lane's A fragment (8 values in 4 registers, two per register, the first in
-// the low half) is at
-//   row = groupID + 8 * ((i % 4) >= 2), col = 2 * threadID_in_group + (i % 2) + 8 * (i >= 4);
-// element i of B (4 values in 2 registers) at
-//   row (k) = 2 * threadID_in_group + (i % 2) + 8 * (i >= 2), col (n) = groupID;
-// element i of C and D (4 FP32) at
-//   row = groupID + 8 * (i >= 2), col = 2 * threadID_in_group + (i % 2).
-// The lanes' registers are exchanged through the warp barrier; `elem`
-// reads one input element (BF16 or F16) out of a register.
-static inline void cuemu_mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
-                                      float (*elem)(uint32_t, int)) {
-    struct frag {
-        uint32_t a[4], b[2];
-        float c[4];
-    } me = {{a[0], a[1], a[2], a[3]}, {b0, b1}, {d[0], d[1], d[2], d[3]}};
+// The lanes' fragments of one mma, as they are exchanged through the warp
+// barrier.
+struct cuemu_frag {
+    uint32_t a[4], b[2];
+    float c[4];
+};
+
+// D = A B + C for a 16x8xKD mma: `place(f, g, t, A, B)` puts lane (g, t)'s
+// A and B elements where the instruction's fragment layout says. The first
+// lane back computes the warp's whole D; the others read it. C and D
+// (4 FP32 a lane) are at row = groupID + 8 * (i >= 2), col = 2 *
+// threadID_in_group + (i % 2) for every shape here.
+template <int KD, class Place>
+static inline void cuemu_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, Place place) {
+    cuemu_frag me = {{a[0], a[1], a[2], a[3]}, {b0, b1}, {d[0], d[1], d[2], d[3]}};
     const unsigned char *s = cuemu_warp_exchange(0xffffffffu, &me, sizeof me);
-    // The first lane back computes the warp's whole D; the others read it.
     float(*D)[8] = (float(*)[8])cuemu_warp_scratch();
     if (cuemu_warp_first()) {
-        float A[16][16], B[16][8];
+        float A[16][KD], B[KD][8];
         for (int lane = 0; lane < 32; lane++) {
-            frag f;
+            cuemu_frag f;
             memcpy(&f, s + (size_t)lane * CUEMU_SLOT, sizeof f);
             int g = lane >> 2, t = lane & 3;
-            for (int i = 0; i < 8; i++) {
-                int row = g + 8 * ((i % 4) >= 2), col = 2 * t + (i % 2) + 8 * (i >= 4);
-                A[row][col] = elem(f.a[i / 2], i % 2);
-            }
-            for (int i = 0; i < 4; i++) {
-                int k = 2 * t + (i % 2) + 8 * (i >= 2);
-                B[k][g] = elem(f.b[i / 2], i % 2);
-            }
+            place(f, g, t, A, B);
             for (int i = 0; i < 4; i++) D[g + 8 * (i >= 2)][2 * t + (i % 2)] = f.c[i];
         }
         for (int row = 0; row < 16; row++)
             for (int col = 0; col < 8; col++) {
                 float acc = D[row][col];
-                for (int k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
+                for (int k = 0; k < KD; k++) acc += A[row][k] * B[k][col];
                 D[row][col] = acc;
             }
     }
@@ -72,11 +61,41 @@ static inline void cuemu_mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uin
     for (int i = 0; i < 4; i++) d[i] = D[g + 8 * (i >= 2)][2 * t + (i % 2)];
 }
 
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, PTX ISA 9.7.14.5.8
+// "Matrix Fragments for mma.m16n8k16 with floating point type": with
+// groupID = lane >> 2 and threadID_in_group = lane % 4, element i of a
+// lane's A fragment (8 BF16 in 4 registers, two per register, the first in
+// the low half) is at
+//   row = groupID + 8 * ((i % 4) >= 2), col = 2 * threadID_in_group + (i % 2) + 8 * (i >= 4);
+// element i of B (4 BF16 in 2 registers) at
+//   row (k) = 2 * threadID_in_group + (i % 2) + 8 * (i >= 2), col (n) = groupID.
 static inline void cuda_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    cuemu_mma_m16n8k16(d, a, b0, b1, cuemu_bf16_bits);
+    cuemu_mma<16>(d, a, b0, b1, [](const cuemu_frag &f, int g, int t, float (*A)[16], float (*B)[8]) {
+        for (int i = 0; i < 8; i++) {
+            int row = g + 8 * ((i % 4) >= 2), col = 2 * t + (i % 2) + 8 * (i >= 4);
+            A[row][col] = cuemu_bf16_bits(f.a[i / 2], i % 2);
+        }
+        for (int i = 0; i < 4; i++) B[2 * t + (i % 2) + 8 * (i >= 2)][g] = cuemu_bf16_bits(f.b[i / 2], i % 2);
+    });
 }
-static inline void cuda_mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    cuemu_mma_m16n8k16(d, a, b0, b1, cuemu_f16_bits);
+
+// mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32, PTX ISA 9.7.14.5
+// "Matrix Fragments for mma.m16n8k32" (8-bit types): element i of a lane's
+// A fragment (16 codes in 4 registers, four per register, the first in the
+// low byte) is at
+//   row = groupID + 8 * ((i / 4) % 2), col = 4 * threadID_in_group + (i % 4) + 16 * (i >= 8);
+// element i of B (8 codes in 2 registers) at
+//   row (k) = 4 * threadID_in_group + (i % 4) + 16 * (i >= 4), col (n) = groupID.
+// E4M3 products are exact in FP32 and summed here in FP32 (the GPU keeps
+// fewer bits inside the MMA; see test_cuda_fp8.c).
+static inline void cuda_mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    cuemu_mma<32>(d, a, b0, b1, [](const cuemu_frag &f, int g, int t, float (*A)[32], float (*B)[8]) {
+        for (int i = 0; i < 16; i++) {
+            int row = g + 8 * ((i / 4) % 2), col = 4 * t + (i % 4) + 16 * (i >= 8);
+            A[row][col] = cuemu_e4m3_bits(f.a[i / 4], i % 4);
+        }
+        for (int i = 0; i < 8; i++) B[4 * t + (i % 4) + 16 * (i >= 4)][g] = cuemu_e4m3_bits(f.b[i / 4], i % 4);
+    });
 }
 
 // cp.async: queued per thread and performed when a wait_group retires its

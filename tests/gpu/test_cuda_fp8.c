@@ -17,10 +17,9 @@
  *    mantissa bits (about 14, per the DeepSeek-V3 report), and the kernel
  *    promotes to FP32 at every 128-wide K block (where the block scales
  *    apply), so each block's sum is off by ~2^-13 of its size: expected
- *    ~1e-4, tol 2e-3; where it does not, fp8_mma_kernel (F16 MMA on the
- *    exact codes, FP32 accumulators, scaled per 128-wide K block): expected
- *    ~1e-6 under the same tol. Printed worst errors say how much margin is
- *    left;
+ *    ~1e-4, tol 2e-3; where it does not, fp8_mma_kernel, which promotes
+ *    the same way: the same bound. Printed worst errors say how much margin
+ *    is left;
  *  - a product recorded in a CUDA graph and replayed on new activations in
  *    the same buffer equals the eager product bit for bit (same kernels and
  *    algorithm on the same inputs: cuBLAS is run-to-run reproducible on one
