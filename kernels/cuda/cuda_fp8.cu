@@ -54,6 +54,7 @@
 #include <cuda_fp8.h>
 
 #include "kernels/cuda/cuda_int.h"
+#include "kernels/cuda/cuda_mma.h"
 #include "kernels/cuda/cuda_ptx.h"
 
 extern "C" {
@@ -284,8 +285,7 @@ __global__ void __launch_bounds__(FP8_GEMV_WARPS * 32)
 #define F8_BK 64
 #define F8_LDS (F8_BK + 16) // bytes a shared row: 16-byte aligned, lanes' loads on distinct banks
 #define F8_THREADS 128
-
-__device__ __forceinline__ uint32_t ld_u32(const uint8_t *p) { return *(const uint32_t *)p; }
+static_assert(F8_BM == 64 && F8_BN == 64, "cuda_mma.h: 64x64 tiles");
 
 // The async copies of k-tile kt (codes k0 .. k0 + 63) of rows r0.. of a
 // [rows][K] code matrix into a 64-row stage; rows past `rows` and chunks
@@ -335,24 +335,10 @@ __device__ __forceinline__ void fp8_mma_tile(float *out, const uint8_t *xq, cons
         cuda_cp_async_commit(); // possibly empty: the wait still means "tile kt is in"
         cuda_cp_async_wait<1>();
         __syncthreads();
-        const uint8_t *as = As[st], *bs = Bs[st];
 #pragma unroll
         for (int kk = 0; kk < F8_BK; kk += 32) {
             uint32_t af[2][4], bf[4][2];
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const uint8_t *p = as + (wm + 16 * i + g) * F8_LDS + kk + 4 * t;
-                af[i][0] = ld_u32(p);
-                af[i][1] = ld_u32(p + 8 * F8_LDS);
-                af[i][2] = ld_u32(p + 16);
-                af[i][3] = ld_u32(p + 8 * F8_LDS + 16);
-            }
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const uint8_t *p = bs + (wn + 8 * j + g) * F8_LDS + kk + 4 * t;
-                bf[j][0] = ld_u32(p);
-                bf[j][1] = ld_u32(p + 16);
-            }
+            mma_warp_frags(af, bf, As[st], Bs[st], F8_LDS, kk, wm, wn, g, t);
 #pragma unroll
             for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -379,15 +365,7 @@ __device__ __forceinline__ void fp8_mma_tile(float *out, const uint8_t *xq, cons
         }
     }
 
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int m = m0 + wm + 16 * i + g + (e >= 2 ? 8 : 0), n = n0 + wn + 8 * j + 2 * t + (e & 1);
-                if (m < M && n < N) out[(size_t)m * N + n] = acc[i][j][e];
-            }
+    mma_warp_store(out, acc, M, N, m0, n0, wm, wn, g, t);
 }
 
 // One tile per block (blockIdx.x: columns, blockIdx.y: rows).
@@ -398,22 +376,15 @@ __global__ void __launch_bounds__(F8_THREADS)
 }
 
 // The experts of a mixture: block row j is the j-th 64-row tile of the
-// experts in use, their tiles in expert order (as wint_mma_experts_kernel).
+// experts in use, their tiles in expert order (mma_expert_tile).
 __global__ void __launch_bounds__(F8_THREADS)
     fp8_mma_experts_kernel(float *out, const uint8_t *xq, const float *xs, int ld, const fp8_expert *tab,
                            const int32_t *groups, int E, int N, int K, int L) {
-    int j = blockIdx.y;
-    const int active = groups[E + 1];
-    for (int i = 0; i < active; i++) {
-        const int e = groups[E + 2 + i], r0 = groups[e], cnt = groups[e + 1] - r0, tiles = (cnt + F8_BM - 1) / F8_BM;
-        if (j < tiles) {
-            const fp8_expert x = tab[e];
-            fp8_mma_tile(out + (size_t)r0 * N, xq + (size_t)r0 * K, xs + r0, ld, cnt, x.w, x.ws, N, K, L, j * F8_BM,
-                         blockIdx.x * F8_BN);
-            return;
-        }
-        j -= tiles;
-    }
+    int r0, cnt, m0;
+    const int e = mma_expert_tile(groups, E, blockIdx.y, &r0, &cnt, &m0);
+    if (e < 0) return;
+    const fp8_expert x = tab[e];
+    fp8_mma_tile(out + (size_t)r0 * N, xq + (size_t)r0 * K, xs + r0, ld, cnt, x.w, x.ws, N, K, L, m0, blockIdx.x * F8_BN);
 }
 
 // out rows [0, rows) of the product from quantized rows xq (row stride K)

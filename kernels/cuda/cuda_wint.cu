@@ -37,6 +37,7 @@
 // K % 32 != 0 or a group that is not a multiple of 16: only odd per-channel
 // shapes) take the GEMV kernel 16 rows at a time instead.
 #include "kernels/cuda/cuda_int.h"
+#include "kernels/cuda/cuda_mma.h"
 #include "kernels/cuda/cuda_ptx.h"
 
 extern "C" {
@@ -273,8 +274,7 @@ static void gemv_launch(cudaStream_t st, float *out, const float *x, const wint_
 // 16-byte aligned (cp.async, uint4 stores) and puts the 8 rows one fragment
 // load touches (row stride 36 words) in 8 different groups of 4 banks.
 #define WT_LDS 72
-
-__device__ __forceinline__ uint32_t ld_b32(const __nv_bfloat16 *p) { return *(const uint32_t *)p; }
+static_assert(WT_BM == 64 && WT_BN == 64, "cuda_mma.h: 64x64 tiles");
 
 // x (FP32 [M][K]) to BF16 [M][Kp], columns K..Kp-1 zero: the tensor-core
 // kernel then reads whole 64-column tiles without a K bound, and the zeros
@@ -404,24 +404,10 @@ __device__ __forceinline__ void mma_tile(float *out, const __nv_bfloat16 *act, i
         __syncthreads(); // every thread's copies of tile kt visible
         mma_dequant<T>(Bs, Bp[st], a, n0, kt);
         __syncthreads();
-        const __nv_bfloat16 *as = As[st];
 #pragma unroll
         for (int kk = 0; kk < WT_BK; kk += 16) {
             uint32_t af[2][4], bf[4][2];
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const __nv_bfloat16 *p = as + (wm + 16 * i + g) * WT_LDS + kk + 2 * t;
-                af[i][0] = ld_b32(p);
-                af[i][1] = ld_b32(p + 8 * WT_LDS);
-                af[i][2] = ld_b32(p + 8);
-                af[i][3] = ld_b32(p + 8 * WT_LDS + 8);
-            }
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const __nv_bfloat16 *p = Bs + (wn + 8 * j + g) * WT_LDS + kk + 2 * t;
-                bf[j][0] = ld_b32(p);
-                bf[j][1] = ld_b32(p + 8);
-            }
+            mma_warp_frags(af, bf, (const uint8_t *)As[st], (const uint8_t *)Bs, 2 * WT_LDS, 2 * kk, wm, wn, g, t);
 #pragma unroll
             for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -430,15 +416,7 @@ __device__ __forceinline__ void mma_tile(float *out, const __nv_bfloat16 *act, i
         __syncthreads(); // Bs and stage st are rewritten next
     }
 
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int m = m0 + wm + 16 * i + g + (e >= 2 ? 8 : 0), n = n0 + wn + 8 * j + 2 * t + (e & 1);
-                if (m < M && n < a.N) out[(size_t)m * a.N + n] = acc[i][j][e];
-            }
+    mma_warp_store(out, acc, M, a.N, m0, n0, wm, wn, g, t);
 }
 
 // One tile per block (blockIdx.x: columns n, blockIdx.y: rows m).
@@ -455,17 +433,11 @@ template <nb_dtype T>
 __global__ void __launch_bounds__(WT_THREADS)
     wint_mma_experts_kernel(float *out, const __nv_bfloat16 *act, int Kp, const wint_args *tab, const int32_t *groups,
                             int E) {
-    int j = blockIdx.y;
-    const int active = groups[E + 1];
-    for (int i = 0; i < active; i++) {
-        const int e = groups[E + 2 + i], r0 = groups[e], cnt = groups[e + 1] - r0, tiles = (cnt + WT_BM - 1) / WT_BM;
-        if (j < tiles) {
-            const wint_args a = tab[e];
-            mma_tile<T>(out + (size_t)r0 * a.N, act + (size_t)r0 * Kp, Kp, cnt, a, j * WT_BM, blockIdx.x * WT_BN);
-            return;
-        }
-        j -= tiles;
-    }
+    int r0, cnt, m0;
+    const int e = mma_expert_tile(groups, E, blockIdx.y, &r0, &cnt, &m0);
+    if (e < 0) return;
+    const wint_args a = tab[e];
+    mma_tile<T>(out + (size_t)r0 * a.N, act + (size_t)r0 * Kp, Kp, cnt, a, m0, blockIdx.x * WT_BN);
 }
 
 template <nb_dtype T> static void mma_launch(cuda_backend *c, float *out, const float *x, const wint_args &a, int M) {
