@@ -54,8 +54,8 @@ CUEMU_DIR := build/cuemu$(if $(CUEMU_SAN),-$(CUEMU_SAN))
 CUEMU_CXXFLAGS := -std=c++17 -O2 -g -I. -isystem $(CUDA_HOME)/include -DNB_CUEMU -Wall -Wno-unused-function \
 	-Wno-unknown-pragmas -ffp-contract=off -fno-strict-aliasing -MMD -MP $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN))
 ifeq ($(CUDA),1)
-CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_lt.o \
-	$(CUEMU_DIR)/cuemu_nccl.o
+CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_api.o \
+	$(CUEMU_DIR)/cuemu_lt.o $(CUEMU_DIR)/cuemu_nccl.o
 CUEMU_TEST_BIN := $(patsubst tests/gpu/%.c,$(CUEMU_DIR)/tests/%,$(GPU_TEST_SRC))
 endif
 CUEMU_TESTS ?= $(notdir $(CUEMU_TEST_BIN))

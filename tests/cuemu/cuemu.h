@@ -7,11 +7,11 @@
 // `extern __shared__` arrays). The CUDA headers' host halves give the BF16,
 // FP16 and FP8 types and conversions; this header gives the rest of the
 // device side: thread indices, barriers, warp shuffles, atomics and the few
-// intrinsics the kernels use. tests/cuemu/cuemu.cc is the runtime behind it
-// (device memory, streams, graph capture, the block scheduler), cuemu_lt.cc
-// a reference cuBLASLt and cuemu_nccl.cc the NCCL calls of tensor
-// parallelism, over several devices (CUEMU_DEVICES) that host threads may
-// drive at once (cuemu_rt.h).
+// intrinsics the kernels use. tests/cuemu/cuemu.cc is the block scheduler
+// behind it, cuemu_api.cc the runtime (device memory, streams, graph
+// capture, launches), cuemu_lt.cc a reference cuBLASLt and cuemu_nccl.cc
+// the NCCL calls of tensor parallelism, over several devices
+// (CUEMU_DEVICES) that host threads may drive at once (cuemu_rt.h).
 //
 // The execution model: a grid's blocks run one after another; within a
 // block every CUDA thread is a fiber (its own stack) on one OS thread. A

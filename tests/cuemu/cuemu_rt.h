@@ -1,5 +1,5 @@
 // cuemu's runtime as its other parts see it (cuemu_lt.cc, cuemu_nccl.cc):
-// the emulated devices, streams and device memory of tests/cuemu/cuemu.cc.
+// the emulated devices, streams and device memory of tests/cuemu/cuemu_api.cc.
 //
 // Several devices (CUEMU_DEVICES, default 1) share the host's memory; what
 // makes them distinct is the bookkeeping: each host thread has its current
@@ -15,6 +15,7 @@
 #include <stddef.h>
 
 #include <functional>
+#include <mutex>
 
 // Queues fn on the stream (it runs when the host waits for the stream), or
 // appends it to the graph the stream is recording. fn runs without the
@@ -29,5 +30,13 @@ int cuemu_device_count(void);
 // The device of the allocation holding [p, p + bytes), or -1 if no single
 // device allocation holds it all.
 int cuemu_device_of(const void *p, size_t bytes);
+
+// Between the block scheduler (cuemu.cc) and the runtime API
+// (cuemu_api.cc): the lock under which grids run and the allocation and
+// attribute tables change (never held while a thread waits for another),
+// and one grid run now on the calling thread.
+extern std::mutex emu_mu;
+struct cuemu_cfg;
+void cuemu_run_grid(const char *name, const cuemu_cfg &cfg, void (*run)(void *), void *args);
 
 #endif
