@@ -596,7 +596,7 @@ void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *t
     CUDA_LAUNCHED();
     const int max_active = E < n_rows ? E : n_rows;
     const fp8_expert *tab = (const fp8_expert *)table;
-    if (vec && n_tokens > FP8_GEMV_MAX_M && f->mma_ok) {
+    if (vec && cuda_experts_tc(n_rows, E, FP8_GEMV_MAX_M) && f->mma_ok) {
         // an expert with r rows has ceil(r / 64) <= r / 64 + 1 tiles
         dim3 tiles((unsigned)((N + F8_BN - 1) / F8_BN), (unsigned)(max_active + n_rows / F8_BM));
         fp8_mma_experts_kernel<<<tiles, F8_THREADS, 0, c->stream>>>(out, xq, xs, n_rows, tab, groups, E, N, K, L);

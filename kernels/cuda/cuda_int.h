@@ -296,6 +296,16 @@ void cuda_matmul_experts(cuda_backend *c, float *out, const float *x, const void
 void cuda_wint_tc_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
 void cuda_wint_tc_free(cuda_backend *c);
 
+// Whether a grouped expert product of n_rows rows over E experts goes to
+// tensor cores (64-row tiles) rather than the GEMV (pass_rows rows a pass):
+// when the experts average more than a pass. Below, both read each
+// expert's weights once, and the GEMV is the kernel built to stream them
+// (the tensor-core tile would be mostly padding rows; reasoned, not yet
+// timed on a device), so a decode batch spread over many experts
+// (Qwen3-30B-A3B: 128, 8 a token) stays on the GEMV up to 256 tokens.
+// Decided from sizes known when a step is recorded, not from the counts.
+static inline int cuda_experts_tc(int n_rows, int E, int pass_rows) { return n_rows > pass_rows * E; }
+
 // cuda_fp8.cu: NB_FP8_B128 with activations quantized per token per 128
 // columns (quant/quant.h), the same contract as cuda_matmul.
 void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);

@@ -12,19 +12,21 @@
 // keep token order within an expert without a sort; the pairs pass through
 // shared memory in chunks.
 //
-// matmul_experts on a grouped set, one launch whatever the routing:
+// matmul_experts on a grouped set, one launch whatever the routing, a GEMV
+// while the experts average at most one pass of its rows (16; BF16 8) and
+// tensor cores above (cuda_experts_tc), one block row per 64-row tile of
+// the experts in use:
 //  - WINT8/WINT4/WINT2 in quant.h's layout (which the model keeps experts
 //    in), any number of tokens: cuda_wint.cu's GEMV with one block row per
-//    expert in use up to 16 tokens (each expert's weights read once a pass,
-//    its rows MT at a time), its tensor-core kernel above, one block row per
-//    64-row tile of the experts in use;
-//  - BF16 (K % 8 == 0): cuda_matmul.cu's GEMV the same way up to
-//    CUDA_GEMV_MAX_M tokens, cuda_wint.cu's tensor-core kernel above (the
-//    weights copied where packed ones are dequantized);
+//    expert in use (each expert's weights read once a pass, its rows MT at
+//    a time), and its tensor-core kernel;
+//  - BF16 (K % 8 == 0): cuda_matmul.cu's GEMV the same way, and
+//    cuda_wint.cu's tensor-core kernel (the weights copied where packed
+//    ones are dequantized), which also takes any step past
+//    CUDA_EXPERTS_GEMV_MAX_TOKENS tokens;
 //  - FP8 (the grouped rows quantized per token per 128 columns first):
-//    cuda_fp8.cu's GEMV up to 16 tokens, its tensor-core kernel above
-//    (K % 16 == 0, compute capability 8.9+), one block row per 64-row tile
-//    of the experts in use;
+//    cuda_fp8.cu's GEMV, and its tensor-core kernel (K % 16 == 0, compute
+//    capability 8.9+);
 //  - F16/F32 (and BF16 of other K, FP8 of other K) up to
 //    CUDA_EXPERTS_GEMV_MAX_TOKENS tokens: the GEMV.
 // Larger F16/F32 and FP8 steps (prefill) read the expert counts back and
@@ -248,7 +250,7 @@ void cuda_matmul_experts(cuda_backend *c, float *out, const float *x, const void
                          int n_tokens, int n_rows) {
     const cuda_experts *s = (const cuda_experts *)set;
     if (n_rows <= 0) return;
-    if (s->mma && n_tokens > CUDA_GEMV_MAX_M) {
+    if (s->mma && (cuda_experts_tc(n_rows, s->n, CUDA_GEMV_MAX_M) || n_tokens > CUDA_EXPERTS_GEMV_MAX_TOKENS)) {
         cuda_bf16_experts_mma(c, out, x, s->mma, groups, s->n, &s->w[0], n_rows);
         return;
     }

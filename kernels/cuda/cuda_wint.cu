@@ -583,8 +583,7 @@ static void mma_experts_launch(cuda_backend *c, float *out, const float *x, cons
 void cuda_wint_experts(cuda_backend *c, float *out, const float *x, const void *table, int chunked,
                        const int32_t *groups, int E, const nb_weight *w0, int n_tokens, int n_rows) {
     const wint_args *tab = (const wint_args *)table;
-    if (n_tokens > WG_MAX_M && chunked && n_rows <= 65535 * (WT_BM / 2)) {
-        // more rows an expert than the GEMV takes at once: tensor cores
+    if (cuda_experts_tc(n_rows, E, WG_MAX_M) && chunked && n_rows <= 65535 * (WT_BM / 2)) {
         switch (w0->dtype) {
         case NB_WINT8: mma_experts_launch<NB_WINT8>(c, out, x, tab, groups, E, w0, n_rows); break;
         case NB_WINT4: mma_experts_launch<NB_WINT4>(c, out, x, tab, groups, E, w0, n_rows); break;

@@ -13,11 +13,12 @@
  *    test_cuda_fp8.c give a product of that many rows: up to the GEMV's
  *    rows (8 dense, 16 packed) FP32 activations, dense 1e-4 of the output
  *    norm, WINT 1e-4 of max |ref| (+ 1e-6), FP8 1e-3; above, tensor cores
- *    read BF16 (or E4M3) activations: 1e-2, 2e-2 of max |ref|, 2e-3. The
- *    row count is n_tokens where the set is recordable (its kernels are
- *    chosen before the counts, in device memory, are known: every expert
- *    is held to the bound of the step's size), else the expert's own (each
- *    runs through matmul). Weights are loaded as the model loads experts,
+ *    read BF16 (or E4M3) activations: 1e-2, 2e-2 of max |ref|, 2e-3. Where
+ *    the set is recordable the step's size picks the path (its kernels are
+ *    chosen before the counts, in device memory, are known: tensor cores
+ *    when the rows average more than a GEMV pass an expert, tc_step; every
+ *    expert is held to that path's bound), else the expert's own rows do
+ *    (each runs through matmul). Weights are loaded as the model loads experts,
  *    backend_weight_load_plain (quant.h's layout, never repacked); outputs
  *    are poisoned with NaN, so rows left unwritten fail, and the
  *    NB_MOE_PAD_ROWS rows past n_rows must stay poisoned;
@@ -274,6 +275,11 @@ static double max_abs(const float *v, size_t n) {
 /* The most rows a product takes with FP32 activations (GEMV). */
 static int gemv_rows(nb_dtype t) { return t == NB_BF16 ? 8 : 16; }
 
+/* Whether a recordable set's step of n_rows rows over E experts runs on
+ * tensor cores: its rows average more than a GEMV pass an expert
+ * (cuda_experts_tc in kernels/cuda/cuda_int.h). */
+static int tc_step(nb_dtype t, int n_rows, int E) { return n_rows > gemv_rows(t) * E; }
+
 /* Expert e's cnt rows of got against the CPU's under the bound of its
  * path (the header); returns the error in the bound's measure. */
 static double check_expert(nb_dtype t, const float *got, const float *ref, const float *x, int cnt, int64_t N,
@@ -332,7 +338,7 @@ static void check_experts(nb_dtype t, int group, int64_t N, int64_t K, int n_tok
     for (int e = 0; e < E; e++) {
         int g0 = rt.groups[e], cnt = rt.groups[e + 1] - g0;
         if (!cnt) continue;
-        int tc = (rec ? n_tokens : cnt) > gemv_rows(t);
+        int tc = rec ? tc_step(t, nk, E) : cnt > gemv_rows(t);
         note_worst(&worst[tc], check_expert(t, got + (size_t)g0 * N, ref + (size_t)g0 * N, x + (size_t)g0 * K, cnt, N,
                                             K, s.wn[e], tc, ref_floor, t_where, e));
     }
@@ -482,14 +488,14 @@ static void graph_case(nb_dtype t, int group, int n, int whole) {
               "%s: %zu expert outputs and %zu block outputs differ from the eager run", t_where,
               n_mismatch(ye0, ye1, (size_t)nk * D), n_mismatch(o0, o1, (size_t)n * D));
         double e_ye = rel_l2(ye0, cye, (size_t)nk * D, 0), e_out = rel_l2(o0, cout, (size_t)n * D, 0);
-        double tol = n > gemv_rows(t) ? 1e-2 : 1e-4;
+        double tol = tc_step(t, nk, E) ? 1e-2 : 1e-4;
         CHECK(e_ye <= tol && e_out <= tol, "%s: expert outputs off the cpu by %.3g, block outputs by %.3g (limit %g)",
               t_where, e_ye, e_out, tol);
         if (step == 0) memcpy(first_groups, c.groups, sizeof first_groups);
         else
             CHECK(memcmp(first_groups, c.groups, sizeof first_groups), "%s: the new tokens routed as the old", t_where);
         free(ye0), free(ye1), free(o0), free(o1);
-        if (step == 0 && t != NB_BF16 && n > gemv_rows(t)) big_run();
+        if (step == 0 && t != NB_BF16 && tc_step(t, nk, E)) big_run();
     }
     /* frees drop the recordings: only after the replay */
     gpu->ops->experts_free(gpu, gs), cpu->ops->experts_free(cpu, cs);
@@ -502,7 +508,7 @@ static void graph_case(nb_dtype t, int group, int n, int whole) {
 }
 
 static void test_graph(void) {
-    static const int ns[] = {5, 64};
+    static const int ns[] = {5, 80}; /* GEMV, tensor cores (tc_step) */
     static const struct {
         nb_dtype t;
         int group;
