@@ -85,7 +85,8 @@ build/tests/%: build/tests/%.o $(LIB_OBJ) $(CU_OBJ)
 
 # bench_cuda calls cudart and cuBLAS itself (copy bandwidth, the cuBLAS reference)
 build/bench/%.o: CFLAGS += -isystem $(CUDA_HOME)/include
-build/bench/bench_cuda: build/bench/bench_cuda.o build/bench/bench_cuda_util.o build/bench/bench_cuda_ops.o build/bench/bench_cuda_quant.o $(LIB_OBJ) $(CU_OBJ)
+build/bench/bench_cuda: build/bench/bench_cuda.o build/bench/bench_cuda_util.o build/bench/bench_cuda_ops.o build/bench/bench_cuda_quant.o \
+	build/bench/bench_cuda_moe.o $(LIB_OBJ) $(CU_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcublas
 

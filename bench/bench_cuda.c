@@ -12,8 +12,9 @@
  *    FP32, CUBLAS_COMPUTE_32F, default algorithm, BF16 activations) on the
  *    same shapes, then the quantized formats (WINT8, WINT4 group 128 and
  *    per-channel, WINT2, block-wise FP8) against the same cuBLAS BF16 at M
- *    = 1 .. 4096 (bench_cuda_quant.c), rmsnorm, add_rmsnorm, rope,
- *    silu_mul, kv_write, decode attention and prefill attention;
+ *    = 1 .. 4096 (bench_cuda_quant.c), grouped expert products on
+ *    Qwen3-30B-A3B's experts (bench_cuda_moe.c), rmsnorm, add_rmsnorm,
+ *    rope, silu_mul, kv_write, decode attention and prefill attention;
  *  - --model DIR: end-to-end decode tokens/s of model_forward at each
  *    --batches size, against the bandwidth bound (weight + KV bytes read per
  *    step / copy bandwidth), with the weights as stored or quantized at

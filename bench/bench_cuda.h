@@ -63,7 +63,7 @@ double bench_copy_bandwidth(void);
 void bench_print_bw(const char *what, double sec, double bytes, double bw);
 
 /* one backend op call, timed by bench_time_op */
-typedef enum { K_MATMUL, K_RMSNORM, K_ADD_RMSNORM, K_ROPE, K_SILU_MUL, K_KV_WRITE, K_ATTENTION } op_kind;
+typedef enum { K_MATMUL, K_RMSNORM, K_ADD_RMSNORM, K_ROPE, K_SILU_MUL, K_KV_WRITE, K_ATTENTION, K_EXPERTS } op_kind;
 
 typedef struct op_call {
     op_kind kind;
@@ -76,6 +76,9 @@ typedef struct op_call {
     const float *inv_freq;
     void *kc, *vc;
     nb_attn_shape s;
+    const void *set;       /* experts: the set, moe_route's groups, n_tokens (n: rows) */
+    const int32_t *groups;
+    int n_tokens;
 } op_call;
 
 /* cuBLAS on a stream of its own, with its own workspace (nothing to
@@ -127,5 +130,17 @@ void bench_fill_kv(nb_backend *b, void *kc, void *vc, int n_slots, const nb_attn
 void bench_ops(double bw);
 /* bench_cuda_quant.c: the quantized formats' matmul against cuBLAS BF16 */
 void bench_quant_matmul(nb_backend *b, double bw);
+/* A host weight [N][K] of dtype t (BF16 or a quantized format; group 0:
+ * per channel where the format has groups): random packed values and
+ * scales that spread weights about like N(0, 0.02). Freed by
+ * bench_host_weight_free; a device copy (backend_weight_load*) by
+ * bench_weight_free. */
+nb_weight bench_host_weight(nb_dtype t, int group, int N, int K);
+void bench_host_weight_free(nb_weight *h);
+void bench_weight_free(nb_backend *b, nb_weight *d);
+/* max |a - b| / max |b| over n values (NaN if a has one) */
+double bench_rel_err(const float *a, const float *b, size_t n);
+/* bench_cuda_moe.c: grouped expert products (matmul_experts) */
+void bench_moe_experts(nb_backend *b, double bw);
 
 #endif

@@ -229,5 +229,6 @@ void bench_ops(double bw) {
     bench_quant_matmul(b, bw);
     bench_attention(b, bw, tf);
     bench_small_ops(b, bw);
+    bench_moe_experts(b, bw); /* last: the newest, not yet run on a device */
     backend_destroy(b);
 }

@@ -32,29 +32,43 @@ static const qformat FORMATS[] = {
 };
 #define N_FORMATS ((int)(sizeof FORMATS / sizeof FORMATS[0]))
 
-/* A weight of the format as host bytes: random packed values and scales
- * sized so that weights spread about like N(0, 0.02). */
-static nb_weight make_packed(const qformat *f, int N, int K) {
-    int group = f->t == NB_WINT4 || f->t == NB_WINT2 ? (f->group ? f->group : K) : 0;
-    size_t db = quant_data_bytes(f->t, N, K), sb = quant_scale_bytes(f->t, N, K, group),
-           s2b = quant_scale2_bytes(f->t, N);
+nb_weight bench_host_weight(nb_dtype t, int group, int N, int K) {
+    if (t == NB_BF16) {
+        uint16_t *data = xmalloc(sizeof(uint16_t) * (size_t)N * K);
+        bench_fill_bf16_exact(NULL, data, (size_t)N * K, 0.035f);
+        return (nb_weight){.dtype = t, .rows = N, .cols = K, .data = data};
+    }
+    group = t == NB_WINT4 || t == NB_WINT2 ? (group ? group : K) : 0;
+    size_t db = quant_data_bytes(t, N, K), sb = quant_scale_bytes(t, N, K, group), s2b = quant_scale2_bytes(t, N);
     uint8_t *data = xmalloc(db), *scale = xmalloc(sb), *scale2 = s2b ? xmalloc(s2b) : NULL;
     for (size_t i = 0; i < db; i++) {
         uint8_t v = (uint8_t)(bench_rand_u64() >> 56);
-        if (f->t == NB_WINT8 && v == 0x80) v = 0x81;                  /* int8 -128 is outside [-127, 127] */
-        if (f->t == NB_FP8_B128 && (v & 0x7f) == 0x7f) v ^= 1;        /* 0x7f/0xff are NaN in E4M3 */
+        if (t == NB_WINT8 && v == 0x80) v = 0x81;                  /* int8 -128 is outside [-127, 127] */
+        if (t == NB_FP8_B128 && (v & 0x7f) == 0x7f) v ^= 1;        /* 0x7f/0xff are NaN in E4M3 */
         data[i] = v;
     }
-    float step = f->t == NB_WINT8 ? 0.035f / 127 : f->t == NB_WINT4 ? 0.035f / 7 : 0.035f / 448;
-    if (f->t == NB_WINT2) {
+    float step = t == NB_WINT8 ? 0.035f / 127 : t == NB_WINT4 ? 0.035f / 7 : 0.035f / 448;
+    if (t == NB_WINT2) {
         for (size_t i = 0; i < sb; i++) scale[i] = (uint8_t)(bench_rand_u64() >> 56);
         for (int n = 0; n < N; n++) ((float *)scale2)[n] = quant_round_bf16(0.02f);
     } else {
         for (size_t i = 0; i < sb / sizeof(float); i++)
             ((float *)scale)[i] = quant_round_bf16(step * (0.75f + 0.25f * bench_frand()));
     }
-    return (nb_weight){.dtype = f->t, .rows = N, .cols = K, .data = data, .scale = scale, .scale2 = scale2,
+    return (nb_weight){.dtype = t, .rows = N, .cols = K, .data = data, .scale = scale, .scale2 = scale2,
                        .group = group};
+}
+
+void bench_host_weight_free(nb_weight *h) {
+    free((void *)h->data);
+    free((void *)h->scale);
+    free((void *)h->scale2);
+}
+
+void bench_weight_free(nb_backend *b, nb_weight *d) {
+    b->ops->weight_free(b, d->data);
+    if (d->scale) b->ops->weight_free(b, d->scale);
+    if (d->scale2) b->ops->weight_free(b, d->scale2);
 }
 
 /* The device copy as the model loader makes it (WINT8 and WINT4 go into
@@ -66,16 +80,11 @@ static nb_weight upload_packed(nb_backend *b, const nb_weight *h) {
 }
 
 static void free_packed(nb_backend *b, nb_weight *h, nb_weight *d) {
-    b->ops->weight_free(b, d->data);
-    b->ops->weight_free(b, d->scale);
-    if (d->scale2) b->ops->weight_free(b, d->scale2);
-    free((void *)h->data);
-    free((void *)h->scale);
-    free((void *)h->scale2);
+    bench_weight_free(b, d);
+    bench_host_weight_free(h);
 }
 
-/* max |a - b| / max |b| over n values (NaN if a has one) */
-static double rel_err(const float *a, const float *b, size_t n) {
+double bench_rel_err(const float *a, const float *b, size_t n) {
     double num = 0, den = 0;
     for (size_t i = 0; i < n; i++) {
         double d = fabs((double)a[i] - b[i]);
@@ -122,14 +131,14 @@ void bench_quant_matmul(nb_backend *b, double bw) {
             t_bf16[mi] = bench_time_gemm(&r);
         }
         for (int f = 0; f < N_FORMATS; f++) {
-            nb_weight hwq = make_packed(&FORMATS[f], N, K), dwq = upload_packed(b, &hwq);
+            nb_weight hwq = bench_host_weight(FORMATS[f].t, FORMATS[f].group, N, K), dwq = upload_packed(b, &hwq);
             double wbytes = (double)quant_weight_bytes(&dwq); /* as resident: the layout may pad or shrink */
             quant_matmul_ref(ref, hx, &hwq, 1);
             for (int mi = 0; mi < n_ms; mi++) {
                 int M = Ms[mi];
                 o->matmul(b, out, x, &dwq, M);
                 o->download(b, row, out, sizeof(float) * (size_t)N);
-                double err = rel_err(row, ref, (size_t)N);
+                double err = bench_rel_err(row, ref, (size_t)N);
                 op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = &dwq, .n = M};
                 double t = bench_time_op(&c, 1), ratio = t_bf16[mi] / t;
                 printf("  %-13s %6d %6d %5d %-11s %11.2f %11.2f %8.2f", BENCH_SHAPES[si].name, N, K, M, FORMATS[f].name,

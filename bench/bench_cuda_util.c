@@ -117,6 +117,7 @@ void bench_op_run(const op_call *c) {
     case K_SILU_MUL: o->silu_mul(c->b, c->out, c->x, c->y, c->count); break;
     case K_KV_WRITE: o->kv_write(c->b, c->kc, c->vc, c->x, c->y, &c->s); break;
     case K_ATTENTION: o->attention(c->b, c->out, c->x, c->kc, c->vc, &c->s); break;
+    case K_EXPERTS: o->matmul_experts(c->b, c->out, c->x, c->set, c->groups, c->n_tokens, c->n); break;
     }
 }
 
