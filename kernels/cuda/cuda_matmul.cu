@@ -88,10 +88,31 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const
         for (int m = 0; m < MT; m++) out[(size_t)m * N + n] = acc[m];
 }
 
+// An expert's cnt rows from r0 at the narrowest MT that takes them in one
+// pass, as cuda_wint.cu's wint_expert_rows: the weights read once, no
+// products for rows the expert does not have. Rows past its last are read
+// (the input has NB_MOE_PAD_ROWS to spare) and not stored.
+template <typename T, int MT>
+__device__ __forceinline__ void gemv_expert_rows(float *out, const float *x, const T *wr, int N, int K, int vec,
+                                                 int lane, int n, int r0, int cnt) {
+    if constexpr (MT > 1) {
+        if (cnt <= MT / 2) {
+            gemv_expert_rows<T, MT / 2>(out, x, wr, N, K, vec, lane, n, r0, cnt);
+            return;
+        }
+    }
+    for (int c0 = 0; c0 < cnt; c0 += MT) {
+        float acc[MT];
+        gemv_col<T, MT>(acc, x + (size_t)(r0 + c0) * K, wr, K, vec, lane);
+        if (lane == 0)
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+                if (c0 + m < cnt) out[(size_t)(r0 + c0 + m) * N + n] = acc[m];
+    }
+}
+
 // The experts of a mixture (matmul_experts): block row j takes the j-th
-// expert that has rows (groups as moe_route lays them out) and walks its
-// rows MT at a time. Rows past the expert's last are read (the input has
-// NB_MOE_PAD_ROWS to spare) and not stored.
+// expert that has rows (groups as moe_route lays them out).
 template <typename T, int MT>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_experts_kernel(float *out, const float *x, const void *const *w, const int32_t *groups, int E, int N, int K,
@@ -102,15 +123,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
     int lane = threadIdx.x & 31;
     int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (n >= N) return;
-    const T *wr = (const T *)w[e] + (size_t)n * K;
-    for (int c0 = 0; c0 < cnt; c0 += MT) {
-        float acc[MT];
-        gemv_col<T, MT>(acc, x + (size_t)(r0 + c0) * K, wr, K, vec, lane);
-        if (lane == 0)
-#pragma unroll
-            for (int m = 0; m < MT; m++)
-                if (c0 + m < cnt) out[(size_t)(r0 + c0 + m) * N + n] = acc[m];
-    }
+    gemv_expert_rows<T, MT>(out, x, (const T *)w[e] + (size_t)n * K, N, K, vec, lane, n, r0, cnt);
 }
 
 template <typename T>

@@ -216,9 +216,33 @@ __global__ void __launch_bounds__(WG_WARPS * 32) wint_gemv_kernel(float *out, co
         for (int m = 0; m < MT; m++) out[(size_t)m * a.N + n] = acc[m];
 }
 
+// An expert's cnt rows from r0, MT at a time, at the narrowest MT (halving
+// the launch's, a block's choice so no warp diverges) that takes them in
+// one pass: the weights are still read once, and no products are made for
+// rows the expert does not have (a decode step over many experts has a few
+// rows each where the launch allows 16). Rows past its last are read and
+// not stored.
+template <nb_dtype T, int MT>
+__device__ __forceinline__ void wint_expert_rows(float *out, const float *x, const wint_args &a, int n, int vec,
+                                                 int lane, int r0, int cnt) {
+    if constexpr (MT > 1) {
+        if (cnt <= MT / 2) {
+            wint_expert_rows<T, MT / 2>(out, x, a, n, vec, lane, r0, cnt);
+            return;
+        }
+    }
+    for (int c0 = 0; c0 < cnt; c0 += MT) {
+        float acc[MT];
+        wint_gemv_col<T, MT>(acc, x + (size_t)(r0 + c0) * a.K, a, n, vec, lane);
+        if (lane == 0)
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+                if (c0 + m < cnt) out[(size_t)(r0 + c0 + m) * a.N + n] = acc[m];
+    }
+}
+
 // The experts of a mixture (matmul_experts), as cuda_matmul.cu's
-// gemv_experts_kernel: block row j takes the j-th expert that has rows and
-// walks them MT at a time (rows past its last are read and not stored).
+// gemv_experts_kernel: block row j takes the j-th expert that has rows.
 template <nb_dtype T, int MT>
 __global__ void __launch_bounds__(WG_WARPS * 32)
     wint_gemv_experts_kernel(float *out, const float *x, const wint_args *tab, const int32_t *groups, int E, int vec) {
@@ -229,14 +253,7 @@ __global__ void __launch_bounds__(WG_WARPS * 32)
     const int lane = threadIdx.x & 31;
     const int n = blockIdx.x * WG_WARPS + (threadIdx.x >> 5);
     if (n >= a.N) return;
-    for (int c0 = 0; c0 < cnt; c0 += MT) {
-        float acc[MT];
-        wint_gemv_col<T, MT>(acc, x + (size_t)(r0 + c0) * a.K, a, n, vec, lane);
-        if (lane == 0)
-#pragma unroll
-            for (int m = 0; m < MT; m++)
-                if (c0 + m < cnt) out[(size_t)(r0 + c0 + m) * a.N + n] = acc[m];
-    }
+    wint_expert_rows<T, MT>(out, x, a, n, vec, lane, r0, cnt);
 }
 
 // Whether the packed rows can be read in aligned 16-byte chunks of which
