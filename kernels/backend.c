@@ -111,13 +111,19 @@ nb_backend *backend_create(const nb_backend_opts *opts, nb_err *e) {
 static size_t weight_load(nb_backend *b, nb_weight *w, int may_pack) {
     int packed = w->dtype != NB_F32 && w->dtype != NB_BF16 && w->dtype != NB_F16;
     size_t bytes = packed && may_pack && b->ops->weight_pack ? b->ops->weight_pack(b, w) : 0;
+    if (bytes == NB_WEIGHT_NO_MEMORY) return 0;
     if (bytes) return bytes;
     size_t db = packed ? quant_data_bytes(w->dtype, w->rows, w->cols) : (size_t)w->rows * (size_t)w->cols * nb_dtype_size(w->dtype);
-    w->data = b->ops->weight_load(b, w->data, db);
-    if (packed) {
-        w->scale = b->ops->weight_load(b, w->scale, quant_scale_bytes(w->dtype, w->rows, w->cols, w->group));
-        if (w->scale2) w->scale2 = b->ops->weight_load(b, w->scale2, quant_scale2_bytes(w->dtype, w->rows));
+    nb_weight d = *w;
+    int ok = (d.data = b->ops->weight_load(b, w->data, db)) != NULL;
+    if (packed && ok) ok = (d.scale = b->ops->weight_load(b, w->scale, quant_scale_bytes(w->dtype, w->rows, w->cols, w->group))) != NULL;
+    if (packed && ok && w->scale2) ok = (d.scale2 = b->ops->weight_load(b, w->scale2, quant_scale2_bytes(w->dtype, w->rows))) != NULL;
+    if (!ok) { /* give back what did fit: the caller reports the whole weight */
+        if (d.data && d.data != w->data) b->ops->weight_free(b, d.data);
+        if (packed && d.scale && d.scale != w->scale) b->ops->weight_free(b, d.scale);
+        return 0;
     }
+    *w = d;
     return packed ? quant_weight_bytes(w) : db;
 }
 

@@ -163,7 +163,10 @@ typedef struct nb_backend_ops {
     void (*upload)(nb_backend *b, void *dst, const void *src, size_t bytes);
     void (*download)(nb_backend *b, void *dst, const void *src, size_t bytes);
     /* Makes host weight bytes usable by the ops. The CPU backend returns
-     * `host` itself (weights stay in the mmapped file); others copy. */
+     * `host` itself (weights stay in the mmapped file); others copy, and
+     * return NULL when their memory cannot hold the bytes (the model
+     * loader reports it: a model too large for the device is the user's
+     * to fix, not a crash). */
     const void *(*weight_load)(nb_backend *b, const void *host, size_t bytes);
     void (*weight_free)(nb_backend *b, const void *p);
     /* Optional (NULL: weights are loaded as they are, as on the CPU). Offered
@@ -172,7 +175,9 @@ typedef struct nb_backend_ops {
      * read faster (w->layout names it), pointing w at backend memory that
      * weight_free frees, and return the bytes w holds there,
      * quant_weight_bytes(w). It returns 0, w untouched, for a weight it
-     * leaves to be loaded as it is. backend_weight_load calls it. */
+     * leaves to be loaded as it is, and NB_WEIGHT_NO_MEMORY, w untouched
+     * and nothing kept, when its memory cannot hold the weight.
+     * backend_weight_load calls it. */
     size_t (*weight_pack)(nb_backend *b, nb_weight *w);
 
     /* Sets the token layout for the ops that follow (rope, kv_write,
@@ -322,9 +327,13 @@ typedef struct nb_backend_opts {
     int tensor_parallel; /* ranks (0 or 1: one); CUDA: devices N, N+1, ...; CPU: threads split */
 } nb_backend_opts;
 
+/* weight_pack's answer for a weight that does not fit. */
+#define NB_WEIGHT_NO_MEMORY ((size_t)-1)
+
 /* Loads host weight w (data, scale and scale2 for the packed formats) into
  * b's memory, in the backend's layout where weight_pack takes it; w then
- * points there. Returns the bytes w holds in backend memory. */
+ * points there. Returns the bytes w holds in backend memory, or 0 (w
+ * untouched, nothing kept) when b's memory cannot hold it. */
 size_t backend_weight_load(nb_backend *b, nb_weight *w);
 /* The same, always in quant/quant.h's layout (never weight_pack): what
  * matmul_experts reads on every backend. */

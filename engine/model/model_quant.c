@@ -59,10 +59,42 @@ static int plain_dtype(st_dtype t, nb_dtype *out) {
     }
 }
 
-/* Hands host bytes to the backend and counts them as format t. */
-static const void *load(nb_model *m, nb_dtype t, const void *host, size_t bytes) {
+/* n bytes as "12.3 MiB" or "4.56 GiB". */
+static const char *size_str(char *buf, size_t cap, size_t n) {
+    if (n < ((size_t)1 << 30)) snprintf(buf, cap, "%.1f MiB", n / 1048576.0);
+    else snprintf(buf, cap, "%.2f GiB", n / 1073741824.0);
+    return buf;
+}
+
+/* The error for weight `what` of `bytes` that the backend's memory cannot
+ * hold: how much is loaded and free, and what would make the model fit. */
+static int no_memory(nb_model *m, const char *what, size_t bytes, nb_err *e) {
+    size_t loaded = 0, free_b = 0, total_b = 0;
+    for (int t = 0; t < NB_DTYPE_COUNT; t++) loaded += m->bytes_by[t];
+    char room[96] = "", b1[32], b2[32], b3[32], b4[32];
+    if (m->be->ops->mem_info(m->be, &free_b, &total_b) == 0)
+        snprintf(room, sizeof room, ", %s free of %s", size_str(b1, sizeof b1, free_b),
+                 size_str(b2, sizeof b2, total_b));
+    char who[32] = "";
+    if (m->n_ranks > 1) snprintf(who, sizeof who, " (rank %d of %d)", m->rank, m->n_ranks);
+    return nb_errf(e,
+                   "out of device memory loading %s (%s)%s: %s of weights loaded before it%s; a smaller format "
+                   "(--quantization wint8 or wint4) or more devices (--tensor-parallel-size) would fit it",
+                   what, size_str(b3, sizeof b3, bytes), who, size_str(b4, sizeof b4, loaded), room);
+}
+
+/* Hands host bytes to the backend (*dst: where they are there) and counts
+ * them as format t. */
+static int load(nb_model *m, nb_dtype t, const void **dst, const void *host, size_t bytes, const char *what,
+                nb_err *e) {
+    const void *p = m->be->ops->weight_load(m->be, host, bytes);
+    if (!p) {
+        *dst = NULL; /* not the backend's to free */
+        return no_memory(m, what, bytes, e);
+    }
     m->bytes_by[t] += bytes;
-    return m->be->ops->weight_load(m->be, host, bytes);
+    *dst = p;
+    return 0;
 }
 
 /* The rows [r0, r0 + nr) and bytes [b0, b0 + nb) of each of them, from a
@@ -173,16 +205,15 @@ static int bind_host(nb_model *m, nb_weight *w, const char *name, int64_t rows, 
 int model_bind(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, const nb_slice *sl,
                int optional, nb_err *e) {
     if (bind_host(m, w, name, rows, cols, sl, optional, e)) return -1;
-    if (w->data) w->data = load(m, w->dtype, w->data, (size_t)w->rows * (size_t)w->cols * nb_dtype_size(w->dtype));
-    return 0;
+    if (!w->data) return 0;
+    return load(m, w->dtype, &w->data, w->data, (size_t)w->rows * (size_t)w->cols * nb_dtype_size(w->dtype), name, e);
 }
 
 int model_bind_f32(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, nb_err *e) {
     float *f = model_host_f32(m, st_find(m->st, name), rows, cols, name, e);
     if (!f) return -1;
     *w = (nb_weight){.dtype = NB_F32, .rows = rows, .cols = cols};
-    w->data = load(m, NB_F32, f, sizeof(float) * (size_t)rows * (size_t)cols);
-    return 0;
+    return load(m, NB_F32, &w->data, f, sizeof(float) * (size_t)rows * (size_t)cols, name, e);
 }
 
 /* A companion tensor of `name` (".weight" -> ".weight_scale" etc.). */
@@ -210,8 +241,15 @@ float *model_host_f32(nb_model *m, const st_tensor *t, int64_t rows, int64_t col
 
 /* Hands a packed host weight to the backend (in its own layout where it
  * has one, unless the model asks for quant.h's), counted as its format. */
-static void load_packed(nb_model *m, nb_weight *w) {
-    m->bytes_by[w->dtype] += m->load_plain ? backend_weight_load_plain(m->be, w) : backend_weight_load(m->be, w);
+static int load_packed(nb_model *m, nb_weight *w, const char *name, nb_err *e) {
+    size_t bytes = m->load_plain ? backend_weight_load_plain(m->be, w) : backend_weight_load(m->be, w);
+    if (!bytes) {
+        size_t want = quant_weight_bytes(w);
+        w->data = w->scale = w->scale2 = NULL; /* host bytes: not the backend's to free */
+        return no_memory(m, name, want, e);
+    }
+    m->bytes_by[w->dtype] += bytes;
+    return 0;
 }
 
 /* The packed tensors of an offline checkpoint (or their part sl), bound
@@ -254,8 +292,7 @@ static int bind_packed(nb_model *m, nb_weight *w, const st_tensor *t, const char
     nb_err ce;
     if (quant_check(full.dtype, N, K, full.group, &ce)) return nb_errf(e, "%s: %s", name, ce.msg);
     if (slice_weight(m, name, &full, sl, w, e)) return -1;
-    load_packed(m, w);
-    return 0;
+    return load_packed(m, w, name, e);
 }
 
 /* Relative error of the layer's output on 16 Gaussian sample rows. */
@@ -380,6 +417,5 @@ int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, in
                 output_error(W, &packed));
     free(W);
     if (slice_weight(m, name, &packed, sl && sl->dim == 1 ? sl : NULL, w, e)) return -1;
-    load_packed(m, w);
-    return 0;
+    return load_packed(m, w, name, e);
 }

@@ -106,11 +106,12 @@ static const void *cu_weight_load(nb_backend *b, const void *host, size_t bytes)
     int prev = cuda_device_enter(c);
     void *p = NULL;
     cudaError_t rc = cudaMalloc(&p, bytes ? bytes : 1);
-    if (rc != cudaSuccess) {
-        fprintf(stderr, "nibble: cuda:%d: out of device memory loading %zu bytes of weights (%zu MiB loaded): %s\n",
-                c->device, bytes, c->weight_bytes >> 20, cudaGetErrorString(rc));
-        abort();
+    if (rc == cudaErrorMemoryAllocation) { // the loader reports it (backend.h)
+        (void)cudaGetLastError();          // not sticky, but it would be returned by the next check
+        cuda_device_leave(c, prev);
+        return NULL;
     }
+    CUDA_CHECK(rc);
     cu_upload(b, p, host, bytes);
     c->weight_bytes += bytes;
     cuda_device_leave(c, prev);
@@ -145,9 +146,16 @@ static size_t cu_weight_pack(nb_backend *b, nb_weight *w) {
         cuda_device_leave(c, prev);
         return 0;
     }
-    w->data = cu_weight_load(b, c->pack_host, tdb);
-    w->scale = grouped ? cu_weight_load(b, c->pack_host + tdb, tsb)
-                       : cu_weight_load(b, w->scale, quant_scale_bytes(w->dtype, w->rows, w->cols, w->group));
+    const void *data = cu_weight_load(b, c->pack_host, tdb);
+    const void *scale = !data    ? NULL
+                        : grouped ? cu_weight_load(b, c->pack_host + tdb, tsb)
+                                  : cu_weight_load(b, w->scale, quant_scale_bytes(w->dtype, w->rows, w->cols, w->group));
+    if (!scale) {
+        if (data) cu_weight_free(b, data);
+        cuda_device_leave(c, prev);
+        return NB_WEIGHT_NO_MEMORY;
+    }
+    w->data = data, w->scale = scale;
     w->layout = NB_LAYOUT_TC;
     cuda_device_leave(c, prev);
     return quant_weight_bytes(w);

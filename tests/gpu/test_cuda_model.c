@@ -25,7 +25,9 @@
  * 6 heads and 2 KV heads split in two), mistral (one KV head, copied on
  * both ranks) and ernie-moe (its experts cut in two) split over cuda:0 and cuda:1 (--tensor-parallel-size 2,
  * all-reduces over NCCL, recorded in each rank's decode graphs) against the
- * CPU's single rank; with one device they are skipped and say so. */
+ * CPU's single rank; with one device they are skipped and say so. First,
+ * a model that does not fit what is left of the device memory fails to
+ * load with a clear error. */
 #include "tests/gpu/gpu_model_test.h"
 
 
@@ -222,6 +224,40 @@ static void check_tp(const char *name) {
     ref_free(&r);
 }
 
+/* A model whose weights do not fit in what is left of the device's memory:
+ * model_load fails with a message that says so and what would fit it,
+ * not a crash, and once the memory is back the same backend loads it.
+ * The memory is filled in halves of what is free (each allocation well
+ * inside it) until at most 2 MiB are left, under the 4.4 MiB of llama's
+ * weights; the emulator is given 64 MiB for this, so filling is cheap. */
+static void test_weights_too_large(void) {
+    setenv("CUEMU_MEMORY_MB", "64", 1);
+    nb_backend *b = gpu_backend();
+    REQUIRE(b, "no cuda backend");
+    void *fill[256];
+    int n_fill = 0;
+    size_t free_b = 0, total_b = 0;
+    while (n_fill < 256 && b->ops->mem_info(b, &free_b, &total_b) == 0 && free_b > (2u << 20)) {
+        size_t n = free_b / 2 < ((size_t)1 << 30) ? free_b / 2 : (size_t)1 << 30;
+        fill[n_fill++] = b->ops->alloc(b, n > (1u << 20) ? n : (1u << 20));
+    }
+    CHECK(free_b <= (2u << 20), "device memory not filled: %zu bytes still free", free_b);
+    nb_err e = {{0}};
+    nb_model_opts o = {.max_batch_tokens = 256, .num_kv_blocks = 64};
+    nb_model *m = model_load("tests/fixtures/models/llama", b, &o, &e);
+    CHECK(!m, "llama's 4.4 MiB of weights loaded into %zu bytes of free device memory", free_b);
+    CHECK(strstr(e.msg, "out of device memory loading") && strstr(e.msg, "--quantization"),
+          "the error does not say what ran out and what would fit: %s", e.msg);
+    printf("  %zu bytes free: %s\n", free_b, e.msg);
+    if (m) model_free(m);
+    while (n_fill) b->ops->free(b, fill[--n_fill]);
+    m = model_load("tests/fixtures/models/llama", b, &o, &e);
+    CHECK(m, "llama did not load once the memory was back: %s", e.msg);
+    if (m) model_free(m);
+    backend_destroy(b);
+    unsetenv("CUEMU_MEMORY_MB");
+}
+
 static void test_llama(void) { check_fixture("llama"); }
 static void test_mistral(void) { check_fixture("mistral"); }
 static void test_qwen2(void) { check_fixture("qwen2"); }
@@ -243,6 +279,7 @@ int main(void) {
     /* the emulator's device count (a GPU's runtime does not read it) */
     setenv("CUEMU_DEVICES", "2", 0);
     if (gpu_model_tests_start()) TEST_DONE("test_cuda_model");
+    RUN(test_weights_too_large); /* first: nothing else holds device memory yet */
     RUN(test_llama);
     RUN(test_mistral);
     RUN(test_qwen2);
