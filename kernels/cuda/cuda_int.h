@@ -268,8 +268,8 @@ void cuda_wint_free(cuda_backend *c);
 // The same for a mixture's experts in quant.h's layout: whether w can be
 // one, the device table of n experts (cudaFree'd by the caller; chunked:
 // all are read in 16-byte chunks) and their grouped product (as
-// cuda_gemv_experts): the GEMV up to 16 tokens, tensor cores above (for
-// chunked experts; else the GEMV, 16 rows a pass), any number of tokens.
+// cuda_gemv_experts): tensor cores where cuda_experts_tc says so (for
+// chunked experts), else the GEMV, any number of tokens.
 int cuda_wint_experts_ok(const nb_weight *w);
 // BF16 experts on the same tensor-core kernel (table: cuda_wint_experts_table
 // of them, which also takes BF16; K % 8 == 0, every expert chunked).
