@@ -158,7 +158,7 @@ typedef struct nb_backend_ops {
     const char *name;
 
     /* memory */
-    void *(*alloc)(nb_backend *b, size_t bytes); /* zeroed; aborts on OOM */
+    void *(*alloc)(nb_backend *b, size_t bytes); /* zeroed; NULL when device memory is full (host: aborts) */
     void (*free)(nb_backend *b, void *p);
     void (*upload)(nb_backend *b, void *dst, const void *src, size_t bytes);
     void (*download)(nb_backend *b, void *dst, const void *src, size_t bytes);

@@ -96,7 +96,7 @@ static int kv_budget(nb_model *m, const nb_model_opts *opts, int *blocks, nb_err
 }
 
 /* Allocates this rank's paged KV cache of num_blocks blocks. */
-static void kv_alloc(nb_model *m, int num_blocks) {
+static int kv_alloc(nb_model *m, int num_blocks, nb_err *e) {
     const nb_model_config *c = &m->cfg;
     nb_backend *be = m->be;
     m->num_blocks = num_blocks;
@@ -106,15 +106,24 @@ static void kv_alloc(nb_model *m, int num_blocks) {
     m->kv_layer_bytes = kv_bytes;
     m->k_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
     m->v_cache = xcalloc((size_t)c->n_layers, sizeof(void *));
+    m->alloc_short = 0;
     for (int i = 0; i < c->n_layers; i++) {
-        m->k_cache[i] = be->ops->alloc(be, kv_bytes);
-        m->v_cache[i] = be->ops->alloc(be, kv_bytes);
+        m->k_cache[i] = model_alloc(m, kv_bytes);
+        m->v_cache[i] = model_alloc(m, kv_bytes);
     }
+    if (!m->alloc_short) return 0;
+    char what[64];
+    snprintf(what, sizeof what, "the KV cache of %d blocks", num_blocks);
+    return model_no_memory(m, what, 2 * (size_t)c->n_layers * kv_bytes, "fewer --num-kv-blocks", e);
 }
 
-static void *act_alloc(nb_model *m, size_t floats) {
-    return m->be->ops->alloc(m->be, floats * sizeof(float));
+void *model_alloc(nb_model *m, size_t bytes) {
+    void *p = m->be->ops->alloc(m->be, bytes);
+    if (!p) m->alloc_short += bytes;
+    return p;
 }
+
+static void *act_alloc(nb_model *m, size_t floats) { return model_alloc(m, floats * sizeof(float)); }
 
 /* This rank's share of the heads and of the MLP. KV heads are split like
  * the query heads, or, when there are fewer KV heads than ranks, each rank
@@ -172,12 +181,6 @@ int model_load_rank(nb_model *m, const nb_model_opts *opts, nb_err *e) {
     for (int i = 0; i < c->n_layers; i++)
         if (bind_layer(m, i, e)) return -1;
 
-    float *inv = xmalloc(sizeof(float) * (size_t)(c->head_dim / 2));
-    config_rope_inv_freq(c, inv);
-    m->inv_freq = act_alloc(m, (size_t)c->head_dim / 2);
-    be->ops->upload(be, m->inv_freq, inv, sizeof(float) * (size_t)(c->head_dim / 2));
-    free(inv);
-
     m->max_tokens = opts && opts->max_batch_tokens > 0 ? opts->max_batch_tokens : 256;
     m->max_rows = opts && opts->max_logit_rows > 0 && opts->max_logit_rows < m->max_tokens ? opts->max_logit_rows
                                                                                            : m->max_tokens;
@@ -205,6 +208,16 @@ int model_load_rank(nb_model *m, const nb_model_opts *opts, nb_err *e) {
         m->head_all = act_alloc(m, R * V);
         if (m->rank == 0) m->head_perm = xmalloc(sizeof(int32_t) * R * (size_t)m->n_ranks);
     }
+    m->inv_freq = act_alloc(m, (size_t)c->head_dim / 2);
+    if (m->alloc_short) {
+        char fix[64];
+        snprintf(fix, sizeof fix, "a smaller --max-batch-tokens than %d", m->max_tokens);
+        return model_no_memory(m, "activations", m->alloc_short, fix, e);
+    }
+    float *inv = xmalloc(sizeof(float) * (size_t)(c->head_dim / 2));
+    config_rope_inv_freq(c, inv);
+    be->ops->upload(be, m->inv_freq, inv, sizeof(float) * (size_t)(c->head_dim / 2));
+    free(inv);
     return 0;
 }
 
@@ -245,7 +258,7 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
     }
     for (int r = 0; r < m->n_ranks; r++) {
         attach(model_tp_rank(m, r));
-        kv_alloc(model_tp_rank(m, r), blocks);
+        if (kv_alloc(model_tp_rank(m, r), blocks, e)) goto fail;
     }
     attach(m);
     char qname[32], wbytes[256] = "", ranks[48] = "";

@@ -73,6 +73,7 @@ struct nb_model {
     void **owned; /* host buffers made at load (packed weights, scales) */
     int n_owned, cap_owned;
     size_t bytes_by[NB_DTYPE_COUNT]; /* resident weight bytes per format */
+    size_t alloc_short;              /* bytes of buffers model_alloc could not place */
     FILE *report;                    /* per-layer quantization error, when asked */
     model_capture_fn capture;
     void *capture_ctx;
@@ -116,6 +117,14 @@ void model_weight_free(nb_backend *be, const nb_weight *w);
  * buffers. */
 int model_moe_bind(nb_model *m, int li, nb_err *e);
 void model_moe_alloc(nb_model *m);
+/* A zeroed buffer in the backend's memory, or NULL (counted in
+ * m->alloc_short, which the caller turns into one error) when it is full. */
+void *model_alloc(nb_model *m, size_t bytes);
+/* The error for `bytes` of `what` (a weight's name) that the backend's
+ * memory cannot hold: what is loaded and free, and what would fit it. */
+int model_no_memory(nb_model *m, const char *what, size_t bytes, const char *fix, nb_err *e);
+/* n bytes as "12.3 MiB" or "4.56 GiB" in buf. */
+const char *model_size_str(char *buf, size_t cap, size_t n);
 void model_moe_forward(nb_model *m, int li, int n);
 void model_moe_free(nb_model *m);
 /* Whether a step of n tokens through the mixture's layers may be recorded

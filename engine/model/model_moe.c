@@ -34,7 +34,7 @@ static int bind_score_bias(nb_model *m, nb_moe_layer *L, const char *name, nb_er
     size_t E = (size_t)m->cfg.moe.n_experts;
     const float *host = model_host_f32(m, t, t && t->ndim == 1 ? 0 : 1, (int64_t)E, name, e);
     if (!host) return -1;
-    L->score_bias = m->be->ops->alloc(m->be, sizeof(float) * E);
+    if (!(L->score_bias = model_alloc(m, sizeof(float) * E))) return model_no_memory(m, name, sizeof(float) * E, NULL, e);
     m->be->ops->upload(m->be, L->score_bias, host, sizeof(float) * E);
     return 0;
 }
@@ -121,15 +121,14 @@ void model_moe_alloc(nb_model *m) {
     const nb_moe_config *mc = &m->cfg.moe;
     size_t T = (size_t)m->max_tokens, H = (size_t)m->cfg.hidden_size, E = (size_t)mc->n_experts,
            F = (size_t)m->moe_ffn, TK = T * (size_t)mc->n_used, P = NB_MOE_PAD_ROWS;
-    nb_backend *be = m->be;
-    m->moe_logits = be->ops->alloc(be, sizeof(float) * T * E);
-    m->moe_xe = be->ops->alloc(be, sizeof(float) * (TK + P) * H);
-    m->moe_g = be->ops->alloc(be, sizeof(float) * (TK + P) * F);
-    m->moe_u = be->ops->alloc(be, sizeof(float) * (TK + P) * F);
-    m->moe_w = be->ops->alloc(be, sizeof(float) * TK);
-    m->moe_groups = be->ops->alloc(be, sizeof(int32_t) * NB_MOE_GROUPS(E));
-    m->moe_rows = be->ops->alloc(be, sizeof(int32_t) * TK);
-    m->moe_slot = be->ops->alloc(be, sizeof(int32_t) * TK);
+    m->moe_logits = model_alloc(m, sizeof(float) * T * E);
+    m->moe_xe = model_alloc(m, sizeof(float) * (TK + P) * H);
+    m->moe_g = model_alloc(m, sizeof(float) * (TK + P) * F);
+    m->moe_u = model_alloc(m, sizeof(float) * (TK + P) * F);
+    m->moe_w = model_alloc(m, sizeof(float) * TK);
+    m->moe_groups = model_alloc(m, sizeof(int32_t) * NB_MOE_GROUPS(E));
+    m->moe_rows = model_alloc(m, sizeof(int32_t) * TK);
+    m->moe_slot = model_alloc(m, sizeof(int32_t) * TK);
 }
 
 static size_t weight_bytes(const nb_weight *w) {

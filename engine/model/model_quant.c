@@ -59,28 +59,25 @@ static int plain_dtype(st_dtype t, nb_dtype *out) {
     }
 }
 
-/* n bytes as "12.3 MiB" or "4.56 GiB". */
-static const char *size_str(char *buf, size_t cap, size_t n) {
+const char *model_size_str(char *buf, size_t cap, size_t n) {
     if (n < ((size_t)1 << 30)) snprintf(buf, cap, "%.1f MiB", n / 1048576.0);
     else snprintf(buf, cap, "%.2f GiB", n / 1073741824.0);
     return buf;
 }
 
-/* The error for weight `what` of `bytes` that the backend's memory cannot
- * hold: how much is loaded and free, and what would make the model fit. */
-static int no_memory(nb_model *m, const char *what, size_t bytes, nb_err *e) {
+int model_no_memory(nb_model *m, const char *what, size_t bytes, const char *fix, nb_err *e) {
     size_t loaded = 0, free_b = 0, total_b = 0;
     for (int t = 0; t < NB_DTYPE_COUNT; t++) loaded += m->bytes_by[t];
     char room[96] = "", b1[32], b2[32], b3[32], b4[32];
     if (m->be->ops->mem_info(m->be, &free_b, &total_b) == 0)
-        snprintf(room, sizeof room, ", %s free of %s", size_str(b1, sizeof b1, free_b),
-                 size_str(b2, sizeof b2, total_b));
+        snprintf(room, sizeof room, ", %s free of %s", model_size_str(b1, sizeof b1, free_b),
+                 model_size_str(b2, sizeof b2, total_b));
     char who[32] = "";
     if (m->n_ranks > 1) snprintf(who, sizeof who, " (rank %d of %d)", m->rank, m->n_ranks);
-    return nb_errf(e,
-                   "out of device memory loading %s (%s)%s: %s of weights loaded before it%s; a smaller format "
-                   "(--quantization wint8 or wint4) or more devices (--tensor-parallel-size) would fit it",
-                   what, size_str(b3, sizeof b3, bytes), who, size_str(b4, sizeof b4, loaded), room);
+    return nb_errf(e, "out of device memory for %s (%s)%s: %s of weights loaded%s; %s%sa smaller format "
+                      "(--quantization wint8 or wint4) or more devices (--tensor-parallel-size) would fit it",
+                   what, model_size_str(b3, sizeof b3, bytes), who, model_size_str(b4, sizeof b4, loaded), room,
+                   fix ? fix : "", fix ? ", " : "");
 }
 
 /* Hands host bytes to the backend (*dst: where they are there) and counts
@@ -90,7 +87,7 @@ static int load(nb_model *m, nb_dtype t, const void **dst, const void *host, siz
     const void *p = m->be->ops->weight_load(m->be, host, bytes);
     if (!p) {
         *dst = NULL; /* not the backend's to free */
-        return no_memory(m, what, bytes, e);
+        return model_no_memory(m, what, bytes, NULL, e);
     }
     m->bytes_by[t] += bytes;
     *dst = p;
@@ -246,7 +243,7 @@ static int load_packed(nb_model *m, nb_weight *w, const char *name, nb_err *e) {
     if (!bytes) {
         size_t want = quant_weight_bytes(w);
         w->data = w->scale = w->scale2 = NULL; /* host bytes: not the backend's to free */
-        return no_memory(m, name, want, e);
+        return model_no_memory(m, name, want, NULL, e);
     }
     m->bytes_by[w->dtype] += bytes;
     return 0;

@@ -65,11 +65,12 @@ static void *cu_alloc(nb_backend *b, size_t bytes) {
     int prev = cuda_device_enter(c); // cudaMalloc allocates on the current device
     void *p = NULL;
     cudaError_t rc = cudaMalloc(&p, bytes ? bytes : 1);
-    if (rc != cudaSuccess) {
-        fprintf(stderr, "nibble: cuda:%d: out of device memory allocating %zu bytes: %s\n", c->device, bytes,
-                cudaGetErrorString(rc));
-        abort();
+    if (rc == cudaErrorMemoryAllocation) { // the caller reports it (backend.h)
+        (void)cudaGetLastError();
+        cuda_device_leave(c, prev);
+        return NULL;
     }
+    CUDA_CHECK(rc);
     CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, c->stream));
     cuda_device_leave(c, prev);
     return p;

@@ -27,7 +27,7 @@
  * all-reduces over NCCL, recorded in each rank's decode graphs) against the
  * CPU's single rank; with one device they are skipped and say so. First,
  * a model that does not fit what is left of the device memory fails to
- * load with a clear error. */
+ * load with a clear error, whichever part of it runs out. */
 #include "tests/gpu/gpu_model_test.h"
 
 
@@ -224,35 +224,58 @@ static void check_tp(const char *name) {
     ref_free(&r);
 }
 
-/* A model whose weights do not fit in what is left of the device's memory:
- * model_load fails with a message that says so and what would fit it,
- * not a crash, and once the memory is back the same backend loads it.
- * The memory is filled in halves of what is free (each allocation well
- * inside it) until at most 2 MiB are left, under the 4.4 MiB of llama's
- * weights; the emulator is given 64 MiB for this, so filling is cheap. */
-static void test_weights_too_large(void) {
-    setenv("CUEMU_MEMORY_MB", "64", 1);
+/* Fills device memory until at most leave + 1 MiB is free, in pieces well
+ * inside what is free; returns what is free then. */
+static size_t fill_device(nb_backend *b, size_t leave, void **fill, int *n_fill, int cap) {
+    size_t free_b = 0, total_b = 0;
+    while (*n_fill < cap && b->ops->mem_info(b, &free_b, &total_b) == 0 && free_b > leave + (1u << 20)) {
+        size_t n = (free_b - leave) / 2;
+        n = n < (1u << 20) ? (1u << 20) : n > ((size_t)1 << 30) ? (size_t)1 << 30 : n;
+        fill[(*n_fill)++] = b->ops->alloc(b, n);
+    }
+    return free_b;
+}
+
+/* A model that does not fit what is left of the device's memory fails to
+ * load with an error that says what ran out and what would fit it, never a
+ * crash, whichever part runs out first (weights, activations, KV cache),
+ * and gives back what it took. With the memory filled to leave 1, 2, 4 ..
+ * 64 MiB (the emulator is given 128 MiB, so filling is cheap), llama
+ * either loads or fails so; it fails with 1 MiB left, under its 4.1 MiB
+ * of weights, and loads with 64. Then a KV cache of 2^24 blocks. */
+static void test_device_memory_full(void) {
+    setenv("CUEMU_MEMORY_MB", "128", 1);
     nb_backend *b = gpu_backend();
     REQUIRE(b, "no cuda backend");
-    void *fill[256];
-    int n_fill = 0;
-    size_t free_b = 0, total_b = 0;
-    while (n_fill < 256 && b->ops->mem_info(b, &free_b, &total_b) == 0 && free_b > (2u << 20)) {
-        size_t n = free_b / 2 < ((size_t)1 << 30) ? free_b / 2 : (size_t)1 << 30;
-        fill[n_fill++] = b->ops->alloc(b, n > (1u << 20) ? n : (1u << 20));
-    }
-    CHECK(free_b <= (2u << 20), "device memory not filled: %zu bytes still free", free_b);
-    nb_err e = {{0}};
     nb_model_opts o = {.max_batch_tokens = 256, .num_kv_blocks = 64};
+    for (size_t leave = 1u << 20; leave <= (64u << 20); leave *= 2) {
+        enum { CAP = 512 };
+        void *fill[CAP];
+        int n_fill = 0;
+        size_t free_b = fill_device(b, leave, fill, &n_fill, CAP), after = 0, total = 0;
+        nb_err e = {{0}};
+        nb_model *m = model_load("tests/fixtures/models/llama", b, &o, &e);
+        if (!m) {
+            printf("  %.1f MiB free: %s\n", free_b / 1048576.0, e.msg);
+            CHECK(strstr(e.msg, "out of device memory for") && strstr(e.msg, "--quantization"),
+                  "%.1f MiB free: the error does not say what ran out and what would fit: %s", free_b / 1048576.0,
+                  e.msg);
+            b->ops->mem_info(b, &after, &total);
+            CHECK(after + (2u << 20) >= free_b, "%.1f MiB free: the failed load kept %.1f MiB",
+                  free_b / 1048576.0, ((double)free_b - (double)after) / 1048576.0);
+        }
+        CHECK(m || leave < (64u << 20), "llama did not load with %.1f MiB free: %s", free_b / 1048576.0, e.msg);
+        CHECK(!m || leave > (1u << 20), "llama's 4.1 MiB of weights loaded into %.1f MiB", free_b / 1048576.0);
+        if (m) model_free(m);
+        while (n_fill) b->ops->free(b, fill[--n_fill]);
+    }
+    /* a KV cache asked for by hand that no device holds: 2^24 blocks, 256 GiB */
+    nb_err e = {{0}};
+    o.num_kv_blocks = 1 << 24;
     nb_model *m = model_load("tests/fixtures/models/llama", b, &o, &e);
-    CHECK(!m, "llama's 4.4 MiB of weights loaded into %zu bytes of free device memory", free_b);
-    CHECK(strstr(e.msg, "out of device memory loading") && strstr(e.msg, "--quantization"),
-          "the error does not say what ran out and what would fit: %s", e.msg);
-    printf("  %zu bytes free: %s\n", free_b, e.msg);
-    if (m) model_free(m);
-    while (n_fill) b->ops->free(b, fill[--n_fill]);
-    m = model_load("tests/fixtures/models/llama", b, &o, &e);
-    CHECK(m, "llama did not load once the memory was back: %s", e.msg);
+    printf("  --num-kv-blocks %d: %s\n", o.num_kv_blocks, m ? "loaded" : e.msg);
+    CHECK(!m && strstr(e.msg, "out of device memory for the KV cache") && strstr(e.msg, "--num-kv-blocks"),
+          "a 256 GiB KV cache: %s", m ? "loaded" : e.msg);
     if (m) model_free(m);
     backend_destroy(b);
     unsetenv("CUEMU_MEMORY_MB");
@@ -279,7 +302,7 @@ int main(void) {
     /* the emulator's device count (a GPU's runtime does not read it) */
     setenv("CUEMU_DEVICES", "2", 0);
     if (gpu_model_tests_start()) TEST_DONE("test_cuda_model");
-    RUN(test_weights_too_large); /* first: nothing else holds device memory yet */
+    RUN(test_device_memory_full); /* first: nothing else holds device memory yet */
     RUN(test_llama);
     RUN(test_mistral);
     RUN(test_qwen2);
