@@ -19,6 +19,8 @@
 #   server    test_cli.py and test_server.py with NIBBLE_DEVICE=cuda
 #   moe       a synthetic Qwen3-30B-A3B-shaped mixture (MOE_LAYERS of its 48
 #             layers, ~1.2 GB each), decode in BF16 and wint4 at batch 1,8,32
+#   memcheck-moe  compute-sanitizer memcheck on test_cuda_moe (the grouped
+#             expert kernels), with what time is left
 # Logs go to $OUT (the device tool's return folder; ./tmp/device_check when
 # unset), at most 8 files; the last thing printed is a table of phases with
 # their results and the lines that matter, since a reply carries only the
@@ -171,6 +173,15 @@ if ! skipped moe; then
                 ${q:+--quantization $q} --context 512 --steps 32 --batches 1,8,32
             note "moe-${q:-bf16}" "$(result $RC)" "$DT" "batch 1,8,32"
         done
+    fi
+fi
+
+# ---- if time is still left: memcheck on the grouped expert kernels (FP8 and WINT tensor cores) --
+if ! skipped memcheck-moe; then
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+    if [ -n "$cs" ]; then
+        run_capped memcheck-moe 150 "$OUT/memcheck.log" "$cs" --tool memcheck --error-exitcode 1 build/tests/gpu/test_cuda_moe
+        note memcheck-moe "$(result $RC)" "$DT" "$(grep 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
     fi
 fi
 
