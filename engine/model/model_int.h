@@ -120,8 +120,9 @@ void model_moe_alloc(nb_model *m);
 /* A zeroed buffer in the backend's memory, or NULL (counted in
  * m->alloc_short, which the caller turns into one error) when it is full. */
 void *model_alloc(nb_model *m, size_t bytes);
-/* The error for `bytes` of `what` (a weight's name) that the backend's
- * memory cannot hold: what is loaded and free, and what would fit it. */
+/* The error for `bytes` of `what` (a weight's name, "activations", the KV
+ * cache) that the backend's memory cannot hold: what is loaded and free,
+ * and what would fit it (fix, if not NULL, first). */
 int model_no_memory(nb_model *m, const char *what, size_t bytes, const char *fix, nb_err *e);
 /* n bytes as "12.3 MiB" or "4.56 GiB" in buf. */
 const char *model_size_str(char *buf, size_t cap, size_t n);

@@ -60,18 +60,24 @@ static void stream_idle(cuda_backend *c) {
     c->idx.used = 0;
 }
 
-static void *cu_alloc(nb_backend *b, size_t bytes) {
-    cuda_backend *c = cuda_impl(b);
-    int prev = cuda_device_enter(c); // cudaMalloc allocates on the current device
+// cudaMalloc on the current device, NULL when its memory is full (the
+// caller reports it, backend.h); any other failure is fatal.
+static void *device_malloc(size_t bytes) {
     void *p = NULL;
     cudaError_t rc = cudaMalloc(&p, bytes ? bytes : 1);
-    if (rc == cudaErrorMemoryAllocation) { // the caller reports it (backend.h)
-        (void)cudaGetLastError();
-        cuda_device_leave(c, prev);
+    if (rc == cudaErrorMemoryAllocation) {
+        (void)cudaGetLastError(); // not sticky, but the next check would return it
         return NULL;
     }
     CUDA_CHECK(rc);
-    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, c->stream));
+    return p;
+}
+
+static void *cu_alloc(nb_backend *b, size_t bytes) {
+    cuda_backend *c = cuda_impl(b);
+    int prev = cuda_device_enter(c); // cudaMalloc allocates on the current device
+    void *p = device_malloc(bytes);
+    if (p) CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, c->stream));
     cuda_device_leave(c, prev);
     return p;
 }
@@ -105,16 +111,8 @@ static void cu_download(nb_backend *b, void *dst, const void *src, size_t bytes)
 static const void *cu_weight_load(nb_backend *b, const void *host, size_t bytes) {
     cuda_backend *c = cuda_impl(b);
     int prev = cuda_device_enter(c);
-    void *p = NULL;
-    cudaError_t rc = cudaMalloc(&p, bytes ? bytes : 1);
-    if (rc == cudaErrorMemoryAllocation) { // the loader reports it (backend.h)
-        (void)cudaGetLastError();          // not sticky, but it would be returned by the next check
-        cuda_device_leave(c, prev);
-        return NULL;
-    }
-    CUDA_CHECK(rc);
-    cu_upload(b, p, host, bytes);
-    c->weight_bytes += bytes;
+    void *p = device_malloc(bytes);
+    if (p) cu_upload(b, p, host, bytes);
     cuda_device_leave(c, prev);
     return p;
 }

@@ -436,7 +436,7 @@ static cuda_fp8_state *fp8_state(cuda_backend *c) {
     f->mma_ok = major * 10 + minor >= 89;
     if (!f->lt_ok)
         log_warn("cuda fp8: cuBLASLt block-scaled FP8 needs compute capability 9.0 and cuBLASLt 12.9+ (device "
-                 "%d.%d, cuBLASLt %zu): every FP8 product runs on the GEMV kernel",
+                 "%d.%d, cuBLASLt %zu): FP8 products run on nibble's own kernels",
                  major, minor, ver);
     c->fp8 = f;
     return f;

@@ -72,7 +72,6 @@ typedef struct cuda_backend {
     int n_sm;     // multiprocessors, for kernels that size grids to fill the GPU
     cudaStream_t stream;
     cublasLtHandle_t lt;
-    size_t weight_bytes; // resident weights, for the start-up log
 
     // batch metadata: one pinned host image and its device copy
     char *meta_host, *meta_dev;
@@ -312,8 +311,9 @@ void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weigh
 void cuda_fp8_free(cuda_backend *c);
 // A mixture's FP8 experts (as cuda_gemv_experts): the device table of n
 // (cudaFree'd by the caller; vec: rows of whole 16-byte chunks) and one
-// grouped launch, the grouped rows quantized once: the GEMV up to 16
-// tokens, tensor cores above where *mma (vec, and a device with FP8 mma).
+// grouped launch, the grouped rows quantized once: tensor cores where
+// *mma (vec, and a device with FP8 mma) and cuda_experts_tc say so, else
+// the GEMV.
 void *cuda_fp8_experts_table(cuda_backend *c, const nb_weight *w, int n, int *vec, int *mma);
 void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *table, int vec, const int32_t *groups,
                       int E, const nb_weight *w0, int n_tokens, int n_rows);
