@@ -53,15 +53,24 @@ CUEMU_SAN ?=
 CUEMU_DIR := build/cuemu$(if $(CUEMU_SAN),-$(CUEMU_SAN))
 CUEMU_CXXFLAGS := -std=c++17 -O2 -g -I. -isystem $(CUDA_HOME)/include -DNB_CUEMU -Wall -Wno-unused-function \
 	-Wno-unknown-pragmas -ffp-contract=off -fno-strict-aliasing -MMD -MP $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN))
+# CUEMU_SAN=thread is its racecheck: the kernels under ThreadSanitizer, each
+# CUDA thread a fiber ordered only by what orders it on a GPU (cuemu.cc);
+# the scheduler itself is left uninstrumented.
+ifeq ($(CUEMU_SAN),thread)
+$(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_lt.o: CUEMU_CXXFLAGS := $(filter-out -fsanitize=thread,$(CUEMU_CXXFLAGS)) -DCUEMU_TSAN=1
+endif
 ifeq ($(CUDA),1)
-CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_api.o \
-	$(CUEMU_DIR)/cuemu_lt.o $(CUEMU_DIR)/cuemu_nccl.o
-CUEMU_TEST_BIN := $(patsubst tests/gpu/%.c,$(CUEMU_DIR)/tests/%,$(GPU_TEST_SRC))
+CUEMU_RT_OBJ := $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_api.o $(CUEMU_DIR)/cuemu_lt.o $(CUEMU_DIR)/cuemu_nccl.o
+CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_RT_OBJ)
+# tests/cuemu/test_cuemu.cu checks the emulator itself; `make test` runs it
+# under the race detector too (build/cuemu-thread), which its race cases need.
+CUEMU_TEST_BIN := $(patsubst tests/gpu/%.c,$(CUEMU_DIR)/tests/%,$(GPU_TEST_SRC)) $(CUEMU_DIR)/tests/test_cuemu
+CUEMU_SELF_RACE := build/cuemu-thread/tests/test_cuemu
 endif
 CUEMU_TESTS ?= $(notdir $(CUEMU_TEST_BIN))
 COMPUTE_SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || ls $(CUDA_HOME)/bin/compute-sanitizer 2>/dev/null)
 
-.PHONY: all run test test-gpu gpu-bins test-cuemu test-venv bench deps clean fixtures smollm2
+.PHONY: all run test test-gpu gpu-bins test-cuemu test-racecheck test-venv bench deps clean fixtures smollm2
 all: bin/nibble $(BENCH_BIN)
 
 # Everything test-gpu runs (scripts/device_check.sh builds this first).
@@ -94,12 +103,30 @@ $(CUEMU_DIR)/kernels/%.cc: kernels/cuda/%.cu tests/cuemu/cuemu_src.pl
 	@mkdir -p $(dir $@)
 	perl tests/cuemu/cuemu_src.pl $< < $< > $@
 
-$(CUEMU_DIR)/kernels/%.o: $(CUEMU_DIR)/kernels/%.cc
-	$(CXX) $(CUEMU_CXXFLAGS) -include tests/cuemu/cuemu.h -c -o $@ $<
+# The kernels' headers get the same rewriting (their __shared__ variables),
+# found ahead of the originals.
+CUEMU_HDR := $(patsubst kernels/cuda/%.h,$(CUEMU_DIR)/src/kernels/cuda/%.h,$(wildcard kernels/cuda/*.h))
+$(CUEMU_HDR): $(CUEMU_DIR)/src/kernels/cuda/%.h: kernels/cuda/%.h tests/cuemu/cuemu_src.pl
+	@mkdir -p $(dir $@)
+	perl tests/cuemu/cuemu_src.pl $< < $< > $@
+
+$(CUEMU_DIR)/kernels/%.o: $(CUEMU_DIR)/kernels/%.cc $(CUEMU_HDR)
+	$(CXX) -I$(CUEMU_DIR)/src $(CUEMU_CXXFLAGS) -include tests/cuemu/cuemu.h -c -o $@ $<
 
 $(CUEMU_DIR)/%.o: tests/cuemu/%.cc
 	@mkdir -p $(dir $@)
 	$(CXX) $(CUEMU_CXXFLAGS) -c -o $@ $<
+
+$(CUEMU_DIR)/self/test_cuemu.cc: tests/cuemu/test_cuemu.cu tests/cuemu/cuemu_src.pl
+	@mkdir -p $(dir $@)
+	perl tests/cuemu/cuemu_src.pl $< < $< > $@
+
+$(CUEMU_DIR)/self/test_cuemu.o: $(CUEMU_DIR)/self/test_cuemu.cc
+	$(CXX) $(CUEMU_CXXFLAGS) -include tests/cuemu/cuemu.h -c -o $@ $<
+
+$(CUEMU_DIR)/tests/test_cuemu: $(CUEMU_DIR)/self/test_cuemu.o $(CUEMU_RT_OBJ)
+	@mkdir -p $(dir $@)
+	$(CXX) $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN)) -o $@ $^ -pthread -ldl
 
 $(CUEMU_DIR)/nibble: build/server/main.o $(LIB_OBJ) $(CUEMU_OBJ)
 	$(CC) $(CFLAGS) $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN)) -o $@ $^ $(filter-out -lcublasLt -lcudart,$(LDLIBS))
@@ -130,13 +157,20 @@ $(PY):
 
 test: deps test-venv
 	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN) $(CUEMU_TEST_BIN)
-	@scripts/run_tests.sh $(TEST_BIN) tests/test_cli.py tests/test_server.py tests/test_openai_client.py $(CUEMU_TEST_BIN)
+	@$(if $(CUEMU_TEST_BIN),$(MAKE) --no-print-directory CUEMU_SAN=thread $(CUEMU_SELF_RACE))
+	@scripts/run_tests.sh $(TEST_BIN) tests/test_cli.py tests/test_server.py tests/test_openai_client.py $(CUEMU_TEST_BIN) \
+		$(if $(CUEMU_TEST_BIN),$(CUEMU_SELF_RACE))
 
 # Only the GPU tests under the emulator (CUEMU_TESTS=test_cuda_wint picks some).
 test-cuemu:
 	@[ "$(CUDA)" = 1 ] || { echo "test-cuemu: needs the CUDA headers (nvcc not found; set NVCC or CUDA_HOME)" >&2; exit 1; }
 	@$(MAKE) --no-print-directory $(addprefix $(CUEMU_DIR)/tests/,$(CUEMU_TESTS))
 	@scripts/run_tests.sh $(addprefix $(CUEMU_DIR)/tests/,$(CUEMU_TESTS))
+
+# The same under the emulator's race detector (CUEMU_SAN=thread: see
+# tests/cuemu/cuemu.cc), 15-25 times slower than test-cuemu.
+test-racecheck:
+	@$(MAKE) --no-print-directory CUEMU_SAN=thread test-cuemu
 
 # On a machine with a CUDA GPU: the CUDA backend op by op and the model end
 # to end against the CPU backend, the op tests again under compute-sanitizer

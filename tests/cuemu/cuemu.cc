@@ -68,11 +68,48 @@ __asm__(".text\n"
 // A reused fiber stack still carries the shadow of the frames of the thread
 // that last ran on it.
 #define STACK_UNPOISON(p, n) __asan_unpoison_memory_region((p), (n))
+#define ASAN_START_SWITCH(save, stack, n) __sanitizer_start_switch_fiber((save), (stack), (n))
+#define ASAN_FINISH_SWITCH(save) __sanitizer_finish_switch_fiber((save), NULL, NULL)
 #else
 #define STACK_UNPOISON(p, n) ((void)(p), (void)(n))
-static inline void __sanitizer_start_switch_fiber(void **, const void *, size_t) {}
-static inline void __sanitizer_finish_switch_fiber(void *, const void **, size_t *) {}
+#define ASAN_START_SWITCH(save, stack, n) ((void)(save), (void)(stack), (void)(n))
+#define ASAN_FINISH_SWITCH(save) ((void)(save))
+#define ASAN_POISON_MEMORY_REGION(p, n) ((void)(p), (void)(n))
+#define ASAN_UNPOISON_MEMORY_REGION(p, n) ((void)(p), (void)(n))
 #endif
+
+// Under ThreadSanitizer (CUEMU_SAN=thread: the kernels are instrumented,
+// this file is built with -DCUEMU_TSAN and is not, so the scheduler's own
+// bookkeeping goes unchecked) every CUDA thread is a fiber of the race
+// detector and switches between them establish no order. Order comes only
+// from what orders threads on a GPU: a block's threads start after the
+// grid's launch, __syncthreads orders the block (its arrivals release, its
+// departures acquire), __syncwarp the lanes taking part (shuffles and mma
+// exchange values but order no memory), __threadfence every earlier fence
+// (cuemu.h), and the grid ends after all its threads. A block's shared
+// memory is unmapped and mapped again before the next block (the arena
+// below), which clears its access history and its barriers'.
+// Between blocks: the blocks of a grid run one after another on one pool
+// of fibers, a thread index on another fiber in each (fiber_stack_get), so
+// two blocks touching the same global memory, one of them writing, are
+// reported in kernels without __syncthreads (elementwise ops, GEMVs); in a
+// kernel with one, every fiber that passed it carries that block's order
+// into the next block, and races between blocks go unseen, as they do for
+// compute-sanitizer's racecheck, which checks shared memory only. Kernels
+// run one after another, whatever their streams.
+#ifndef CUEMU_TSAN
+#define CUEMU_TSAN 0
+#endif
+#if CUEMU_TSAN
+#include <sanitizer/tsan_interface.h>
+extern "C" void AnnotateIgnoreWritesBegin(const char *file, int line);
+extern "C" void AnnotateIgnoreWritesEnd(const char *file, int line);
+#define TSAN(x) x
+static char grid_done_sync;
+#else
+#define TSAN(x) ((void)0)
+#endif
+char cuemu_fence_sync; // cuemu.h's __threadfence
 
 enum { F_RUN, F_WAIT_BLOCK, F_WAIT_WARP, F_DONE };
 
@@ -86,7 +123,8 @@ struct cp_copy {
 
 struct fiber {
     void *sp;
-    char *stack; // STACK_BYTES above a guard page
+    char *stack; // this block's fiber_stack: the stack and the
+    void *tsan;  // race detector's fiber for it
     uint3 tid;
     unsigned lane, warp;
     int state;
@@ -102,7 +140,7 @@ struct warp {
 
 // The block being run (one at a time) and its kernel.
 struct block_run {
-    std::vector<fiber> fibers; // kept across launches: stacks are reused
+    std::vector<fiber> fibers;
     int n, live, arrived;
     std::vector<warp> warps;
     fiber *cur;
@@ -110,14 +148,23 @@ struct block_run {
     void (*run)(void *);
     void *args;
     const char *name;
-    unsigned char *smem;
     unsigned reverse; // this block runs its threads last to first
+    // Shared memory: the arena, its dynamic part's bytes, the static
+    // variables placed so far in this block and their bytes, and the end
+    // of the last one.
+    unsigned char *arena;
+    size_t dyn, statics, top;
+    std::vector<std::pair<const void *, size_t>> vars; // key, offset
+    unsigned bar_gen;                                  // __syncthreads completed
 };
 static block_run B;
 // The scheduler's stack, for the sanitizer: the stack of the host thread
-// that runs the grid.
+// that runs the grid; its fiber, for the race detector.
 static thread_local const void *sched_stack;
 static thread_local size_t sched_stack_size;
+#if CUEMU_TSAN
+static thread_local void *sched_tsan;
+#endif
 
 [[noreturn]] static void emu_fail(const char *fmt, const char *detail) {
     fprintf(stderr, "cuemu: kernel %s, block (%u,%u,%u), thread (%u,%u,%u): ", B.name ? B.name : "?",
@@ -131,9 +178,10 @@ static thread_local size_t sched_stack_size;
 // From a fiber back to the scheduler; `dying`: this fiber never resumes.
 static void switch_to_scheduler(int dying) {
     void *fake = NULL;
-    __sanitizer_start_switch_fiber(dying ? NULL : &fake, sched_stack, sched_stack_size);
+    TSAN(__tsan_switch_to_fiber(sched_tsan, __tsan_switch_to_fiber_no_sync));
+    ASAN_START_SWITCH(dying ? NULL : &fake, sched_stack, sched_stack_size);
     cuemu_switch(&B.cur->sp, B.sched_sp);
-    __sanitizer_finish_switch_fiber(fake, NULL, NULL);
+    ASAN_FINISH_SWITCH(fake);
 }
 
 // From fiber `from` straight to `to` (a lane of the same warp), without the
@@ -142,9 +190,10 @@ static void switch_to_fiber(fiber *from, fiber *to) {
     void *fake = NULL;
     B.cur = to;
     cuemu_thread_idx = to->tid;
-    __sanitizer_start_switch_fiber(&fake, to->stack, STACK_BYTES);
+    TSAN(__tsan_switch_to_fiber(to->tsan, __tsan_switch_to_fiber_no_sync));
+    ASAN_START_SWITCH(&fake, to->stack, STACK_BYTES);
     cuemu_switch(&from->sp, to->sp);
-    __sanitizer_finish_switch_fiber(fake, NULL, NULL);
+    ASAN_FINISH_SWITCH(fake);
 }
 
 static void yield_to_scheduler(void) { switch_to_scheduler(0); }
@@ -153,13 +202,23 @@ static void release_block_barrier(void) {
     for (int i = 0; i < B.n; i++)
         if (B.fibers[i].state == F_WAIT_BLOCK) B.fibers[i].state = F_RUN;
     B.arrived = 0;
+    B.bar_gen++;
 }
+
+// The race detector's synchronisation objects, in the arena's first bytes
+// (so a block's are new): the launch, then __syncthreads (two, by
+// parity: a thread can be one barrier ahead of one still leaving the
+// last), then each warp's exchanges, likewise.
+#define SYNC_BYTES 128
+static inline void *bar_sync(unsigned gen) { return B.arena + 1 + (gen & 1); }
+static inline void *warp_sync(unsigned warp, unsigned phase) { return B.arena + 3 + 2 * warp + (phase & 1); }
 
 static void fiber_exit(void) {
     fiber *f = B.cur;
     warp *w = &B.warps[f->warp];
     if (w->arrived && (w->wait_mask >> f->lane & 1u))
         emu_fail("%s", "exited while lanes of its warp wait for it in a shuffle or mma");
+    TSAN(__tsan_release(&grid_done_sync));
     f->state = F_DONE;
     f->uncommitted.clear();
     f->groups.clear();
@@ -171,13 +230,28 @@ static void fiber_exit(void) {
 }
 
 static void fiber_main(void) {
-    __sanitizer_finish_switch_fiber(NULL, NULL, NULL);
+    ASAN_FINISH_SWITCH(NULL);
+    TSAN(__tsan_acquire(B.arena)); // the launch
     B.run(B.args);
     fiber_exit();
 }
 
-static void fiber_start(fiber *f) {
-    if (!f->stack) {
+// Stacks (with their race-detector fibers) are kept across blocks and
+// launches, one more than the block's threads, and thread i of the b-th
+// block runs on stack (i + b) mod (threads + 1): so a thread index runs on
+// another race-detector fiber in each of the next `threads` blocks, and
+// the detector, which orders what one fiber does, sees the races between
+// blocks that involve the same thread index (thread 0 writing a per-grid
+// flag, say). Thread i of block b and thread i - k of block b + k share a
+// fiber, and that pair's races go unseen.
+struct fiber_stack {
+    char *stack; // STACK_BYTES above a guard page
+    void *tsan;
+};
+static std::vector<fiber_stack> stacks;
+
+static fiber_stack fiber_stack_get(size_t i) {
+    while (stacks.size() <= i) {
         long page = sysconf(_SC_PAGESIZE);
         char *m = (char *)mmap(NULL, STACK_BYTES + (size_t)page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                                -1, 0);
@@ -186,8 +260,16 @@ static void fiber_start(fiber *f) {
             abort();
         }
         mprotect(m, (size_t)page, PROT_NONE); // overflow faults instead of corrupting
-        f->stack = m + page;
+        fiber_stack s = {m + page, NULL};
+        TSAN(s.tsan = __tsan_create_fiber(0));
+        stacks.push_back(s);
     }
+    return stacks[i];
+}
+
+static void fiber_start(fiber *f, fiber_stack s) {
+    f->stack = s.stack;
+    f->tsan = s.tsan;
     // From the top: a zero "return address" for fiber_main (so that its
     // stack is aligned as after a call), fiber_main as cuemu_switch's return
     // address, six callee-saved registers.
@@ -201,15 +283,19 @@ static void fiber_start(fiber *f) {
 }
 
 void cuemu_syncthreads(void) {
+    unsigned gen = B.bar_gen;
+    TSAN(__tsan_release(bar_sync(gen)));
     if (++B.arrived == B.live) {
         release_block_barrier();
-        return;
+    } else {
+        B.cur->state = F_WAIT_BLOCK;
+        yield_to_scheduler();
     }
-    B.cur->state = F_WAIT_BLOCK;
-    yield_to_scheduler();
+    TSAN(__tsan_acquire(bar_sync(gen)));
+    (void)gen;
 }
 
-const unsigned char *cuemu_warp_exchange(unsigned mask, const void *mine, size_t n) {
+const unsigned char *cuemu_warp_exchange(unsigned mask, const void *mine, size_t n, int orders_memory) {
     fiber *f = B.cur;
     warp *w = &B.warps[f->warp];
     unsigned part = mask & w->exists, bit = 1u << f->lane;
@@ -218,7 +304,12 @@ const unsigned char *cuemu_warp_exchange(unsigned mask, const void *mine, size_t
     if (w->arrived == 0) w->wait_mask = part;
     else if (w->wait_mask != part)
         emu_fail("%s", "lanes of one warp in warp-synchronous calls with different masks (diverged)");
-    if (n) memcpy(w->slots[w->phase & 1][f->lane], mine, n);
+    unsigned phase = w->phase;
+    // the slots are the emulator's (and outlive the block): not checked
+    TSAN(AnnotateIgnoreWritesBegin(__FILE__, __LINE__));
+    if (n) memcpy(w->slots[phase & 1][f->lane], mine, n);
+    TSAN(AnnotateIgnoreWritesEnd(__FILE__, __LINE__));
+    if (orders_memory) TSAN(__tsan_release(warp_sync(f->warp, phase)));
     w->arrived |= bit;
     if (w->arrived == part) {
         w->arrived = 0;
@@ -242,7 +333,8 @@ const unsigned char *cuemu_warp_exchange(unsigned mask, const void *mine, size_t
         if (next) switch_to_fiber(f, next);
         else yield_to_scheduler();
     }
-    return &w->slots[(w->phase - 1) & 1][0][0];
+    if (orders_memory) TSAN(__tsan_acquire(warp_sync(f->warp, phase)));
+    return &w->slots[phase & 1][0][0];
 }
 
 int cuemu_warp_first(void) {
@@ -254,7 +346,67 @@ int cuemu_warp_first(void) {
 
 float *cuemu_warp_scratch(void) { return B.warps[B.cur->warp].scratch; }
 
-void *cuemu_dynamic_smem(void) { return B.smem; }
+// ---- shared memory ----------------------------------------------------------
+//
+// One arena holds a block's shared memory: the race detector's sync bytes,
+// the dynamic part, then each static __shared__ variable as the block
+// first reaches its declaration, with unaddressable gaps between them
+// under AddressSanitizer. It is NaN-filled (0xff) for every block, static
+// variables included: a block that reads what it never wrote reads NaN, not
+// what the previous block left. The limits are the device's: 48 KiB of
+// static shared memory, static and dynamic together at most the opt-in.
+#define ARENA_BYTES (SYNC_BYTES + (size_t)CUEMU_SMEM_OPTIN_MAX + 64 * 64)
+#define SMEM_GAP 64
+
+static void fill_unchecked(void *p, size_t n) {
+    TSAN(AnnotateIgnoreWritesBegin(__FILE__, __LINE__));
+    memset(p, 0xff, n);
+    TSAN(AnnotateIgnoreWritesEnd(__FILE__, __LINE__));
+}
+
+// A fresh arena for the next block: mapped anew under the race detector
+// (which forgets the previous block's accesses and barriers with the
+// mapping), the dynamic part NaN-filled, the rest unaddressable.
+static void arena_reset(size_t dyn) {
+    if (!B.arena || CUEMU_TSAN) {
+        void *hint = B.arena;
+        if (B.arena) munmap(B.arena, ARENA_BYTES);
+        void *m = mmap(hint, ARENA_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            perror("cuemu: shared memory");
+            abort();
+        }
+        B.arena = (unsigned char *)m;
+    }
+    B.dyn = dyn;
+    B.top = SYNC_BYTES + (dyn + 127) / 128 * 128;
+    B.statics = 0;
+    B.vars.clear();
+    ASAN_POISON_MEMORY_REGION(B.arena + SYNC_BYTES, ARENA_BYTES - SYNC_BYTES);
+    ASAN_UNPOISON_MEMORY_REGION(B.arena + SYNC_BYTES, dyn);
+    fill_unchecked(B.arena + SYNC_BYTES, dyn);
+}
+
+void *cuemu_dynamic_smem(void) { return B.arena + SYNC_BYTES; }
+
+void *cuemu_static_smem(const void *key, size_t bytes, size_t align) {
+    for (const auto &v : B.vars)
+        if (v.first == key) return B.arena + v.second;
+    if (align < 16) align = 16;
+    size_t off = (B.top + SMEM_GAP + align - 1) / align * align;
+    B.statics += bytes;
+    char why[128];
+    if (B.statics > CUEMU_SMEM_DEFAULT || B.statics + B.dyn > CUEMU_SMEM_OPTIN_MAX || off + bytes > ARENA_BYTES) {
+        snprintf(why, sizeof why, "%zu bytes of static and %zu of dynamic shared memory (limits %d, together %d)",
+                 B.statics, B.dyn, CUEMU_SMEM_DEFAULT, CUEMU_SMEM_OPTIN_MAX);
+        emu_fail("shared memory over the device's limit: %s", why);
+    }
+    B.vars.push_back(std::make_pair(key, off));
+    B.top = off + bytes;
+    ASAN_UNPOISON_MEMORY_REGION(B.arena + off, bytes);
+    fill_unchecked(B.arena + off, bytes);
+    return B.arena + off;
+}
 
 void cuemu_cp_async(void *smem, const void *gmem, int src_bytes, int bytes) {
     if (((uintptr_t)smem | (uintptr_t)gmem) % (uintptr_t)bytes)
@@ -280,7 +432,10 @@ void cuemu_cp_async_wait(int n) {
 }
 
 // Runs one block: every thread from the kernel's start to its end.
-static void run_block(unsigned order) {
+static void run_block(unsigned order, size_t dyn) {
+    arena_reset(dyn);
+    TSAN(__tsan_release(B.arena)); // the launch: what the host did before it
+    B.bar_gen = 0;
     B.reverse = order & 1;
     for (int i = 0; i < B.n; i++) {
         fiber *f = &B.fibers[i];
@@ -290,7 +445,7 @@ static void run_block(unsigned order) {
         f->warp = (unsigned)i >> 5;
         f->uncommitted.clear();
         f->groups.clear();
-        fiber_start(f);
+        fiber_start(f, fiber_stack_get(((size_t)i + order) % (size_t)(B.n + 1)));
     }
     for (size_t w = 0; w < B.warps.size(); w++) {
         warp *wp = &B.warps[w];
@@ -308,9 +463,10 @@ static void run_block(unsigned order) {
             B.cur = f;
             cuemu_thread_idx = f->tid;
             void *fake = NULL;
-            __sanitizer_start_switch_fiber(&fake, f->stack, STACK_BYTES);
+            TSAN(__tsan_switch_to_fiber(f->tsan, __tsan_switch_to_fiber_no_sync));
+            ASAN_START_SWITCH(&fake, f->stack, STACK_BYTES);
             cuemu_switch(&B.sched_sp, f->sp);
-            __sanitizer_finish_switch_fiber(fake, NULL, NULL);
+            ASAN_FINISH_SWITCH(fake);
             ran = 1;
         }
         if (!ran && B.live > 0) {
@@ -332,6 +488,7 @@ static void run_block(unsigned order) {
 
 void cuemu_run_grid(const char *name, const cuemu_cfg &cfg, void (*run)(void *), void *args) {
     std::lock_guard<std::mutex> hold(emu_mu);
+    TSAN(sched_tsan = __tsan_get_current_fiber());
     if (!sched_stack) {
         pthread_attr_t at;
         void *lo = NULL;
@@ -353,8 +510,6 @@ void cuemu_run_grid(const char *name, const cuemu_cfg &cfg, void (*run)(void *),
     B.n = (int)(cfg.block.x * cfg.block.y * cfg.block.z);
     if ((int)B.fibers.size() < B.n) B.fibers.resize((size_t)B.n);
     B.warps.resize((size_t)(B.n + 31) / 32);
-    std::vector<unsigned char> smem(cfg.smem + 128);
-    B.smem = (unsigned char *)(((uintptr_t)smem.data() + 127) & ~(uintptr_t)127);
     cuemu_block_dim = cfg.block;
     cuemu_grid_dim = cfg.grid;
     unsigned order = 0;
@@ -362,9 +517,8 @@ void cuemu_run_grid(const char *name, const cuemu_cfg &cfg, void (*run)(void *),
         for (unsigned y = 0; y < cfg.grid.y; y++)
             for (unsigned x = 0; x < cfg.grid.x; x++) {
                 cuemu_block_idx = make_uint3(x, y, z);
-                // uninitialised shared memory reads as NaN
-                memset(B.smem, 0xff, cfg.smem);
-                run_block(order++);
+                run_block(order++, cfg.smem);
             }
+    TSAN(__tsan_acquire(&grid_done_sync));
     B.name = NULL;
 }

@@ -1,10 +1,10 @@
 // cuemu: runs nibble's CUDA kernels on the CPU, so that CI machines without
 // a GPU execute every kernel, not only compile it.
 //
-// Each kernels/cuda/*.cu is compiled as C++ by the host compiler with this
-// header forced in (-include) after tests/cuemu/cuemu_src.pl has rewritten
-// the two constructs only nvcc parses (kernel<<<...>>>(...) launches and
-// `extern __shared__` arrays). The CUDA headers' host halves give the BF16,
+// Each kernels/cuda/*.cu (and .h) is compiled as C++ by the host compiler
+// with this header forced in (-include) after tests/cuemu/cuemu_src.pl has
+// rewritten what only nvcc parses: kernel<<<...>>>(...) launches and
+// `__shared__` declarations (into the block's shared memory, below). The CUDA headers' host halves give the BF16,
 // FP16 and FP8 types and conversions; this header gives the rest of the
 // device side: thread indices, barriers, warp shuffles, atomics and the few
 // intrinsics the kernels use. tests/cuemu/cuemu.cc is the block scheduler
@@ -34,9 +34,12 @@
 // with its new contents. Copies from pageable memory happen at the call,
 // as the driver stages them. CUEMU_SYNC=1 runs everything at the call.
 //
-// What it cannot see: timing, register pressure, bank conflicts, real
-// concurrency between warps, and whether cuBLASLt accepts a configuration
-// (cuemu_lt.cc follows the documentation).
+// Races between threads, which this fixed order hides, are the race
+// detector's (CUEMU_SAN=thread, see cuemu.cc).
+//
+// What it cannot see: timing, register pressure, bank conflicts, and
+// whether cuBLASLt accepts a configuration (cuemu_lt.cc follows the
+// documentation).
 #ifndef NB_CUEMU_H
 #define NB_CUEMU_H
 
@@ -65,9 +68,8 @@
 #define __host__
 #define __constant__
 #define __launch_bounds__(...)
-// One block runs at a time, so a function-local static is exactly one
-// block's shared variable.
-#define __shared__ static
+// No __shared__: cuemu_src.pl turns every shared declaration into a
+// reference into the running block's shared memory (below).
 
 // ---- the current thread ----------------------------------------------------
 // Set by the scheduler before it switches to a fiber.
@@ -88,7 +90,38 @@ extern dim3 cuemu_block_dim, cuemu_grid_dim;
 void cuemu_syncthreads(void);
 #define __syncthreads() cuemu_syncthreads()
 static inline void __syncwarp(unsigned mask = 0xffffffffu);
+// The block's shared memory: the dynamic part, and the static variable
+// declared at `key` (cuemu_src.pl gives each declaration its own key), the
+// same bytes for every thread of the block, NaN-filled when the block
+// starts.
+void *cuemu_dynamic_smem(void);
+void *cuemu_static_smem(const void *key, size_t bytes, size_t align);
+
+// Under ThreadSanitizer (CUEMU_SAN=thread, the emulator's racecheck) the
+// emulator's own bookkeeping inside a kernel's code is hidden from it, and
+// a __threadfence synchronises with every earlier one: the split-K kernels'
+// "write partials, fence, count; the last block reads them" then holds,
+// which is all the fence is used for (blocks are otherwise unordered for
+// the race detector, see cuemu.cc).
+#if defined(__SANITIZE_THREAD__)
+extern "C" void AnnotateIgnoreReadsBegin(const char *file, int line);
+extern "C" void AnnotateIgnoreReadsEnd(const char *file, int line);
+extern "C" void AnnotateIgnoreWritesBegin(const char *file, int line);
+extern "C" void AnnotateIgnoreWritesEnd(const char *file, int line);
+extern "C" void __tsan_acquire(void *addr);
+extern "C" void __tsan_release(void *addr);
+extern char cuemu_fence_sync;
+#define CUEMU_UNCHECKED_BEGIN() (AnnotateIgnoreReadsBegin(__FILE__, __LINE__), AnnotateIgnoreWritesBegin(__FILE__, __LINE__))
+#define CUEMU_UNCHECKED_END() (AnnotateIgnoreWritesEnd(__FILE__, __LINE__), AnnotateIgnoreReadsEnd(__FILE__, __LINE__))
+static inline void __threadfence(void) {
+    __tsan_release(&cuemu_fence_sync);
+    __tsan_acquire(&cuemu_fence_sync);
+}
+#else
+#define CUEMU_UNCHECKED_BEGIN() ((void)0)
+#define CUEMU_UNCHECKED_END() ((void)0)
 static inline void __threadfence(void) {}
+#endif
 static inline void __threadfence_block(void) {}
 
 // Lane of the current thread in its warp.
@@ -102,8 +135,10 @@ static inline unsigned cuemu_lane(void) {
 // The warp barrier under every shuffle and mma: deposits this lane's `n`
 // bytes, waits for every lane of `mask` and returns the 32 lanes' slots
 // (lane i's at + i * CUEMU_SLOT), valid until the warp's next exchange but
-// one.
-const unsigned char *cuemu_warp_exchange(unsigned mask, const void *mine, size_t n);
+// one. `orders_memory`: the lanes' memory accesses before it happen before
+// theirs after it, for the race detector (__syncwarp; a shuffle or an mma
+// exchanges values only).
+const unsigned char *cuemu_warp_exchange(unsigned mask, const void *mine, size_t n, int orders_memory = 0);
 
 // After an exchange: 1 for the first lane of the warp to ask, 0 for the
 // others, so that work the whole warp shares is done once; the warp's
@@ -111,7 +146,7 @@ const unsigned char *cuemu_warp_exchange(unsigned mask, const void *mine, size_t
 int cuemu_warp_first(void);
 float *cuemu_warp_scratch(void);
 
-static inline void __syncwarp(unsigned mask) { (void)cuemu_warp_exchange(mask, NULL, 0); }
+static inline void __syncwarp(unsigned mask) { (void)cuemu_warp_exchange(mask, NULL, 0, 1); }
 
 template <class T> static inline T cuemu_lane_value(const unsigned char *slots, unsigned from) {
     T r;
@@ -152,31 +187,30 @@ static inline unsigned __ballot_sync(unsigned mask, int pred) {
 static inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
 static inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
 
-// ---- atomics: fibers never run at the same time ----------------------------
-template <class T> static inline T atomicAdd(T *p, T v) {
-    T old = *p;
-    *p = old + v;
+// ---- atomics ---------------------------------------------------------------
+// Fibers never run at the same time, but the race detector must see these
+// as atomic (relaxed, as CUDA's are) to let threads race on them.
+template <class T, class F> static inline T cuemu_atomic_update(T *p, F f) {
+    T old, v;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    do v = f(old);
+    while (!__atomic_compare_exchange(p, &old, &v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
     return old;
+}
+template <class T> static inline T atomicAdd(T *p, T v) {
+    return cuemu_atomic_update(p, [v](T old) { return old + v; });
 }
 template <class T> static inline T atomicMin(T *p, T v) {
-    T old = *p;
-    if (v < old) *p = v;
-    return old;
+    return cuemu_atomic_update(p, [v](T old) { return v < old ? v : old; });
 }
 template <class T> static inline T atomicMax(T *p, T v) {
-    T old = *p;
-    if (v > old) *p = v;
-    return old;
+    return cuemu_atomic_update(p, [v](T old) { return v > old ? v : old; });
 }
 template <class T> static inline T atomicExch(T *p, T v) {
-    T old = *p;
-    *p = v;
-    return old;
+    return cuemu_atomic_update(p, [v](T) { return v; });
 }
 template <class T> static inline T atomicCAS(T *p, T cmp, T v) {
-    T old = *p;
-    if (old == cmp) *p = v;
-    return old;
+    return cuemu_atomic_update(p, [cmp, v](T old) { return old == cmp ? v : old; });
 }
 
 // ---- intrinsics ------------------------------------------------------------
@@ -255,9 +289,6 @@ void cuemu_submit(const char *name, cuemu_cfg cfg, void (*run)(void *), void (*d
 // cuemu_func_set_attribute("kernel", attr, v): limits are kept by the
 // kernel's name as written, which is what a launch can name too.
 cudaError_t cuemu_func_set_attribute(const char *name, enum cudaFuncAttribute attr, int value);
-
-// The dynamic shared memory of the running block.
-void *cuemu_dynamic_smem(void);
 
 // kernel<<<cfg>>>(args...) becomes cuemu_launch("kernel", cuemu_config(cfg),
 // [](auto &...a) { kernel(a...); }, args...): the arguments are stored once

@@ -65,8 +65,6 @@ static thread_local int current_device;
 // cudaFuncAttributeMaxDynamicSharedMemorySize by device and kernel name: on
 // a GPU the attribute is set per device too
 static std::map<std::pair<int, std::string>, int> smem_optin;
-#define SMEM_DEFAULT (48 << 10)
-#define SMEM_OPTIN_MAX 232448 // sm_90: 227 KiB
 
 // Every stream made, for the waits that cover a device.
 static std::mutex streams_mu;
@@ -157,7 +155,7 @@ void cuemu_submit(const char *name, cuemu_cfg cfg, void (*run)(void *), void (*d
     } else {
         std::lock_guard<std::mutex> hold(emu_mu);
         auto it = smem_optin.find(std::make_pair(current_device, std::string(name)));
-        size_t limit = it == smem_optin.end() ? SMEM_DEFAULT : (size_t)it->second;
+        size_t limit = it == smem_optin.end() ? CUEMU_SMEM_DEFAULT : (size_t)it->second;
         if (cfg.smem > limit) bad = "dynamic shared memory over the kernel's limit";
     }
     if (bad) {
@@ -407,9 +405,9 @@ cudaError_t cudaGraphDestroy(cudaGraph_t g) {
 
 cudaError_t cuemu_func_set_attribute(const char *name, enum cudaFuncAttribute attr, int value) {
     if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-        if (value < 0 || value > SMEM_OPTIN_MAX) {
+        if (value < 0 || value > CUEMU_SMEM_OPTIN_MAX) {
             fprintf(stderr, "cuemu: cudaFuncSetAttribute: %d bytes of dynamic shared memory is over the device's %d\n",
-                    value, SMEM_OPTIN_MAX);
+                    value, CUEMU_SMEM_OPTIN_MAX);
             return emu_error(cudaErrorInvalidValue);
         }
         std::lock_guard<std::mutex> hold(emu_mu);
@@ -463,8 +461,8 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int d) {
     memset(p, 0, sizeof *p);
     snprintf(p->name, sizeof p->name, "cuemu (CPU emulation of an sm_90 GPU)");
     p->totalGlobalMem = emu_total_memory();
-    p->sharedMemPerBlock = SMEM_DEFAULT;
-    p->sharedMemPerBlockOptin = SMEM_OPTIN_MAX;
+    p->sharedMemPerBlock = CUEMU_SMEM_DEFAULT;
+    p->sharedMemPerBlockOptin = CUEMU_SMEM_OPTIN_MAX;
     p->warpSize = 32;
     p->maxThreadsPerBlock = 1024;
     p->multiProcessorCount = emu_sms();
@@ -479,7 +477,7 @@ cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr attr, int d) {
     case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
     case cudaDevAttrMultiProcessorCount: *v = emu_sms(); break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = SMEM_OPTIN_MAX; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = CUEMU_SMEM_OPTIN_MAX; break;
     case cudaDevAttrMaxThreadsPerBlock: *v = 1024; break;
     case cudaDevAttrWarpSize: *v = 32; break;
     default: return emu_error(cudaErrorInvalidValue);

@@ -41,6 +41,7 @@ static inline void cuemu_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
     cuemu_frag me = {{a[0], a[1], a[2], a[3]}, {b0, b1}, {d[0], d[1], d[2], d[3]}};
     const unsigned char *s = cuemu_warp_exchange(0xffffffffu, &me, sizeof me);
     float(*D)[8] = (float(*)[8])cuemu_warp_scratch();
+    CUEMU_UNCHECKED_BEGIN(); // the warp's scratch is the emulator's, not the kernel's
     if (cuemu_warp_first()) {
         float A[16][KD], B[KD][8];
         for (int lane = 0; lane < 32; lane++) {
@@ -59,6 +60,7 @@ static inline void cuemu_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
     }
     int lane = (int)cuemu_lane(), g = lane >> 2, t = lane & 3;
     for (int i = 0; i < 4; i++) d[i] = D[g + 8 * (i >= 2)][2 * t + (i % 2)];
+    CUEMU_UNCHECKED_END();
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, PTX ISA 9.7.14.5.8

@@ -36,6 +36,10 @@ int cuemu_device_of(const void *p, size_t bytes);
 // attribute tables change (never held while a thread waits for another),
 // and one grid run now on the calling thread.
 extern std::mutex emu_mu;
+// The device's shared memory per block: without opting in, and at most
+// (static and dynamic together) with cudaFuncAttributeMaxDynamicSharedMemorySize.
+#define CUEMU_SMEM_DEFAULT (48 << 10)
+#define CUEMU_SMEM_OPTIN_MAX 232448 // sm_90: 227 KiB
 struct cuemu_cfg;
 void cuemu_run_grid(const char *name, const cuemu_cfg &cfg, void (*run)(void *), void *args);
 
