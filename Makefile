@@ -62,10 +62,12 @@ endif
 ifeq ($(CUDA),1)
 CUEMU_RT_OBJ := $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_api.o $(CUEMU_DIR)/cuemu_lt.o $(CUEMU_DIR)/cuemu_nccl.o
 CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_RT_OBJ)
-# tests/cuemu/test_cuemu.cu checks the emulator itself; `make test` runs it
-# under the race detector too (build/cuemu-thread), which its race cases need.
+# tests/cuemu/test_cuemu.cu checks the emulator itself. `make test` also
+# runs it and the quicker GPU tests under the race detector (build/cuemu-thread,
+# 1 to 4 minutes each; the others take 4 to 20 minutes, and test_cuda_sample's
+# 1024-thread blocks hours: make test-racecheck).
 CUEMU_TEST_BIN := $(patsubst tests/gpu/%.c,$(CUEMU_DIR)/tests/%,$(GPU_TEST_SRC)) $(CUEMU_DIR)/tests/test_cuemu
-CUEMU_SELF_RACE := build/cuemu-thread/tests/test_cuemu
+CUEMU_RACE_BIN := $(addprefix build/cuemu-thread/tests/,test_cuemu test_cuda_ops test_cuda_moe test_cuda_comm)
 endif
 CUEMU_TESTS ?= $(notdir $(CUEMU_TEST_BIN))
 COMPUTE_SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || ls $(CUDA_HOME)/bin/compute-sanitizer 2>/dev/null)
@@ -157,9 +159,9 @@ $(PY):
 
 test: deps test-venv
 	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN) $(CUEMU_TEST_BIN)
-	@$(if $(CUEMU_TEST_BIN),$(MAKE) --no-print-directory CUEMU_SAN=thread $(CUEMU_SELF_RACE))
+	@$(if $(CUEMU_TEST_BIN),$(MAKE) --no-print-directory CUEMU_SAN=thread $(CUEMU_RACE_BIN))
 	@scripts/run_tests.sh $(TEST_BIN) tests/test_cli.py tests/test_server.py tests/test_openai_client.py $(CUEMU_TEST_BIN) \
-		$(if $(CUEMU_TEST_BIN),$(CUEMU_SELF_RACE))
+		$(if $(CUEMU_TEST_BIN),$(CUEMU_RACE_BIN))
 
 # Only the GPU tests under the emulator (CUEMU_TESTS=test_cuda_wint picks some).
 test-cuemu:

@@ -21,6 +21,9 @@
 #             layers, ~1.2 GB each), decode in BF16 and wint4 at batch 1,8,32
 #   memcheck-moe  compute-sanitizer memcheck on test_cuda_moe (the grouped
 #             expert kernels), with what time is left
+#   racecheck compute-sanitizer racecheck (shared-memory hazards) on
+#             test_cuda_moe, with what time is still left: the hardware's
+#             word on what make test-racecheck checks in the emulator
 # Logs go to $OUT (the device tool's return folder; ./tmp/device_check when
 # unset), at most 8 files; the last thing printed is a table of phases with
 # their results and the lines that matter, since a reply carries only the
@@ -146,8 +149,8 @@ if ! skipped decode && [ -f "$SYNTH_DIR/model.safetensors.index.json" ]; then
 fi
 
 # ---- memcheck, then the CLI and server on the GPU ---------------------------------------
+cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if ! skipped memcheck; then
-    cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
     if [ -n "$cs" ]; then
         run_capped memcheck 120 "$OUT/memcheck.log" "$cs" --tool memcheck --error-exitcode 1 build/tests/gpu/test_cuda_ops
         note memcheck "$(result $RC)" "$DT" "$(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log")"
@@ -177,12 +180,13 @@ if ! skipped moe; then
 fi
 
 # ---- if time is still left: memcheck on the grouped expert kernels (FP8 and WINT tensor cores) --
-if ! skipped memcheck-moe; then
-    cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-    if [ -n "$cs" ]; then
-        run_capped memcheck-moe 150 "$OUT/memcheck.log" "$cs" --tool memcheck --error-exitcode 1 build/tests/gpu/test_cuda_moe
-        note memcheck-moe "$(result $RC)" "$DT" "$(grep 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
-    fi
+if ! skipped memcheck-moe && [ -n "$cs" ]; then
+    run_capped memcheck-moe 150 "$OUT/memcheck.log" "$cs" --tool memcheck --error-exitcode 1 build/tests/gpu/test_cuda_moe
+    note memcheck-moe "$(result $RC)" "$DT" "$(grep 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
+fi
+if ! skipped racecheck && [ -n "$cs" ]; then
+    run_capped racecheck 150 "$OUT/memcheck.log" "$cs" --tool racecheck --error-exitcode 1 build/tests/gpu/test_cuda_moe
+    note racecheck "$(result $RC)" "$DT" "$(grep 'RACECHECK SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
 fi
 
 # ---- what the reply should carry ------------------------------------------------------------

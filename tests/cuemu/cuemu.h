@@ -56,6 +56,13 @@
 #include <type_traits>
 #include <utility>
 
+// The vector types keep their device alignment here (the CUDA headers'
+// __builtin_align__), so that under CUEMU_SAN=alignment (UBSan) a
+// misaligned vector load or store faults as it does on the GPU.
+static_assert(alignof(float4) == 16 && alignof(uint4) == 16 && alignof(int4) == 16 && alignof(float2) == 8 &&
+                  alignof(uint2) == 8,
+              "cuemu: the CUDA vector types lost their alignment on the host");
+
 // ---- qualifiers: plain C++ here --------------------------------------------
 #undef __global__
 #undef __device__
