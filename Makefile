@@ -55,7 +55,8 @@ CUEMU_CXXFLAGS := -std=c++17 -O2 -g -I. -isystem $(CUDA_HOME)/include -DNB_CUEMU
 	-Wno-unknown-pragmas -ffp-contract=off -fno-strict-aliasing -MMD -MP $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN))
 # CUEMU_SAN=thread is its racecheck: the kernels under ThreadSanitizer, each
 # CUDA thread a fiber ordered only by what orders it on a GPU (cuemu.cc);
-# the scheduler itself is left uninstrumented.
+# the scheduler's bookkeeping and the host's reference cuBLASLt are not
+# the kernels' and are left uninstrumented.
 ifeq ($(CUEMU_SAN),thread)
 $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_lt.o: CUEMU_CXXFLAGS := $(filter-out -fsanitize=thread,$(CUEMU_CXXFLAGS)) -DCUEMU_TSAN=1
 endif

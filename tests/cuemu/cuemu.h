@@ -4,14 +4,15 @@
 // Each kernels/cuda/*.cu (and .h) is compiled as C++ by the host compiler
 // with this header forced in (-include) after tests/cuemu/cuemu_src.pl has
 // rewritten what only nvcc parses: kernel<<<...>>>(...) launches and
-// `__shared__` declarations (into the block's shared memory, below). The CUDA headers' host halves give the BF16,
-// FP16 and FP8 types and conversions; this header gives the rest of the
-// device side: thread indices, barriers, warp shuffles, atomics and the few
-// intrinsics the kernels use. tests/cuemu/cuemu.cc is the block scheduler
-// behind it, cuemu_api.cc the runtime (device memory, streams, graph
-// capture, launches), cuemu_lt.cc a reference cuBLASLt and cuemu_nccl.cc
-// the NCCL calls of tensor parallelism, over several devices
-// (CUEMU_DEVICES) that host threads may drive at once (cuemu_rt.h).
+// `__shared__` declarations (into the block's shared memory, below). The
+// CUDA headers' host halves give the BF16, FP16 and FP8 types and
+// conversions; this header gives the rest of the device side: thread
+// indices, barriers, warp shuffles, atomics and the few intrinsics the
+// kernels use. tests/cuemu/cuemu.cc is the block scheduler behind it,
+// cuemu_api.cc the runtime (device memory, streams, graph capture,
+// launches), cuemu_lt.cc a reference cuBLASLt and cuemu_nccl.cc the NCCL
+// calls of tensor parallelism, over several devices (CUEMU_DEVICES) that
+// host threads may drive at once (cuemu_rt.h).
 //
 // The execution model: a grid's blocks run one after another; within a
 // block every CUDA thread is a fiber (its own stack) on one OS thread. A
@@ -108,8 +109,8 @@ void *cuemu_static_smem(const void *key, size_t bytes, size_t align);
 // emulator's own bookkeeping inside a kernel's code is hidden from it, and
 // a __threadfence synchronises with every earlier one: the split-K kernels'
 // "write partials, fence, count; the last block reads them" then holds,
-// which is all the fence is used for (blocks are otherwise unordered for
-// the race detector, see cuemu.cc).
+// which is all the fence is used for (cuemu.cc says how blocks are ordered
+// for the race detector).
 #if defined(__SANITIZE_THREAD__)
 extern "C" void AnnotateIgnoreReadsBegin(const char *file, int line);
 extern "C" void AnnotateIgnoreReadsEnd(const char *file, int line);
@@ -118,7 +119,8 @@ extern "C" void AnnotateIgnoreWritesEnd(const char *file, int line);
 extern "C" void __tsan_acquire(void *addr);
 extern "C" void __tsan_release(void *addr);
 extern char cuemu_fence_sync;
-#define CUEMU_UNCHECKED_BEGIN() (AnnotateIgnoreReadsBegin(__FILE__, __LINE__), AnnotateIgnoreWritesBegin(__FILE__, __LINE__))
+#define CUEMU_UNCHECKED_BEGIN()                                                                                        \
+    (AnnotateIgnoreReadsBegin(__FILE__, __LINE__), AnnotateIgnoreWritesBegin(__FILE__, __LINE__))
 #define CUEMU_UNCHECKED_END() (AnnotateIgnoreWritesEnd(__FILE__, __LINE__), AnnotateIgnoreReadsEnd(__FILE__, __LINE__))
 static inline void __threadfence(void) {
     __tsan_release(&cuemu_fence_sync);

@@ -81,9 +81,9 @@ static int run_case(const char *name) {
     return 0;
 }
 
-// Runs case `name` in a child; returns its exit status (128 + signal if
-// killed) and its stderr in err.
-static int run_child(const char *self, const char *name, char *err, size_t cap) {
+// Runs case `name` in a child (this binary again); returns its exit status
+// (128 + signal if killed) and its stderr in err.
+static int run_child(const char *name, char *err, size_t cap) {
     int fd[2];
     if (pipe(fd)) abort();
     fflush(NULL);
@@ -92,7 +92,7 @@ static int run_child(const char *self, const char *name, char *err, size_t cap) 
         dup2(fd[1], 2);
         close(fd[0]);
         close(fd[1]);
-        execl(self, self, name, (char *)NULL);
+        execl("/proc/self/exe", "test_cuemu", name, (char *)NULL);
         _exit(127);
     }
     close(fd[1]);
@@ -108,7 +108,6 @@ static int run_child(const char *self, const char *name, char *err, size_t cap) 
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
-static const char *self_path;
 static char err[1 << 16];
 
 static void test_shared_starts_nan(void) {
@@ -122,7 +121,7 @@ static void test_shared_starts_nan(void) {
 }
 
 static void test_static_shared_limit(void) {
-    int rc = run_child(self_path, "too_much_static", err, sizeof err);
+    int rc = run_child("too_much_static", err, sizeof err);
     CHECK(rc != 0 && strstr(err, "static") && strstr(err, "too_much_static_kernel"),
           "49 KiB of static shared memory: exit %d, %s", rc, err);
 }
@@ -135,17 +134,16 @@ static void test_races(void) {
         char name[64], kernel[64];
         snprintf(kernel, sizeof kernel, "%s_kernel", cases[i]);
         snprintf(name, sizeof name, "%s_race", cases[i]);
-        int rc = run_child(self_path, name, err, sizeof err);
+        int rc = run_child(name, err, sizeof err);
         CHECK(rc != 0 && strstr(err, "data race") && strstr(err, kernel), "%s: exit %d, no race in %s reported", name,
               rc, kernel);
-        rc = run_child(self_path, cases[i], err, sizeof err);
+        rc = run_child(cases[i], err, sizeof err);
         CHECK(rc == 0 && !strstr(err, "data race"), "%s: exit %d:\n%s", cases[i], rc, err);
     }
 }
 
 int main(int argc, char **argv) {
     if (argc > 1) return run_case(argv[1]);
-    self_path = argv[0];
     RUN(test_shared_starts_nan);
     RUN(test_static_shared_limit);
 #if defined(__SANITIZE_THREAD__)
