@@ -89,14 +89,13 @@ __asm__(".text\n"
 // (cuemu.h), and the grid ends after all its threads. A block's shared
 // memory is unmapped and mapped again before the next block (the arena
 // below), which clears its access history and its barriers'.
-// Between blocks: the blocks of a grid run one after another on one pool
-// of fibers, a thread index on another fiber in each (fiber_stack_get), so
-// two blocks touching the same global memory, one of them writing, are
-// reported in kernels without __syncthreads (elementwise ops, GEMVs); in a
-// kernel with one, every fiber that passed it carries that block's order
-// into the next block, and races between blocks go unseen, as they do for
-// compute-sanitizer's racecheck, which checks shared memory only. Kernels
-// run one after another, whatever their streams.
+// Between blocks: the blocks of a grid run one after another on fibers
+// taken so that consecutive blocks share none (fiber_stack_get), so two
+// blocks touching the same global memory, one of them writing, are
+// reported when they are neighbours in the grid's order, and in kernels
+// without __syncthreads at any distance (compute-sanitizer's racecheck
+// checks shared memory only). Kernels run one after another, whatever
+// their streams.
 #ifndef CUEMU_TSAN
 #define CUEMU_TSAN 0
 #endif
@@ -237,13 +236,15 @@ static void fiber_main(void) {
 }
 
 // Stacks (with their race-detector fibers) are kept across blocks and
-// launches, one more than the block's threads, and thread i of the b-th
-// block runs on stack (i + b) mod (threads + 1): so a thread index runs on
-// another race-detector fiber in each of the next `threads` blocks, and
-// the detector, which orders what one fiber does, sees the races between
-// blocks that involve the same thread index (thread 0 writing a per-grid
-// flag, say). Thread i of block b and thread i - k of block b + k share a
-// fiber, and that pair's races go unseen.
+// launches, in two sets of one more than the block's threads: the b-th
+// block of a grid runs on set b mod 2, its thread i on stack
+// (i + b / 2) mod (threads + 1) of the set. The detector orders all that
+// one fiber does, and a fiber that passed a __syncthreads carries its
+// block's order into the next block it runs; so two consecutive blocks
+// share no fiber and no order, and the races between them are seen,
+// barriers or not. Blocks two apart are ordered once a barrier was passed;
+// without one, thread i of block b and thread i - k of block b + 2k share
+// a fiber, and only that pair's races go unseen.
 struct fiber_stack {
     char *stack; // STACK_BYTES above a guard page
     void *tsan;
@@ -445,7 +446,8 @@ static void run_block(unsigned order, size_t dyn) {
         f->warp = (unsigned)i >> 5;
         f->uncommitted.clear();
         f->groups.clear();
-        fiber_start(f, fiber_stack_get(((size_t)i + order) % (size_t)(B.n + 1)));
+        size_t set = (size_t)(B.n + 1);
+        fiber_start(f, fiber_stack_get((order & 1) * set + ((size_t)i + order / 2) % set));
     }
     for (size_t w = 0; w < B.warps.size(); w++) {
         warp *wp = &B.warps[w];

@@ -43,6 +43,14 @@ __global__ void blocks_kernel(float *out, int shared) {
     if (threadIdx.x == 0) out[shared ? 0 : blockIdx.x] += 1.0f;
 }
 
+// The same after a barrier, which orders each block, not the grid.
+__global__ void barrier_blocks_kernel(float *out, int shared) {
+    __shared__ float s[N_THREADS];
+    s[threadIdx.x] = 1.0f;
+    __syncthreads();
+    if (threadIdx.x == 5) out[shared ? 0 : blockIdx.x] += s[(threadIdx.x + 32) % N_THREADS];
+}
+
 // Block 0 writes a shared variable; every other block only reads it.
 __global__ void stale_kernel(float *out) {
     __shared__ float v;
@@ -72,6 +80,7 @@ static int run_case(const char *name) {
     if (!strncmp(name, "neighbour", 9)) neighbour_kernel<<<1, N_THREADS>>>(out, !race);
     else if (!strncmp(name, "lane", 4)) lane_kernel<<<1, 32>>>(out, !race);
     else if (!strncmp(name, "blocks", 6)) blocks_kernel<<<4, N_THREADS>>>(out, race);
+    else if (!strncmp(name, "barrier_blocks", 14)) barrier_blocks_kernel<<<4, N_THREADS>>>(out, race);
     else if (!strcmp(name, "too_much_static")) too_much_static_kernel<<<1, N_THREADS>>>(out);
     else {
         fprintf(stderr, "test_cuemu: no case %s\n", name);
@@ -129,7 +138,7 @@ static void test_static_shared_limit(void) {
 // Under the race detector: every racing case is reported, naming its
 // kernel, and its twin runs clean.
 static void test_races(void) {
-    static const char *const cases[] = {"neighbour", "lane", "blocks"};
+    static const char *const cases[] = {"neighbour", "lane", "blocks", "barrier_blocks"};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         char name[64], kernel[64];
         snprintf(kernel, sizeof kernel, "%s_kernel", cases[i]);
