@@ -85,8 +85,8 @@ __asm__(".text\n"
 // from what orders threads on a GPU: a block's threads start after the
 // grid's launch, __syncthreads orders the block (its arrivals release, its
 // departures acquire), __syncwarp the lanes taking part (shuffles and mma
-// exchange values but order no memory), __threadfence every earlier fence
-// (cuemu.h), and the grid ends after all its threads. A block's shared
+// exchange values but order no memory), fences and atomics as below, and
+// the grid ends after all its threads. A block's shared
 // memory is unmapped and mapped again before the next block (the arena
 // below), which clears its access history and its barriers'.
 // Between blocks: the blocks of a grid run one after another on fibers
@@ -108,7 +108,6 @@ static char grid_done_sync;
 #else
 #define TSAN(x) ((void)0)
 #endif
-char cuemu_fence_sync; // cuemu.h's __threadfence
 
 enum { F_RUN, F_WAIT_BLOCK, F_WAIT_WARP, F_DONE };
 
@@ -127,6 +126,7 @@ struct fiber {
     uint3 tid;
     unsigned lane, warp;
     int state;
+    int fenced; // passed a __threadfence
     std::vector<cp_copy> uncommitted;
     std::vector<std::vector<cp_copy>> groups; // committed, oldest first
 };
@@ -281,6 +281,7 @@ static void fiber_start(fiber *f, fiber_stack s) {
     top[-2] = (uint64_t)(uintptr_t)fiber_main;
     f->sp = sp;
     f->state = F_RUN;
+    f->fenced = 0;
 }
 
 void cuemu_syncthreads(void) {
@@ -337,6 +338,28 @@ const unsigned char *cuemu_warp_exchange(unsigned mask, const void *mine, size_t
     if (orders_memory) TSAN(__tsan_acquire(warp_sync(f->warp, phase)));
     return &w->slots[phase & 1][0][0];
 }
+
+#if CUEMU_TSAN
+// __threadfence and atomics for the race detector (cuemu.h): PTX orders a
+// thread's accesses before a fence ahead of another thread's after its own
+// fence once an atomic write after the first fence is read by an atomic
+// before the second. Here an atomic of a thread that has passed a fence
+// releases into one object, and every atomic and fence acquires from it:
+// looser (an atomic is taken to read every earlier such write), never
+// stricter, so the guide's reduction is accepted and a missing fence on
+// the writing side is still reported.
+static char fence_sync;
+
+void cuemu_race_fence(void) {
+    B.cur->fenced = 1;
+    __tsan_acquire(&fence_sync);
+}
+
+void cuemu_race_atomic(int done) {
+    if (!done) __tsan_acquire(&fence_sync);
+    else if (B.cur->fenced) __tsan_release(&fence_sync);
+}
+#endif
 
 int cuemu_warp_first(void) {
     warp *w = &B.warps[B.cur->warp];

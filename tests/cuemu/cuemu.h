@@ -107,28 +107,25 @@ void *cuemu_static_smem(const void *key, size_t bytes, size_t align);
 
 // Under ThreadSanitizer (CUEMU_SAN=thread, the emulator's racecheck) the
 // emulator's own bookkeeping inside a kernel's code is hidden from it, and
-// a __threadfence synchronises with every earlier one: the split-K kernels'
-// "write partials, fence, count; the last block reads them" then holds,
-// which is all the fence is used for (cuemu.cc says how blocks are ordered
-// for the race detector).
-#if defined(__SANITIZE_THREAD__)
+// fences and atomics order memory as the CUDA programming guide's
+// "last block" reduction needs: an atomic after a __threadfence publishes
+// what its thread did before it, and any later atomic or fence sees all
+// that was so published (cuemu.cc, built uninstrumented with CUEMU_TSAN).
+#if defined(__SANITIZE_THREAD__) || (defined(CUEMU_TSAN) && CUEMU_TSAN)
 extern "C" void AnnotateIgnoreReadsBegin(const char *file, int line);
 extern "C" void AnnotateIgnoreReadsEnd(const char *file, int line);
 extern "C" void AnnotateIgnoreWritesBegin(const char *file, int line);
 extern "C" void AnnotateIgnoreWritesEnd(const char *file, int line);
-extern "C" void __tsan_acquire(void *addr);
-extern "C" void __tsan_release(void *addr);
-extern char cuemu_fence_sync;
 #define CUEMU_UNCHECKED_BEGIN()                                                                                        \
     (AnnotateIgnoreReadsBegin(__FILE__, __LINE__), AnnotateIgnoreWritesBegin(__FILE__, __LINE__))
 #define CUEMU_UNCHECKED_END() (AnnotateIgnoreWritesEnd(__FILE__, __LINE__), AnnotateIgnoreReadsEnd(__FILE__, __LINE__))
-static inline void __threadfence(void) {
-    __tsan_release(&cuemu_fence_sync);
-    __tsan_acquire(&cuemu_fence_sync);
-}
+void cuemu_race_fence(void);
+void cuemu_race_atomic(int done); // 0 before the atomic operation, 1 after
+static inline void __threadfence(void) { cuemu_race_fence(); }
 #else
 #define CUEMU_UNCHECKED_BEGIN() ((void)0)
 #define CUEMU_UNCHECKED_END() ((void)0)
+static inline void cuemu_race_atomic(int) {}
 static inline void __threadfence(void) {}
 #endif
 static inline void __threadfence_block(void) {}
@@ -201,9 +198,11 @@ static inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mas
 // as atomic (relaxed, as CUDA's are) to let threads race on them.
 template <class T, class F> static inline T cuemu_atomic_update(T *p, F f) {
     T old, v;
+    cuemu_race_atomic(0);
     __atomic_load(p, &old, __ATOMIC_RELAXED);
     do v = f(old);
     while (!__atomic_compare_exchange(p, &old, &v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    cuemu_race_atomic(1);
     return old;
 }
 template <class T> static inline T atomicAdd(T *p, T v) {

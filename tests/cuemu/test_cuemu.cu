@@ -51,6 +51,24 @@ __global__ void barrier_blocks_kernel(float *out, int shared) {
     if (threadIdx.x == 5) out[shared ? 0 : blockIdx.x] += s[(threadIdx.x + 32) % N_THREADS];
 }
 
+// The programming guide's "last block" sum: every block stores its part
+// and counts itself in; the last one reads all parts (each thread another
+// thread's). Without the writers' fence nothing orders the parts before
+// the last block's reads.
+__global__ void split_kernel(float *part, int *count, float *out, int fence) {
+    __shared__ int last;
+    const int t = threadIdx.x;
+    part[blockIdx.x * N_THREADS + t] = (float)(blockIdx.x + t);
+    if (fence) __threadfence();
+    __syncthreads();
+    if (t == 0) last = atomicAdd(count, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    float s = 0.0f;
+    for (unsigned b = 0; b < gridDim.x; b++) s += part[b * N_THREADS + (t + 1) % N_THREADS];
+    out[t] = s;
+}
+
 // Block 0 writes a shared variable; every other block only reads it.
 __global__ void stale_kernel(float *out) {
     __shared__ float v;
@@ -81,7 +99,11 @@ static int run_case(const char *name) {
     else if (!strncmp(name, "lane", 4)) lane_kernel<<<1, 32>>>(out, !race);
     else if (!strncmp(name, "blocks", 6)) blocks_kernel<<<4, N_THREADS>>>(out, race);
     else if (!strncmp(name, "barrier_blocks", 14)) barrier_blocks_kernel<<<4, N_THREADS>>>(out, race);
-    else if (!strcmp(name, "too_much_static")) too_much_static_kernel<<<1, N_THREADS>>>(out);
+    else if (!strncmp(name, "split", 5)) {
+        float *part = dev_zeros(4 * N_THREADS);
+        int *count = (int *)dev_zeros(1);
+        split_kernel<<<4, N_THREADS>>>(part, count, out, !race);
+    } else if (!strcmp(name, "too_much_static")) too_much_static_kernel<<<1, N_THREADS>>>(out);
     else {
         fprintf(stderr, "test_cuemu: no case %s\n", name);
         return 2;
@@ -138,7 +160,7 @@ static void test_static_shared_limit(void) {
 // Under the race detector: every racing case is reported, naming its
 // kernel, and its twin runs clean.
 static void test_races(void) {
-    static const char *const cases[] = {"neighbour", "lane", "blocks", "barrier_blocks"};
+    static const char *const cases[] = {"neighbour", "lane", "blocks", "barrier_blocks", "split"};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         char name[64], kernel[64];
         snprintf(kernel, sizeof kernel, "%s_kernel", cases[i]);
