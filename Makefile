@@ -65,10 +65,10 @@ CUEMU_RT_OBJ := $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_api.o $(CUEMU_DIR)/cuemu
 CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_RT_OBJ)
 # tests/cuemu/test_cuemu.cu checks the emulator itself. `make test` also
 # runs it and the quicker GPU tests under the race detector (build/cuemu-thread,
-# 1 to 4 minutes each; the others take 4 to 20 minutes, and test_cuda_sample's
+# under 2 minutes each; the others take 3 to 20 minutes, and test_cuda_sample's
 # 1024-thread blocks hours: make test-racecheck).
 CUEMU_TEST_BIN := $(patsubst tests/gpu/%.c,$(CUEMU_DIR)/tests/%,$(GPU_TEST_SRC)) $(CUEMU_DIR)/tests/test_cuemu
-CUEMU_RACE_BIN := $(addprefix build/cuemu-thread/tests/,test_cuemu test_cuda_ops test_cuda_moe test_cuda_comm)
+CUEMU_RACE_BIN := $(addprefix build/cuemu-thread/tests/,test_cuemu test_cuda_ops test_cuda_fp8 test_cuda_moe test_cuda_comm)
 endif
 CUEMU_TESTS ?= $(notdir $(CUEMU_TEST_BIN))
 COMPUTE_SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || ls $(CUDA_HOME)/bin/compute-sanitizer 2>/dev/null)
@@ -171,7 +171,7 @@ test-cuemu:
 	@scripts/run_tests.sh $(addprefix $(CUEMU_DIR)/tests/,$(CUEMU_TESTS))
 
 # The same under the emulator's race detector (CUEMU_SAN=thread: see
-# tests/cuemu/cuemu.cc), 15-25 times slower than test-cuemu.
+# tests/cuemu/cuemu.cc), about 10 times slower than test-cuemu.
 test-racecheck:
 	@$(MAKE) --no-print-directory CUEMU_SAN=thread test-cuemu
 
