@@ -132,13 +132,15 @@ static int check_cut(const char *name, nb_dtype t, int group, int64_t N, int64_t
  * out, for a tensor-parallel rank. */
 static int slice_weight(nb_model *m, const char *name, const nb_weight *full, const nb_slice *sl, nb_weight *out,
                         nb_err *e) {
+    /* out is written only on success: on failure it holds nothing that
+     * model_free would hand the backend (these are host bytes) */
+    if (sl && check_cut(name, full->dtype, full->group, full->rows, full->cols, sl, e)) return -1;
     *out = *full;
     if (!sl) return 0;
     nb_dtype t = full->dtype;
     int64_t N = full->rows, K = full->cols, r0 = 0, nr = N, c0 = 0, nc = K;
     if (sl->dim == 0) r0 = sl->start, nr = sl->len;
     else c0 = sl->start, nc = sl->len;
-    if (check_cut(name, t, full->group, N, K, sl, e)) return -1;
     out->rows = nr;
     out->cols = nc;
     out->data = cut(m, full->data, data_row_bytes(t, K), r0, nr, data_row_bytes(t, c0), data_row_bytes(t, nc));
@@ -388,15 +390,16 @@ int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, in
     if (sl && check_cut(name, target, group, N, K, sl, e)) return -1;
     nb_slice rows_part = {0, 0, N};
     if (sl && sl->dim == 0) rows_part = *sl;
-    if (bind_host(m, w, name, N, K, &rows_part, 0, e)) return -1;
+    /* quantize now, from host bytes (a backend's copy need not be readable
+     * here): rows to FP32, pack, hand only the packed bytes over. w gets
+     * them only at the end: until then it holds nothing to free. */
+    nb_weight src;
+    if (bind_host(m, &src, name, N, K, &rows_part, 0, e)) return -1;
     if (target == NB_WINT2)
         return nb_errf(e, "%s: wint2 is offline only; write a checkpoint with `nibble quantize --quantization wint2`",
                        name);
     if (m->plan.is_quantized)
-        return nb_errf(e, "%s: quantization_config says is_quantized but the tensor is %s", name, nb_dtype_name(w->dtype));
-    /* quantize now, from host bytes (a backend's copy need not be readable
-     * here): rows to FP32, pack, hand only the packed bytes over */
-    nb_weight src = *w;
+        return nb_errf(e, "%s: quantization_config says is_quantized but the tensor is %s", name, nb_dtype_name(src.dtype));
     N = src.rows;
     if (quant_check(target, N, K, group, e)) return nb_err_wrap(e, "%s", name);
     float *W = m->report ? xmalloc(sizeof(float) * (size_t)N * (size_t)K) : NULL; /* the report's reference */

@@ -23,6 +23,11 @@
  * llama, qwen2, qwen3 and qwen3-moe (ernie's and mistral's MLPs are 160
  * wide). Needs a CUDA device;
  * fails (not skips) without one. */
+#include <errno.h>
+#include <limits.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "engine/quantize.h"
 #include "tests/gpu/gpu_model_test.h"
 
@@ -70,8 +75,68 @@ static void test_wint2(void) {
     }
 }
 
+/* One load that must fail with `want` in its message, and give back the
+ * device memory it took; its weights' host bytes (the checkpoint's) are
+ * never handed to the backend to free. */
+static void check_load_fails(nb_backend *gpu, const char *dir, const char *setting, const char *want) {
+    nb_quant_plan p, *pp = NULL;
+    nb_err e = {{0}};
+    if (setting) {
+        if (quant_plan_parse(setting, NULL, &p, &e)) {
+            CHECK(0, "plan %s: %s", setting, e.msg);
+            return;
+        }
+        pp = &p;
+    }
+    size_t before = 0, after = 0, total = 0;
+    gpu->ops->mem_info(gpu, &before, &total);
+    nb_model_opts o = {.max_batch_tokens = 64, .num_kv_blocks = 16, .quant = pp};
+    nb_model *m = model_load(dir, gpu, &o, &e);
+    gpu->ops->mem_info(gpu, &after, &total);
+    printf("  %s %s: %s\n", dir, setting ? setting : "(its config)", m ? "loaded" : e.msg);
+    CHECK(!m && strstr(e.msg, want), "%s %s: expected an error with '%s', got %s", dir, setting ? setting : "", want,
+          m ? "a model" : e.msg);
+    CHECK(after + (1u << 20) >= before, "%s: the failed load kept %.1f MiB", dir, ((double)before - after) / 1048576.0);
+    if (m) model_free(m);
+}
+
+/* Loads that fail partway through the weights, on the CUDA backend: the
+ * weight being quantized holds host bytes until it is packed and loaded,
+ * and freeing the half-loaded model once handed those to cudaFree (an
+ * abort instead of the error). */
+static void test_load_errors(void) {
+    nb_backend *gpu = gpu_backend();
+    REQUIRE(gpu, "no cuda backend");
+    check_load_fails(gpu, "tests/fixtures/models/llama", "wint2", "offline only");
+    /* a config that says the checkpoint is packed, over BF16 tensors */
+    const char *dir = "build/tests/gpu_not_quantized";
+    char path[512], target[PATH_MAX];
+    FILE *in = fopen("tests/fixtures/models/llama/config.json", "r");
+    REQUIRE(in, "tests/fixtures/models/llama/config.json");
+    char cfg[8192];
+    size_t n = fread(cfg, 1, sizeof cfg - 1, in);
+    fclose(in);
+    cfg[n] = 0;
+    char *end = strrchr(cfg, '}');
+    REQUIRE(end && (mkdir(dir, 0755) == 0 || errno == EEXIST), "config or %s", dir);
+    *end = 0;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *out = fopen(path, "w");
+    REQUIRE(out, "%s", path);
+    fprintf(out, "%s, \"quantization_config\": {\"quant_method\": \"nibble\", \"quantization\": \"wint8\", "
+                 "\"is_quantized\": true}}\n", cfg);
+    fclose(out);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    REQUIRE(realpath("tests/fixtures/models/llama/model.safetensors", target), "realpath");
+    unlink(path);
+    REQUIRE(symlink(target, path) == 0, "symlink %s", path);
+    check_load_fails(gpu, dir, NULL, "is_quantized");
+    backend_destroy(gpu);
+}
+
 int main(void) {
     if (gpu_model_tests_start()) TEST_DONE("test_cuda_wint_model");
+    RUN(test_load_errors);
     RUN(test_wint8);
     RUN(test_wint4);
     RUN(test_mix_quant);
