@@ -69,6 +69,9 @@ CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(
 # 1024-thread blocks hours: make test-racecheck).
 CUEMU_TEST_BIN := $(patsubst tests/gpu/%.c,$(CUEMU_DIR)/tests/%,$(GPU_TEST_SRC)) $(CUEMU_DIR)/tests/test_cuemu
 CUEMU_RACE_BIN := $(addprefix build/cuemu-thread/tests/,test_cuemu test_cuda_ops test_cuda_fp8 test_cuda_moe test_cuda_comm)
+# bench_cuda on the emulator: tests/test_bench_cuda.py runs make bench's GPU
+# part with --smoke
+CUEMU_BENCH := $(CUEMU_DIR)/bench/bench_cuda
 endif
 CUEMU_TESTS ?= $(notdir $(CUEMU_TEST_BIN))
 COMPUTE_SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || ls $(CUDA_HOME)/bin/compute-sanitizer 2>/dev/null)
@@ -97,10 +100,17 @@ build/tests/%: build/tests/%.o $(LIB_OBJ) $(CU_OBJ)
 
 # bench_cuda calls cudart and cuBLAS itself (copy bandwidth, the cuBLAS reference)
 build/bench/%.o: CFLAGS += -isystem $(CUDA_HOME)/include
-build/bench/bench_cuda: build/bench/bench_cuda.o build/bench/bench_cuda_util.o build/bench/bench_cuda_ops.o build/bench/bench_cuda_quant.o \
-	build/bench/bench_cuda_moe.o $(LIB_OBJ) $(CU_OBJ)
+BENCH_OBJ := $(patsubst %.c,build/%.o,$(wildcard bench/*.c))
+build/bench/bench_cuda: $(BENCH_OBJ) $(LIB_OBJ) $(CU_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcublas
+
+# The same benchmark on the emulator (its cuBLAS and events too):
+# tests/test_bench_cuda.py runs it with --smoke, so make test proves that
+# every figure make bench prints runs and is checked.
+$(CUEMU_DIR)/bench/bench_cuda: $(BENCH_OBJ) $(LIB_OBJ) $(CUEMU_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(if $(CUEMU_SAN),-fsanitize=$(CUEMU_SAN)) -o $@ $^ $(filter-out -lcublasLt -lcudart,$(LDLIBS))
 
 $(CUEMU_DIR)/kernels/%.cc: kernels/cuda/%.cu tests/cuemu/cuemu_src.pl
 	@mkdir -p $(dir $@)
@@ -159,10 +169,10 @@ $(PY):
 	python3 -m venv .venv
 
 test: deps test-venv
-	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN) $(CUEMU_TEST_BIN)
+	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN) $(CUEMU_TEST_BIN) $(CUEMU_BENCH)
 	@$(if $(CUEMU_TEST_BIN),$(MAKE) --no-print-directory CUEMU_SAN=thread $(CUEMU_RACE_BIN))
-	@scripts/run_tests.sh $(TEST_BIN) tests/test_cli.py tests/test_server.py tests/test_openai_client.py $(CUEMU_TEST_BIN) \
-		$(if $(CUEMU_TEST_BIN),$(CUEMU_RACE_BIN))
+	@BENCH_CUDA=$(CUEMU_BENCH) scripts/run_tests.sh $(TEST_BIN) tests/test_cli.py tests/test_server.py \
+		tests/test_openai_client.py $(CUEMU_TEST_BIN) $(if $(CUEMU_TEST_BIN),$(CUEMU_RACE_BIN) tests/test_bench_cuda.py)
 
 # Only the GPU tests under the emulator (CUEMU_TESTS=test_cuda_wint picks some).
 test-cuemu:

@@ -30,6 +30,12 @@
  * way. Every figure is the average over a loop of at least --min-time
  * seconds after a warm-up. Prefill attention is timed without graphs (one
  * call is long; the model never records prefill steps).
+ *
+ * What is timed is checked: a matmul or expert figure whose output
+ * disagrees with its reference is marked MISMATCH, and bench_cuda then
+ * exits 1 after printing everything. --smoke runs every figure on small
+ * sizes in the fewest repetitions: tests/test_bench_cuda.py runs it on the
+ * CPU emulator in make test, so the benchmark is proven before a GPU runs it.
  */
 #include <math.h>
 #include <stdint.h>
@@ -235,6 +241,8 @@ static void usage(FILE *f) {
             "  --max-batch-tokens N   tokens per prefill step (default 512)\n"
             "  --min-time S           seconds of timed loop per op figure (default 0.1)\n"
             "  --no-graph             time backend ops and cuBLAS eagerly, not as recorded graphs\n"
+            "  --smoke                --ops on small sizes with the shortest loops: checks that every figure\n"
+            "                         runs and is right (for the CPU emulator; its times mean nothing)\n"
             "  --quantization Q       --model: weights quantized at load as `nibble serve --quantization Q`\n"
             "  --kv-cache-dtype T     --model: KV cache type (default: the backend's, bf16)\n");
 }
@@ -247,7 +255,7 @@ static int parse_int(const char *flag, const char *v, int lo, int hi) {
 }
 
 int main(int argc, char **argv) {
-    int ops = 0, prompt = 512, steps = 64, max_batch_tokens = 512, n_batches = 4;
+    int ops = 0, min_time_given = 0, prompt = 512, steps = 64, max_batch_tokens = 512, n_batches = 4;
     int batches[MAX_BATCHES] = {1, 8, 32, 64};
     const char *model = NULL, *quant = NULL, *kv = NULL;
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -256,6 +264,7 @@ int main(int argc, char **argv) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--ops")) ops = 1;
         else if (!strcmp(a, "--no-graph")) bench_opts.graphs = 0;
+        else if (!strcmp(a, "--smoke")) bench_opts.smoke = 1;
         else if (!strcmp(a, "--model") && v) model = v, i++;
         else if (!strcmp(a, "--quantization") && v) quant = v, i++;
         else if (!strcmp(a, "--kv-cache-dtype") && v) kv = v, i++;
@@ -266,6 +275,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--min-time") && v) {
             char *end;
             bench_opts.min_time = strtod(v, &end);
+            min_time_given = 1;
             if (*end || end == v || !(bench_opts.min_time > 0 && bench_opts.min_time <= 60)) bench_die("--min-time expects seconds in (0, 60]");
             i++;
         } else if (!strcmp(a, "--batches") && v) {
@@ -289,6 +299,7 @@ int main(int argc, char **argv) {
         }
     }
     if (!model) ops = 1;
+    if (bench_opts.smoke && !min_time_given) bench_opts.min_time = 1e-6; /* the fewest repetitions */
     nb_quant_plan plan;
     nb_err e = {{0}};
     if (quant_plan_parse(quant, kv, &plan, &e)) bench_die("%s", e.msg);
@@ -301,9 +312,8 @@ int main(int argc, char **argv) {
     printf("device: %s\n", desc);
     CK(cudaSetDevice(bench_opts.device));
     double bw = bench_copy_bandwidth();
-    printf("copy bandwidth: %.1f GB/s (device-to-device cudaMemcpy of 1 GiB, bytes read + written, best of 5)\n",
-           bw / 1e9);
     if (ops) bench_ops(bw);
     if (model) bench_decode(model, &plan, batches, n_batches, prompt, steps, max_batch_tokens, bw);
+    if (bench_opts.mismatches) bench_die("%d figure(s) above disagree with their reference (MISMATCH)", bench_opts.mismatches);
     return 0;
 }

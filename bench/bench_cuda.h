@@ -21,25 +21,49 @@
 #define ROPE_THETA 500000.0
 #define RMS_EPS 1e-5f
 
-/* The Llama-3-8B linear shapes [N out][K in] the matmul benchmarks use. */
-typedef struct bench_shape {
-    const char *name;
-    int N, K;
-} bench_shape;
-#define BENCH_N_SHAPES 4
-extern const bench_shape BENCH_SHAPES[BENCH_N_SHAPES];
-/* The largest M*K, M*N and N*K over BENCH_SHAPES at M = max_m: buffer
- * sizes that serve every shape. */
-void bench_shapes_max(int max_m, size_t *mk, size_t *mn, size_t *nk);
-
 /* The command line's settings (the process configuration). */
 typedef struct bench_options {
     int device;
     int graphs;      /* record timed loops as graphs */
     double min_time; /* seconds of timed loop per figure */
+    /* --smoke: every figure on small sizes (model widths / SMOKE_DIV, short
+     * lists of M, contexts and tokens), for the CPU emulator (make test):
+     * proves that each runs and agrees with its reference; the times mean
+     * nothing */
+    int smoke;
     uint64_t next_key; /* graph key of the next recorded loop */
+    int mismatches;    /* figures whose check failed (bench_check) */
 } bench_options;
 extern bench_options bench_opts;
+#define SMOKE_DIV 16
+
+/* A model width (HIDDEN, INTER, a linear's N or K) at the run's scale. */
+int bench_dim(int full);
+
+/* A list of sizes: the full one, or under --smoke the short one. */
+typedef struct bench_list {
+    const int *v;
+    int n;
+} bench_list;
+#define BENCH_PICK(full_, short_)                                                                                      \
+    (bench_opts.smoke ? (bench_list){(short_), (int)(sizeof(short_) / sizeof((short_)[0]))}                             \
+                      : (bench_list){(full_), (int)(sizeof(full_) / sizeof((full_)[0]))})
+int bench_list_max(bench_list l);
+
+/* The Llama-3-8B linear shapes [N out][K in] the matmul benchmarks use
+ * (under --smoke, N and K / SMOKE_DIV: multiples of 128 still). */
+typedef struct bench_shape {
+    const char *name;
+    int N, K;
+} bench_shape;
+#define BENCH_N_SHAPES 4
+bench_shape bench_shape_at(int i);
+/* The largest M*K, M*N and N*K over the shapes at M = max_m: buffer sizes
+ * that serve every shape. */
+void bench_shapes_max(int max_m, size_t *mk, size_t *mn, size_t *nk);
+/* "" if err (a relative error) is within tol, else "  MISMATCH", counted in
+ * bench_opts.mismatches (bench_cuda then exits non-zero). */
+const char *bench_check(double err, double tol);
 
 void bench_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 #define CK(call) bench_ck_cuda((call), #call, __FILE__, __LINE__)
@@ -58,7 +82,7 @@ void bench_fill_bf16_exact(float *f, uint16_t *bf16, size_t n, float amp);
 /* A backend buffer of n random floats in [-amp, amp). */
 float *bench_dev_random(nb_backend *b, size_t n, float amp);
 
-/* Device-to-device copy bandwidth, bytes read + written per second. */
+/* Device-to-device copy bandwidth, bytes read + written per second (printed). */
 double bench_copy_bandwidth(void);
 void bench_print_bw(const char *what, double sec, double bytes, double bw);
 

@@ -25,12 +25,14 @@
 #include "common/util.h"
 #include "quant/quant.h"
 
-enum { MOE_E = 128, MOE_K = 8, MOE_MAX_TOKENS = 2048 };
-
-static const struct {
-    const char *name;
-    int N, K;
-} MOE_SHAPES[] = {{"gate/up", 768, 2048}, {"down", 2048, 768}};
+/* Qwen3-30B-A3B's; under --smoke a mixture small enough for the emulator
+ * that still takes every path (decode and tensor-core sizes, K a multiple
+ * of WINT4's group) */
+typedef struct moe_sizes {
+    int n_experts, n_used, gate_n, gate_k; /* gate/up [gate_n][gate_k], down the transpose */
+} moe_sizes;
+static const moe_sizes MOE_FULL = {128, 8, 768, 2048}, MOE_SMOKE = {16, 4, 256, 512};
+#define MOE_MAX_E 128
 
 static const struct {
     const char *name;
@@ -46,16 +48,17 @@ typedef struct moe_step {
 } moe_step;
 
 /* Routes n tokens on fresh random logits; returns how many experts have rows. */
-static int moe_route_random(nb_backend *b, moe_step *s, int n) {
-    float *l = xmalloc(sizeof(float) * (size_t)n * MOE_E);
-    for (size_t i = 0; i < (size_t)n * MOE_E; i++) l[i] = 2.0f * bench_frand();
-    b->ops->upload(b, s->logits, l, sizeof(float) * (size_t)n * MOE_E);
+static int moe_route_random(nb_backend *b, moe_step *s, const moe_sizes *z, int n) {
+    const int E = z->n_experts;
+    float *l = xmalloc(sizeof(float) * (size_t)n * E);
+    for (size_t i = 0; i < (size_t)n * E; i++) l[i] = 2.0f * bench_frand();
+    b->ops->upload(b, s->logits, l, sizeof(float) * (size_t)n * E);
     free(l);
-    nb_moe_route r = {MOE_E, MOE_K, 1, 1e-20f, NULL};
+    nb_moe_route r = {E, z->n_used, 1, 1e-20f, NULL};
     b->ops->moe_route(b, s->groups, s->rows, s->slot, s->w, s->logits, n, &r);
-    int32_t g[NB_MOE_GROUPS(MOE_E)];
-    b->ops->download(b, g, s->groups, sizeof g);
-    return g[MOE_E + 1];
+    int32_t g[NB_MOE_GROUPS(MOE_MAX_E)];
+    b->ops->download(b, g, s->groups, sizeof(int32_t) * NB_MOE_GROUPS(E));
+    return g[E + 1];
 }
 
 /* Grouped rows 0 and n_rows - 1 of out against the host reference. */
@@ -74,14 +77,20 @@ static double check_rows(nb_backend *b, const float *out, const float *hx, const
 }
 
 void bench_moe_experts(nb_backend *b, double bw) {
-    static const int ns[] = {1, 8, 32, 64, 256, 512, 2048};
-    const int n_ns = (int)(sizeof ns / sizeof ns[0]), max_rows = MOE_MAX_TOKENS * MOE_K;
+    static const int full[] = {1, 8, 32, 64, 256, 512, 2048}, smoke[] = {1, 8, 80};
+    const bench_list ns = BENCH_PICK(full, smoke);
+    const moe_sizes *z = bench_opts.smoke ? &MOE_SMOKE : &MOE_FULL;
+    const int E = z->n_experts, max_tokens = bench_list_max(ns), max_rows = max_tokens * z->n_used;
+    const int maxN = z->gate_n > z->gate_k ? z->gate_n : z->gate_k, maxK = maxN;
+    const struct {
+        const char *name;
+        int N, K;
+    } shapes[] = {{"gate/up", z->gate_n, z->gate_k}, {"down", z->gate_k, z->gate_n}};
     const nb_backend_ops *o = b->ops;
-    const int maxN = 2048, maxK = 2048;
     moe_step s = {
-        .logits = o->alloc(b, sizeof(float) * MOE_MAX_TOKENS * MOE_E),
+        .logits = o->alloc(b, sizeof(float) * (size_t)max_tokens * E),
         .w = o->alloc(b, sizeof(float) * max_rows),
-        .groups = o->alloc(b, sizeof(int32_t) * NB_MOE_GROUPS(MOE_E)),
+        .groups = o->alloc(b, sizeof(int32_t) * NB_MOE_GROUPS(E)),
         .rows = o->alloc(b, sizeof(int32_t) * max_rows),
         .slot = o->alloc(b, sizeof(int32_t) * max_rows),
     };
@@ -91,47 +100,47 @@ void bench_moe_experts(nb_backend *b, double bw) {
     float *x = o->alloc(b, sizeof(float) * xn), *out = o->alloc(b, sizeof(float) * (size_t)max_rows * maxN);
     o->upload(b, x, hx, sizeof(float) * xn);
 
-    printf("\nmixture of experts: ops->matmul_experts, Qwen3-30B-A3B experts (%d, %d a token), quant.h layout;\n"
+    printf("\nmixture of experts: ops->matmul_experts, %s experts (%d, %d a token), quant.h layout;\n"
            "time per call (graph replay where recordable); expert GB/s = resident bytes of the experts in use / time,\n"
            "of copy = that / copy bandwidth; x dense = dense BF16 matmul of as many rows (cuBLASLt) / grouped time;\n"
            "rel err = first and last grouped rows against quant_matmul_ref\n",
-           MOE_E, MOE_K);
+           bench_opts.smoke ? "--smoke" : "Qwen3-30B-A3B", E, z->n_used);
     printf("  %-8s %6s %6s %6s %6s %-11s %4s %11s %10s %8s %8s %9s\n", "shape", "N", "K", "tokens", "rows", "format",
            "rec", "grouped us", "expert GB/s", "of copy", "x dense", "rel err");
-    for (size_t si = 0; si < sizeof MOE_SHAPES / sizeof MOE_SHAPES[0]; si++) {
-        const int N = MOE_SHAPES[si].N, K = MOE_SHAPES[si].K;
-        double t_dense[sizeof ns / sizeof ns[0]];
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        const int N = shapes[si].N, K = shapes[si].K;
+        double t_dense[sizeof full / sizeof full[0]];
         nb_weight dense_h = bench_host_weight(NB_BF16, 0, N, K), dense = dense_h;
         backend_weight_load(b, &dense);
-        for (int i = 0; i < n_ns; i++) {
-            op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = &dense, .n = ns[i] * MOE_K};
+        for (int i = 0; i < ns.n; i++) {
+            op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = &dense, .n = ns.v[i] * z->n_used};
             t_dense[i] = bench_time_op(&c, 1);
         }
         bench_weight_free(b, &dense);
         bench_host_weight_free(&dense_h);
         for (size_t f = 0; f < sizeof MOE_FORMATS / sizeof MOE_FORMATS[0]; f++) {
             nb_weight hw = bench_host_weight(MOE_FORMATS[f].t, MOE_FORMATS[f].group, N, K);
-            nb_weight *dw = xmalloc(sizeof(nb_weight) * MOE_E);
-            for (int e = 0; e < MOE_E; e++) {
+            nb_weight *dw = xmalloc(sizeof(nb_weight) * E);
+            for (int e = 0; e < E; e++) {
                 dw[e] = hw;
                 backend_weight_load_plain(b, &dw[e]);
             }
-            void *set = o->experts_create(b, dw, MOE_E);
+            void *set = o->experts_create(b, dw, E);
             const double ebytes = (double)quant_weight_bytes(&dw[0]);
-            for (int i = 0; i < n_ns; i++) {
-                const int n = ns[i], n_rows = n * MOE_K;
-                const int used = moe_route_random(b, &s, n);
+            for (int i = 0; i < ns.n; i++) {
+                const int n = ns.v[i], n_rows = n * z->n_used;
+                const int used = moe_route_random(b, &s, z, n);
                 const int rec = o->experts_recordable(b, set, n);
                 op_call c = {.kind = K_EXPERTS, .b = b, .out = out, .x = x, .set = set, .groups = s.groups,
                              .n_tokens = n, .n = n_rows};
                 double t = bench_time_op(&c, rec);
                 double err = check_rows(b, out, hx, &hw, n_rows, N, K), gbs = used * ebytes / t;
-                printf("  %-8s %6d %6d %6d %6d %-11s %4s %11.2f %10.1f %8.2f %8.2f %9.1e%s\n", MOE_SHAPES[si].name,
+                printf("  %-8s %6d %6d %6d %6d %-11s %4s %11.2f %10.1f %8.2f %8.2f %9.1e%s\n", shapes[si].name,
                        N, K, n, n_rows, MOE_FORMATS[f].name, rec ? "yes" : "no", t * 1e6, gbs / 1e9, gbs / bw,
-                       t_dense[i] / t, err, isnan(err) || err > 2e-2 ? "  MISMATCH" : "");
+                       t_dense[i] / t, err, bench_check(err, 2e-2));
             }
             o->experts_free(b, set);
-            for (int e = 0; e < MOE_E; e++) bench_weight_free(b, &dw[e]);
+            for (int e = 0; e < E; e++) bench_weight_free(b, &dw[e]);
             free(dw);
             bench_host_weight_free(&hw);
         }

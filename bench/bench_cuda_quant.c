@@ -96,9 +96,9 @@ double bench_rel_err(const float *a, const float *b, size_t n) {
 }
 
 void bench_quant_matmul(nb_backend *b, double bw) {
-    static const int Ms[] = {1, 2, 4, 8, 16, 32, 64, 128, 512, 4096};
-    const int n_shapes = BENCH_N_SHAPES, n_ms = (int)(sizeof Ms / sizeof Ms[0]);
-    const int max_m = Ms[n_ms - 1];
+    static const int full[] = {1, 2, 4, 8, 16, 32, 64, 128, 512, 4096}, smoke[] = {1, 5, 16, 17, 80};
+    const bench_list Ms = BENCH_PICK(full, smoke);
+    const int max_m = bench_list_max(Ms), last_m = Ms.v[Ms.n - 1];
     const nb_backend_ops *o = b->ops;
     size_t max_mk, max_mn, max_nk;
     bench_shapes_max(max_m, &max_mk, &max_mn, &max_nk);
@@ -118,39 +118,40 @@ void bench_quant_matmul(nb_backend *b, double bw) {
            "rel err = first output row against quant_matmul_ref (host, exact format semantics)\n");
     printf("  %-13s %6s %6s %5s %-11s %11s %11s %8s %12s %8s %9s\n", "shape", "N", "K", "M", "format", "format us",
            "BF16 us", "x BF16", "weight GB/s", "of copy", "rel err");
-    for (int si = 0; si < n_shapes; si++) {
-        int N = BENCH_SHAPES[si].N, K = BENCH_SHAPES[si].K;
+    for (int si = 0; si < BENCH_N_SHAPES; si++) {
+        const bench_shape sh = bench_shape_at(si);
+        const int N = sh.N, K = sh.K;
         size_t nk = (size_t)N * K, mk = (size_t)max_m * K;
         bench_fill_bf16_exact(NULL, hw, nk, 0.035f);
         bench_fill_bf16_exact(hx, hxb, mk, 1.0f);
         bench_gemm_upload(&r, hw, nk, hxb, mk);
         o->upload(b, x, hx, sizeof(float) * mk);
-        double t_bf16[sizeof Ms / sizeof Ms[0]];
-        for (int mi = 0; mi < n_ms; mi++) {
-            r.M = Ms[mi], r.N = N, r.K = K;
+        double t_bf16[sizeof full / sizeof full[0]];
+        for (int mi = 0; mi < Ms.n; mi++) {
+            r.M = Ms.v[mi], r.N = N, r.K = K;
             t_bf16[mi] = bench_time_gemm(&r);
         }
         for (int f = 0; f < N_FORMATS; f++) {
             nb_weight hwq = bench_host_weight(FORMATS[f].t, FORMATS[f].group, N, K), dwq = upload_packed(b, &hwq);
             double wbytes = (double)quant_weight_bytes(&dwq); /* as resident: the layout may pad or shrink */
             quant_matmul_ref(ref, hx, &hwq, 1);
-            for (int mi = 0; mi < n_ms; mi++) {
-                int M = Ms[mi];
+            for (int mi = 0; mi < Ms.n; mi++) {
+                int M = Ms.v[mi];
                 o->matmul(b, out, x, &dwq, M);
                 o->download(b, row, out, sizeof(float) * (size_t)N);
                 double err = bench_rel_err(row, ref, (size_t)N);
                 op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = &dwq, .n = M};
                 double t = bench_time_op(&c, 1), ratio = t_bf16[mi] / t;
-                printf("  %-13s %6d %6d %5d %-11s %11.2f %11.2f %8.2f", BENCH_SHAPES[si].name, N, K, M, FORMATS[f].name,
+                printf("  %-13s %6d %6d %5d %-11s %11.2f %11.2f %8.2f", sh.name, N, K, M, FORMATS[f].name,
                        t * 1e6, t_bf16[mi] * 1e6, ratio);
                 if (M <= 64) printf(" %12.1f %8.2f", wbytes / t / 1e9, wbytes / t / bw);
                 else printf(" %12s %8s", "-", "-");
                 /* BF16 activations on tensor cores (the bound of
                  * tests/gpu/test_cuda_wint.c); the GEMV paths are tighter */
-                printf(" %9.1e%s\n", err, isnan(err) || err > 2e-2 ? "  MISMATCH" : "");
+                printf(" %9.1e%s\n", err, bench_check(err, 2e-2));
                 if (M == 1 && wbytes / t / bw < bw_m1[f]) bw_m1[f] = wbytes / t / bw;
                 if (M <= 16 && ratio < x_small[f]) x_small[f] = ratio;
-                if (M >= 4096 && ratio < x_large[f]) x_large[f] = ratio;
+                if (M == last_m && ratio < x_large[f]) x_large[f] = ratio;
             }
             free_packed(b, &hwq, &dwq);
         }
@@ -158,8 +159,8 @@ void bench_quant_matmul(nb_backend *b, double bw) {
     printf("  issue 6 targets, worst shape: of copy at M=1 >= 0.90; wint4 x BF16 >= 3.5 for M <= 16; fp8 x BF16 >= 1.6 "
            "at M=4096\n");
     for (int f = 0; f < N_FORMATS; f++)
-        printf("    %-11s of copy at M=1 %5.2f   x BF16 (M <= 16) %5.2f   x BF16 (M = 4096) %5.2f\n", FORMATS[f].name,
-               bw_m1[f], x_small[f], x_large[f]);
+        printf("    %-11s of copy at M=1 %5.2f   x BF16 (M <= 16) %5.2f   x BF16 (M = %d) %5.2f\n", FORMATS[f].name,
+               bw_m1[f], x_small[f], last_m, x_large[f]);
     o->free(b, x);
     o->free(b, out);
     free(hx), free(row), free(ref), free(hxb), free(hw);

@@ -1,6 +1,7 @@
 /* The GPU benchmarks' shared helpers (bench/bench_cuda.h). */
 #include "bench/bench_cuda.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,21 +9,40 @@
 
 #include "common/util.h"
 
-const bench_shape BENCH_SHAPES[BENCH_N_SHAPES] = {
+static const bench_shape SHAPES[BENCH_N_SHAPES] = {
     {"qkv_proj", 6144, 4096}, {"o_proj", 4096, 4096}, {"gate_up_proj", 28672, 4096}, {"down_proj", 4096, 14336}};
+
+bench_options bench_opts = {0, 1, 0.1, 0, (uint64_t)1 << 62, 0};
+
+int bench_dim(int full) { return bench_opts.smoke ? full / SMOKE_DIV : full; }
+
+int bench_list_max(bench_list l) {
+    int m = 0;
+    for (int i = 0; i < l.n; i++)
+        if (l.v[i] > m) m = l.v[i];
+    return m;
+}
+
+bench_shape bench_shape_at(int i) {
+    return (bench_shape){SHAPES[i].name, bench_dim(SHAPES[i].N), bench_dim(SHAPES[i].K)};
+}
 
 void bench_shapes_max(int max_m, size_t *mk, size_t *mn, size_t *nk) {
     *mk = *mn = *nk = 0;
     for (int i = 0; i < BENCH_N_SHAPES; i++) {
-        const bench_shape *s = &BENCH_SHAPES[i];
-        size_t a = (size_t)max_m * s->K, b = (size_t)max_m * s->N, c = (size_t)s->N * s->K;
+        bench_shape s = bench_shape_at(i);
+        size_t a = (size_t)max_m * s.K, b = (size_t)max_m * s.N, c = (size_t)s.N * s.K;
         if (a > *mk) *mk = a;
         if (b > *mn) *mn = b;
         if (c > *nk) *nk = c;
     }
 }
 
-bench_options bench_opts = {0, 1, 0.1, (uint64_t)1 << 62};
+const char *bench_check(double err, double tol) {
+    if (!isnan(err) && err <= tol) return "";
+    bench_opts.mismatches++;
+    return "  MISMATCH";
+}
 
 void bench_die(const char *fmt, ...) {
     va_list ap;
@@ -74,7 +94,7 @@ float *bench_dev_random(nb_backend *b, size_t n, float amp) {
 /* ---- copy bandwidth ------------------------------------------------------ */
 
 double bench_copy_bandwidth(void) {
-    size_t bytes = (size_t)1 << 30;
+    size_t bytes = (size_t)1 << (bench_opts.smoke ? 26 : 30);
     void *src = NULL, *dst = NULL;
     cudaStream_t st;
     cudaEvent_t e0, e1;
@@ -100,7 +120,10 @@ double bench_copy_bandwidth(void) {
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
     CK(cudaStreamDestroy(st));
-    return 2.0 * (double)bytes / (best * 1e-3);
+    double bw = 2.0 * (double)bytes / (best * 1e-3);
+    printf("copy bandwidth: %.1f GB/s (device-to-device cudaMemcpy of %zu MiB, bytes read + written, best of 5)\n",
+           bw / 1e9, bytes >> 20);
+    return bw;
 }
 
 /* ---- timing backend ops --------------------------------------------------- */

@@ -1,6 +1,6 @@
 // cuemu's runtime API: the CUDA runtime calls nibble makes, over host
 // memory: allocations, copies, streams (asynchronous: see emu_stream),
-// graph capture and replay, launches (checked, then queued for
+// graph capture and replay, events, launches (checked, then queued for
 // cuemu_run_grid in cuemu.cc) and the devices.
 //
 // Host threads: the allocation and attribute tables are shared with the
@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include <atomic>
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -403,6 +405,52 @@ cudaError_t cudaGraphDestroy(cudaGraph_t g) {
     return cudaSuccess;
 }
 
+// ---- events: host clock readings taken when the stream reaches them -----------
+
+// An event stamps the host's clock when its stream runs the record, so the
+// time between two events is the emulator's time for the work between them
+// (bench_cuda times cuBLAS this way; its figures mean nothing here).
+struct CUevent_st {
+    CUstream_st *st;         // the stream of the last record; NULL: never recorded
+    std::atomic<int> done;   // the last record has run
+    std::chrono::steady_clock::time_point at;
+};
+
+cudaError_t cudaEventCreate(cudaEvent_t *e) {
+    if (!e) return emu_error(cudaErrorInvalidValue);
+    *e = new CUevent_st();
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+    delete e;
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+    e->st = emu_stream_of(s);
+    e->done = 0;
+    stream_enqueue(s, [e]() {
+        e->at = std::chrono::steady_clock::now();
+        e->done = 1;
+    });
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    if (!e->st || e->done) return cudaSuccess;
+    if (e->st == &default_stream) device_drain(current_device, 1);
+    else stream_drain(e->st);
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
+    if (!ms || !a->st || !b->st) return emu_error(cudaErrorInvalidResourceHandle);
+    if (!a->done || !b->done) return emu_error(cudaErrorNotReady);
+    *ms = (float)std::chrono::duration<double, std::milli>(b->at - a->at).count();
+    return cudaSuccess;
+}
+
 cudaError_t cuemu_func_set_attribute(const char *name, enum cudaFuncAttribute attr, int value) {
     if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
         if (value < 0 || value > CUEMU_SMEM_OPTIN_MAX) {
@@ -433,6 +481,7 @@ const char *cudaGetErrorString(cudaError_t rc) {
     case cudaErrorIllegalState: return "illegal state";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
     default: return "cuemu: unknown error";
     }
 }

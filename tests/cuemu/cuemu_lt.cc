@@ -9,7 +9,11 @@
 // cuBLASLt refuses (block scales on both operands, FP8 without the "TN"
 // layout, dimensions not multiples of 4 / 16) it refuses here, so callers'
 // fallbacks run too. Whether a real cuBLASLt agrees is for a GPU to show.
+// Also the few cuBLAS calls bench_cuda makes for its reference GEMM
+// (cublasGemmEx on a handle's stream), so the benchmark runs here too.
 #include "tests/cuemu/cuemu.h"
+
+#include <cublas_v2.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -248,6 +252,77 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
                 float v = al * dot(pa, pb, k);
                 if (be != 0.0f) v += be * element(C, lc.type, (size_t)(i + j * lc.ld));
                 store(Dp, ld.type, (size_t)(i + j * ld.ld), v);
+            }
+    });
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// ---- cuBLAS: cublasGemmEx on a handle's stream ---------------------------------
+
+struct cublasContext {
+    int device;
+    cudaStream_t stream;
+};
+
+cublasStatus_t cublasCreate_v2(cublasHandle_t *h) {
+    *h = new cublasContext{cuemu_current_device(), NULL};
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasDestroy_v2(cublasHandle_t h) {
+    delete h;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasSetStream_v2(cublasHandle_t h, cudaStream_t s) {
+    h->stream = s;
+    return CUBLAS_STATUS_SUCCESS;
+}
+// The emulated GEMM needs no workspace; the call is only checked.
+cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t h, void *ws, size_t bytes) {
+    return ws || !bytes ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
+}
+const char *cublasGetStatusString(cublasStatus_t rc) {
+    switch (rc) {
+    case CUBLAS_STATUS_SUCCESS: return "the operation completed successfully";
+    case CUBLAS_STATUS_INVALID_VALUE: return "an unsupported value or parameter was passed to the function";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "the functionality requested is not supported";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "the GPU program failed to execute";
+    default: return "cuemu: unknown cuBLAS status";
+    }
+}
+
+// Column-major C (m x n) = alpha op(A) (m x k) op(B) (k x n) + beta C, with
+// FP32 (or BF16/FP16) inputs and FP32 accumulation.
+cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t transa, cublasOperation_t transb, int m, int n, int k,
+                            const void *alpha, const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt,
+                            int ldb, const void *beta, void *C, cudaDataType ct, int ldc, cublasComputeType_t compute,
+                            cublasGemmAlgo_t algo) {
+    if (h->device != cuemu_current_device() || cuemu_stream_device(h->stream) != h->device) {
+        fprintf(stderr, "cuemu: cublasGemmEx with a handle of device %d, device %d current, a stream of device %d\n",
+                h->device, cuemu_current_device(), cuemu_stream_device(h->stream));
+        return CUBLAS_STATUS_EXECUTION_FAILED;
+    }
+    if (m < 0 || n < 0 || k < 0 || lda < (transa == CUBLAS_OP_N ? m : k) || ldb < (transb == CUBLAS_OP_N ? k : n) ||
+        ldc < m || lda < 1 || ldb < 1 || ldc < 1)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (compute != CUBLAS_COMPUTE_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    for (cudaDataType t : {at, bt, ct})
+        if (t != CUDA_R_32F && t != CUDA_R_16BF && t != CUDA_R_16F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    float al = *(const float *)alpha, be = *(const float *)beta;
+    cuemu_stream_enqueue(h->stream, [=]() {
+        std::vector<float> ra((size_t)m * k), rb((size_t)n * k);
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t kk = 0; kk < k; kk++)
+                ra[(size_t)(i * k + kk)] =
+                    element(A, at, transa == CUBLAS_OP_N ? (size_t)(i + kk * lda) : (size_t)(kk + i * lda));
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t kk = 0; kk < k; kk++)
+                rb[(size_t)(j * k + kk)] =
+                    element(B, bt, transb == CUBLAS_OP_N ? (size_t)(kk + j * ldb) : (size_t)(j + kk * ldb));
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t i = 0; i < m; i++) {
+                float v = al * dot(&ra[(size_t)(i * k)], &rb[(size_t)(j * k)], k);
+                if (be != 0.0f) v += be * element(C, ct, (size_t)(i + j * ldc));
+                store(C, ct, (size_t)(i + j * ldc), v);
             }
     });
     return CUBLAS_STATUS_SUCCESS;
