@@ -11,19 +11,10 @@ import re
 import subprocess
 import sys
 
+from tally import check, done
+
 BENCH = os.environ.get("BENCH_CUDA", "build/cuemu/bench/bench_cuda")
 MODELS = "tests/fixtures/models"
-passed = failed = 0
-
-
-def check(name, cond, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}: {detail}")
 
 
 def run(*args, timeout=900):
@@ -123,5 +114,4 @@ for args, want in [(["--batches", "0"], "--batches"), (["--min-time", "x"], "--m
     check(f"bad input {' '.join(args)}: exit 1 with a message", r.returncode == 1 and want in last
           and last.startswith("bench_cuda: "), f"rc {r.returncode}, stderr {r.stderr.strip()[-300:]!r}")
 
-print(f"test_bench_cuda: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+done("test_bench_cuda")

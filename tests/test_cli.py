@@ -9,13 +9,14 @@ import struct
 import subprocess
 import sys
 
+from tally import check, done
+
 NIBBLE = os.environ.get("NIBBLE", "bin/nibble")
 MODELS = "tests/fixtures/models"
 FIXTURES = ["llama", "mistral", "qwen2", "qwen3", "ernie", "qwen3-moe", "mixtral", "ernie-moe"]
 # NIBBLE_DEVICE (make test-gpu sets cuda) puts every generate and serve on
 # that device (quantized ones included) unless a check needs the CPU.
 DEVICE = os.environ.get("NIBBLE_DEVICE")
-passed = failed = 0
 
 
 def run(*args, timeout=120, cpu_only=False):
@@ -26,16 +27,6 @@ def run(*args, timeout=120, cpu_only=False):
         elif DEVICE:
             args[1:1] = ["--device", DEVICE]
     return subprocess.run([NIBBLE, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def check(name, cond, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}: {detail}")
 
 
 def param_count(model_dir):
@@ -162,5 +153,4 @@ ok = r.returncode == 0 and r.stdout.startswith("perplexity ")
 # (the random-weight fixture is confidently wrong: its perplexity is huge)
 check("perplexity prints a finite value", ok and 1.0 < float(r.stdout.split()[1]) < float("inf"), r.stdout + r.stderr[-300:])
 
-print(f"test_cli: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+done("test_cli")

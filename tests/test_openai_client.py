@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from tally import check, done
+
 try:
     import openai
 except ImportError:
@@ -18,17 +20,6 @@ except ImportError:
     print("test_openai_client: 0 passed, 1 failed (the openai package is not installed; run make test)")
     sys.exit(1)
 
-passed = failed = 0
-
-
-def check(name, cond, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}: {detail}")
 
 
 with socket.socket() as s:
@@ -83,5 +74,4 @@ finally:
     rc = srv.wait(timeout=30)
     check("server exits 0 on SIGTERM", rc == 0, f"rc={rc}")
 
-print(f"test_openai_client: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+done("test_openai_client")

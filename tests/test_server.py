@@ -14,26 +14,17 @@ import time
 import urllib.error
 import urllib.request
 
+from tally import check, done
+
 MODEL = "tests/fixtures/models/qwen2"
 # NIBBLE_DEVICE (make test-gpu sets cuda) puts every serve and generate on
 # that device, quantized ones included.
 DEVICE = os.environ.get("NIBBLE_DEVICE")
-passed = failed = 0
 
 
 def nibble(cmd, *args, cpu_only=False):
     dev = ["--device", "cpu"] if cpu_only else ["--device", DEVICE] if DEVICE else []
     return [os.environ.get("NIBBLE", "bin/nibble"), cmd, *dev, *args]
-
-
-def check(name, cond, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}: {detail}")
 
 
 def free_port():
@@ -489,5 +480,4 @@ finally:
     if srv.poll() is None:
         srv.kill()
 
-print(f"test_server: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+done("test_server")
