@@ -31,7 +31,11 @@
 # Environment: SKIP (phase names to leave out, e.g. "synth decode"), QUANTS
 # (wint8 wint4 block_wise_fp8), LAYERS (32), SYNTH_DIR (/tmp/nibble-synth-8b),
 # MOE_DIR (/tmp/nibble-synth-moe), MOE_LAYERS (8),
-# JOBS (nproc), CUDA_ARCHS (sm_90 only).
+# JOBS (nproc), CUDA_ARCHS (sm_90 only); NIBBLE (bin/nibble), GPU_BIN
+# (build/tests/gpu), BENCH (build/bench/bench_cuda): the binaries run, so
+# that the script itself can be tried here on the emulator's builds first:
+#   SKIP="build synth decode moe" NIBBLE=build/cuemu/nibble \
+#   GPU_BIN=build/cuemu/tests BENCH=build/cuemu/bench/bench_cuda scripts/device_check.sh 300
 set -u
 cd "$(dirname "$0")/.."
 
@@ -46,6 +50,10 @@ SYNTH_DIR=${SYNTH_DIR:-/tmp/nibble-synth-8b}
 MOE_DIR=${MOE_DIR:-/tmp/nibble-synth-moe}
 MOE_LAYERS=${MOE_LAYERS:-8}
 JOBS=${JOBS:-$(nproc)}
+NIBBLE=${NIBBLE:-bin/nibble}
+GPU_BIN=${GPU_BIN:-build/tests/gpu}
+BENCH=${BENCH:-build/bench/bench_cuda}
+export NIBBLE # tests/test_cli.py and test_server.py run it
 export CUDA_ARCHS=${CUDA_ARCHS:--gencode arch=compute_90,code=sm_90}
 export PYTHONUNBUFFERED=1
 RESERVE=8 # seconds kept back for the summary
@@ -107,9 +115,9 @@ if [ "$built" -ne 1 ]; then
     cat "$SUMMARY"
     exit 1
 fi
-ndev=$(bin/nibble inspect --model tests/fixtures/models/qwen2 2>/dev/null | sed -n 's/^cuda devices: *//p')
+ndev=$("$NIBBLE" inspect --model tests/fixtures/models/qwen2 2>/dev/null | sed -n 's/^cuda devices: *//p')
 if [ "${ndev:-0}" -lt 1 ]; then
-    echo "device_check: no CUDA device found (bin/nibble inspect: cuda devices ${ndev:-?})" >&2
+    echo "device_check: no CUDA device found ($NIBBLE inspect: cuda devices ${ndev:-?})" >&2
     cat "$SUMMARY"
     exit 1
 fi
@@ -119,7 +127,7 @@ GPU_TESTS="test_cuda_ops test_cuda_attention test_cuda_wint test_cuda_fp8 test_c
            test_cuda_model test_cuda_wint_model test_cuda_fp8_model test_cuda_comm"
 if ! skipped gpu; then
     for t in $GPU_TESTS; do
-        run_capped "$t" 150 "$OUT/gpu_tests.log" "build/tests/gpu/$t"
+        run_capped "$t" 150 "$OUT/gpu_tests.log" "$GPU_BIN/$t"
         line=$(sed -n "/^== $t /,\$p" "$OUT/gpu_tests.log" | grep -E '[0-9]+ passed, [0-9]+ failed' | tail -n 1)
         fails=$(sed -n "/^== $t /,\$p" "$OUT/gpu_tests.log" | grep -E '^(FAIL|not ok)' | head -n 2 | cut -c1-60 | tr '\n' ' ')
         note "${t#test_cuda_}" "$(result $RC)" "$DT" "${line:-no summary} $fails"
@@ -128,7 +136,7 @@ fi
 
 # ---- benchmarks: ops ------------------------------------------------------------------
 if ! skipped ops; then
-    run_capped bench-ops 150 "$OUT/bench_ops.log" build/bench/bench_cuda --ops --min-time 0.05
+    run_capped bench-ops 150 "$OUT/bench_ops.log" "$BENCH" --ops --min-time 0.05
     note bench-ops "$(result $RC)" "$DT" "$(grep -m1 'copy bandwidth' "$OUT/bench_ops.log" | cut -c1-60)"
 fi
 
@@ -138,11 +146,11 @@ if ! skipped synth && [ ! -f "$SYNTH_DIR/model.safetensors.index.json" ]; then
     note synth "$(result $RC)" "$DT" "$SYNTH_DIR, $LAYERS layers"
 fi
 if ! skipped decode && [ -f "$SYNTH_DIR/model.safetensors.index.json" ]; then
-    run_capped decode-bf16 90 "$OUT/bench_decode.log" build/bench/bench_cuda --model "$SYNTH_DIR" --context 512 \
+    run_capped decode-bf16 90 "$OUT/bench_decode.log" "$BENCH" --model "$SYNTH_DIR" --context 512 \
         --steps 32 --batches 1,8,32,64
     note decode-bf16 "$(result $RC)" "$DT" "batch 1,8,32,64"
     for q in $QUANTS; do
-        run_capped "decode-$q" 75 "$OUT/bench_decode.log" build/bench/bench_cuda --model "$SYNTH_DIR" \
+        run_capped "decode-$q" 75 "$OUT/bench_decode.log" "$BENCH" --model "$SYNTH_DIR" \
             --quantization "$q" --context 512 --steps 32 --batches 1,32
         note "decode-$q" "$(result $RC)" "$DT" "batch 1,32"
     done
@@ -152,7 +160,7 @@ fi
 cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if ! skipped memcheck; then
     if [ -n "$cs" ]; then
-        run_capped memcheck 120 "$OUT/memcheck.log" "$cs" --tool memcheck --error-exitcode 1 build/tests/gpu/test_cuda_ops
+        run_capped memcheck 120 "$OUT/memcheck.log" "$cs" --tool memcheck --error-exitcode 1 "$GPU_BIN/test_cuda_ops"
         note memcheck "$(result $RC)" "$DT" "$(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log")"
     else
         note memcheck skipped 0 "no compute-sanitizer"
@@ -172,7 +180,7 @@ if ! skipped moe; then
     fi
     if [ -f "$MOE_DIR/model.safetensors.index.json" ]; then
         for q in "" wint4; do
-            run_capped "moe-${q:-bf16}" 75 "$OUT/bench_decode.log" build/bench/bench_cuda --model "$MOE_DIR" \
+            run_capped "moe-${q:-bf16}" 75 "$OUT/bench_decode.log" "$BENCH" --model "$MOE_DIR" \
                 ${q:+--quantization $q} --context 512 --steps 32 --batches 1,8,32
             note "moe-${q:-bf16}" "$(result $RC)" "$DT" "batch 1,8,32"
         done
@@ -181,11 +189,11 @@ fi
 
 # ---- if time is still left: memcheck on the grouped expert kernels (FP8 and WINT tensor cores) --
 if ! skipped memcheck-moe && [ -n "$cs" ]; then
-    run_capped memcheck-moe 150 "$OUT/memcheck.log" "$cs" --tool memcheck --error-exitcode 1 build/tests/gpu/test_cuda_moe
+    run_capped memcheck-moe 150 "$OUT/memcheck.log" "$cs" --tool memcheck --error-exitcode 1 "$GPU_BIN/test_cuda_moe"
     note memcheck-moe "$(result $RC)" "$DT" "$(grep 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
 fi
 if ! skipped racecheck && [ -n "$cs" ]; then
-    run_capped racecheck 150 "$OUT/memcheck.log" "$cs" --tool racecheck --error-exitcode 1 build/tests/gpu/test_cuda_moe
+    run_capped racecheck 150 "$OUT/memcheck.log" "$cs" --tool racecheck --error-exitcode 1 "$GPU_BIN/test_cuda_moe"
     note racecheck "$(result $RC)" "$DT" "$(grep 'RACECHECK SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
 fi
 
