@@ -107,6 +107,7 @@ typedef struct cuda_backend {
 
     cuda_gemm_algo *algos; // cuBLASLt heuristic results per shape
     int n_algos, cap_algos;
+    int lt_none_said; // shapes cuBLASLt had no algorithm for are logged once
 
     // cuda_fp8.cu: its cuBLASLt descriptors per shape and its scratch
     // (quantized activations and their scales), freed by cuda_fp8_free

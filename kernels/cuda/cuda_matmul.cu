@@ -9,6 +9,10 @@
 
 #include "kernels/cuda/cuda_int.h"
 
+extern "C" {
+#include "common/log.h"
+}
+
 // Largest M the GEMV kernel takes: its accumulators live in registers.
 #define GEMV_MAX_M CUDA_GEMV_MAX_M
 #define GEMV_WARPS 8
@@ -228,12 +232,19 @@ static const cuda_gemm_algo *gemm_algo(cuda_backend *c, nb_dtype t, int M, int64
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, g->op, g->a, g->b, g->d, g->d, pref, 1, &res, &found));
+    // cuBLASLt answers "none" either with found = 0 or with
+    // CUBLAS_STATUS_NOT_SUPPORTED ("no heuristic function available for
+    // current configuration"): neither is an error here
+    cublasStatus_t rc = cublasLtMatmulAlgoGetHeuristic(c->lt, g->op, g->a, g->b, g->d, g->d, pref, 1, &res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     // No algorithm (odd leading dimensions, say): the GEMV kernel takes the
     // product eight rows at a time.
-    g->fallback = found < 1;
+    g->fallback = rc != CUBLAS_STATUS_SUCCESS || found < 1 || res.state != CUBLAS_STATUS_SUCCESS;
     if (!g->fallback) g->algo = res.algo;
+    else if (!c->lt_none_said++)
+        log_warn("cuda: cuBLASLt has no %s algorithm for %d x %lld x %lld (status %d, %d found): the GEMV kernel "
+                 "takes it, and any other such shape (said once)", nb_dtype_name(t), M, (long long)N, (long long)K,
+                 (int)rc, found);
     c->n_algos++;
     return g;
 }

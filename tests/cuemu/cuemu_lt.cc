@@ -153,6 +153,13 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmul
     cublasStatus_t rc = check(D(op), L(a), L(b), L(c), L(d), &m, &n, &k);
     *found = 0;
     if (rc != CUBLAS_STATUS_SUCCESS) return rc;
+    // CUEMU_LT_NO_ALGO (read at each call, so a test can set it around the
+    // products it means): no algorithm for anything, answered either way a
+    // cuBLASLt may answer it, so the callers' fallbacks run on any shape:
+    // "status" returns CUBLAS_STATUS_NOT_SUPPORTED, anything else success
+    // with none found
+    if (const char *no = getenv("CUEMU_LT_NO_ALGO"))
+        return strcmp(no, "status") ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_SUPPORTED;
     if (requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
     memset(res, 0, sizeof *res);
     res->state = CUBLAS_STATUS_SUCCESS;
