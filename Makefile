@@ -65,10 +65,12 @@ CUEMU_RT_OBJ := $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_api.o $(CUEMU_DIR)/cuemu
 CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_RT_OBJ)
 # tests/cuemu/test_cuemu.cu checks the emulator itself. `make test` also
 # runs it and the quicker GPU tests under the race detector (build/cuemu-thread,
-# under 2 minutes each; the others take 3 to 20 minutes, and test_cuda_sample's
-# 1024-thread blocks hours: make test-racecheck).
+# under 2 minutes each, the sampler's reduced sweep about 4; the others take
+# 3 to 20 minutes: make test-racecheck). NB_GPU_TEST_QUICK=1 shrinks
+# test_cuda_sample's sweep, whose 1024-thread blocks would take hours.
 CUEMU_TEST_BIN := $(patsubst tests/gpu/%.c,$(CUEMU_DIR)/tests/%,$(GPU_TEST_SRC)) $(CUEMU_DIR)/tests/test_cuemu
-CUEMU_RACE_BIN := $(addprefix build/cuemu-thread/tests/,test_cuemu test_cuda_ops test_cuda_fp8 test_cuda_moe test_cuda_comm)
+CUEMU_RACE_BIN := $(addprefix build/cuemu-thread/tests/,test_cuemu test_cuda_ops test_cuda_fp8 test_cuda_moe test_cuda_comm \
+	test_cuda_sample)
 # bench_cuda on the emulator: tests/test_bench_cuda.py runs make bench's GPU
 # part with --smoke
 CUEMU_BENCH := $(CUEMU_DIR)/bench/bench_cuda
@@ -172,18 +174,19 @@ test: deps test-venv
 	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN) $(CUEMU_TEST_BIN) $(CUEMU_BENCH)
 	@$(if $(CUEMU_TEST_BIN),$(MAKE) --no-print-directory CUEMU_SAN=thread $(CUEMU_RACE_BIN))
 	@BENCH_CUDA=$(CUEMU_BENCH) scripts/run_tests.sh $(TEST_BIN) tests/test_cli.py tests/test_server.py \
-		tests/test_openai_client.py $(CUEMU_TEST_BIN) $(if $(CUEMU_TEST_BIN),$(CUEMU_RACE_BIN) tests/test_bench_cuda.py)
+		tests/test_openai_client.py $(CUEMU_TEST_BIN) \
+		$(if $(CUEMU_TEST_BIN),tests/test_bench_cuda.py NB_GPU_TEST_QUICK=1 $(CUEMU_RACE_BIN))
 
 # Only the GPU tests under the emulator (CUEMU_TESTS=test_cuda_wint picks some).
 test-cuemu:
 	@[ "$(CUDA)" = 1 ] || { echo "test-cuemu: needs the CUDA headers (nvcc not found; set NVCC or CUDA_HOME)" >&2; exit 1; }
 	@$(MAKE) --no-print-directory $(addprefix $(CUEMU_DIR)/tests/,$(CUEMU_TESTS))
-	@scripts/run_tests.sh $(addprefix $(CUEMU_DIR)/tests/,$(CUEMU_TESTS))
+	@scripts/run_tests.sh $(CUEMU_TEST_ENV) $(addprefix $(CUEMU_DIR)/tests/,$(CUEMU_TESTS))
 
 # The same under the emulator's race detector (CUEMU_SAN=thread: see
 # tests/cuemu/cuemu.cc), about 10 times slower than test-cuemu.
 test-racecheck:
-	@$(MAKE) --no-print-directory CUEMU_SAN=thread test-cuemu
+	@$(MAKE) --no-print-directory CUEMU_SAN=thread CUEMU_TEST_ENV=NB_GPU_TEST_QUICK=1 test-cuemu
 
 # On a machine with a CUDA GPU: the CUDA backend op by op and the model end
 # to end against the CPU backend, the op tests again under compute-sanitizer

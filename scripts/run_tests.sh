@@ -1,7 +1,9 @@
 #!/bin/sh
 # Runs every test binary given, then sums their "N passed, N failed" lines.
+# An argument NAME=VALUE sets that environment variable for the tests after it.
 passed=0; failed=0; broken=""
 for t in "$@"; do
+    case "$t" in *=*) export "$t"; continue ;; esac
     echo "== $t"
     out=$("$t" 2>&1); rc=$?
     printf '%s\n' "$out"
