@@ -33,9 +33,18 @@ typedef struct bench_options {
     int smoke;
     uint64_t next_key; /* graph key of the next recorded loop */
     int mismatches;    /* figures whose check failed (bench_check) */
+    size_t l2_bytes;   /* the device's L2 cache (bench_copies) */
 } bench_options;
 extern bench_options bench_opts;
 #define SMOKE_DIV 16
+
+/* How many copies of an operand of `bytes` a timed loop cycles through so
+ * that together they are twice the L2 cache: each call then reads its
+ * operand from memory, as a decode step reads each layer's weights once,
+ * and not from what the previous calls left in L2 (a 4096 x 4096 WINT4
+ * weight is 8 MiB; an H100's L2 holds 50). At most 64 (2 under --smoke,
+ * which only proves the cycling). */
+int bench_copies(double bytes);
 
 /* A model width (HIDDEN, INTER, a linear's N or K) at the run's scale. */
 int bench_dim(int full);
@@ -93,15 +102,22 @@ typedef struct op_call {
     op_kind kind;
     nb_backend *b;
     float *out, *x, *y; /* y: second input (delta, up, v) */
+    /* matmul: n_rot copies of the weight, call i takes w[i % n_rot]; the
+     * norms: w[0] */
     const nb_weight *w;
+    int n_rot;          /* copies cycled through (bench_copies); 0 or 1: one */
     int n;              /* M, rows */
     size_t count;       /* silu_mul elements */
     int heads;          /* rope */
     const float *inv_freq;
-    void *kc, *vc;
+    void *kc, *vc;         /* attention: n_rot caches, kv_stride bytes apart */
+    size_t kv_stride;
     nb_attn_shape s;
-    const void *set;       /* experts: the set, moe_route's groups, n_tokens (n: rows) */
+    /* experts: the set, n_rot routings of moe_route's groups groups_stride
+     * ints apart, n_tokens (n: rows) */
+    const void *set;
     const int32_t *groups;
+    size_t groups_stride;
     int n_tokens;
 } op_call;
 
@@ -112,7 +128,9 @@ typedef struct gemm_ref {
     cudaStream_t st;
     void *ws;
     float *c;        /* [M][N] FP32 */
-    uint16_t *w, *x; /* BF16 [N][K], [M][K] */
+    uint16_t *w, *x; /* BF16 n_rot x [N][K] (call i takes copy i % n_rot), [M][K] */
+    size_t w_cap;    /* elements w holds */
+    int n_rot;
     int M, N, K;
 } gemm_ref;
 
@@ -121,20 +139,22 @@ typedef struct bench_batch {
     int32_t *pos, *seq_of, *slot, *tables;
 } bench_batch;
 
-void bench_op_run(const op_call *c);
+/* Call i of a timed loop (the copy of its operand it takes). */
+void bench_op_run(const op_call *c, int i);
 /* Seconds per call of c. graph: record the inner loop as a backend graph
  * (when --no-graph is not given). Any set_batch the op needs is done. */
 double bench_time_op(const op_call *c, int graph);
 
-/* Buffers for products up to max_mn outputs, max_mk activations and
- * max_nk weights. */
-void bench_gemm_open(gemm_ref *r, size_t max_mn, size_t max_mk, size_t max_nk);
+/* Buffers for products up to max_mn outputs and max_mk activations (the
+ * weights' copies are sized by bench_gemm_upload). */
+void bench_gemm_open(gemm_ref *r, size_t max_mn, size_t max_mk);
 void bench_gemm_close(gemm_ref *r);
-/* Copies BF16 weights [nk] and activations [mk] from the host. */
+/* Copies BF16 weights [nk] (as many copies as bench_copies asks) and
+ * activations [mk] from the host. */
 void bench_gemm_upload(gemm_ref *r, const uint16_t *w, size_t nk, const uint16_t *x, size_t mk);
 /* Row-major out[M][N] = x[M][K] w[N][K]^T with cublasGemmEx, BF16 in, FP32
- * out; timed with CUDA events on r->st. */
-cublasStatus_t bench_gemm_run(const gemm_ref *r);
+ * out, on copy i % n_rot of the weight; timed with CUDA events on r->st. */
+cublasStatus_t bench_gemm_run(const gemm_ref *r, int i);
 double bench_time_gemm(const gemm_ref *r);
 
 void bench_batch_free(bench_batch *bb);
@@ -162,6 +182,12 @@ void bench_quant_matmul(nb_backend *b, double bw);
 nb_weight bench_host_weight(nb_dtype t, int group, int N, int K);
 void bench_host_weight_free(nb_weight *h);
 void bench_weight_free(nb_backend *b, nb_weight *d);
+/* Device copies of a host weight as the model loader makes them
+ * (backend_weight_load: WINT8 and WINT4 in the tensor-core layout), *n of
+ * them as bench_copies asks for its resident bytes; freed by
+ * bench_weight_copies_free. */
+nb_weight *bench_weight_copies(nb_backend *b, const nb_weight *h, int *n);
+void bench_weight_copies_free(nb_backend *b, nb_weight *d, int n);
 /* max |a - b| / max |b| over n values (NaN if a has one) */
 double bench_rel_err(const float *a, const float *b, size_t n);
 /* bench_cuda_moe.c: grouped expert products (matmul_experts) */

@@ -33,6 +33,7 @@ typedef struct moe_sizes {
 } moe_sizes;
 static const moe_sizes MOE_FULL = {128, 8, 768, 2048}, MOE_SMOKE = {16, 4, 256, 512};
 #define MOE_MAX_E 128
+#define MOE_MAX_ROUTINGS 64
 
 static const struct {
     const char *name;
@@ -47,17 +48,18 @@ typedef struct moe_step {
     int32_t *groups, *rows, *slot;
 } moe_step;
 
-/* Routes n tokens on fresh random logits; returns how many experts have rows. */
-static int moe_route_random(nb_backend *b, moe_step *s, const moe_sizes *z, int n) {
+/* Routes n tokens on fresh random logits into groups (moe_route's groups
+ * array); returns how many experts have rows. */
+static int moe_route_random(nb_backend *b, moe_step *s, const moe_sizes *z, int n, int32_t *groups) {
     const int E = z->n_experts;
     float *l = xmalloc(sizeof(float) * (size_t)n * E);
     for (size_t i = 0; i < (size_t)n * E; i++) l[i] = 2.0f * bench_frand();
     b->ops->upload(b, s->logits, l, sizeof(float) * (size_t)n * E);
     free(l);
     nb_moe_route r = {E, z->n_used, 1, 1e-20f, NULL};
-    b->ops->moe_route(b, s->groups, s->rows, s->slot, s->w, s->logits, n, &r);
+    b->ops->moe_route(b, groups, s->rows, s->slot, s->w, s->logits, n, &r);
     int32_t g[NB_MOE_GROUPS(MOE_MAX_E)];
-    b->ops->download(b, g, s->groups, sizeof(int32_t) * NB_MOE_GROUPS(E));
+    b->ops->download(b, g, groups, sizeof(int32_t) * NB_MOE_GROUPS(E));
     return g[E + 1];
 }
 
@@ -90,7 +92,7 @@ void bench_moe_experts(nb_backend *b, double bw) {
     moe_step s = {
         .logits = o->alloc(b, sizeof(float) * (size_t)max_tokens * E),
         .w = o->alloc(b, sizeof(float) * max_rows),
-        .groups = o->alloc(b, sizeof(int32_t) * NB_MOE_GROUPS(E)),
+        .groups = o->alloc(b, sizeof(int32_t) * NB_MOE_GROUPS(E) * MOE_MAX_ROUTINGS),
         .rows = o->alloc(b, sizeof(int32_t) * max_rows),
         .slot = o->alloc(b, sizeof(int32_t) * max_rows),
     };
@@ -110,13 +112,14 @@ void bench_moe_experts(nb_backend *b, double bw) {
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const int N = shapes[si].N, K = shapes[si].K;
         double t_dense[sizeof full / sizeof full[0]];
-        nb_weight dense_h = bench_host_weight(NB_BF16, 0, N, K), dense = dense_h;
-        backend_weight_load(b, &dense);
+        int n_dense;
+        nb_weight dense_h = bench_host_weight(NB_BF16, 0, N, K), *dense = bench_weight_copies(b, &dense_h, &n_dense);
         for (int i = 0; i < ns.n; i++) {
-            op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = &dense, .n = ns.v[i] * z->n_used};
+            op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = dense, .n_rot = n_dense,
+                         .n = ns.v[i] * z->n_used};
             t_dense[i] = bench_time_op(&c, 1);
         }
-        bench_weight_free(b, &dense);
+        bench_weight_copies_free(b, dense, n_dense);
         bench_host_weight_free(&dense_h);
         for (size_t f = 0; f < sizeof MOE_FORMATS / sizeof MOE_FORMATS[0]; f++) {
             nb_weight hw = bench_host_weight(MOE_FORMATS[f].t, MOE_FORMATS[f].group, N, K);
@@ -129,10 +132,17 @@ void bench_moe_experts(nb_backend *b, double bw) {
             const double ebytes = (double)quant_weight_bytes(&dw[0]);
             for (int i = 0; i < ns.n; i++) {
                 const int n = ns.v[i], n_rows = n * z->n_used;
-                const int used = moe_route_random(b, &s, z, n);
+                /* the timed loop cycles through n_rot routings, so that
+                 * its calls read other experts than the last ones left in
+                 * L2; used: the experts with rows, on average */
+                const size_t gs = NB_MOE_GROUPS(E);
+                double used = moe_route_random(b, &s, z, n, s.groups);
+                const int n_rot = bench_copies(used * ebytes); /* at most 64 = MOE_MAX_ROUTINGS */
+                for (int k = 1; k < n_rot; k++) used += moe_route_random(b, &s, z, n, s.groups + k * gs);
+                used /= n_rot;
                 const int rec = o->experts_recordable(b, set, n);
                 op_call c = {.kind = K_EXPERTS, .b = b, .out = out, .x = x, .set = set, .groups = s.groups,
-                             .n_tokens = n, .n = n_rows};
+                             .groups_stride = gs, .n_rot = n_rot, .n_tokens = n, .n = n_rows};
                 double t = bench_time_op(&c, rec);
                 double err = check_rows(b, out, hx, &hw, n_rows, N, K), gbs = used * ebytes / t;
                 printf("  %-8s %6d %6d %6d %6d %-11s %4s %11.2f %10.1f %8.2f %8.2f %9.1e%s\n", shapes[si].name,

@@ -18,7 +18,7 @@ static double bench_matmul(nb_backend *b, double bw) {
     size_t max_mk, max_mn, max_nk;
     bench_shapes_max(max_m, &max_mk, &max_mn, &max_nk);
     gemm_ref r;
-    bench_gemm_open(&r, max_mn, max_mk, max_nk);
+    bench_gemm_open(&r, max_mn, max_mk);
     float *x = o->alloc(b, sizeof(float) * max_mk), *out = o->alloc(b, sizeof(float) * max_mn);
     float *hx = xmalloc(sizeof(float) * max_mk), *ha = xmalloc(sizeof(float) * max_mn),
           *hb = xmalloc(sizeof(float) * max_mn);
@@ -37,7 +37,8 @@ static double bench_matmul(nb_backend *b, double bw) {
         size_t nk = (size_t)N * K, mk = (size_t)max_m * K;
         bench_fill_bf16_exact(NULL, hw, nk, 0.035f); /* about the spread of N(0, 0.02) */
         bench_fill_bf16_exact(hx, hxb, mk, 1.0f);
-        nb_weight w = {.dtype = NB_BF16, .rows = N, .cols = K, .data = o->weight_load(b, hw, 2 * nk)};
+        int n_rot;
+        nb_weight hwt = {.dtype = NB_BF16, .rows = N, .cols = K, .data = hw}, *w = bench_weight_copies(b, &hwt, &n_rot);
         bench_gemm_upload(&r, hw, nk, hxb, mk);
         o->upload(b, x, hx, sizeof(float) * mk);
         for (int mi = 0; mi < Ms.n; mi++) {
@@ -45,9 +46,9 @@ static double bench_matmul(nb_backend *b, double bw) {
             size_t mn = (size_t)M * N;
             r.M = M, r.N = N, r.K = K;
             /* correctness of what is timed */
-            o->matmul(b, out, x, &w, M);
+            o->matmul(b, out, x, &w[0], M);
             o->download(b, ha, out, sizeof(float) * mn);
-            CKB(bench_gemm_run(&r));
+            CKB(bench_gemm_run(&r, 0));
             CK(cudaMemcpyAsync(hb, r.c, sizeof(float) * mn, cudaMemcpyDeviceToHost, r.st));
             CK(cudaStreamSynchronize(r.st));
             double maxd = 0, maxr = 0;
@@ -60,7 +61,7 @@ static double bench_matmul(nb_backend *b, double bw) {
             }
             double rel = nan ? NAN : maxr > 0 ? maxd / maxr : maxd;
 
-            op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = &w, .n = M};
+            op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = w, .n_rot = n_rot, .n = M};
             double tn = bench_time_op(&c, 1), tc = bench_time_gemm(&r);
             double flops = 2.0 * M * (double)N * K, wbytes = 2.0 * (double)nk;
             if (flops / tc / 1e12 > best_tflops) best_tflops = flops / tc / 1e12;
@@ -70,7 +71,7 @@ static double bench_matmul(nb_backend *b, double bw) {
             else printf(" %12s %8s", "-", "-");
             printf(" %9.1e%s\n", rel, bench_check(rel, 1e-2));
         }
-        o->weight_free(b, w.data);
+        bench_weight_copies_free(b, w, n_rot);
     }
     printf("  best cuBLAS rate above: %.1f TFLOP/s\n", best_tflops);
     o->free(b, x);
@@ -103,11 +104,16 @@ static void bench_attention(nb_backend *b, double bw, double gemm_tflops) {
             bench_batch bb;
             bench_batch_decode(&bb, B, C);
             int blocks = B * bb.b.max_blocks;
-            void *kc = o->alloc(b, blk * (size_t)blocks), *vc = o->alloc(b, blk * (size_t)blocks);
-            bench_fill_kv(b, kc, vc, blocks * NB_KV_BLOCK_SIZE, &s);
+            /* n_rot caches of every sequence's blocks, cycled through: a
+             * decode step reads each layer's cache once */
+            const size_t cache = blk * (size_t)blocks;
+            const int n_rot = bench_copies(2.0 * (double)cache);
+            char *kc = o->alloc(b, cache * n_rot), *vc = o->alloc(b, cache * n_rot);
+            for (int i = 0; i < n_rot; i++) bench_fill_kv(b, kc + i * cache, vc + i * cache, blocks * NB_KV_BLOCK_SIZE, &s);
             float *q = bench_dev_random(b, (size_t)B * qd, 1.0f), *out = o->alloc(b, sizeof(float) * B * qd);
             o->set_batch(b, &bb.b);
-            op_call c = {.kind = K_ATTENTION, .b = b, .out = out, .x = q, .kc = kc, .vc = vc, .s = s};
+            op_call c = {.kind = K_ATTENTION, .b = b, .out = out, .x = q, .kc = kc, .vc = vc, .kv_stride = cache,
+                         .n_rot = n_rot, .s = s};
             double t = bench_time_op(&c, 1);
             char what[64];
             snprintf(what, sizeof what, "%d x %d", B, C);

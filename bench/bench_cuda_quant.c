@@ -71,17 +71,22 @@ void bench_weight_free(nb_backend *b, nb_weight *d) {
     if (d->scale2) b->ops->weight_free(b, d->scale2);
 }
 
-/* The device copy as the model loader makes it (WINT8 and WINT4 go into
- * the tensor-core layout of quant/quant_tc.h). */
-static nb_weight upload_packed(nb_backend *b, const nb_weight *h) {
-    nb_weight d = *h;
-    backend_weight_load(b, &d);
+nb_weight *bench_weight_copies(nb_backend *b, const nb_weight *h, int *n) {
+    nb_weight first = *h;
+    backend_weight_load(b, &first);
+    *n = bench_copies((double)quant_weight_bytes(&first));
+    nb_weight *d = xmalloc(sizeof(nb_weight) * (size_t)*n);
+    d[0] = first;
+    for (int i = 1; i < *n; i++) {
+        d[i] = *h;
+        backend_weight_load(b, &d[i]);
+    }
     return d;
 }
 
-static void free_packed(nb_backend *b, nb_weight *h, nb_weight *d) {
-    bench_weight_free(b, d);
-    bench_host_weight_free(h);
+void bench_weight_copies_free(nb_backend *b, nb_weight *d, int n) {
+    for (int i = 0; i < n; i++) bench_weight_free(b, &d[i]);
+    free(d);
 }
 
 double bench_rel_err(const float *a, const float *b, size_t n) {
@@ -103,7 +108,7 @@ void bench_quant_matmul(nb_backend *b, double bw) {
     size_t max_mk, max_mn, max_nk;
     bench_shapes_max(max_m, &max_mk, &max_mn, &max_nk);
     gemm_ref r;
-    bench_gemm_open(&r, max_mn, max_mk, max_nk);
+    bench_gemm_open(&r, max_mn, max_mk);
     float *x = o->alloc(b, sizeof(float) * max_mk), *out = o->alloc(b, sizeof(float) * max_mn);
     float *hx = xmalloc(sizeof(float) * max_mk), *row = xmalloc(sizeof(float) * max_mn),
           *ref = xmalloc(sizeof(float) * max_mn);
@@ -132,15 +137,17 @@ void bench_quant_matmul(nb_backend *b, double bw) {
             t_bf16[mi] = bench_time_gemm(&r);
         }
         for (int f = 0; f < N_FORMATS; f++) {
-            nb_weight hwq = bench_host_weight(FORMATS[f].t, FORMATS[f].group, N, K), dwq = upload_packed(b, &hwq);
-            double wbytes = (double)quant_weight_bytes(&dwq); /* as resident: the layout may pad or shrink */
+            int n_rot;
+            nb_weight hwq = bench_host_weight(FORMATS[f].t, FORMATS[f].group, N, K),
+                      *dwq = bench_weight_copies(b, &hwq, &n_rot);
+            double wbytes = (double)quant_weight_bytes(&dwq[0]); /* as resident: the layout may pad or shrink */
             quant_matmul_ref(ref, hx, &hwq, 1);
             for (int mi = 0; mi < Ms.n; mi++) {
                 int M = Ms.v[mi];
-                o->matmul(b, out, x, &dwq, M);
+                o->matmul(b, out, x, &dwq[0], M);
                 o->download(b, row, out, sizeof(float) * (size_t)N);
                 double err = bench_rel_err(row, ref, (size_t)N);
-                op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = &dwq, .n = M};
+                op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = dwq, .n_rot = n_rot, .n = M};
                 double t = bench_time_op(&c, 1), ratio = t_bf16[mi] / t;
                 printf("  %-13s %6d %6d %5d %-11s %11.2f %11.2f %8.2f", sh.name, N, K, M, FORMATS[f].name,
                        t * 1e6, t_bf16[mi] * 1e6, ratio);
@@ -153,7 +160,8 @@ void bench_quant_matmul(nb_backend *b, double bw) {
                 if (M <= 16 && ratio < x_small[f]) x_small[f] = ratio;
                 if (M == last_m && ratio < x_large[f]) x_large[f] = ratio;
             }
-            free_packed(b, &hwq, &dwq);
+            bench_weight_copies_free(b, dwq, n_rot);
+            bench_host_weight_free(&hwq);
         }
     }
     printf("  issue 6 targets, worst shape: of copy at M=1 >= 0.90; wint4 x BF16 >= 3.5 for M <= 16; fp8 x BF16 >= 1.6 "

@@ -12,7 +12,13 @@
 static const bench_shape SHAPES[BENCH_N_SHAPES] = {
     {"qkv_proj", 6144, 4096}, {"o_proj", 4096, 4096}, {"gate_up_proj", 28672, 4096}, {"down_proj", 4096, 14336}};
 
-bench_options bench_opts = {0, 1, 0.1, 0, (uint64_t)1 << 62, 0};
+bench_options bench_opts = {0, 1, 0.1, 0, (uint64_t)1 << 62, 0, 0};
+
+int bench_copies(double bytes) {
+    const int cap = bench_opts.smoke ? 2 : 64;
+    double n = bytes > 0 ? ceil(2.0 * (double)bench_opts.l2_bytes / bytes) : 1;
+    return n < 1 ? 1 : n > cap ? cap : (int)n;
+}
 
 int bench_dim(int full) { return bench_opts.smoke ? full / SMOKE_DIV : full; }
 
@@ -130,36 +136,45 @@ double bench_copy_bandwidth(void) {
 
 
 
-void bench_op_run(const op_call *c) {
+void bench_op_run(const op_call *c, int i) {
     const nb_backend_ops *o = c->b->ops;
+    const int r = c->n_rot > 1 ? i % c->n_rot : 0;
     switch (c->kind) {
-    case K_MATMUL: o->matmul(c->b, c->out, c->x, c->w, c->n); break;
+    case K_MATMUL: o->matmul(c->b, c->out, c->x, &c->w[r], c->n); break;
     case K_RMSNORM: o->rmsnorm(c->b, c->out, c->x, c->w, c->n, RMS_EPS); break;
     case K_ADD_RMSNORM: o->add_rmsnorm(c->b, c->out, c->x, c->y, c->w, c->n, RMS_EPS); break;
     case K_ROPE: o->rope(c->b, c->x, c->heads, HEAD_DIM, c->inv_freq, 0); break;
     case K_SILU_MUL: o->silu_mul(c->b, c->out, c->x, c->y, c->count); break;
     case K_KV_WRITE: o->kv_write(c->b, c->kc, c->vc, c->x, c->y, &c->s); break;
-    case K_ATTENTION: o->attention(c->b, c->out, c->x, c->kc, c->vc, &c->s); break;
-    case K_EXPERTS: o->matmul_experts(c->b, c->out, c->x, c->set, c->groups, c->n_tokens, c->n); break;
+    case K_ATTENTION:
+        o->attention(c->b, c->out, c->x, (char *)c->kc + r * c->kv_stride, (char *)c->vc + r * c->kv_stride, &c->s);
+        break;
+    case K_EXPERTS:
+        o->matmul_experts(c->b, c->out, c->x, c->set, c->groups + r * c->groups_stride, c->n_tokens, c->n);
+        break;
     }
 }
+
+/* Whole cycles over n_rot copies, at least `inner` calls. */
+static int whole_cycles(int inner, int n_rot) { return n_rot > 1 ? (inner + n_rot - 1) / n_rot * n_rot : inner; }
 
 double bench_time_op(const op_call *c, int graph) {
     nb_backend *b = c->b;
     const nb_backend_ops *o = b->ops;
-    for (int i = 0; i < 2; i++) bench_op_run(c);
+    const int rot = c->n_rot > 1 ? c->n_rot : 1;
+    for (int i = 0; i < rot + 1; i++) bench_op_run(c, i);
     o->sync(b);
     double t0 = util_now();
-    for (int i = 0; i < 3; i++) bench_op_run(c);
+    for (int i = 0; i < 3; i++) bench_op_run(c, i);
     o->sync(b);
     double est = (util_now() - t0) / 3;
     if (est < 1e-7) est = 1e-7;
     graph = graph && bench_opts.graphs;
-    int inner = graph ? bench_clampi(2e-3 / est, 1, 100) : 1;
+    int inner = whole_cycles(graph ? bench_clampi(2e-3 / est, 1, 100) : 1, rot);
     uint64_t key = graph ? bench_opts.next_key++ : 0;
     if (graph) { /* record (and run once) */
         if (!o->graph_begin(b, key)) {
-            for (int i = 0; i < inner; i++) bench_op_run(c);
+            for (int i = 0; i < inner; i++) bench_op_run(c, i);
             o->graph_end(b);
         }
         o->sync(b);
@@ -168,7 +183,7 @@ double bench_time_op(const op_call *c, int graph) {
     t0 = util_now();
     for (int r = 0; r < reps; r++) {
         if (graph && o->graph_begin(b, key)) continue; /* replayed */
-        for (int i = 0; i < inner; i++) bench_op_run(c);
+        for (int i = 0; i < inner; i++) bench_op_run(c, i);
         if (graph) o->graph_end(b);
     }
     o->sync(b);
@@ -180,7 +195,7 @@ double bench_time_op(const op_call *c, int graph) {
 
 /* Row-major out[M][N] = x[M][K] w[N][K]^T, i.e. column-major
  * C (N x M) = W^T (N x K) X (K x M). */
-void bench_gemm_open(gemm_ref *r, size_t max_mn, size_t max_mk, size_t max_nk) {
+void bench_gemm_open(gemm_ref *r, size_t max_mn, size_t max_mk) {
     size_t ws_bytes = (size_t)32 << 20;
     memset(r, 0, sizeof *r);
     CKB(cublasCreate(&r->h));
@@ -190,7 +205,6 @@ void bench_gemm_open(gemm_ref *r, size_t max_mn, size_t max_mk, size_t max_nk) {
     CKB(cublasSetWorkspace(r->h, r->ws, ws_bytes));
     CK(cudaMalloc((void **)&r->c, sizeof(float) * max_mn));
     CK(cudaMalloc((void **)&r->x, 2 * max_mk));
-    CK(cudaMalloc((void **)&r->w, 2 * max_nk));
 }
 
 void bench_gemm_close(gemm_ref *r) {
@@ -205,14 +219,22 @@ void bench_gemm_close(gemm_ref *r) {
 }
 
 void bench_gemm_upload(gemm_ref *r, const uint16_t *w, size_t nk, const uint16_t *x, size_t mk) {
-    CK(cudaMemcpyAsync(r->w, w, 2 * nk, cudaMemcpyHostToDevice, r->st));
+    r->n_rot = bench_copies(2.0 * (double)nk);
+    if ((size_t)r->n_rot * nk > r->w_cap) {
+        CK(cudaStreamSynchronize(r->st));
+        CK(cudaFree(r->w));
+        r->w_cap = (size_t)r->n_rot * nk;
+        CK(cudaMalloc((void **)&r->w, 2 * r->w_cap));
+    }
+    for (int i = 0; i < r->n_rot; i++) CK(cudaMemcpyAsync(r->w + i * nk, w, 2 * nk, cudaMemcpyHostToDevice, r->st));
     CK(cudaMemcpyAsync(r->x, x, 2 * mk, cudaMemcpyHostToDevice, r->st));
     CK(cudaStreamSynchronize(r->st));
 }
 
-cublasStatus_t bench_gemm_run(const gemm_ref *r) {
+cublasStatus_t bench_gemm_run(const gemm_ref *r, int i) {
     const float alpha = 1.0f, beta = 0.0f;
-    return cublasGemmEx(r->h, CUBLAS_OP_T, CUBLAS_OP_N, r->N, r->M, r->K, &alpha, r->w, CUDA_R_16BF, r->K, r->x,
+    const uint16_t *w = r->w + (size_t)(r->n_rot > 1 ? i % r->n_rot : 0) * r->N * r->K;
+    return cublasGemmEx(r->h, CUBLAS_OP_T, CUBLAS_OP_N, r->N, r->M, r->K, &alpha, w, CUDA_R_16BF, r->K, r->x,
                         CUDA_R_16BF, r->K, &beta, r->c, CUDA_R_32F, r->N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
@@ -221,22 +243,23 @@ double bench_time_gemm(const gemm_ref *r) {
     float ms = 0;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    for (int i = 0; i < 2; i++) CKB(bench_gemm_run(r));
+    const int rot = r->n_rot > 1 ? r->n_rot : 1;
+    for (int i = 0; i < rot + 1; i++) CKB(bench_gemm_run(r, i));
     CK(cudaEventRecord(e0, r->st));
-    for (int i = 0; i < 3; i++) CKB(bench_gemm_run(r));
+    for (int i = 0; i < 3; i++) CKB(bench_gemm_run(r, i));
     CK(cudaEventRecord(e1, r->st));
     CK(cudaEventSynchronize(e1));
     CK(cudaEventElapsedTime(&ms, e0, e1));
     double est = ms * 1e-3 / 3;
     if (est < 1e-7) est = 1e-7;
-    int inner = 1;
+    int inner = whole_cycles(1, rot);
     cudaGraphExec_t exec = NULL;
     if (bench_opts.graphs) {
-        inner = bench_clampi(2e-3 / est, 1, 100);
+        inner = whole_cycles(bench_clampi(2e-3 / est, 1, 100), rot);
         cudaGraph_t gr = NULL;
         int ok = cudaStreamBeginCapture(r->st, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
         if (ok) {
-            for (int i = 0; i < inner && ok; i++) ok = bench_gemm_run(r) == CUBLAS_STATUS_SUCCESS;
+            for (int i = 0; i < inner && ok; i++) ok = bench_gemm_run(r, i) == CUBLAS_STATUS_SUCCESS;
             if (cudaStreamEndCapture(r->st, &gr) != cudaSuccess) ok = 0;
         }
         if (ok && cudaGraphInstantiate(&exec, gr, 0) != cudaSuccess) ok = 0;
@@ -246,7 +269,7 @@ double bench_time_gemm(const gemm_ref *r) {
             (void)cudaGetLastError();
             if (exec) CK(cudaGraphExecDestroy(exec));
             exec = NULL;
-            inner = 1;
+            inner = whole_cycles(1, rot);
             if (!said++) fprintf(stderr, "bench_cuda: cublasGemmEx could not be recorded into a graph; timed eagerly\n");
         }
     }
@@ -254,7 +277,8 @@ double bench_time_gemm(const gemm_ref *r) {
     CK(cudaEventRecord(e0, r->st));
     for (int i = 0; i < reps; i++) {
         if (exec) CK(cudaGraphLaunch(exec, r->st));
-        else CKB(bench_gemm_run(r));
+        else
+            for (int j = 0; j < inner; j++) CKB(bench_gemm_run(r, j));
     }
     CK(cudaEventRecord(e1, r->st));
     CK(cudaEventSynchronize(e1));

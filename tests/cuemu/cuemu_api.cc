@@ -529,6 +529,7 @@ cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr attr, int d) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = CUEMU_SMEM_OPTIN_MAX; break;
     case cudaDevAttrMaxThreadsPerBlock: *v = 1024; break;
     case cudaDevAttrWarpSize: *v = 32; break;
+    case cudaDevAttrL2CacheSize: *v = 50 << 20; break; // an H100's
     default: return emu_error(cudaErrorInvalidValue);
     }
     return cudaSuccess;
