@@ -65,7 +65,7 @@ CUEMU_RT_OBJ := $(CUEMU_DIR)/cuemu.o $(CUEMU_DIR)/cuemu_api.o $(CUEMU_DIR)/cuemu
 CUEMU_OBJ := $(patsubst kernels/cuda/%.cu,$(CUEMU_DIR)/kernels/%.o,$(CU_SRC)) $(CUEMU_RT_OBJ)
 # tests/cuemu/test_cuemu.cu checks the emulator itself. `make test` also
 # runs it and the quicker GPU tests under the race detector (build/cuemu-thread,
-# under 2 minutes each, the sampler's reduced sweep about 4; the others take
+# under 2 minutes each, the sampler's reduced sweep 2.5; the others take
 # 3 to 20 minutes: make test-racecheck). NB_GPU_TEST_QUICK=1 shrinks
 # test_cuda_sample's sweep, whose 1024-thread blocks would take hours.
 CUEMU_TEST_BIN := $(patsubst tests/gpu/%.c,$(CUEMU_DIR)/tests/%,$(GPU_TEST_SRC)) $(CUEMU_DIR)/tests/test_cuemu
