@@ -220,6 +220,39 @@ static float dot(const float *a, const float *b, int64_t k) {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + t;
 }
 
+// One operand as stored (column-major, leading dimension ld) and its op.
+struct gemm_operand {
+    const void *p;
+    cudaDataType type;
+    int64_t ld;
+    cublasOperation_t op;
+};
+
+// D (m x n) = alpha op(A) op(B) + beta C in FP32, column-major, on the
+// host: op(A) gathered as m rows of k and op(B) as n rows of k, each
+// element times its FP8 block scale when scales is not NULL.
+static void host_gemm(int64_t m, int64_t n, int64_t k, float al, gemm_operand a, gemm_operand b, float be,
+                      const void *C, cudaDataType ct, int64_t ldc, void *D, cudaDataType dt, int64_t ldd,
+                      const emu_desc *scales) {
+    std::vector<float> ra((size_t)(m * k)), rb((size_t)(n * k));
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t kk = 0; kk < k; kk++) {
+            float v = element(a.p, a.type, a.op == CUBLAS_OP_N ? (size_t)(i + kk * a.ld) : (size_t)(kk + i * a.ld));
+            ra[(size_t)(i * k + kk)] = scales ? v * scale_of(scales, 0, i, m, kk, k) : v;
+        }
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t kk = 0; kk < k; kk++) {
+            float v = element(b.p, b.type, b.op == CUBLAS_OP_N ? (size_t)(kk + j * b.ld) : (size_t)(j + kk * b.ld));
+            rb[(size_t)(j * k + kk)] = scales ? v * scale_of(scales, 1, j, n, kk, k) : v;
+        }
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < m; i++) {
+            float v = al * dot(&ra[(size_t)(i * k)], &rb[(size_t)(j * k)], k);
+            if (be != 0.0f) v += be * element(C, ct, (size_t)(i + j * ldc));
+            store(D, dt, (size_t)(i + j * ldd), v);
+        }
+}
+
 cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const void *alpha, const void *A,
                               cublasLtMatrixLayout_t a, const void *B, cublasLtMatrixLayout_t b, const void *beta,
                               const void *C, cublasLtMatrixLayout_t c, void *Dp, cublasLtMatrixLayout_t d,
@@ -239,27 +272,8 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
     // The descriptor is read now (as cuBLASLt does at the call); the data
     // when the stream gets to it.
     cuemu_stream_enqueue(stream, [=]() {
-        // op(A) as m rows of k and op(B) as n rows of k, scales applied
-        std::vector<float> ra((size_t)(m * k)), rb((size_t)(n * k));
-        for (int64_t i = 0; i < m; i++)
-            for (int64_t kk = 0; kk < k; kk++) {
-                size_t ia = e.transa == CUBLAS_OP_N ? (size_t)(i + kk * la.ld) : (size_t)(kk + i * la.ld);
-                float v = element(A, la.type, ia);
-                ra[(size_t)(i * k + kk)] = fp8 ? v * scale_of(&e, 0, i, m, kk, k) : v;
-            }
-        for (int64_t j = 0; j < n; j++)
-            for (int64_t kk = 0; kk < k; kk++) {
-                size_t ib = e.transb == CUBLAS_OP_N ? (size_t)(kk + j * lb.ld) : (size_t)(j + kk * lb.ld);
-                float v = element(B, lb.type, ib);
-                rb[(size_t)(j * k + kk)] = fp8 ? v * scale_of(&e, 1, j, n, kk, k) : v;
-            }
-        for (int64_t j = 0; j < n; j++)
-            for (int64_t i = 0; i < m; i++) {
-                const float *pa = &ra[(size_t)(i * k)], *pb = &rb[(size_t)(j * k)];
-                float v = al * dot(pa, pb, k);
-                if (be != 0.0f) v += be * element(C, lc.type, (size_t)(i + j * lc.ld));
-                store(Dp, ld.type, (size_t)(i + j * ld.ld), v);
-            }
+        host_gemm(m, n, k, al, gemm_operand{A, la.type, la.ld, e.transa}, gemm_operand{B, lb.type, lb.ld, e.transb}, be,
+                  C, lc.type, lc.ld, Dp, ld.type, ld.ld, fp8 ? &e : NULL);
     });
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -316,21 +330,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t transa, cublasOp
         if (t != CUDA_R_32F && t != CUDA_R_16BF && t != CUDA_R_16F) return CUBLAS_STATUS_NOT_SUPPORTED;
     float al = *(const float *)alpha, be = *(const float *)beta;
     cuemu_stream_enqueue(h->stream, [=]() {
-        std::vector<float> ra((size_t)m * k), rb((size_t)n * k);
-        for (int64_t i = 0; i < m; i++)
-            for (int64_t kk = 0; kk < k; kk++)
-                ra[(size_t)(i * k + kk)] =
-                    element(A, at, transa == CUBLAS_OP_N ? (size_t)(i + kk * lda) : (size_t)(kk + i * lda));
-        for (int64_t j = 0; j < n; j++)
-            for (int64_t kk = 0; kk < k; kk++)
-                rb[(size_t)(j * k + kk)] =
-                    element(B, bt, transb == CUBLAS_OP_N ? (size_t)(kk + j * ldb) : (size_t)(j + kk * ldb));
-        for (int64_t j = 0; j < n; j++)
-            for (int64_t i = 0; i < m; i++) {
-                float v = al * dot(&ra[(size_t)(i * k)], &rb[(size_t)(j * k)], k);
-                if (be != 0.0f) v += be * element(C, ct, (size_t)(i + j * ldc));
-                store(C, ct, (size_t)(i + j * ldc), v);
-            }
+        host_gemm(m, n, k, al, gemm_operand{A, at, lda, transa}, gemm_operand{B, bt, ldb, transb}, be, C, ct, ldc, C,
+                  ct, ldc, NULL);
     });
     return CUBLAS_STATUS_SUCCESS;
 }
