@@ -42,8 +42,9 @@ extern bench_options bench_opts;
  * that together they are twice the L2 cache: each call then reads its
  * operand from memory, as a decode step reads each layer's weights once,
  * and not from what the previous calls left in L2 (a 4096 x 4096 WINT4
- * weight is 8 MiB; an H100's L2 holds 50). At most 64 (2 under --smoke,
- * which only proves the cycling). */
+ * weight is 8 MiB; an H100's L2 holds 50). At most BENCH_MAX_COPIES (2
+ * under --smoke, which only proves the cycling). */
+#define BENCH_MAX_COPIES 64
 int bench_copies(double bytes);
 
 /* A model width (HIDDEN, INTER, a linear's N or K) at the run's scale. */

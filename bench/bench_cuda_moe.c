@@ -33,7 +33,6 @@ typedef struct moe_sizes {
 } moe_sizes;
 static const moe_sizes MOE_FULL = {128, 8, 768, 2048}, MOE_SMOKE = {16, 4, 256, 512};
 #define MOE_MAX_E 128
-#define MOE_MAX_ROUTINGS 64
 
 static const struct {
     const char *name;
@@ -92,7 +91,7 @@ void bench_moe_experts(nb_backend *b, double bw) {
     moe_step s = {
         .logits = o->alloc(b, sizeof(float) * (size_t)max_tokens * E),
         .w = o->alloc(b, sizeof(float) * max_rows),
-        .groups = o->alloc(b, sizeof(int32_t) * NB_MOE_GROUPS(E) * MOE_MAX_ROUTINGS),
+        .groups = o->alloc(b, sizeof(int32_t) * NB_MOE_GROUPS(E) * BENCH_MAX_COPIES),
         .rows = o->alloc(b, sizeof(int32_t) * max_rows),
         .slot = o->alloc(b, sizeof(int32_t) * max_rows),
     };
@@ -137,7 +136,7 @@ void bench_moe_experts(nb_backend *b, double bw) {
                  * L2; used: the experts with rows, on average */
                 const size_t gs = NB_MOE_GROUPS(E);
                 double used = moe_route_random(b, &s, z, n, s.groups);
-                const int n_rot = bench_copies(used * ebytes); /* at most 64 = MOE_MAX_ROUTINGS */
+                const int n_rot = bench_copies(used * ebytes);
                 for (int k = 1; k < n_rot; k++) used += moe_route_random(b, &s, z, n, s.groups + k * gs);
                 used /= n_rot;
                 const int rec = o->experts_recordable(b, set, n);

@@ -51,15 +51,7 @@ static double bench_matmul(nb_backend *b, double bw) {
             CKB(bench_gemm_run(&r, 0));
             CK(cudaMemcpyAsync(hb, r.c, sizeof(float) * mn, cudaMemcpyDeviceToHost, r.st));
             CK(cudaStreamSynchronize(r.st));
-            double maxd = 0, maxr = 0;
-            int nan = 0;
-            for (size_t i = 0; i < mn; i++) {
-                double d = fabs((double)ha[i] - hb[i]), a = fabs((double)hb[i]);
-                if (isnan(d)) nan = 1;
-                if (d > maxd) maxd = d;
-                if (a > maxr) maxr = a;
-            }
-            double rel = nan ? NAN : maxr > 0 ? maxd / maxr : maxd;
+            double rel = bench_rel_err(ha, hb, mn);
 
             op_call c = {.kind = K_MATMUL, .b = b, .out = out, .x = x, .w = w, .n_rot = n_rot, .n = M};
             double tn = bench_time_op(&c, 1), tc = bench_time_gemm(&r);

@@ -15,7 +15,7 @@ static const bench_shape SHAPES[BENCH_N_SHAPES] = {
 bench_options bench_opts = {0, 1, 0.1, 0, (uint64_t)1 << 62, 0, 0};
 
 int bench_copies(double bytes) {
-    const int cap = bench_opts.smoke ? 2 : 64;
+    const int cap = bench_opts.smoke ? 2 : BENCH_MAX_COPIES;
     double n = bytes > 0 ? ceil(2.0 * (double)bench_opts.l2_bytes / bytes) : 1;
     return n < 1 ? 1 : n > cap ? cap : (int)n;
 }
