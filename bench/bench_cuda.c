@@ -95,7 +95,7 @@ static void bench_decode(const char *dir, const nb_quant_plan *quant, const int 
     double load_s = util_now() - t0;
     const nb_model_config *c = model_config(m);
     int V = c->vocab_size, L = c->n_layers;
-    nb_attn_shape s = {c->n_heads, c->n_kv_heads, c->head_dim, 0, model_quant_plan(m)->kv};
+    nb_attn_shape s = {c->n_heads, c->n_kv_heads, c->head_dim, 0, model_quant_plan(m)->kv, 0, 0};
     double kv_tok = 2.0 * L * (double)bench_kv_token_bytes(&s); /* K and V, all layers, one token */
 
     /* weight bytes read per step: all resident weights, except that of an

@@ -108,8 +108,8 @@ typedef struct op_call {
     const nb_weight *w;
     int n_rot;          /* copies cycled through (bench_copies); 0 or 1: one */
     int n;              /* M, rows */
-    size_t count;       /* silu_mul elements */
-    int heads;          /* rope */
+    int cols;           /* silu_mul: columns of its n packed rows */
+    int heads;          /* rope (packed rows) */
     const float *inv_freq;
     void *kc, *vc;         /* attention: n_rot caches, kv_stride bytes apart */
     size_t kv_stride;

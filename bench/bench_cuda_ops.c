@@ -79,7 +79,7 @@ static double bench_matmul(nb_backend *b, double bw) {
 
 static void bench_attention(nb_backend *b, double bw, double gemm_tflops) {
     const nb_backend_ops *o = b->ops;
-    nb_attn_shape s = {N_HEADS, N_KV, HEAD_DIM, 1.0f / sqrtf((float)HEAD_DIM), o->kv_default};
+    nb_attn_shape s = {N_HEADS, N_KV, HEAD_DIM, 1.0f / sqrtf((float)HEAD_DIM), o->kv_default, 0, 0};
     size_t qd = (size_t)N_HEADS * HEAD_DIM, blk = nb_kv_block_bytes(s.kv_dtype, N_KV, HEAD_DIM),
            tokb = bench_kv_token_bytes(&s);
     static const int ctx_full[] = {1024, 4096}, ctx_smoke[] = {40, 300}, batch_full[] = {1, 32, 64},
@@ -149,7 +149,7 @@ static void bench_small_ops(nb_backend *b, double bw) {
     static const int full[] = {1, 64, 4096}, smoke[] = {1, 33};
     const bench_list rows = BENCH_PICK(full, smoke);
     const int max_n = bench_list_max(rows), hidden = bench_dim(HIDDEN), inter = bench_dim(INTER);
-    nb_attn_shape s = {N_HEADS, N_KV, HEAD_DIM, 1.0f / sqrtf((float)HEAD_DIM), o->kv_default};
+    nb_attn_shape s = {N_HEADS, N_KV, HEAD_DIM, 1.0f / sqrtf((float)HEAD_DIM), o->kv_default, 0, 0};
     size_t qd = (size_t)N_HEADS * HEAD_DIM, kvd = (size_t)N_KV * HEAD_DIM;
 
     uint16_t ones[HIDDEN];
@@ -197,7 +197,7 @@ static void bench_small_ops(nb_backend *b, double bw) {
     }
     for (int i = 0; i < rows.n; i++) {
         int n = rows.v[i];
-        op_call c = {.kind = K_SILU_MUL, .b = b, .out = out, .x = a, .y = c2, .count = (size_t)n * inter};
+        op_call c = {.kind = K_SILU_MUL, .b = b, .out = out, .x = a, .y = c2, .n = n, .cols = inter};
         snprintf(what, sizeof what, "silu_mul %d x %d", n, inter);
         bench_print_bw(what, bench_time_op(&c, 1), 12.0 * n * inter, bw);
     }

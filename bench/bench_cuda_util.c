@@ -143,8 +143,8 @@ void bench_op_run(const op_call *c, int i) {
     case K_MATMUL: o->matmul(c->b, c->out, c->x, &c->w[r], c->n); break;
     case K_RMSNORM: o->rmsnorm(c->b, c->out, c->x, c->w, c->n, RMS_EPS); break;
     case K_ADD_RMSNORM: o->add_rmsnorm(c->b, c->out, c->x, c->y, c->w, c->n, RMS_EPS); break;
-    case K_ROPE: o->rope(c->b, c->x, c->heads, HEAD_DIM, c->inv_freq, 0); break;
-    case K_SILU_MUL: o->silu_mul(c->b, c->out, c->x, c->y, c->count); break;
+    case K_ROPE: o->rope(c->b, c->x, c->heads, HEAD_DIM, c->heads * HEAD_DIM, c->inv_freq, 0); break;
+    case K_SILU_MUL: o->silu_mul(c->b, c->out, c->x, c->y, c->n, c->cols, c->cols); break;
     case K_KV_WRITE: o->kv_write(c->b, c->kc, c->vc, c->x, c->y, &c->s); break;
     case K_ATTENTION:
         o->attention(c->b, c->out, c->x, (char *)c->kc + r * c->kv_stride, (char *)c->vc + r * c->kv_stride, &c->s);

@@ -90,12 +90,23 @@ const char *nb_kv_dtype_name(nb_kv_dtype t);
 /* Bytes of one KV block (values and scales) for one of K or V. */
 size_t nb_kv_block_bytes(nb_kv_dtype t, int n_kv_heads, int head_dim);
 
-/* Shapes of one attention layer. */
+/* Shapes of one attention layer. q_stride and kv_stride are the floats
+ * from one token's row of q (attention's input) and of k and v (kv_write's)
+ * to the next: rows of a fused q|k|v projection lie q_dim + 2 * kv_dim
+ * apart. 0 means packed rows (n_heads * head_dim, n_kv_heads * head_dim). */
 typedef struct nb_attn_shape {
     int n_heads, n_kv_heads, head_dim;
     float scale; /* usually 1/sqrt(head_dim) */
     nb_kv_dtype kv_dtype;
+    int q_stride, kv_stride;
 } nb_attn_shape;
+
+static inline int nb_attn_q_stride(const nb_attn_shape *s) {
+    return s->q_stride ? s->q_stride : s->n_heads * s->head_dim;
+}
+static inline int nb_attn_kv_stride(const nb_attn_shape *s) {
+    return s->kv_stride ? s->kv_stride : s->n_kv_heads * s->head_dim;
+}
 
 /* One logits row's sampling (engine/sampler.h has the parameters' meaning):
  * the parameters, the uniform number the sequence's RNG drew for the step,
@@ -201,19 +212,26 @@ typedef struct nb_backend_ops {
     void (*add_bias)(nb_backend *b, float *x, const nb_weight *bias, int M);
     /* out = a + c, n elements; out may alias either input. */
     void (*add)(nb_backend *b, float *out, const float *a, const float *c, size_t n);
-    /* out = silu(gate) * up, n elements. */
-    void (*silu_mul)(nb_backend *b, float *out, const float *gate, const float *up, size_t n);
-    /* Rotary embedding in place on x [n_tokens][n_heads][head_dim] at the
-     * batch positions. inv_freq has head_dim/2 device floats (the model's
-     * rope scaling is already folded in). interleaved = 0 rotates the two
-     * halves (NeoX/HF Llama), 1 rotates adjacent pairs (GPT-J, ERNIE). */
-    void (*rope)(nb_backend *b, float *x, int n_heads, int head_dim,
+    /* out[r] = silu(gate[r]) * up[r] for n rows of cols: out is [n][cols],
+     * gate's and up's rows lie ld floats apart (ld >= cols; a fused
+     * gate|up projection's rows hold both, ld = 2 * cols). out may equal
+     * gate when ld == cols. */
+    void (*silu_mul)(nb_backend *b, float *out, const float *gate, const float *up, int n, int cols, int ld);
+    /* Rotary embedding in place on the first n_heads * head_dim floats of
+     * each token's row of x, rows `stride` floats apart (n_heads * head_dim
+     * for packed rows; a fused q|k|v row rotates its q and k heads in one
+     * call), at the batch positions. inv_freq has head_dim/2 device floats
+     * (the model's rope scaling is already folded in). interleaved = 0
+     * rotates the two halves (NeoX/HF Llama), 1 rotates adjacent pairs
+     * (GPT-J, ERNIE). */
+    void (*rope)(nb_backend *b, float *x, int n_heads, int head_dim, int stride,
                  const float *inv_freq, int interleaved);
-    /* Writes the step's K and V ([n_tokens][n_kv_heads*head_dim]) into the
-     * layer's cache at the batch slots. */
+    /* Writes the step's K and V (rows of n_kv_heads*head_dim, kv_stride
+     * apart) into the layer's cache at the batch slots. */
     void (*kv_write)(nb_backend *b, void *k_cache, void *v_cache, const float *k,
                      const float *v, const nb_attn_shape *s);
-    /* Causal paged attention: out[t] = softmax(q[t] K^T * scale) V over the
+    /* Causal paged attention (q's rows q_stride apart, out packed
+     * [n_tokens][n_heads*head_dim]): out[t] = softmax(q[t] K^T * scale) V over the
      * positions 0..pos[t] of the token's sequence, read through its block
      * table (so K/V of this step must be written first). GQA: query head h
      * reads KV head h / (n_heads / n_kv_heads). */
@@ -302,6 +320,10 @@ typedef struct nb_backend_ops {
      * that loads another rank's weights, calls it first. */
     void (*attach)(nb_backend *b);
 
+    /* weight_load returns the host bytes themselves (CPU: the mmapped
+     * checkpoint is used in place), so the model does not make copies of
+     * plain weights just to fuse them. */
+    int weights_in_place;
     /* The KV cache type used when the configuration names none. */
     nb_kv_dtype kv_default;
     /* graph_begin records and replays (CUDA). The model then pads decode

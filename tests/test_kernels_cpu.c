@@ -233,6 +233,29 @@ static void check_attention(int n_heads, int n_kv, int hd) {
     snprintf(what, sizeof what, "attention heads=%d kv=%d hd=%d", n_heads, n_kv, hd);
     CHECK(compare(what, o1, ref, unit, n * q_row, TOL) == 0, "%s", what);
     CHECK(memcmp(o1, o3, sizeof(float) * n * q_row) == 0, "%s: 1 and 3 threads differ", what);
+    /* The same step from one fused q|k|v buffer (rows q_row + 2 kv_row
+     * apart), into a cache whose step slots were cleared: the same cache
+     * bytes and the same outputs. */
+    size_t ld = q_row + 2 * kv_row;
+    float *fused = rand_floats(n * ld), *o2 = xmalloc(sizeof(float) * n * q_row);
+    for (int i = 0; i < n; i++) {
+        memcpy(fused + i * ld, q + i * q_row, sizeof(float) * q_row);
+        memcpy(fused + i * ld + q_row, k + i * kv_row, sizeof(float) * kv_row);
+        memcpy(fused + i * ld + q_row + kv_row, v + i * kv_row, sizeof(float) * kv_row);
+    }
+    float *kc2 = be1->ops->alloc(be1, cache_floats * sizeof(float)), *vc2 = be1->ops->alloc(be1, cache_floats * sizeof(float));
+    memcpy(kc2, kc, cache_floats * sizeof(float)), memcpy(vc2, vc, cache_floats * sizeof(float));
+    for (int i = 0; i < n; i++)
+        memset(kc2 + (size_t)slot[i] * kv_row, 0, sizeof(float) * kv_row), memset(vc2 + (size_t)slot[i] * kv_row, 0, sizeof(float) * kv_row);
+    nb_attn_shape strided = shape;
+    strided.q_stride = strided.kv_stride = (int)ld;
+    be3->ops->kv_write(be3, kc2, vc2, fused + q_row, fused + q_row + kv_row, &strided);
+    CHECK(memcmp(kc2, kc, cache_floats * sizeof(float)) == 0 && memcmp(vc2, vc, cache_floats * sizeof(float)) == 0,
+          "%s: kv_write from fused rows differs", what);
+    be3->ops->attention(be3, o2, fused, kc2, vc2, &strided);
+    CHECK(memcmp(o1, o2, sizeof(float) * n * q_row) == 0, "%s: attention on fused rows differs", what);
+    be1->ops->free(be1, kc2), be1->ops->free(be1, vc2);
+    free(fused), free(o2);
 
     for (int s = 0; s < NSEQ; s++) free(kd[s]), free(vd[s]);
     be1->ops->free(be1, kc), be1->ops->free(be1, vc);
@@ -262,7 +285,7 @@ static void test_attention_kv_dtypes(void) {
     int32_t slot[L];
     for (int i = 0; i < L; i++) slot[i] = table[i / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + i % NB_KV_BLOCK_SIZE;
     nb_batch batch = {L, pos, seq_of, slot, 1, NBLK, table};
-    nb_attn_shape f32 = {NH, NKV, HD, 0.125f, NB_KV_F32};
+    nb_attn_shape f32 = {.n_heads = NH, .n_kv_heads = NKV, .head_dim = HD, .scale = 0.125f, .kv_dtype = NB_KV_F32};
     float *o_ref = xmalloc(sizeof(float) * L * q_row), *o = xmalloc(sizeof(float) * L * q_row);
     void *kc = be1->ops->alloc(be1, NBLK * nb_kv_block_bytes(NB_KV_F32, NKV, HD));
     void *vc = be1->ops->alloc(be1, NBLK * nb_kv_block_bytes(NB_KV_F32, NKV, HD));
@@ -300,19 +323,24 @@ static void test_attention_kv_dtypes(void) {
 
 /* ---- rope -------------------------------------------------------------- */
 
-static void check_rope(int interleaved, int n, int n_heads, int hd) {
+/* rope on rows of `pad` more floats than the heads (a fused q|k|v row's v
+ * part), which must come out untouched */
+static void check_rope(int interleaved, int n, int n_heads, int hd, int pad) {
     int half = hd / 2;
     float *inv = xmalloc(sizeof(float) * half);
     for (int i = 0; i < half; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / hd));
     int32_t *pos = xmalloc(sizeof(int32_t) * n);
     for (int t = 0; t < n; t++) pos[t] = t < 3 ? t : irand(4000);
     nb_batch batch = {.n_tokens = n, .pos = pos};
-    size_t total = (size_t)n * n_heads * hd;
-    float *x = rand_floats(total), *x1 = xmalloc(sizeof(float) * total), *x3 = xmalloc(sizeof(float) * total);
-    memcpy(x1, x, sizeof(float) * total), memcpy(x3, x, sizeof(float) * total);
+    size_t total = (size_t)n * n_heads * hd, row = (size_t)n_heads * hd + (size_t)pad, all = (size_t)n * row;
+    float *x = rand_floats(total), *x1 = xmalloc(sizeof(float) * total), *x3 = rand_floats(all);
+    float *x3in = xmalloc(sizeof(float) * all);
+    memcpy(x1, x, sizeof(float) * total);
+    for (int t = 0; t < n; t++) memcpy(x3 + t * row, x + t * (row - pad), sizeof(float) * (row - pad));
+    memcpy(x3in, x3, sizeof(float) * all);
     be1->ops->set_batch(be1, &batch), be3->ops->set_batch(be3, &batch);
-    be1->ops->rope(be1, x1, n_heads, hd, inv, interleaved);
-    be3->ops->rope(be3, x3, n_heads, hd, inv, interleaved);
+    be1->ops->rope(be1, x1, n_heads, hd, n_heads * hd, inv, interleaved);
+    be3->ops->rope(be3, x3, n_heads, hd, (int)row, inv, interleaved);
     double *ref = xmalloc(sizeof(double) * total), *unit = xmalloc(sizeof(double) * total);
     for (int t = 0; t < n; t++)
         for (int h = 0; h < n_heads; h++) {
@@ -328,15 +356,22 @@ static void check_rope(int interleaved, int n, int n_heads, int hd) {
         }
     for (size_t i = 0; i < total; i++) unit[i] = 1.0;
     CHECK(compare(interleaved ? "rope interleaved" : "rope neox", x1, ref, unit, total, TOL) == 0, "n=%d hd=%d", n, hd);
-    CHECK(memcmp(x1, x3, sizeof(float) * total) == 0, "rope: 1 and 3 threads differ");
-    free(inv), free(pos), free(x), free(x1), free(x3), free(ref), free(unit);
+    int differ = 0, touched = 0;
+    for (int t = 0; t < n; t++) {
+        differ += memcmp(x1 + t * (row - pad), x3 + t * row, sizeof(float) * (row - pad)) != 0;
+        touched += memcmp(x3 + t * row + (row - pad), x3in + t * row + (row - pad), sizeof(float) * pad) != 0;
+    }
+    CHECK(differ == 0, "rope: 1 and 3 threads (row stride %zu) differ in %d rows", row, differ);
+    CHECK(touched == 0, "rope: %d rows changed past their heads", touched);
+    free(inv), free(pos), free(x), free(x1), free(x3), free(x3in), free(ref), free(unit);
 }
 
 static void test_rope(void) {
     for (int il = 0; il < 2; il++) {
-        check_rope(il, 5, 3, 16);
-        check_rope(il, 70, 8, 128); /* big enough to run threaded */
-        check_rope(il, 1, 2, 64);
+        check_rope(il, 5, 3, 16, 0);
+        check_rope(il, 70, 8, 128, 2 * 128); /* big enough to run threaded */
+        check_rope(il, 1, 2, 64, 64);
+        check_rope(il, 9, 6, 32, 0);
     }
 }
 
@@ -398,8 +433,8 @@ static void test_elementwise(void) {
         for (size_t i = 0; i < n; i++) a[i] *= 12.0f; /* reach both tails of silu */
         double *ref = xmalloc(sizeof(double) * n);
         for (size_t i = 0; i < n; i++) ref[i] = (double)a[i] / (1.0 + exp(-(double)a[i])) * c[i];
-        be1->ops->silu_mul(be1, o1, a, c, n);
-        be3->ops->silu_mul(be3, o3, a, c, n);
+        be1->ops->silu_mul(be1, o1, a, c, 1, (int)n, (int)n);
+        be3->ops->silu_mul(be3, o3, a, c, 1, (int)n, (int)n);
         CHECK(compare("silu_mul", o1, ref, NULL, n, TOL) == 0, "n=%zu", n);
         CHECK(memcmp(o1, o3, sizeof(float) * n) == 0, "silu_mul: threads differ");
         int bad = 0;
@@ -408,6 +443,29 @@ static void test_elementwise(void) {
         for (size_t i = 0; i < n; i++) bad += o3[i] != a[i] + c[i];
         CHECK(bad == 0, "add: %d wrong", bad);
         free(a), free(c), free(o1), free(o3), free(ref);
+    }
+}
+
+/* silu_mul on a fused [rows][2 cols] gate|up buffer: the products of the
+ * packed call, row by row, whatever the pieces the threads take. */
+static void test_silu_mul_rows(void) {
+    static const int shapes[][2] = {{1, 1}, {3, 17}, {7, 5000}, {40, 4096}, {5, 9000}};
+    for (int k = 0; k < 5; k++) {
+        int rows = shapes[k][0], cols = shapes[k][1];
+        size_t n = (size_t)rows * cols;
+        float *gu = rand_floats(2 * n), *g = xmalloc(sizeof(float) * n), *u = xmalloc(sizeof(float) * n);
+        for (size_t i = 0; i < 2 * n; i++) gu[i] *= 12.0f;
+        for (int r = 0; r < rows; r++) {
+            memcpy(g + (size_t)r * cols, gu + (size_t)r * 2 * cols, sizeof(float) * cols);
+            memcpy(u + (size_t)r * cols, gu + (size_t)r * 2 * cols + cols, sizeof(float) * cols);
+        }
+        float *o1 = xmalloc(sizeof(float) * n), *o3 = xmalloc(sizeof(float) * n);
+        be1->ops->silu_mul(be1, o1, g, u, rows, cols, cols);
+        be3->ops->silu_mul(be3, o3, gu, gu + cols, rows, cols, 2 * cols);
+        CHECK(memcmp(o1, o3, sizeof(float) * n) == 0, "silu_mul %d x %d from gate|up rows differs", rows, cols);
+        be3->ops->silu_mul(be3, g, g, u, rows, cols, cols); /* out == gate */
+        CHECK(memcmp(o1, g, sizeof(float) * n) == 0, "silu_mul %d x %d in place differs", rows, cols);
+        free(gu), free(g), free(u), free(o1), free(o3);
     }
 }
 
@@ -591,6 +649,7 @@ int main(void) {
     RUN(test_rmsnorm);
     RUN(test_embedding_bias);
     RUN(test_elementwise);
+    RUN(test_silu_mul_rows);
     RUN(test_softmax_gather_argmax);
     bench_matmul();
     backend_destroy(be1);

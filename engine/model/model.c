@@ -30,25 +30,53 @@ static int bind_layer(nb_model *m, int i, nb_err *e) {
     (snprintf(n, sizeof n, "model.layers.%d.%s", i, suffix),               \
      model_bind_linear(m, &L->field, n, rows, cols, split ? sl : NULL, d, e))
     if (B(attn_norm, "input_layernorm.weight", 0, H, NULL, 0) ||
-        B(ffn_norm, "post_attention_layernorm.weight", 0, H, NULL, 0) ||
-        LIN(wq, "self_attn.q_proj.weight", q_dim, H, &qr) || LIN(wk, "self_attn.k_proj.weight", kv_dim, H, &kvr) ||
-        LIN(wv, "self_attn.v_proj.weight", kv_dim, H, &kvr) || LIN(wo, "self_attn.o_proj.weight", H, q_dim, &qc))
+        B(ffn_norm, "post_attention_layernorm.weight", 0, H, NULL, 0))
         return -1;
+    /* q/k/v fused unless q and k are normalized per head (Qwen3), which
+     * rmsnorm does on packed rows only */
+    char pn[3][160], fn[160];
+    const nb_slice *qs = split ? &qr : NULL, *kvs = split ? &kvr : NULL, *fs = split ? &fr : NULL;
+#define PART(j, suffix, rows, sl) \
+    (nb_part){(snprintf(pn[j], sizeof pn[j], "model.layers.%d.%s", i, suffix), pn[j]), rows, sl}
+    nb_part qkv[3] = {PART(0, "self_attn.q_proj.weight", q_dim, qs), PART(1, "self_attn.k_proj.weight", kv_dim, kvs),
+                      PART(2, "self_attn.v_proj.weight", kv_dim, kvs)};
+    nb_weight *qkv_out[3] = {&L->wq, &L->wk, &L->wv};
+    snprintf(fn, sizeof fn, "model.layers.%d.self_attn.qkv_proj", i);
+    if (c->qk_norm ? (LIN(wq, "self_attn.q_proj.weight", q_dim, H, &qr) || LIN(wk, "self_attn.k_proj.weight", kv_dim, H, &kvr) ||
+                      LIN(wv, "self_attn.v_proj.weight", kv_dim, H, &kvr))
+                   : model_bind_linears(m, &L->wqkv, qkv_out, qkv, 3, H, d, fn, e))
+        return -1;
+    if (LIN(wo, "self_attn.o_proj.weight", H, q_dim, &qc)) return -1;
+    if (c->qkv_bias) {
+        nb_part b[3] = {PART(0, "self_attn.q_proj.bias", q_dim, qs), PART(1, "self_attn.k_proj.bias", kv_dim, kvs),
+                        PART(2, "self_attn.v_proj.bias", kv_dim, kvs)};
+        snprintf(fn, sizeof fn, "model.layers.%d.self_attn.qkv_proj.bias", i);
+        if (L->wqkv.data ? model_bind_cat(m, &L->bqkv, b, 3, fn, e)
+                         : (B(bq, "self_attn.q_proj.bias", 0, q_dim, &qr, 0) ||
+                            B(bk, "self_attn.k_proj.bias", 0, kv_dim, &kvr, 0) ||
+                            B(bv, "self_attn.v_proj.bias", 0, kv_dim, &kvr, 0)))
+            return -1;
+    }
     if (config_layer_is_moe(c, i)) {
         if (model_moe_bind(m, i, e)) return -1;
-    } else if (LIN(gate, "mlp.gate_proj.weight", F, H, &fr) || LIN(up, "mlp.up_proj.weight", F, H, &fr) ||
-               LIN(down, "mlp.down_proj.weight", H, F, &fc)) {
-        return -1;
+    } else {
+        nb_part gu[2] = {PART(0, "mlp.gate_proj.weight", F, fs), PART(1, "mlp.up_proj.weight", F, fs)};
+        nb_weight *gu_out[2] = {&L->gate, &L->up};
+        snprintf(fn, sizeof fn, "model.layers.%d.mlp.gate_up_proj", i);
+        if (model_bind_linears(m, &L->gate_up, gu_out, gu, 2, H, d, fn, e) || LIN(down, "mlp.down_proj.weight", H, F, &fc))
+            return -1;
+        if (c->mlp_bias) {
+            nb_part b[2] = {PART(0, "mlp.gate_proj.bias", F, fs), PART(1, "mlp.up_proj.bias", F, fs)};
+            snprintf(fn, sizeof fn, "model.layers.%d.mlp.gate_up_proj.bias", i);
+            if (L->gate_up.data ? model_bind_cat(m, &L->b_gate_up, b, 2, fn, e)
+                                : (B(b_gate, "mlp.gate_proj.bias", 0, F, &fr, 0) || B(b_up, "mlp.up_proj.bias", 0, F, &fr, 0)))
+                return -1;
+            if (B(b_down, "mlp.down_proj.bias", 0, H, NULL, 0)) return -1;
+        }
     }
-    if (c->qkv_bias && (B(bq, "self_attn.q_proj.bias", 0, q_dim, &qr, 0) ||
-                        B(bk, "self_attn.k_proj.bias", 0, kv_dim, &kvr, 0) ||
-                        B(bv, "self_attn.v_proj.bias", 0, kv_dim, &kvr, 0)))
-        return -1;
+#undef PART
     /* the biases of the split sums are added once, after the all-reduce */
     if (c->o_bias && B(bo, "self_attn.o_proj.bias", 0, H, NULL, 0)) return -1;
-    if (c->mlp_bias && !config_layer_is_moe(c, i) && (B(b_gate, "mlp.gate_proj.bias", 0, F, &fr, 0) || B(b_up, "mlp.up_proj.bias", 0, F, &fr, 0) ||
-                        B(b_down, "mlp.down_proj.bias", 0, H, NULL, 0)))
-        return -1;
     if (c->qk_norm && (B(q_norm, "self_attn.q_norm.weight", 0, c->head_dim, NULL, 0) ||
                        B(k_norm, "self_attn.k_norm.weight", 0, c->head_dim, NULL, 0)))
         return -1;
@@ -188,9 +216,8 @@ int model_load_rank(nb_model *m, const nb_model_opts *opts, nb_err *e) {
            kvd = (size_t)m->n_kv_heads * c->head_dim;
     m->x = act_alloc(m, T * H);
     m->xn = act_alloc(m, T * H);
-    m->q = act_alloc(m, T * qd);
-    m->k = act_alloc(m, T * kvd);
-    m->v = act_alloc(m, T * kvd);
+    m->qkv = act_alloc(m, T * (qd + 2 * kvd));
+    if (m->qkv) m->q = m->qkv, m->k = m->q + T * qd, m->v = m->k + T * kvd;
     m->att = act_alloc(m, T * qd);
     /* gate/up serve the dense MLP, each expert and the shared experts */
     size_t mlp_width = (size_t)m->ffn;
@@ -199,8 +226,11 @@ int model_load_rank(nb_model *m, const nb_model_opts *opts, nb_err *e) {
         if ((size_t)m->shared_ffn > mlp_width) mlp_width = (size_t)m->shared_ffn;
         model_moe_alloc(m);
     }
-    m->gate = act_alloc(m, T * mlp_width);
-    m->up = act_alloc(m, T * mlp_width);
+    m->gu = act_alloc(m, 2 * T * mlp_width);
+    if (m->gu) m->gate = m->gu, m->up = m->gu + T * mlp_width;
+    int fused_mlp = 0;
+    for (int i = 0; i < c->n_layers; i++) fused_mlp |= m->layers[i].gate_up.data != NULL;
+    if (fused_mlp) m->act = act_alloc(m, T * (size_t)m->ffn);
     if (m->rank == 0 || m->vocab_split) m->last = act_alloc(m, R * H);
     if (m->rank == 0) m->logits = act_alloc(m, R * V);
     if (m->vocab_split) {
@@ -267,10 +297,12 @@ nb_model *model_load(const char *dir, nb_backend *be, const nb_model_opts *opts,
             len += snprintf(wbytes + len, sizeof wbytes - (size_t)len, "%s%s %.1f MiB", len ? ", " : "",
                             nb_dtype_name((nb_dtype)t), model_weight_bytes(m, (nb_dtype)t) / 1048576.0);
     if (m->n_ranks > 1) snprintf(ranks, sizeof ranks, " on each of %d ranks", m->n_ranks);
-    log_info("loaded %s (%s, %d layers, hidden %d) in %.2f s; %s (%s); weights %s; KV cache %d blocks of %d "
-             "tokens, %s (%.1f MiB%s)",
+    int f_qkv = 0, f_gu = 0;
+    for (int i = 0; i < c->n_layers; i++) f_qkv += m->layers[i].wqkv.data != NULL, f_gu += m->layers[i].gate_up.data != NULL;
+    log_info("loaded %s (%s, %d layers, hidden %d) in %.2f s; %s (%s); weights %s, q|k|v fused in %d layers, "
+             "gate|up in %d; KV cache %d blocks of %d tokens, %s (%.1f MiB%s)",
              dir, c->arch_name, c->n_layers, c->hidden_size, util_now() - t0, quant_plan_name(&m->plan, qname, sizeof qname),
-             m->plan.method, wbytes, m->num_blocks, NB_KV_BLOCK_SIZE, nb_kv_dtype_name(m->plan.kv),
+             m->plan.method, wbytes, f_qkv, f_gu, m->num_blocks, NB_KV_BLOCK_SIZE, nb_kv_dtype_name(m->plan.kv),
              2.0 * c->n_layers * m->kv_layer_bytes / (1 << 20), ranks);
     return m;
 fail:
@@ -290,8 +322,8 @@ void model_free(nb_model *m) {
     if (!m) return;
     if (m->tp) model_tp_stop(m);
     nb_backend *be = m->be;
-    float *bufs[] = {m->inv_freq, m->x,    m->xn,     m->q,        m->k,       m->v,       m->att,
-                     m->gate,     m->up,   m->last,   m->logits,   m->head_part, m->head_all};
+    float *bufs[] = {m->inv_freq, m->x,      m->xn,        m->qkv,      m->att, m->gu,
+                     m->act,      m->last,   m->logits,    m->head_part, m->head_all};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->ops->free(be, bufs[i]);
     for (int i = 0; m->k_cache && i < m->cfg.n_layers; i++) {
@@ -353,7 +385,8 @@ static void layer_forward(nb_model *m, int li, int n) {
     const nb_model_config *c = &m->cfg;
     const nb_layer *L = &m->layers[li];
     size_t H = (size_t)c->hidden_size;
-    nb_attn_shape s = {m->n_heads, m->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim), m->plan.kv};
+    nb_attn_shape s = {.n_heads = m->n_heads, .n_kv_heads = m->n_kv_heads, .head_dim = c->head_dim,
+                       .scale = 1.0f / sqrtf((float)c->head_dim), .kv_dtype = m->plan.kv};
     size_t qd = (size_t)m->n_heads * c->head_dim;
 #define CAPTURE(which, x, cols) \
     if (m->capture) m->capture(m->capture_ctx, li, which, x, n, (int64_t)(cols))
@@ -362,17 +395,30 @@ static void layer_forward(nb_model *m, int li, int n) {
     if (li == 0) op->rmsnorm(be, m->xn, m->x, &L->attn_norm, n, c->rms_eps);
     else op->add_rmsnorm(be, m->xn, m->x, m->xn, &L->attn_norm, n, c->rms_eps);
     CAPTURE(0, m->xn, H);
-    linear(m, m->q, m->xn, &L->wq, &L->bq, n);
-    linear(m, m->k, m->xn, &L->wk, &L->bk, n);
-    linear(m, m->v, m->xn, &L->wv, &L->bv, n);
-    if (c->qk_norm) {
-        op->rmsnorm(be, m->q, m->q, &L->q_norm, n * m->n_heads, c->rms_eps);
-        op->rmsnorm(be, m->k, m->k, &L->k_norm, n * m->n_kv_heads, c->rms_eps);
+    if (L->wqkv.data) {
+        /* one product, rows [q | k | v]: rope turns the q and k heads of
+         * each row in one call; kv_write and attention read with the stride */
+        int ld = (int)(qd + 2 * (size_t)m->n_kv_heads * c->head_dim);
+        float *q = m->qkv, *k = q + qd, *v = k + (size_t)m->n_kv_heads * c->head_dim;
+        linear(m, m->qkv, m->xn, &L->wqkv, &L->bqkv, n);
+        op->rope(be, q, m->n_heads + m->n_kv_heads, c->head_dim, ld, m->inv_freq, c->rope_interleaved);
+        s.q_stride = s.kv_stride = ld;
+        op->kv_write(be, m->k_cache[li], m->v_cache[li], k, v, &s);
+        op->attention(be, m->att, q, m->k_cache[li], m->v_cache[li], &s);
+    } else {
+        linear(m, m->q, m->xn, &L->wq, &L->bq, n);
+        linear(m, m->k, m->xn, &L->wk, &L->bk, n);
+        linear(m, m->v, m->xn, &L->wv, &L->bv, n);
+        if (c->qk_norm) {
+            op->rmsnorm(be, m->q, m->q, &L->q_norm, n * m->n_heads, c->rms_eps);
+            op->rmsnorm(be, m->k, m->k, &L->k_norm, n * m->n_kv_heads, c->rms_eps);
+        }
+        op->rope(be, m->q, m->n_heads, c->head_dim, (int)qd, m->inv_freq, c->rope_interleaved);
+        op->rope(be, m->k, m->n_kv_heads, c->head_dim, m->n_kv_heads * c->head_dim, m->inv_freq,
+                 c->rope_interleaved);
+        op->kv_write(be, m->k_cache[li], m->v_cache[li], m->k, m->v, &s);
+        op->attention(be, m->att, m->q, m->k_cache[li], m->v_cache[li], &s);
     }
-    op->rope(be, m->q, m->n_heads, c->head_dim, m->inv_freq, c->rope_interleaved);
-    op->rope(be, m->k, m->n_kv_heads, c->head_dim, m->inv_freq, c->rope_interleaved);
-    op->kv_write(be, m->k_cache[li], m->v_cache[li], m->k, m->v, &s);
-    op->attention(be, m->att, m->q, m->k_cache[li], m->v_cache[li], &s);
     CAPTURE(1, m->att, qd);
     linear_sum(m, m->xn, m->att, &L->wo, &L->bo, n);
     op->add_rmsnorm(be, m->xn, m->x, m->xn, &L->ffn_norm, n, c->rms_eps);
@@ -381,11 +427,19 @@ static void layer_forward(nb_model *m, int li, int n) {
         model_moe_forward(m, li, n); /* its output in xn too */
         return;
     }
-    linear(m, m->gate, m->xn, &L->gate, &L->b_gate, n);
-    linear(m, m->up, m->xn, &L->up, &L->b_up, n);
-    op->silu_mul(be, m->gate, m->gate, m->up, (size_t)n * (size_t)m->ffn);
-    CAPTURE(3, m->gate, m->ffn);
-    linear_sum(m, m->xn, m->gate, &L->down, &L->b_down, n); /* added by the next layer's norm */
+    int F = (int)m->ffn;
+    float *act = m->gate;
+    if (L->gate_up.data) {
+        linear(m, m->gu, m->xn, &L->gate_up, &L->b_gate_up, n); /* rows [gate | up] */
+        act = m->act;
+        op->silu_mul(be, act, m->gu, m->gu + F, n, F, 2 * F);
+    } else {
+        linear(m, m->gate, m->xn, &L->gate, &L->b_gate, n);
+        linear(m, m->up, m->xn, &L->up, &L->b_up, n);
+        op->silu_mul(be, act, m->gate, m->up, n, F, F);
+    }
+    CAPTURE(3, act, F);
+    linear_sum(m, m->xn, act, &L->down, &L->b_down, n); /* added by the next layer's norm */
 #undef CAPTURE
 }
 

@@ -8,13 +8,19 @@
 #include "engine/model/quant_config.h"
 #include "engine/model/safetensors.h"
 
+/* q/k/v, and gate/up, are bound either fused (one weight whose rows are
+ * theirs in order, so one matmul reads the input once: wqkv and gate_up)
+ * or one by one (model_bind_linears says which; the other fields stay
+ * zeroed). */
 typedef struct nb_layer {
     nb_weight attn_norm, ffn_norm;
     nb_weight wq, wk, wv, wo;
     nb_weight bq, bk, bv, bo;       /* present when the config says so */
+    nb_weight wqkv, bqkv;           /* fused q|k|v and its bias */
     nb_weight q_norm, k_norm;       /* Qwen3 */
     nb_weight gate, up, down;
     nb_weight b_gate, b_up, b_down; /* present with mlp_bias */
+    nb_weight gate_up, b_gate_up;   /* fused gate|up and its bias */
 } nb_layer;
 
 /* model_free walks a layer as an array of weights. */
@@ -91,7 +97,12 @@ struct nb_model {
     /* activation workspace for max_tokens tokens */
     int max_tokens;
     int max_rows; /* logit rows: last and logits hold this many */
-    float *x, *xn, *q, *k, *v, *att, *gate, *up, *last, *logits;
+    float *x, *xn, *att, *last, *logits;
+    /* q, k and v lie in qkv ([T][q_dim] | [T][kv_dim] | [T][kv_dim]), where
+     * a fused projection writes [n][q_dim + 2 kv_dim] rows instead; gate and
+     * up lie in gu the same way ([n][2 ffn] when fused, whose silu product
+     * goes to act [T][ffn], made only for fused layers) */
+    float *qkv, *q, *k, *v, *gu, *gate, *up, *act;
     /* The LM head split by vocabulary (n_ranks > 1 dividing the vocabulary):
      * each rank's rows [rank * V/n, ...) of it; its logits [rows][V/n] in
      * head_part, every rank's gathered in head_all [n][rows][V/n], which
@@ -145,6 +156,28 @@ int model_bind_f32(nb_model *m, nb_weight *w, const char *name, int64_t rows, in
  * format. */
 int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t rows, int64_t cols, const nb_slice *sl,
                       nb_dtype target, nb_err *e);
+
+/* One projection of a layer whose projections share an input: its
+ * tensor, rows and this rank's part of them (NULL: all). */
+typedef struct nb_part {
+    const char *name;
+    int64_t rows;
+    const nb_slice *sl;
+} nb_part;
+#define MODEL_MAX_PARTS 3
+
+/* Binds the n linear weights parts (each [rows][K], as model_bind_linear
+ * would) either as one weight, *fused, whose rows are theirs in order, or
+ * one by one into *outs[i] (*fused then zeroed). Fused where every part
+ * has the same format, width and group (FP8: row blocks not shared) and
+ * the backend copies the bytes anyway (not the CPU's plain weights, used
+ * where they lie in the checkpoint). fused_name names the fused weight in
+ * errors. */
+int model_bind_linears(nb_model *m, nb_weight *fused, nb_weight *const *outs, const nb_part *parts, int n, int64_t K,
+                       nb_dtype target, const char *fused_name, nb_err *e);
+/* The vectors parts (rows: each one's length) one after the other, as one
+ * vector weight: the bias of a fused weight. */
+int model_bind_cat(nb_model *m, nb_weight *w, const nb_part *parts, int n, const char *fused_name, nb_err *e);
 
 /* Sets this rank's share (rank, n_ranks, be set), binds its weights and
  * makes its activations; the KV cache comes after. */

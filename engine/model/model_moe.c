@@ -169,7 +169,7 @@ static void mlp(nb_model *m, float *out, const float *x, const nb_weight *gate, 
     const nb_backend_ops *op = m->be->ops;
     op->matmul(m->be, m->gate, x, gate, n);
     op->matmul(m->be, m->up, x, up, n);
-    op->silu_mul(m->be, m->gate, m->gate, m->up, (size_t)n * (size_t)gate->rows);
+    op->silu_mul(m->be, m->gate, m->gate, m->up, n, (int)gate->rows, (int)gate->rows);
     op->matmul(m->be, out, m->gate, down, n);
 }
 
@@ -191,7 +191,7 @@ void model_moe_forward(nb_model *m, int li, int n) {
     else op->zero(be, m->xn, sizeof(float) * (size_t)n * H);
     op->matmul_experts(be, m->moe_g, m->moe_xe, L->gate_set, m->moe_groups, n, nk);
     op->matmul_experts(be, m->moe_u, m->moe_xe, L->up_set, m->moe_groups, n, nk);
-    op->silu_mul(be, m->moe_g, m->moe_g, m->moe_u, (size_t)nk * (size_t)m->moe_ffn);
+    op->silu_mul(be, m->moe_g, m->moe_g, m->moe_u, nk, (int)m->moe_ffn, (int)m->moe_ffn);
     /* the pairs' outputs where their inputs were (read by now) */
     op->matmul_experts(be, m->moe_xe, m->moe_g, L->down_set, m->moe_groups, n, nk);
     op->moe_combine(be, m->xn, m->moe_xe, m->moe_slot, m->moe_w, n, K, (int)H);

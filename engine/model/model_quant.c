@@ -251,8 +251,8 @@ static int load_packed(nb_model *m, nb_weight *w, const char *name, nb_err *e) {
     return 0;
 }
 
-/* The packed tensors of an offline checkpoint (or their part sl), bound
- * where they lie. */
+/* The packed tensors of an offline checkpoint (or their part sl), described
+ * in w where they lie (host bytes). */
 static int bind_packed(nb_model *m, nb_weight *w, const st_tensor *t, const char *name, int64_t N, int64_t K,
                        const nb_slice *sl, nb_err *e) {
     char sname[256];
@@ -290,8 +290,7 @@ static int bind_packed(nb_model *m, nb_weight *w, const st_tensor *t, const char
     }
     nb_err ce;
     if (quant_check(full.dtype, N, K, full.group, &ce)) return nb_errf(e, "%s: %s", name, ce.msg);
-    if (slice_weight(m, name, &full, sl, w, e)) return -1;
-    return load_packed(m, w, name, e);
+    return slice_weight(m, name, &full, sl, w, e);
 }
 
 /* Relative error of the layer's output on 16 Gaussian sample rows. */
@@ -375,14 +374,27 @@ static int pack_bands(const nb_weight *src, float *W, const nb_weight *out, nb_e
     return 0;
 }
 
-int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, int64_t K, const nb_slice *sl,
-                      nb_dtype target, nb_err *e) {
+/* Frees host buffer p if the model owns it (made at load); anything else
+ * (the mmapped checkpoint) is left alone. */
+static void disown(nb_model *m, const void *p) {
+    for (int i = 0; p && i < m->n_owned; i++)
+        if (m->owned[i] == p) {
+            free(m->owned[i]);
+            m->owned[i] = m->owned[--m->n_owned];
+            return;
+        }
+}
+
+/* Linear weight `name` (or its part sl) as model_bind_linear describes,
+ * in w as host bytes: packed tensors where they lie, plain ones too, or
+ * quantized now into buffers the model owns. Nothing is loaded. */
+static int linear_host(nb_model *m, nb_weight *w, const char *name, int64_t N, int64_t K, const nb_slice *sl,
+                       nb_dtype target, nb_err *e) {
     const st_tensor *t = st_find(m->st, name);
-    if (t && (t->dtype == ST_I8 || t->dtype == ST_U8 || t->dtype == ST_F8_E4M3)) {
-        memset(w, 0, sizeof *w);
+    memset(w, 0, sizeof *w);
+    if (t && (t->dtype == ST_I8 || t->dtype == ST_U8 || t->dtype == ST_F8_E4M3))
         return bind_packed(m, w, t, name, N, K, sl, e);
-    }
-    if (target == NB_BF16 || target == NB_F32 || target == NB_F16) return model_bind(m, w, name, N, K, sl, 0, e);
+    if (target == NB_BF16 || target == NB_F32 || target == NB_F16) return bind_host(m, w, name, N, K, sl, 0, e);
     /* Quantize this rank's rows over all their columns, as a single rank
      * would, then cut the columns: a split never changes the codes or
      * scales (the cut must fall on the groups, as for offline tensors). */
@@ -417,5 +429,109 @@ int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, in
                 output_error(W, &packed));
     free(W);
     if (slice_weight(m, name, &packed, sl && sl->dim == 1 ? sl : NULL, w, e)) return -1;
-    return load_packed(m, w, name, e);
+    /* what a column cut copied is not needed whole any more */
+    if (w->data != packed.data) disown(m, packed.data);
+    if (w->scale != packed.scale) disown(m, packed.scale);
+    if (w->scale2 != packed.scale2) disown(m, packed.scale2);
+    return 0;
+}
+
+static int is_plain(nb_dtype t) { return t == NB_F32 || t == NB_BF16 || t == NB_F16; }
+
+/* Hands host weight w to the backend, in place of its host bytes. The host
+ * buffers the model made for it are freed where the backend took a copy
+ * (the CPU backend uses them where they lie, so it keeps them). */
+static int linear_load(nb_model *m, nb_weight *w, const char *name, nb_err *e) {
+    nb_weight host = *w;
+    int rc = is_plain(w->dtype) ? load(m, w->dtype, &w->data, w->data, data_row_bytes(w->dtype, w->cols) * (size_t)w->rows,
+                                       name, e)
+                                : load_packed(m, w, name, e);
+    if (rc) return -1;
+    if (host.data != w->data) disown(m, host.data);
+    if (host.scale != w->scale) disown(m, host.scale);
+    if (host.scale2 != w->scale2) disown(m, host.scale2);
+    return 0;
+}
+
+int model_bind_linear(nb_model *m, nb_weight *w, const char *name, int64_t N, int64_t K, const nb_slice *sl,
+                      nb_dtype target, nb_err *e) {
+    if (linear_host(m, w, name, N, K, sl, target, e)) return -1;
+    return linear_load(m, w, name, e);
+}
+
+/* Whether host weights p[0..n) can be one weight with their rows one after
+ * the other, with the very codes and scales each has alone: one format,
+ * width and group, and (FP8) row blocks that no two of them share. */
+static int fusable(const nb_weight *p, int n) {
+    for (int i = 0; i < n; i++) {
+        if (p[i].dtype != p[0].dtype || p[i].cols != p[0].cols || p[i].group != p[0].group) return 0;
+        if (p[i].dtype == NB_FP8_B128 && i < n - 1 && p[i].rows % QUANT_FP8_BLOCK) return 0;
+    }
+    return 1;
+}
+
+/* p's rows one after the other in one host weight the model owns; the
+ * parts' own buffers made at load are freed. */
+static nb_weight concat_rows(nb_model *m, const nb_weight *p, int n) {
+    nb_weight f = p[0];
+    f.rows = 0;
+    for (int i = 0; i < n; i++) f.rows += p[i].rows;
+    nb_dtype t = f.dtype;
+    int plain = is_plain(t);
+    size_t row = data_row_bytes(t, f.cols);
+    char *data = model_own(m, row * (size_t)f.rows);
+    char *scale = plain ? NULL : model_own(m, quant_scale_bytes(t, f.rows, f.cols, f.group));
+    char *scale2 = p[0].scale2 ? model_own(m, quant_scale2_bytes(t, f.rows)) : NULL;
+    int64_t r = 0;
+    for (int i = 0; i < n; i++) {
+        memcpy(data + row * (size_t)r, p[i].data, row * (size_t)p[i].rows);
+        if (scale)
+            memcpy(scale + quant_scale_bytes(t, r, f.cols, f.group), p[i].scale,
+                   quant_scale_bytes(t, p[i].rows, f.cols, f.group));
+        if (scale2) memcpy(scale2 + quant_scale2_bytes(t, r), p[i].scale2, quant_scale2_bytes(t, p[i].rows));
+        r += p[i].rows;
+        disown(m, p[i].data), disown(m, p[i].scale), disown(m, p[i].scale2);
+    }
+    f.data = data, f.scale = scale, f.scale2 = scale2;
+    return f;
+}
+
+int model_bind_linears(nb_model *m, nb_weight *fused, nb_weight *const *outs, const nb_part *parts, int n, int64_t K,
+                       nb_dtype target, const char *fused_name, nb_err *e) {
+    nb_weight host[MODEL_MAX_PARTS];
+    if (n < 1 || n > MODEL_MAX_PARTS) abort(); /* a caller's bug */
+    for (int i = 0; i < n; i++)
+        if (linear_host(m, &host[i], parts[i].name, parts[i].rows, K, parts[i].sl, target, e)) return -1;
+    /* Fused only where the bytes are copied anyway: a backend that uses
+     * host weights in place (the CPU's, over the mmapped checkpoint) would
+     * otherwise hold a second copy of the plain ones. */
+    int copied = !m->be->ops->weights_in_place || !is_plain(host[0].dtype);
+    memset(fused, 0, sizeof *fused);
+    if (copied && fusable(host, n)) {
+        *fused = concat_rows(m, host, n);
+        return linear_load(m, fused, fused_name, e);
+    }
+    for (int i = 0; i < n; i++) {
+        *outs[i] = host[i];
+        if (linear_load(m, outs[i], parts[i].name, e)) return -1;
+    }
+    return 0;
+}
+
+int model_bind_cat(nb_model *m, nb_weight *w, const nb_part *parts, int n, const char *fused_name, nb_err *e) {
+    nb_weight host[MODEL_MAX_PARTS];
+    if (n < 1 || n > MODEL_MAX_PARTS) abort();
+    memset(w, 0, sizeof *w);
+    int64_t cols = 0;
+    for (int i = 0; i < n; i++) {
+        if (bind_host(m, &host[i], parts[i].name, 0, parts[i].rows, parts[i].sl, 0, e)) return -1;
+        if (host[i].dtype != host[0].dtype)
+            return nb_errf(e, "%s: the biases %s and %s differ in dtype", fused_name, parts[0].name, parts[i].name);
+        cols += host[i].cols;
+    }
+    size_t es = nb_dtype_size(host[0].dtype);
+    char *cat = model_own(m, es * (size_t)cols);
+    for (int64_t i = 0, c = 0; i < n; c += host[i].cols, i++) memcpy(cat + es * (size_t)c, host[i].data, es * (size_t)host[i].cols);
+    *w = (nb_weight){.dtype = host[0].dtype, .rows = 1, .cols = cols, .data = cat};
+    return linear_load(m, w, fused_name, e);
 }

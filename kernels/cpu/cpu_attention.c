@@ -27,7 +27,7 @@ static void check_head_dim(const char *op, int head_dim) {
 typedef struct rope_job {
     const nb_batch *batch;
     float *x;
-    int n_heads, head_dim;
+    int n_heads, head_dim, stride;
     const float *inv_freq;
     int interleaved;
     int tokens_per_task;
@@ -46,7 +46,7 @@ static void rope_tokens(const rope_job *j, int t0, int t1) {
             sn[i] = sinf(a);
         }
         for (int h = 0; h < j->n_heads; h++) {
-            float *v = j->x + ((size_t)t * j->n_heads + h) * j->head_dim;
+            float *v = j->x + (size_t)t * j->stride + (size_t)h * j->head_dim;
             if (j->interleaved) {
                 for (int i = 0; i < half; i++) {
                     float a = v[2 * i], b = v[2 * i + 1];
@@ -71,11 +71,11 @@ static void rope_task(void *arg, int task) {
     rope_tokens(j, t0, t1);
 }
 
-void cpu_rope(threadpool *pool, const nb_batch *batch, float *x, int n_heads, int head_dim,
+void cpu_rope(threadpool *pool, const nb_batch *batch, float *x, int n_heads, int head_dim, int stride,
               const float *inv_freq, int interleaved) {
     check_head_dim("rope", head_dim);
     int n = batch->n_tokens;
-    rope_job j = {batch, x, n_heads, head_dim, inv_freq, interleaved, n};
+    rope_job j = {batch, x, n_heads, head_dim, stride, inv_freq, interleaved, n};
     if ((int64_t)n * n_heads * head_dim < PAR_MIN_WORK || n == 1) {
         rope_tokens(&j, 0, n);
         return;
@@ -144,7 +144,7 @@ const float *cpu_kv_row(const void *cache, const nb_attn_shape *s, size_t slot, 
 
 void cpu_kv_write(const nb_batch *batch, void *k_cache, void *v_cache, const float *k,
                   const float *v, const nb_attn_shape *s) {
-    size_t row = (size_t)s->n_kv_heads * s->head_dim;
+    size_t row = (size_t)nb_attn_kv_stride(s);
     for (int t = 0; t < batch->n_tokens; t++)
         for (int h = 0; h < s->n_kv_heads; h++) {
             size_t slot = (size_t)batch->slot[t], off = (size_t)t * row + (size_t)h * s->head_dim;
@@ -171,7 +171,7 @@ static void attn_one(const attn_job *j, int t, int h) {
     const nb_batch *b = j->batch;
     int hd = s->head_dim, group = s->n_heads / s->n_kv_heads, kvh = h / group;
     float rowbuf[CPU_MAX_HEAD_DIM];
-    const float *q = j->q + ((size_t)t * s->n_heads + h) * hd;
+    const float *q = j->q + (size_t)t * nb_attn_q_stride(s) + (size_t)h * hd;
     float *o = j->out + ((size_t)t * s->n_heads + h) * hd;
     const int32_t *table = b->block_tables + (size_t)b->seq_of[t] * b->max_blocks;
     int n_ctx = b->pos[t] + 1;

@@ -187,12 +187,22 @@ static void add_rows(void *arg, size_t r0, size_t r1) {
     for (size_t i = r0 * ELEM_BLOCK; i < i1; i++) j->out[i] = j->a[i] + j->c[i];
 }
 
+/* silu_mul over out's n * cols elements in ELEM_BLOCK pieces; a piece may
+ * span rows, whose gate and up lie ld apart. */
+typedef struct silu_job {
+    float *out;
+    const float *gate, *up;
+    size_t n, cols, ld;
+} silu_job;
+
 static void silu_mul_rows(void *arg, size_t r0, size_t r1) {
-    const elem_job *j = arg;
-    size_t i1 = r1 * ELEM_BLOCK < j->n ? r1 * ELEM_BLOCK : j->n;
-    for (size_t i = r0 * ELEM_BLOCK; i < i1; i++) {
-        float g = j->a[i];
-        j->out[i] = g / (1.0f + expf(-g)) * j->c[i];
+    const silu_job *j = arg;
+    size_t i = r0 * ELEM_BLOCK, i1 = r1 * ELEM_BLOCK < j->n ? r1 * ELEM_BLOCK : j->n;
+    while (i < i1) {
+        size_t r = i / j->cols, end = (r + 1) * j->cols < i1 ? (r + 1) * j->cols : i1;
+        /* element i of out is column i - r * cols of row r */
+        const float *g = j->gate + r * (j->ld - j->cols), *u = j->up + r * (j->ld - j->cols);
+        for (; i < end; i++) j->out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
 
@@ -201,14 +211,16 @@ static void cpu_add(nb_backend *b, float *out, const float *a, const float *c, s
     run_rows(b, (n + ELEM_BLOCK - 1) / ELEM_BLOCK, ELEM_BLOCK, add_rows, &j);
 }
 
-static void cpu_silu_mul(nb_backend *b, float *out, const float *gate, const float *up, size_t n) {
-    elem_job j = {out, gate, up, n};
+static void cpu_silu_mul(nb_backend *b, float *out, const float *gate, const float *up, int n_rows, int cols,
+                         int ld) {
+    size_t n = (size_t)n_rows * (size_t)cols;
+    silu_job j = {out, gate, up, n, (size_t)cols, (size_t)ld};
     run_rows(b, (n + ELEM_BLOCK - 1) / ELEM_BLOCK, ELEM_BLOCK, silu_mul_rows, &j);
 }
 
-static void cpu_rope_op(nb_backend *b, float *x, int n_heads, int head_dim, const float *inv_freq,
+static void cpu_rope_op(nb_backend *b, float *x, int n_heads, int head_dim, int stride, const float *inv_freq,
                         int interleaved) {
-    cpu_rope(impl(b)->pool, cur_batch(b, "rope"), x, n_heads, head_dim, inv_freq, interleaved);
+    cpu_rope(impl(b)->pool, cur_batch(b, "rope"), x, n_heads, head_dim, stride, inv_freq, interleaved);
 }
 
 static void cpu_kv_write_op(nb_backend *b, void *k_cache, void *v_cache, const float *k,
@@ -357,6 +369,7 @@ static const nb_backend_ops CPU_OPS = {
     .graph_end = cpu_graph_end,
     .all_reduce = cpu_all_reduce,
     .all_gather = cpu_all_gather,
+    .weights_in_place = 1,
     .kv_default = NB_KV_F32,
 };
 

@@ -51,7 +51,7 @@ void cpu_scale_f32(float *y, float a, int n);                /* y *= a */
 
 /* Rotary embedding, kv-cache write and paged attention over a batch
  * (kernels/cpu/cpu_attention.c); shapes as in backend.h. */
-void cpu_rope(threadpool *pool, const nb_batch *batch, float *x, int n_heads, int head_dim,
+void cpu_rope(threadpool *pool, const nb_batch *batch, float *x, int n_heads, int head_dim, int stride,
               const float *inv_freq, int interleaved);
 void cpu_kv_write(const nb_batch *batch, void *k_cache, void *v_cache, const float *k,
                   const float *v, const nb_attn_shape *s);

@@ -1,6 +1,9 @@
 // KV-cache writes and causal paged attention on the GPU, for every KV cache
 // type (F32, BF16, INT8 and FP8 with a scale per token per head). Layout and
-// quantization are those of backend.h and kernels/cpu/cpu_attention.c.
+// quantization are those of backend.h and kernels/cpu/cpu_attention.c. The
+// inputs' rows may lie apart (q_stride, kv_stride: slices of a fused q|k|v
+// projection); every kernel reads them with scalar loads, so any stride
+// works. The output is packed.
 //
 // Decode (one token per sequence): the context is cut into parts of
 // ATTN_PART positions; a block per (token, kv head, z) takes parts z, z + Z,
@@ -73,14 +76,15 @@ __device__ __forceinline__ kv_row kv_locate(const char *cache, int slot, int h, 
 
 // ---- kv write -------------------------------------------------------------
 
-// grid (tokens, kv heads, 2: K then V). INT8/FP8 compute the row's scale
-// exactly as the CPU does (max|x| / 127 or / 448, then x * (1 / scale)
-// rounded to nearest even), so both write the same bytes.
+// grid (tokens, kv heads, 2: K then V); token t's K and V rows start at t *
+// stride (a fused q|k|v projection's rows hold them apart). INT8/FP8 compute
+// the row's scale exactly as the CPU does (max|x| / 127 or / 448, then x *
+// (1 / scale) rounded to nearest even), so both write the same bytes.
 template <int KV>
 __global__ void kv_write_kernel(char *k_cache, char *v_cache, const float *k, const float *v, const int32_t *slot,
-                                int n_kv, int D, size_t block_bytes) {
+                                int n_kv, int D, int stride, size_t block_bytes) {
     int t = blockIdx.x, h = blockIdx.y;
-    const float *src = (blockIdx.z ? v : k) + ((size_t)t * n_kv + h) * D;
+    const float *src = (blockIdx.z ? v : k) + (size_t)t * stride + (size_t)h * D;
     char *cache = blockIdx.z ? v_cache : k_cache;
     const float *sp = NULL;
     char *dst = (char *)kv_row_ptr<KV>(cache, slot[t], h, n_kv, D, block_bytes, &sp);
@@ -114,6 +118,12 @@ static void check_shape(const char *op, const nb_attn_shape *s) {
                 op, s->n_heads, s->n_kv_heads, s->head_dim, CUDA_MAX_HEAD_DIM);
         abort();
     }
+    // rows narrower than their heads would overlap: a caller's bug too
+    if (nb_attn_q_stride(s) < s->n_heads * s->head_dim || nb_attn_kv_stride(s) < s->n_kv_heads * s->head_dim) {
+        fprintf(stderr, "nibble: cuda %s: q_stride %d / kv_stride %d below the rows' %d / %d floats\n", op,
+                s->q_stride, s->kv_stride, s->n_heads * s->head_dim, s->n_kv_heads * s->head_dim);
+        abort();
+    }
 }
 
 void cuda_kv_write(cuda_backend *c, void *k_cache, void *v_cache, const float *k, const float *v,
@@ -124,24 +134,28 @@ void cuda_kv_write(cuda_backend *c, void *k_cache, void *v_cache, const float *k
     dim3 grid((unsigned)b->n_tokens, (unsigned)s->n_kv_heads, 2);
     int th = s->head_dim >= 128 ? 128 : s->head_dim > 32 ? 64 : 32;
     size_t bb = nb_kv_block_bytes(s->kv_dtype, s->n_kv_heads, s->head_dim);
+    int st = nb_attn_kv_stride(s);
     char *kc = (char *)k_cache, *vc = (char *)v_cache;
     switch (s->kv_dtype) {
-    case NB_KV_F32: kv_write_kernel<NB_KV_F32><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, bb); break;
-    case NB_KV_BF16: kv_write_kernel<NB_KV_BF16><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, bb); break;
-    case NB_KV_INT8: kv_write_kernel<NB_KV_INT8><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, bb); break;
-    case NB_KV_FP8: kv_write_kernel<NB_KV_FP8><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, bb); break;
+    case NB_KV_F32: kv_write_kernel<NB_KV_F32><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, st, bb); break;
+    case NB_KV_BF16: kv_write_kernel<NB_KV_BF16><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, st, bb); break;
+    case NB_KV_INT8: kv_write_kernel<NB_KV_INT8><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, st, bb); break;
+    case NB_KV_FP8: kv_write_kernel<NB_KV_FP8><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, st, bb); break;
     }
     CUDA_LAUNCHED();
 }
 
 // ---- decode -----------------------------------------------------------------
 
+// q_stride: floats from one token's q row to the next (n_heads * D packed,
+// more in a fused q|k|v buffer); out is always packed.
 struct attn_args {
     const float *q;
     const char *k_cache, *v_cache;
     int n_heads, n_kv, D;
     float scale;
     size_t block_bytes;
+    int q_stride;
 };
 
 // Shared memory: qs [G][D], scores [G][ATTN_PART], slots [ATTN_PART],
@@ -161,7 +175,7 @@ __global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *part_o,
     const int32_t *table = b.block_tables + (size_t)b.seq_of[t] * b.bt_stride;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-    const float *qt = a.q + ((size_t)t * a.n_heads + (size_t)h * G) * D;
+    const float *qt = a.q + (size_t)t * a.q_stride + (size_t)h * G * D;
     for (int i = threadIdx.x; i < G * D; i += DEC_THREADS) qs[i] = qt[i], os[i] = 0.0f;
     for (int g = threadIdx.x; g < G; g += DEC_THREADS) ml[2 * g] = -INFINITY, ml[2 * g + 1] = 0.0f;
 
@@ -325,7 +339,7 @@ __global__ void __launch_bounds__(PF_THREADS) attn_prefill_kernel(float *out, at
     for (int e = threadIdx.x; e < R * D; e += PF_THREADS) {
         int r = e / D, d = e % D;
         int tok = tile.tok0 + r / gn, head = h * G + g0 + r % gn;
-        Qs[e] = a.q[((size_t)tok * a.n_heads + head) * D + d];
+        Qs[e] = a.q[(size_t)tok * a.q_stride + (size_t)head * D + d];
     }
     for (int r = threadIdx.x; r < R; r += PF_THREADS) {
         rpos[r] = b.pos[tile.tok0 + r / gn];
@@ -545,7 +559,8 @@ __global__ void __launch_bounds__(TC_THREADS) attn_prefill_tc_kernel(float *out,
         uint32_t w = 0;
         if (r < R) {
             int tok = tile.tok0 + r / gn, head = h * G + g0 + r % gn;
-            const float *qr = a.q + ((size_t)tok * a.n_heads + head) * D + 2 * dp;
+            // scalar loads: a q row need only be float-aligned (any q_stride)
+            const float *qr = a.q + (size_t)tok * a.q_stride + (size_t)head * D + 2 * dp;
             w = cuda_bf16x2(qr[0] * qscale, qr[1] * qscale);
         }
         Qs[r * QW + dp] = w;
@@ -748,7 +763,7 @@ void cuda_attention(cuda_backend *c, float *out, const float *q, const void *k_c
     const cuda_batch *b = &c->batch;
     if (b->n_tokens <= 0) return;
     attn_args a = {q, (const char *)k_cache, (const char *)v_cache, s->n_heads, s->n_kv_heads, s->head_dim, s->scale,
-                   nb_kv_block_bytes(s->kv_dtype, s->n_kv_heads, s->head_dim)};
+                   nb_kv_block_bytes(s->kv_dtype, s->n_kv_heads, s->head_dim), nb_attn_q_stride(s)};
     // One token per sequence: the split-context kernel (the shape a
     // recorded decode step has); anything else: query tiles (prefill_dispatch
     // picks tensor cores or CUDA cores).

@@ -353,14 +353,15 @@ static void cu_add(nb_backend *b, float *out, const float *a, const float *c2, s
     cuda_add(cuda_impl(b), out, a, c2, n);
 }
 
-static void cu_silu_mul(nb_backend *b, float *out, const float *gate, const float *up, size_t n) {
-    cuda_silu_mul(cuda_impl(b), out, gate, up, n);
+static void cu_silu_mul(nb_backend *b, float *out, const float *gate, const float *up, int n, int cols, int ld) {
+    cuda_silu_mul(cuda_impl(b), out, gate, up, n, cols, ld);
 }
 
-static void cu_rope(nb_backend *b, float *x, int n_heads, int head_dim, const float *inv_freq, int interleaved) {
+static void cu_rope(nb_backend *b, float *x, int n_heads, int head_dim, int stride, const float *inv_freq,
+                    int interleaved) {
     cuda_backend *c = cuda_impl(b);
     cur_batch(c, "rope");
-    cuda_rope(c, x, n_heads, head_dim, inv_freq, interleaved);
+    cuda_rope(c, x, n_heads, head_dim, stride, inv_freq, interleaved);
 }
 
 static void cu_kv_write(nb_backend *b, void *k_cache, void *v_cache, const float *k, const float *v,

@@ -242,8 +242,11 @@ void cuda_add_rmsnorm(cuda_backend *c, float *out, float *x, const float *delta,
                       float eps);
 void cuda_add_bias(cuda_backend *c, float *x, const nb_weight *bias, int M);
 void cuda_add(cuda_backend *c, float *out, const float *a, const float *b, size_t n);
-void cuda_silu_mul(cuda_backend *c, float *out, const float *gate, const float *up, size_t n);
-void cuda_rope(cuda_backend *c, float *x, int n_heads, int head_dim, const float *inv_freq, int interleaved);
+// n rows of cols; gate's and up's rows ld floats apart (backend.h's silu_mul)
+void cuda_silu_mul(cuda_backend *c, float *out, const float *gate, const float *up, int n, int cols, int ld);
+// token rows stride floats apart, the first n_heads * head_dim rotated
+void cuda_rope(cuda_backend *c, float *x, int n_heads, int head_dim, int stride, const float *inv_freq,
+               int interleaved);
 void cuda_softmax(cuda_backend *c, float *x, int n, int cols);
 void cuda_gather_rows(cuda_backend *c, float *out, const float *x, const int32_t *rows_dev, int n_rows, int cols);
 // x (FP32) to BF16 or F16, n elements
@@ -323,7 +326,8 @@ void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *t
 // and rows); copies in and out and waits, so it cannot be recorded.
 void cuda_sample(cuda_backend *c, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows);
 
-// cuda_attention.cu
+// cuda_attention.cu: k/v rows nb_attn_kv_stride(s) apart, q rows
+// nb_attn_q_stride(s) apart, out packed (backend.h)
 void cuda_kv_write(cuda_backend *c, void *k_cache, void *v_cache, const float *k, const float *v,
                    const nb_attn_shape *s);
 void cuda_attention(cuda_backend *c, float *out, const float *q, const void *k_cache, const void *v_cache,

@@ -137,16 +137,31 @@ void cuda_add(cuda_backend *c, float *out, const float *a, const float *b, size_
     CUDA_LAUNCHED();
 }
 
-__global__ void silu_mul_kernel(float *out, const float *gate, const float *up, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+// grid (column blocks, row blocks), each striding over both: out is packed,
+// gate and up are read at row * ld (a fused gate|up projection's rows hold
+// both halves, ld = 2 * cols). Consecutive threads take consecutive columns
+// of a row, so every access stays coalesced, and the 2-D walk needs no
+// per-element 64-bit division. Scalar loads, so that ld and the pointers
+// need no alignment (an odd ld is legal); the op is bound by memory
+// traffic, which wider loads would leave the same (not timed on a device).
+// out may equal gate only when ld == cols: each thread then reads its
+// element before writing it.
+__global__ void silu_mul_kernel(float *out, const float *gate, const float *up, int n, int cols, int ld) {
+    for (int r = blockIdx.y; r < n; r += gridDim.y) {
+        const float *g = gate + (size_t)r * ld, *u = up + (size_t)r * ld;
+        float *o = out + (size_t)r * cols;
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x) {
+            float x = g[i];
+            o[i] = x / (1.0f + expf(-x)) * u[i];
+        }
     }
 }
 
-void cuda_silu_mul(cuda_backend *c, float *out, const float *gate, const float *up, size_t n) {
-    if (!n) return;
-    silu_mul_kernel<<<grid_for(n, ELEM_THREADS), ELEM_THREADS, 0, c->stream>>>(out, gate, up, n);
+void cuda_silu_mul(cuda_backend *c, float *out, const float *gate, const float *up, int n, int cols, int ld) {
+    if (n <= 0 || cols <= 0) return;
+    unsigned gx = grid_for((size_t)cols, ELEM_THREADS), gy = n < 65535 ? (unsigned)n : 65535u;
+    if (gx > 65535u) gx = 65535u;
+    silu_mul_kernel<<<dim3(gx, gy), ELEM_THREADS, 0, c->stream>>>(out, gate, up, n, cols, ld);
     CUDA_LAUNCHED();
 }
 
@@ -178,18 +193,20 @@ void cuda_convert(cuda_backend *c, void *out, nb_dtype t, const float *x, size_t
 
 // One thread per rotated pair. As Hugging Face and the CPU: the angle is a
 // float32 product, then cos/sin in float32 (full-range, not the fast
-// intrinsics: positions reach the hundreds of thousands of radians).
-__global__ void rope_kernel(float *x, const int32_t *pos, int n_tokens, int n_heads, int head_dim,
+// intrinsics: positions reach the hundreds of thousands of radians). Token
+// t's heads are the first n_heads * head_dim floats of its row at t *
+// stride; the rest of the row (a fused q|k|v row's V) is never touched.
+__global__ void rope_kernel(float *x, const int32_t *pos, int n_tokens, int n_heads, int head_dim, int stride,
                             const float *inv_freq, int interleaved) {
     int half = head_dim / 2;
     size_t n = (size_t)n_tokens * n_heads * half;
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
         int i = (int)(k % half);
         size_t th = k / half; // token * n_heads + head
-        int t = (int)(th / n_heads);
+        int t = (int)(th / n_heads), h = (int)(th % n_heads);
         float a = (float)pos[t] * inv_freq[i];
         float cs = cosf(a), sn = sinf(a);
-        float *v = x + th * head_dim;
+        float *v = x + (size_t)t * stride + (size_t)h * head_dim;
         int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + half;
         float p = v[i0], q = v[i1];
         v[i0] = p * cs - q * sn;
@@ -197,12 +214,13 @@ __global__ void rope_kernel(float *x, const int32_t *pos, int n_tokens, int n_he
     }
 }
 
-void cuda_rope(cuda_backend *c, float *x, int n_heads, int head_dim, const float *inv_freq, int interleaved) {
+void cuda_rope(cuda_backend *c, float *x, int n_heads, int head_dim, int stride, const float *inv_freq,
+               int interleaved) {
     const cuda_batch *b = &c->batch;
     size_t n = (size_t)b->n_tokens * n_heads * (head_dim / 2);
     if (!n) return;
     rope_kernel<<<grid_for(n, ELEM_THREADS), ELEM_THREADS, 0, c->stream>>>(x, b->pos, b->n_tokens, n_heads, head_dim,
-                                                                           inv_freq, interleaved);
+                                                                           stride, inv_freq, interleaved);
     CUDA_LAUNCHED();
 }
 

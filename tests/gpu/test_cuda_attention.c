@@ -5,8 +5,10 @@
  *    one code apart where it sits on a rounding tie (>= 99.9% identical);
  *    attention over them as tight as over F32/BF16 when no value differs;
  *  - prefill on tensor cores (head_dim % 16 == 0): BF16 operands, ATTN_TOL_BF16.
+ * The same on the rows of a fused q|k|v projection (q_stride, kv_stride).
  * Ends with CUDA graphs: a recorded decode step replayed with new positions,
- * slots and inputs must give what the same ops give issued one by one.
+ * slots and inputs must give what the same ops give issued one by one, also
+ * when the GPU's step runs the fused projection.
  * Needs a CUDA device; fails (not skips) without one. */
 #include "tests/gpu/gpu_test.h"
 
@@ -107,12 +109,35 @@ static void step_batch_free(step_batch *st) { free(st->pos), free(st->seq_of), f
 
 /* One step on both backends: set_batch, kv_write of random K/V and, when
  * attend, attention of random queries. Returns the attention output's
- * relative error (0 without attention). */
+ * relative error (0 without attention). Packed shapes (q_stride and
+ * kv_stride 0) take q, k and v from buffers of their own; strided ones
+ * from one buffer of rows nb_attn_q_stride apart (== nb_attn_kv_stride),
+ * laid out as a fused q|k|v projection's: q at 0, k after the q heads, v
+ * after the k heads, and random floats in any padding after v. So a
+ * kernel that ignores a stride reads another token's or another part's
+ * values and fails. */
 static double step_both(kv_twin *c, const nb_batch *b, int attend) {
     const nb_attn_shape *s = &c->s;
-    size_t n = (size_t)b->n_tokens, kvn = n * s->n_kv_heads * s->head_dim, qn = n * s->n_heads * s->head_dim;
-    float *k = randn(kvn, 1.0f), *v = randn(kvn, 1.0f);
-    float *dk = to_gpu(k, sizeof(float) * kvn), *dv = to_gpu(v, sizeof(float) * kvn);
+    size_t n = (size_t)b->n_tokens, qd = (size_t)s->n_heads * s->head_dim, kvd = (size_t)s->n_kv_heads * s->head_dim;
+    size_t qn = n * qd, row = (size_t)nb_attn_q_stride(s);
+    int fused = s->q_stride || s->kv_stride;
+    if (fused && (row != (size_t)nb_attn_kv_stride(s) || row < qd + 2 * kvd)) {
+        fprintf(stderr, "test bug: strides %d / %d are not a fused q|k|v row\n", s->q_stride, s->kv_stride);
+        abort();
+    }
+    /* on the host: the fused rows, or q, k, v one after another; on the
+     * GPU: the fused rows, or each of q, k, v in an allocation of its own */
+    size_t len = fused ? n * row : qn + 2 * n * kvd;
+    float *buf = randn(len, 1.0f);
+    const float *q = buf, *k = fused ? buf + qd : buf + qn, *v = fused ? buf + qd + kvd : buf + qn + n * kvd;
+    float *dq, *dk, *dv;
+    if (fused) {
+        dq = to_gpu(buf, sizeof(float) * len);
+        dk = dq + qd, dv = dq + qd + kvd;
+    } else {
+        dq = to_gpu(q, sizeof(float) * qn);
+        dk = to_gpu(k, sizeof(float) * n * kvd), dv = to_gpu(v, sizeof(float) * n * kvd);
+    }
     cpu->ops->set_batch(cpu, b);
     cpu->ops->kv_write(cpu, c->ck, c->cv, k, v, s);
     gpu->ops->set_batch(gpu, b);
@@ -120,17 +145,17 @@ static double step_both(kv_twin *c, const nb_batch *b, int attend) {
     c->written += n;
     double err = 0;
     if (attend) {
-        float *q = randn(qn, 1.0f), *ref = xmalloc(sizeof(float) * qn);
-        float *dq = to_gpu(q, sizeof(float) * qn), *dout = gpu->ops->alloc(gpu, sizeof(float) * qn);
+        float *ref = xmalloc(sizeof(float) * qn), *dout = gpu->ops->alloc(gpu, sizeof(float) * qn);
         cpu->ops->attention(cpu, ref, q, c->ck, c->cv, s);
         gpu->ops->attention(gpu, dout, dq, c->gk, c->gv, s);
         float *got = from_gpu(dout, qn);
         err = rel_l2(got, ref, qn, 0);
-        gpu->ops->free(gpu, dq), gpu->ops->free(gpu, dout);
-        free(q), free(ref), free(got);
+        gpu->ops->free(gpu, dout);
+        free(ref), free(got);
     }
-    gpu->ops->free(gpu, dk), gpu->ops->free(gpu, dv);
-    free(k), free(v);
+    if (!fused) gpu->ops->free(gpu, dk), gpu->ops->free(gpu, dv);
+    gpu->ops->free(gpu, dq);
+    free(buf);
     return err;
 }
 
@@ -298,15 +323,28 @@ static double check_prefill(const nb_attn_shape *s, size_t *cache_diff) {
     return worst;
 }
 
-static void test_attention(int prefill) {
+/* Strides of a fused q|k|v row for s, plus pad floats after v (pad < 0:
+ * packed rows, both strides 0). */
+static void set_strides(nb_attn_shape *s, int pad) {
+    int row = (s->n_heads + 2 * s->n_kv_heads) * s->head_dim + pad;
+    s->q_stride = s->kv_stride = pad < 0 ? 0 : row;
+}
+
+/* Every KV type over shapes from the first n_heads_cfg of HEADS x
+ * head_dims, packed (pad < 0) or on fused q|k|v rows with pad floats after
+ * v. */
+static void run_attention(int prefill, int n_heads_cfg, const int *head_dims, int n_hd, int pad) {
+    const char *rows = pad < 0 ? "" : pad ? ", fused q|k|v rows + pad" : ", fused q|k|v rows";
     for (int kt = 0; kt < 4; kt++) {
         double worst = 0, worst_tc = 0;
-        for (int h = 0; h < N_HEADS; h++)
-            for (int d = 0; d < N_HEAD_DIMS; d++) {
-                int hd = HEAD_DIMS[d], tc = prefill && prefill_on_tensor_cores(hd);
-                nb_attn_shape s = {HEADS[h].heads, HEADS[h].kv_heads, hd, 1.0f / sqrtf((float)hd), KV_TYPES[kt]};
-                WHERE("%s attention kv %s heads=%d kv_heads=%d head_dim=%d (%s cores)", prefill ? "prefill" : "decode",
-                      nb_kv_dtype_name(s.kv_dtype), s.n_heads, s.n_kv_heads, hd, tc ? "tensor" : "CUDA");
+        for (int h = 0; h < n_heads_cfg; h++)
+            for (int d = 0; d < n_hd; d++) {
+                int hd = head_dims[d], tc = prefill && prefill_on_tensor_cores(hd);
+                nb_attn_shape s = {HEADS[h].heads, HEADS[h].kv_heads, hd, 1.0f / sqrtf((float)hd), KV_TYPES[kt], 0, 0};
+                set_strides(&s, pad);
+                WHERE("%s attention kv %s heads=%d kv_heads=%d head_dim=%d q/kv stride %d/%d (%s cores)",
+                      prefill ? "prefill" : "decode", nb_kv_dtype_name(s.kv_dtype), s.n_heads, s.n_kv_heads, hd,
+                      s.q_stride, s.kv_stride, tc ? "tensor" : "CUDA");
                 size_t cache_diff = 0;
                 double err = prefill ? check_prefill(&s, &cache_diff) : check_decode(&s, &cache_diff);
                 /* on tensor cores a tie's code and BF16 rounding add at most */
@@ -317,26 +355,45 @@ static void test_attention(int prefill) {
                 note_worst(tc ? &worst_tc : &worst, err);
             }
         if (prefill)
-            printf("  prefill attention, kv %-13s: worst relative error %.2e on CUDA cores, %.2e on tensor cores\n",
-                   nb_kv_dtype_name(KV_TYPES[kt]), worst, worst_tc);
+            printf("  prefill attention, kv %-13s%s: worst relative error %.2e on CUDA cores, %.2e on tensor cores\n",
+                   nb_kv_dtype_name(KV_TYPES[kt]), rows, worst, worst_tc);
         else
-            printf("  decode  attention, kv %-13s: worst relative error %.2e\n", nb_kv_dtype_name(KV_TYPES[kt]), worst);
+            printf("  decode  attention, kv %-13s%s: worst relative error %.2e\n", nb_kv_dtype_name(KV_TYPES[kt]),
+                   rows, worst);
     }
 }
 
-static void test_attention_decode(void) { test_attention(0); }
-static void test_attention_prefill(void) { test_attention(1); }
+static void test_attention_decode(void) { run_attention(0, N_HEADS, HEAD_DIMS, N_HEAD_DIMS, -1); }
+static void test_attention_prefill(void) { run_attention(1, N_HEADS, HEAD_DIMS, N_HEAD_DIMS, -1); }
+
+/* kv_write reading k/v rows and attention reading q rows of a fused q|k|v
+ * buffer (step_both): the caches must hold what the CPU writes from the
+ * same rows, and attention match as on packed rows. head_dim 40 takes the
+ * CUDA-core prefill kernel, 64 and 128 the tensor-core one (both of its
+ * instantiations); rows with 3 floats of padding (an odd stride) put q, k
+ * and v at every 16-byte alignment. */
+static void test_attention_strided(int prefill) {
+    static const int fused[] = {40, 128}, padded[] = {40, 64};
+    run_attention(prefill, N_HEADS, fused, 2, 0);
+    run_attention(prefill, 1, padded, 2, 3);
+}
+static void test_attention_decode_strided(void) { test_attention_strided(0); }
+static void test_attention_prefill_strided(void) { test_attention_strided(1); }
 
 /* ---- CUDA graphs ---------------------------------------------------------------- */
 
-/* A small decoder layer on one backend: its buffers, weights and caches. */
+/* A small decoder layer on one backend: its buffers, weights and caches.
+ * fused: one q|k|v projection (wqkv, rows of qkv) as the model's fused
+ * layers have, so rope, kv_write and attention read strided rows. */
 typedef struct mini_layer {
     nb_backend *be;
     float *x, *xn, *q, *k, *v, *att, *o; /* for up to 12 tokens */
+    float *qkv;                          /* fused: 12 rows of q|k|v */
     const float *inv_freq;
     void *kc, *vc;
-    nb_weight norm, wq, wk, wv, wo;
-    nb_attn_shape s;
+    nb_weight norm, wq, wk, wv, wo, wqkv;
+    nb_attn_shape s; /* fused: q_stride = kv_stride = the q|k|v row */
+    int fused;
 } mini_layer;
 
 /* What a model's decode step issues: norm, projections, rope, KV write,
@@ -344,13 +401,23 @@ typedef struct mini_layer {
 static void mini_forward(const mini_layer *L, int n) {
     nb_backend *be = L->be;
     const nb_backend_ops *op = be->ops;
-    int H = L->s.n_heads * L->s.head_dim;
+    int H = L->s.n_heads * L->s.head_dim, KVD = L->s.n_kv_heads * L->s.head_dim;
     op->rmsnorm(be, L->xn, L->x, &L->norm, n, 1e-5f);
+    if (L->fused) {
+        /* q and k heads rotated in one call; v follows them in the row */
+        op->matmul(be, L->qkv, L->xn, &L->wqkv, n);
+        op->rope(be, L->qkv, L->s.n_heads + L->s.n_kv_heads, L->s.head_dim, L->s.q_stride, L->inv_freq, 0);
+        op->kv_write(be, L->kc, L->vc, L->qkv + H, L->qkv + H + KVD, &L->s);
+        op->attention(be, L->att, L->qkv, L->kc, L->vc, &L->s);
+        op->matmul(be, L->o, L->att, &L->wo, n);
+        op->add(be, L->x, L->x, L->o, (size_t)n * H);
+        return;
+    }
     op->matmul(be, L->q, L->xn, &L->wq, n);
     op->matmul(be, L->k, L->xn, &L->wk, n);
     op->matmul(be, L->v, L->xn, &L->wv, n);
-    op->rope(be, L->q, L->s.n_heads, L->s.head_dim, L->inv_freq, 0);
-    op->rope(be, L->k, L->s.n_kv_heads, L->s.head_dim, L->inv_freq, 0);
+    op->rope(be, L->q, L->s.n_heads, L->s.head_dim, H, L->inv_freq, 0);
+    op->rope(be, L->k, L->s.n_kv_heads, L->s.head_dim, KVD, L->inv_freq, 0);
     op->kv_write(be, L->kc, L->vc, L->k, L->v, &L->s);
     op->attention(be, L->att, L->q, L->kc, L->vc, &L->s);
     op->matmul(be, L->o, L->att, &L->wo, n);
@@ -364,9 +431,29 @@ typedef struct graph_rig {
     mini_layer c, g;
     seq_set q;
     int len[G_NSEQ]; /* positions written so far */
-    twin_weight norm, wq, wk, wv, wo;
+    twin_weight norm, wq, wk, wv, wo, wqkv;
     float *inv;
+    uint64_t key_base; /* added to the steps' nonzero keys */
 } graph_rig;
+
+/* wq, wk and wv stacked by rows into one weight: the fused projection
+ * whose output rows are q|k|v. */
+static twin_weight weight_stack3(const twin_weight *a, const twin_weight *b, const twin_weight *c) {
+    const twin_weight *p[3] = {a, b, c};
+    size_t es = nb_dtype_size(a->c.dtype), bytes = 0;
+    for (int i = 0; i < 3; i++) bytes += (size_t)(p[i]->c.rows * p[i]->c.cols) * es;
+    char *data = xmalloc(bytes), *d = data;
+    for (int i = 0; i < 3; i++) {
+        size_t n = (size_t)(p[i]->c.rows * p[i]->c.cols) * es;
+        memcpy(d, p[i]->c.data, n);
+        d += n;
+    }
+    twin_weight w;
+    w.c = (nb_weight){.dtype = a->c.dtype, .rows = a->c.rows + b->c.rows + c->c.rows, .cols = a->c.cols, .data = data};
+    w.g = w.c;
+    w.g.data = gpu->ops->weight_load(gpu, data, bytes);
+    return w;
+}
 
 /* One decode step of the sequences seqs[0..n) (one token each, so n_seqs ==
  * n_tokens as a model's decode step has) on both backends. The GPU brackets
@@ -387,6 +474,7 @@ static double graph_step(graph_rig *r, const int *seqs, int n, uint64_t key, int
     memcpy(r->c.x, x, sizeof(float) * xn);
     gpu->ops->upload(gpu, r->g.x, x, sizeof(float) * xn);
 
+    if (key) key += r->key_base;
     cpu->ops->set_batch(cpu, &b);
     if (!cpu->ops->graph_begin(cpu, key)) {
         mini_forward(&r->c, n);
@@ -411,25 +499,28 @@ static double graph_step(graph_rig *r, const int *seqs, int n, uint64_t key, int
     return fmax(e_att, e_x);
 }
 
-static void mini_init(mini_layer *L, nb_backend *be, graph_rig *r, int gpu_side) {
+static void mini_init(mini_layer *L, nb_backend *be, graph_rig *r, int gpu_side, int fused) {
     L->be = be;
     float **bufs[] = {&L->x, &L->xn, &L->q, &L->k, &L->v, &L->att, &L->o};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         *bufs[i] = be->ops->alloc(be, sizeof(float) * G_MAXT * G_H);
-    L->s = (nb_attn_shape){G_NH, G_NKV, G_HD, 0.125f, NB_KV_BF16};
+    L->qkv = be->ops->alloc(be, sizeof(float) * G_MAXT * (G_H + 2 * G_KVD));
+    L->fused = fused;
+    L->s = (nb_attn_shape){G_NH, G_NKV, G_HD, 0.125f, NB_KV_BF16, 0, 0};
+    if (fused) L->s.q_stride = L->s.kv_stride = G_H + 2 * G_KVD;
     size_t cb = (size_t)G_NSEQ * G_MAXB * nb_kv_block_bytes(NB_KV_BF16, G_NKV, G_HD);
     L->kc = be->ops->alloc(be, cb), L->vc = be->ops->alloc(be, cb);
     if (gpu_side) {
         L->inv_freq = to_gpu(r->inv, sizeof(float) * G_HD / 2);
-        L->norm = r->norm.g, L->wq = r->wq.g, L->wk = r->wk.g, L->wv = r->wv.g, L->wo = r->wo.g;
+        L->norm = r->norm.g, L->wq = r->wq.g, L->wk = r->wk.g, L->wv = r->wv.g, L->wo = r->wo.g, L->wqkv = r->wqkv.g;
     } else {
         L->inv_freq = r->inv;
-        L->norm = r->norm.c, L->wq = r->wq.c, L->wk = r->wk.c, L->wv = r->wv.c, L->wo = r->wo.c;
+        L->norm = r->norm.c, L->wq = r->wq.c, L->wk = r->wk.c, L->wv = r->wv.c, L->wo = r->wo.c, L->wqkv = r->wqkv.c;
     }
 }
 
 static void mini_free(mini_layer *L, int gpu_side) {
-    float *bufs[] = {L->x, L->xn, L->q, L->k, L->v, L->att, L->o};
+    float *bufs[] = {L->x, L->xn, L->q, L->k, L->v, L->att, L->o, L->qkv};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) L->be->ops->free(L->be, bufs[i]);
     L->be->ops->free(L->be, L->kc), L->be->ops->free(L->be, L->vc);
     if (gpu_side) L->be->ops->free(L->be, (void *)L->inv_freq);
@@ -442,9 +533,13 @@ static void mini_free(mini_layer *L, int gpu_side) {
  * 4-15 12 at a time (cuBLASLt), 16-19 4 at a time at contexts of ~1500
  * (longer than any the key-4 graph was recorded with); key 0 records
  * nothing. Every batch shape change (token count, block table width) comes
- * before the first recording, so the backend has no reason to drop graphs. */
-static void test_graphs(void) {
+ * before the first recording, so the backend has no reason to drop graphs.
+ * fused: the GPU's layer runs the fused q|k|v projection (strided rope,
+ * kv_write and attention, recorded and replayed), the CPU's the separate
+ * ones, under keys of their own (key_base). */
+static void run_graphs(int fused, uint64_t key_base) {
     graph_rig *r = xcalloc(1, sizeof *r);
+    r->key_base = key_base;
     WHERE("graphs: setup");
     r->inv = xmalloc(sizeof(float) * G_HD / 2);
     for (int i = 0; i < G_HD / 2; i++) r->inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / G_HD));
@@ -453,8 +548,9 @@ static void test_graphs(void) {
     r->wk = make_weight(NB_BF16, G_KVD, G_H, 0.05f);
     r->wv = make_weight(NB_BF16, G_KVD, G_H, 0.05f);
     r->wo = make_weight(NB_BF16, G_H, G_H, 0.05f);
-    mini_init(&r->c, cpu, r, 0);
-    mini_init(&r->g, gpu, r, 1);
+    r->wqkv = weight_stack3(&r->wq, &r->wk, &r->wv);
+    mini_init(&r->c, cpu, r, 0, 0);
+    mini_init(&r->g, gpu, r, 1, fused);
     int cap[G_NSEQ];
     static const int init[G_NSEQ] = {5, 30, 100, 16, 1, 2, 3, 8, 15, 16, 17, 31, 33, 60, 64, 90, 700, 1200, 1500, 1555};
     for (int s = 0; s < G_NSEQ; s++) cap[s] = G_MAXB * NB_KV_BLOCK_SIZE;
@@ -496,19 +592,27 @@ static void test_graphs(void) {
     }
     /* (no cache comparison here: the steps' K/V come out of matmuls, so
      * BF16 rounding may differ where the two backends' sums do) */
-    printf("  graphs: worst relative error %.2e over %zu steps\n", worst, sizeof steps / sizeof steps[0]);
+    printf("  graphs%s: worst relative error %.2e over %zu steps\n", fused ? " (GPU: fused q|k|v)" : "", worst,
+           sizeof steps / sizeof steps[0]);
 
     mini_free(&r->c, 0);
     mini_free(&r->g, 1);
     free_weight(&r->norm), free_weight(&r->wq), free_weight(&r->wk), free_weight(&r->wv), free_weight(&r->wo);
+    free_weight(&r->wqkv);
     free(r->inv), free(r->q.tables), free(r);
 }
+
+static void test_graphs(void) { run_graphs(0, 0); }
+static void test_graphs_fused(void) { run_graphs(1, 1000); }
 
 int main(void) {
     if (gpu_tests_start()) TEST_DONE("test_cuda_attention");
     RUN(test_attention_decode);
     RUN(test_attention_prefill);
+    RUN(test_attention_decode_strided);
+    RUN(test_attention_prefill_strided);
     RUN(test_graphs);
+    RUN(test_graphs_fused);
     backend_destroy(gpu);
     backend_destroy(cpu);
     TEST_DONE("test_cuda_attention");

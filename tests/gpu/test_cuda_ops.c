@@ -255,13 +255,16 @@ static void test_add_bias(void) {
 }
 
 /* add bit for bit, also with out aliasing either input; silu_mul within
- * expf's rounding, also with out == gate (as the model calls it). */
+ * expf's rounding on packed rows (ld == cols), also with out == gate. */
 static void test_add_silu_mul(void) {
-    static const size_t ns[] = {1, 17, 4096, 300001};
+    static const struct {
+        int n, cols;
+    } shapes[] = {{1, 1}, {1, 17}, {4, 1024}, {3, 100001}};
     double worst = 0;
     for (int k = 0; k < 4; k++) {
-        size_t n = ns[k], bytes = sizeof(float) * n;
-        WHERE("add/silu_mul n=%zu", n);
+        int rows = shapes[k].n, cols = shapes[k].cols;
+        size_t n = (size_t)rows * cols, bytes = sizeof(float) * n;
+        WHERE("add/silu_mul %d x %d", rows, cols);
         float *a = randn(n, 4.0f), *c = randn(n, 1.0f), *ref = xmalloc(bytes);
         float *da = to_gpu(a, bytes), *dc = to_gpu(c, bytes), *dout = gpu->ops->alloc(gpu, bytes);
         cpu->ops->add(cpu, ref, a, c, n);
@@ -280,12 +283,12 @@ static void test_add_silu_mul(void) {
         free(got);
 
         gpu->ops->upload(gpu, dc, c, bytes);
-        cpu->ops->silu_mul(cpu, ref, a, c, n);
-        gpu->ops->silu_mul(gpu, dout, da, dc, n);
-        gpu->ops->silu_mul(gpu, da, da, dc, n); /* out == gate */
+        cpu->ops->silu_mul(cpu, ref, a, c, rows, cols, cols);
+        gpu->ops->silu_mul(gpu, dout, da, dc, rows, cols, cols);
+        gpu->ops->silu_mul(gpu, da, da, dc, rows, cols, cols); /* out == gate */
         float *g1 = from_gpu(dout, n), *g2 = from_gpu(da, n);
         double e1 = rel_elem(g1, ref, n), e2 = rel_elem(g2, ref, n);
-        CHECK(e1 <= 1e-5 && e2 <= 1e-5, "silu_mul n=%zu: relative error %.3g, in place %.3g", n, e1, e2);
+        CHECK(e1 <= 1e-5 && e2 <= 1e-5, "silu_mul %d x %d: relative error %.3g, in place %.3g", rows, cols, e1, e2);
         note_worst(&worst, e1), note_worst(&worst, e2);
         gpu->ops->free(gpu, da), gpu->ops->free(gpu, dc), gpu->ops->free(gpu, dout);
         free(a), free(c), free(ref), free(g1), free(g2);
@@ -293,7 +296,77 @@ static void test_add_silu_mul(void) {
     printf("  silu_mul: worst relative error %.2e per element\n", worst);
 }
 
+/* silu_mul on a fused gate|up projection's rows: buf [n][ld] with gate =
+ * buf, up = buf + cols (ld = 2 * cols, as the model calls it, and an odd ld
+ * with padding, whose rows sit at every alignment). Against the CPU on the
+ * same buffer; out is packed [n][cols], so the floats after it must stay
+ * untouched, and so must the input. */
+static void test_silu_mul_strided(void) {
+    static const struct {
+        int n, cols, pad; /* ld = 2 * cols + pad */
+    } cfg[] = {{1, 1, 0}, {1, 17, 0}, {5, 33, 3}, {7, 1024, 0}, {70, 300, 1}, {3, 14336, 0}};
+    enum { GUARD = 64 };
+    double worst = 0;
+    for (size_t k = 0; k < sizeof cfg / sizeof cfg[0]; k++) {
+        int rows = cfg[k].n, cols = cfg[k].cols, ld = 2 * cols + cfg[k].pad;
+        size_t len = (size_t)rows * ld, n = (size_t)rows * cols, ob = n + GUARD;
+        WHERE("silu_mul strided %d x %d ld=%d", rows, cols, ld);
+        float *buf = randn(len, 3.0f), *ref = xmalloc(sizeof(float) * ob), *init = xmalloc(sizeof(float) * ob);
+        for (size_t i = 0; i < ob; i++) init[i] = ref[i] = -1234.5f; /* sentinel past out's n floats */
+        float *dbuf = to_gpu(buf, sizeof(float) * len), *dout = to_gpu(init, sizeof(float) * ob);
+        cpu->ops->silu_mul(cpu, ref, buf, buf + cols, rows, cols, ld);
+        gpu->ops->silu_mul(gpu, dout, dbuf, dbuf + cols, rows, cols, ld);
+        float *got = from_gpu(dout, ob), *gbuf = from_gpu(dbuf, len);
+        double err = rel_elem(got, ref, n);
+        CHECK(err <= 1e-5, "%s: relative error %.3g", t_where, err);
+        size_t past = n_mismatch(got + n, init + n, GUARD), in = n_mismatch(gbuf, buf, len);
+        CHECK(past == 0, "%s: %zu of the %d floats after out written", t_where, past, GUARD);
+        CHECK(in == 0, "%s: %zu input floats changed", t_where, in);
+        note_worst(&worst, err);
+        gpu->ops->free(gpu, dbuf), gpu->ops->free(gpu, dout);
+        free(buf), free(ref), free(init), free(got), free(gbuf);
+    }
+    printf("  silu_mul on fused gate|up rows: worst relative error %.2e per element\n", worst);
+}
+
 /* ---- rope ------------------------------------------------------------------- */
+
+/* rope on rows `stride` floats apart against the CPU on the same rows: the
+ * first heads * hd floats of each row rotated, the rest of the row (a fused
+ * q|k|v row's V, or padding) untouched on the GPU, bit for bit. Returns the
+ * error of the rotated part (of max |x|). */
+static double check_rope(int il, int hd, int n, int heads, int stride) {
+    int half = hd / 2;
+    size_t len = (size_t)n * stride;
+    float *inv = xmalloc(sizeof(float) * half);
+    for (int i = 0; i < half; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / hd));
+    plain_batch pb;
+    plain_batch_init(&pb, n);
+    for (int t = 3; t < n; t++) pb.pos[t] = irand(8192);
+    if (n >= 5) pb.pos[3] = 8000, pb.pos[4] = 8191; /* large angles */
+    float *x = randn(len, 1.0f), *x0 = copy_floats(x, len), *dx = to_gpu(x, sizeof(float) * len);
+    float *dinv = to_gpu(inv, sizeof(float) * half);
+    cpu->ops->set_batch(cpu, &pb.b);
+    cpu->ops->rope(cpu, x, heads, hd, stride, inv, il);
+    gpu->ops->set_batch(gpu, &pb.b);
+    gpu->ops->rope(gpu, dx, heads, hd, stride, dinv, il);
+    float *got = from_gpu(dx, len);
+    /* the rotated part, compared row by row; the rest must be the input */
+    size_t w = (size_t)heads * hd, rest = 0;
+    float *gr = xmalloc(sizeof(float) * n * w), *cr = xmalloc(sizeof(float) * n * w);
+    for (int t = 0; t < n; t++) {
+        memcpy(gr + t * w, got + (size_t)t * stride, sizeof(float) * w);
+        memcpy(cr + t * w, x + (size_t)t * stride, sizeof(float) * w);
+        rest += n_mismatch(got + (size_t)t * stride + w, x0 + (size_t)t * stride + w, (size_t)stride - w);
+    }
+    double err = rel_max(gr, cr, (size_t)n * w);
+    CHECK(err <= 1e-5, "%s: error %.3g of max |x|", t_where, err);
+    CHECK(rest == 0, "%s: %zu floats past the rotated heads changed", t_where, rest);
+    gpu->ops->free(gpu, dx), gpu->ops->free(gpu, dinv);
+    free(inv), free(x), free(x0), free(got), free(gr), free(cr);
+    plain_batch_free(&pb);
+    return err;
+}
 
 static void test_rope(void) {
     static const int hds[] = {16, 64, 128, 256};
@@ -304,30 +377,32 @@ static void test_rope(void) {
     for (int il = 0; il < 2; il++)
         for (int d = 0; d < 4; d++)
             for (int c = 0; c < 3; c++) {
-                int hd = hds[d], half = hd / 2, n = cfg[c].n, heads = cfg[c].heads;
-                size_t len = (size_t)n * heads * hd;
+                int hd = hds[d], n = cfg[c].n, heads = cfg[c].heads;
                 WHERE("rope %s hd=%d n=%d heads=%d", il ? "interleaved" : "neox", hd, n, heads);
-                float *inv = xmalloc(sizeof(float) * half);
-                for (int i = 0; i < half; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / hd));
-                plain_batch pb;
-                plain_batch_init(&pb, n);
-                for (int t = 3; t < n; t++) pb.pos[t] = irand(8192);
-                if (n >= 5) pb.pos[3] = 8000, pb.pos[4] = 8191; /* large angles */
-                float *x = randn(len, 1.0f), *dx = to_gpu(x, sizeof(float) * len);
-                float *dinv = to_gpu(inv, sizeof(float) * half);
-                cpu->ops->set_batch(cpu, &pb.b);
-                cpu->ops->rope(cpu, x, heads, hd, inv, il);
-                gpu->ops->set_batch(gpu, &pb.b);
-                gpu->ops->rope(gpu, dx, heads, hd, dinv, il);
-                float *got = from_gpu(dx, len);
-                double err = rel_max(got, x, len);
-                CHECK(err <= 1e-5, "%s: error %.3g of max |x|", t_where, err);
-                note_worst(&worst, err);
-                gpu->ops->free(gpu, dx), gpu->ops->free(gpu, dinv);
-                free(inv), free(x), free(got);
-                plain_batch_free(&pb);
+                note_worst(&worst, check_rope(il, hd, n, heads, heads * hd));
             }
     printf("  rope: worst error %.2e of max |x|\n", worst);
+}
+
+/* rope on fused q|k|v rows: q and k heads rotated in one call (heads = n_q +
+ * n_kv, stride = (n_q + 2 n_kv) * hd), V after them untouched; and rows
+ * with a few floats of padding (an odd stride, rows at every alignment). */
+static void test_rope_strided(void) {
+    static const int hds[] = {16, 64, 128};
+    static const struct {
+        int n, q_heads, kv_heads, pad;
+    } cfg[] = {{1, 2, 1, 0}, {5, 3, 3, 0}, {70, 8, 2, 0}, {6, 4, 2, 5}};
+    double worst = 0;
+    for (int il = 0; il < 2; il++)
+        for (int d = 0; d < 3; d++)
+            for (int c = 0; c < 4; c++) {
+                int hd = hds[d], n = cfg[c].n, heads = cfg[c].q_heads + cfg[c].kv_heads;
+                int stride = (cfg[c].q_heads + 2 * cfg[c].kv_heads) * hd + cfg[c].pad;
+                WHERE("rope strided %s hd=%d n=%d heads=%d+%d stride=%d", il ? "interleaved" : "neox", hd, n,
+                      cfg[c].q_heads, cfg[c].kv_heads, stride);
+                note_worst(&worst, check_rope(il, hd, n, heads, stride));
+            }
+    printf("  rope on fused q|k|v rows: worst error %.2e of max |x|\n", worst);
 }
 
 /* ---- rows ------------------------------------------------------------------- */
@@ -447,7 +522,9 @@ int main(void) {
     RUN(test_matmul_no_algo);
     RUN(test_add_bias);
     RUN(test_add_silu_mul);
+    RUN(test_silu_mul_strided);
     RUN(test_rope);
+    RUN(test_rope_strided);
     RUN(test_softmax);
     RUN(test_gather_rows);
     RUN(test_zero);
