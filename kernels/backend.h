@@ -226,6 +226,14 @@ typedef struct nb_backend_ops {
      * (GPT-J, ERNIE). */
     void (*rope)(nb_backend *b, float *x, int n_heads, int head_dim, int stride,
                  const float *inv_freq, int interleaved);
+    /* Qwen3's per-head q/k norm and rope in one pass over a fused q|k|v
+     * buffer: in each token's row of x (rows `stride` floats apart), heads
+     * 0 .. n_q - 1 are normalized as rmsnorm does a row (by q_norm, of
+     * head_dim), heads n_q .. n_q + n_kv - 1 by k_norm, then all n_q + n_kv
+     * heads are rotated as rope does. The rest of the row is untouched. */
+    void (*qk_norm_rope)(nb_backend *b, float *x, int n_q, int n_kv, int head_dim, int stride,
+                         const nb_weight *q_norm, const nb_weight *k_norm, float eps, const float *inv_freq,
+                         int interleaved);
     /* Writes the step's K and V (rows of n_kv_heads*head_dim, kv_stride
      * apart) into the layer's cache at the batch slots. */
     void (*kv_write)(nb_backend *b, void *k_cache, void *v_cache, const float *k,

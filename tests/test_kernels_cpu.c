@@ -375,6 +375,48 @@ static void test_rope(void) {
     }
 }
 
+/* qk_norm_rope on fused q|k|v rows equals rmsnorm then rope on separate
+ * packed q and k, bit for bit, and leaves v alone. */
+static void test_qk_norm_rope(void) {
+    static const int shapes[][4] = {{5, 4, 2, 16}, {70, 8, 2, 128}, {1, 2, 1, 64}, {9, 6, 3, 32}}; /* n, q, kv, hd */
+    for (int il = 0; il < 2; il++)
+        for (int c = 0; c < 4; c++)
+            for (int wt = 0; wt < 2; wt++) {
+                int n = shapes[c][0], nq = shapes[c][1], nkv = shapes[c][2], hd = shapes[c][3];
+                size_t qd = (size_t)nq * hd, kvd = (size_t)nkv * hd, ld = qd + 2 * kvd;
+                float *inv = xmalloc(sizeof(float) * hd / 2), *qv, *kv;
+                for (int i = 0; i < hd / 2; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / hd));
+                nb_dtype t = wt ? NB_BF16 : NB_F32;
+                nb_weight qn = make_weight(t, 1, hd, &qv), kn = make_weight(t, 1, hd, &kv);
+                int32_t *pos = xmalloc(sizeof(int32_t) * n);
+                for (int i = 0; i < n; i++) pos[i] = i < 3 ? i : irand(4000);
+                nb_batch batch = {.n_tokens = n, .pos = pos};
+                float *fused = rand_floats((size_t)n * ld), *in = xmalloc(sizeof(float) * n * ld);
+                float *q = xmalloc(sizeof(float) * n * qd), *k = xmalloc(sizeof(float) * n * kvd);
+                for (int i = 0; i < n; i++) {
+                    memcpy(q + i * qd, fused + i * ld, sizeof(float) * qd);
+                    memcpy(k + i * kvd, fused + i * ld + qd, sizeof(float) * kvd);
+                }
+                memcpy(in, fused, sizeof(float) * n * ld);
+                be1->ops->set_batch(be1, &batch), be3->ops->set_batch(be3, &batch);
+                be1->ops->rmsnorm(be1, q, q, &qn, n * nq, 1e-6f);
+                be1->ops->rmsnorm(be1, k, k, &kn, n * nkv, 1e-6f);
+                be1->ops->rope(be1, q, nq, hd, (int)qd, inv, il);
+                be1->ops->rope(be1, k, nkv, hd, (int)kvd, inv, il);
+                be3->ops->qk_norm_rope(be3, fused, nq, nkv, hd, (int)ld, &qn, &kn, 1e-6f, inv, il);
+                int bad = 0;
+                for (int i = 0; i < n; i++) {
+                    bad += memcmp(fused + i * ld, q + i * qd, sizeof(float) * qd) != 0;
+                    bad += memcmp(fused + i * ld + qd, k + i * kvd, sizeof(float) * kvd) != 0;
+                    bad += memcmp(fused + i * ld + qd + kvd, in + i * ld + qd + kvd, sizeof(float) * kvd) != 0;
+                }
+                CHECK(bad == 0, "qk_norm_rope n=%d q=%d kv=%d hd=%d %s%s: %d rows differ from rmsnorm + rope", n, nq,
+                      nkv, hd, nb_dtype_name(t), il ? " interleaved" : "", bad);
+                free(inv), free(qv), free(kv), free((void *)qn.data), free((void *)kn.data), free(pos);
+                free(fused), free(in), free(q), free(k);
+            }
+}
+
 /* ---- norms and elementwise --------------------------------------------- */
 
 static void test_rmsnorm(void) {
@@ -646,6 +688,7 @@ int main(void) {
     RUN(test_attention);
     RUN(test_attention_kv_dtypes);
     RUN(test_rope);
+    RUN(test_qk_norm_rope);
     RUN(test_rmsnorm);
     RUN(test_embedding_bias);
     RUN(test_elementwise);

@@ -32,8 +32,6 @@ static int bind_layer(nb_model *m, int i, nb_err *e) {
     if (B(attn_norm, "input_layernorm.weight", 0, H, NULL, 0) ||
         B(ffn_norm, "post_attention_layernorm.weight", 0, H, NULL, 0))
         return -1;
-    /* q/k/v fused unless q and k are normalized per head (Qwen3), which
-     * rmsnorm does on packed rows only */
     char pn[3][160], fn[160];
     const nb_slice *qs = split ? &qr : NULL, *kvs = split ? &kvr : NULL, *fs = split ? &fr : NULL;
 #define PART(j, suffix, rows, sl) \
@@ -42,10 +40,7 @@ static int bind_layer(nb_model *m, int i, nb_err *e) {
                       PART(2, "self_attn.v_proj.weight", kv_dim, kvs)};
     nb_weight *qkv_out[3] = {&L->wq, &L->wk, &L->wv};
     snprintf(fn, sizeof fn, "model.layers.%d.self_attn.qkv_proj", i);
-    if (c->qk_norm ? (LIN(wq, "self_attn.q_proj.weight", q_dim, H, &qr) || LIN(wk, "self_attn.k_proj.weight", kv_dim, H, &kvr) ||
-                      LIN(wv, "self_attn.v_proj.weight", kv_dim, H, &kvr))
-                   : model_bind_linears(m, &L->wqkv, qkv_out, qkv, 3, H, d, fn, e))
-        return -1;
+    if (model_bind_linears(m, &L->wqkv, qkv_out, qkv, 3, H, d, fn, e)) return -1;
     if (LIN(wo, "self_attn.o_proj.weight", H, q_dim, &qc)) return -1;
     if (c->qkv_bias) {
         nb_part b[3] = {PART(0, "self_attn.q_proj.bias", q_dim, qs), PART(1, "self_attn.k_proj.bias", kv_dim, kvs),
@@ -396,12 +391,16 @@ static void layer_forward(nb_model *m, int li, int n) {
     else op->add_rmsnorm(be, m->xn, m->x, m->xn, &L->attn_norm, n, c->rms_eps);
     CAPTURE(0, m->xn, H);
     if (L->wqkv.data) {
-        /* one product, rows [q | k | v]: rope turns the q and k heads of
-         * each row in one call; kv_write and attention read with the stride */
+        /* one product, rows [q | k | v]: rope (after Qwen3's per-head norm)
+         * turns the q and k heads of each row in one call; kv_write and
+         * attention read with the stride */
         int ld = (int)(qd + 2 * (size_t)m->n_kv_heads * c->head_dim);
         float *q = m->qkv, *k = q + qd, *v = k + (size_t)m->n_kv_heads * c->head_dim;
         linear(m, m->qkv, m->xn, &L->wqkv, &L->bqkv, n);
-        op->rope(be, q, m->n_heads + m->n_kv_heads, c->head_dim, ld, m->inv_freq, c->rope_interleaved);
+        if (c->qk_norm)
+            op->qk_norm_rope(be, q, m->n_heads, m->n_kv_heads, c->head_dim, ld, &L->q_norm, &L->k_norm, c->rms_eps,
+                             m->inv_freq, c->rope_interleaved);
+        else op->rope(be, q, m->n_heads + m->n_kv_heads, c->head_dim, ld, m->inv_freq, c->rope_interleaved);
         s.q_stride = s.kv_stride = ld;
         op->kv_write(be, m->k_cache[li], m->v_cache[li], k, v, &s);
         op->attention(be, m->att, q, m->k_cache[li], m->v_cache[li], &s);

@@ -31,6 +31,7 @@ typedef struct rope_job {
     const float *inv_freq;
     int interleaved;
     int tokens_per_task;
+    const cpu_head_norm *norm;
 } rope_job;
 
 static void rope_tokens(const rope_job *j, int t0, int t1) {
@@ -47,6 +48,12 @@ static void rope_tokens(const rope_job *j, int t0, int t1) {
         }
         for (int h = 0; h < j->n_heads; h++) {
             float *v = j->x + (size_t)t * j->stride + (size_t)h * j->head_dim;
+            if (j->norm) { /* rmsnorm's arithmetic (cpu_backend.c), on one head */
+                const float *w = h < j->norm->n_q ? j->norm->q_w : j->norm->k_w;
+                float ss = cpu_dot_f32(v, v, j->head_dim);
+                float scale = 1.0f / sqrtf(ss / (float)j->head_dim + j->norm->eps);
+                for (int i = 0; i < j->head_dim; i++) v[i] = (v[i] * scale) * w[i];
+            }
             if (j->interleaved) {
                 for (int i = 0; i < half; i++) {
                     float a = v[2 * i], b = v[2 * i + 1];
@@ -72,10 +79,10 @@ static void rope_task(void *arg, int task) {
 }
 
 void cpu_rope(threadpool *pool, const nb_batch *batch, float *x, int n_heads, int head_dim, int stride,
-              const float *inv_freq, int interleaved) {
+              const float *inv_freq, int interleaved, const cpu_head_norm *norm) {
     check_head_dim("rope", head_dim);
     int n = batch->n_tokens;
-    rope_job j = {batch, x, n_heads, head_dim, stride, inv_freq, interleaved, n};
+    rope_job j = {batch, x, n_heads, head_dim, stride, inv_freq, interleaved, n, norm};
     if ((int64_t)n * n_heads * head_dim < PAR_MIN_WORK || n == 1) {
         rope_tokens(&j, 0, n);
         return;

@@ -220,7 +220,24 @@ static void cpu_silu_mul(nb_backend *b, float *out, const float *gate, const flo
 
 static void cpu_rope_op(nb_backend *b, float *x, int n_heads, int head_dim, int stride, const float *inv_freq,
                         int interleaved) {
-    cpu_rope(impl(b)->pool, cur_batch(b, "rope"), x, n_heads, head_dim, stride, inv_freq, interleaved);
+    cpu_rope(impl(b)->pool, cur_batch(b, "rope"), x, n_heads, head_dim, stride, inv_freq, interleaved, NULL);
+}
+
+static void cpu_qk_norm_rope(nb_backend *b, float *x, int n_q, int n_kv, int head_dim, int stride,
+                             const nb_weight *q_norm, const nb_weight *k_norm, float eps, const float *inv_freq,
+                             int interleaved) {
+    float qw[CPU_MAX_HEAD_DIM], kw[CPU_MAX_HEAD_DIM];
+    if (q_norm->cols != head_dim || k_norm->cols != head_dim || head_dim > CPU_MAX_HEAD_DIM) {
+        /* the model loader binds them [head_dim]; reaching here is a bug */
+        fprintf(stderr, "nibble: cpu qk_norm_rope: norms of %lld / %lld for head_dim %d\n", (long long)q_norm->cols,
+                (long long)k_norm->cols, head_dim);
+        abort();
+    }
+    cpu_row_to_f32(qw, q_norm->data, q_norm->dtype, head_dim);
+    cpu_row_to_f32(kw, k_norm->data, k_norm->dtype, head_dim);
+    cpu_head_norm norm = {qw, kw, n_q, eps};
+    cpu_rope(impl(b)->pool, cur_batch(b, "qk_norm_rope"), x, n_q + n_kv, head_dim, stride, inv_freq, interleaved,
+             &norm);
 }
 
 static void cpu_kv_write_op(nb_backend *b, void *k_cache, void *v_cache, const float *k,
@@ -348,6 +365,7 @@ static const nb_backend_ops CPU_OPS = {
     .add = cpu_add,
     .silu_mul = cpu_silu_mul,
     .rope = cpu_rope_op,
+    .qk_norm_rope = cpu_qk_norm_rope,
     .kv_write = cpu_kv_write_op,
     .attention = cpu_attention_op,
     .softmax = cpu_softmax,

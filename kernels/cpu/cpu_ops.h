@@ -51,8 +51,15 @@ void cpu_scale_f32(float *y, float a, int n);                /* y *= a */
 
 /* Rotary embedding, kv-cache write and paged attention over a batch
  * (kernels/cpu/cpu_attention.c); shapes as in backend.h. */
+/* Optional per-head rmsnorm before rope (Qwen3's q/k norm): heads below
+ * n_q by q_w, the others by k_w (FP32, head_dim each). */
+typedef struct cpu_head_norm {
+    const float *q_w, *k_w;
+    int n_q;
+    float eps;
+} cpu_head_norm;
 void cpu_rope(threadpool *pool, const nb_batch *batch, float *x, int n_heads, int head_dim, int stride,
-              const float *inv_freq, int interleaved);
+              const float *inv_freq, int interleaved, const cpu_head_norm *norm);
 void cpu_kv_write(const nb_batch *batch, void *k_cache, void *v_cache, const float *k,
                   const float *v, const nb_attn_shape *s);
 void cpu_attention(threadpool *pool, const nb_batch *batch, float *out, const float *q,

@@ -247,6 +247,9 @@ void cuda_silu_mul(cuda_backend *c, float *out, const float *gate, const float *
 // token rows stride floats apart, the first n_heads * head_dim rotated
 void cuda_rope(cuda_backend *c, float *x, int n_heads, int head_dim, int stride, const float *inv_freq,
                int interleaved);
+// backend.h's qk_norm_rope
+void cuda_qk_norm_rope(cuda_backend *c, float *x, int n_q, int n_kv, int head_dim, int stride, const nb_weight *qn,
+                       const nb_weight *kn, float eps, const float *inv_freq, int interleaved);
 void cuda_softmax(cuda_backend *c, float *x, int n, int cols);
 void cuda_gather_rows(cuda_backend *c, float *out, const float *x, const int32_t *rows_dev, int n_rows, int cols);
 // x (FP32) to BF16 or F16, n elements

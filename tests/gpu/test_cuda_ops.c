@@ -405,6 +405,55 @@ static void test_rope_strided(void) {
     printf("  rope on fused q|k|v rows: worst error %.2e of max |x|\n", worst);
 }
 
+/* Qwen3's per-head q/k norm and rope on fused q|k|v rows, against the
+ * CPU's (itself rmsnorm then rope bit for bit: tests/test_kernels_cpu.c):
+ * norm weights of every dtype, V and padding untouched. */
+static void test_qk_norm_rope(void) {
+    static const int hds[] = {16, 64, 128, 256};
+    static const struct {
+        int n, q_heads, kv_heads, pad;
+    } cfg[] = {{1, 2, 1, 0}, {5, 4, 4, 0}, {70, 8, 2, 0}, {6, 5, 1, 3}};
+    double worst = 0;
+    for (int il = 0; il < 2; il++)
+        for (int t = 0; t < 3; t++)
+            for (int d = 0; d < 4; d++)
+                for (int c = 0; c < 4; c++) {
+                    int hd = hds[d], n = cfg[c].n, nq = cfg[c].q_heads, nkv = cfg[c].kv_heads;
+                    int stride = (nq + 2 * nkv) * hd + cfg[c].pad, half = hd / 2;
+                    WHERE("qk_norm_rope %s %s hd=%d n=%d heads=%d+%d stride=%d", nb_dtype_name((nb_dtype)t),
+                          il ? "interleaved" : "neox", hd, n, nq, nkv, stride);
+                    size_t len = (size_t)n * stride, w = (size_t)(nq + nkv) * hd;
+                    float *inv = xmalloc(sizeof(float) * half);
+                    for (int i = 0; i < half; i++) inv[i] = (float)(1.0 / pow(1000000.0, 2.0 * i / hd));
+                    twin_weight qn = make_weight((nb_dtype)t, 1, hd, 1.0f), kn = make_weight((nb_dtype)t, 1, hd, 1.0f);
+                    plain_batch pb;
+                    plain_batch_init(&pb, n);
+                    for (int i = 3; i < n; i++) pb.pos[i] = irand(40000);
+                    float *x = randn(len, 3.0f), *x0 = copy_floats(x, len), *dx = to_gpu(x, sizeof(float) * len);
+                    float *dinv = to_gpu(inv, sizeof(float) * half);
+                    cpu->ops->set_batch(cpu, &pb.b);
+                    cpu->ops->qk_norm_rope(cpu, x, nq, nkv, hd, stride, &qn.c, &kn.c, 1e-6f, inv, il);
+                    gpu->ops->set_batch(gpu, &pb.b);
+                    gpu->ops->qk_norm_rope(gpu, dx, nq, nkv, hd, stride, &qn.g, &kn.g, 1e-6f, dinv, il);
+                    float *got = from_gpu(dx, len), *gr = xmalloc(sizeof(float) * n * w), *cr = xmalloc(sizeof(float) * n * w);
+                    size_t rest = 0;
+                    for (int i = 0; i < n; i++) {
+                        memcpy(gr + i * w, got + (size_t)i * stride, sizeof(float) * w);
+                        memcpy(cr + i * w, x + (size_t)i * stride, sizeof(float) * w);
+                        rest += n_mismatch(got + (size_t)i * stride + w, x0 + (size_t)i * stride + w, (size_t)stride - w);
+                    }
+                    double err = rel_max(gr, cr, (size_t)n * w);
+                    CHECK(err <= 1e-5, "%s: error %.3g of max |out|", t_where, err);
+                    CHECK(rest == 0, "%s: %zu floats past the q and k heads changed", t_where, rest);
+                    note_worst(&worst, err);
+                    gpu->ops->free(gpu, dx), gpu->ops->free(gpu, dinv);
+                    free(inv), free(x), free(x0), free(got), free(gr), free(cr);
+                    free_weight(&qn), free_weight(&kn);
+                    plain_batch_free(&pb);
+                }
+    printf("  qk_norm_rope on fused q|k|v rows: worst error %.2e of max |out|\n", worst);
+}
+
 /* ---- rows ------------------------------------------------------------------- */
 
 static void test_softmax(void) {
@@ -525,6 +574,7 @@ int main(void) {
     RUN(test_silu_mul_strided);
     RUN(test_rope);
     RUN(test_rope_strided);
+    RUN(test_qk_norm_rope);
     RUN(test_softmax);
     RUN(test_gather_rows);
     RUN(test_zero);
