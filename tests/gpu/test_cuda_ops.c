@@ -335,7 +335,10 @@ static void test_silu_mul_strided(void) {
  * first heads * hd floats of each row rotated, the rest of the row (a fused
  * q|k|v row's V, or padding) untouched on the GPU, bit for bit. Returns the
  * error of the rotated part (of max |x|). */
-static double check_rope(int il, int hd, int n, int heads, int stride) {
+/* rope (norms NULL) or qk_norm_rope (norms[0] for the first n_q heads,
+ * norms[1] for the rest) over heads of hd in rows of stride floats, GPU
+ * against CPU; floats past the heads must come back as they went in. */
+static double check_rope(int il, int hd, int n, int heads, int stride, const twin_weight *norms, int n_q) {
     int half = hd / 2;
     size_t len = (size_t)n * stride;
     float *inv = xmalloc(sizeof(float) * half);
@@ -347,9 +350,14 @@ static double check_rope(int il, int hd, int n, int heads, int stride) {
     float *x = randn(len, 1.0f), *x0 = copy_floats(x, len), *dx = to_gpu(x, sizeof(float) * len);
     float *dinv = to_gpu(inv, sizeof(float) * half);
     cpu->ops->set_batch(cpu, &pb.b);
-    cpu->ops->rope(cpu, x, heads, hd, stride, inv, il);
     gpu->ops->set_batch(gpu, &pb.b);
-    gpu->ops->rope(gpu, dx, heads, hd, stride, dinv, il);
+    if (norms) {
+        cpu->ops->qk_norm_rope(cpu, x, n_q, heads - n_q, hd, stride, &norms[0].c, &norms[1].c, 1e-6f, inv, il);
+        gpu->ops->qk_norm_rope(gpu, dx, n_q, heads - n_q, hd, stride, &norms[0].g, &norms[1].g, 1e-6f, dinv, il);
+    } else {
+        cpu->ops->rope(cpu, x, heads, hd, stride, inv, il);
+        gpu->ops->rope(gpu, dx, heads, hd, stride, dinv, il);
+    }
     float *got = from_gpu(dx, len);
     /* the rotated part, compared row by row; the rest must be the input */
     size_t w = (size_t)heads * hd, rest = 0;
@@ -360,7 +368,7 @@ static double check_rope(int il, int hd, int n, int heads, int stride) {
         rest += n_mismatch(got + (size_t)t * stride + w, x0 + (size_t)t * stride + w, (size_t)stride - w);
     }
     double err = rel_max(gr, cr, (size_t)n * w);
-    CHECK(err <= 1e-5, "%s: error %.3g of max |x|", t_where, err);
+    CHECK(err <= 1e-5, "%s: error %.3g of max |out|", t_where, err);
     CHECK(rest == 0, "%s: %zu floats past the rotated heads changed", t_where, rest);
     gpu->ops->free(gpu, dx), gpu->ops->free(gpu, dinv);
     free(inv), free(x), free(x0), free(got), free(gr), free(cr);
@@ -379,7 +387,7 @@ static void test_rope(void) {
             for (int c = 0; c < 3; c++) {
                 int hd = hds[d], n = cfg[c].n, heads = cfg[c].heads;
                 WHERE("rope %s hd=%d n=%d heads=%d", il ? "interleaved" : "neox", hd, n, heads);
-                note_worst(&worst, check_rope(il, hd, n, heads, heads * hd));
+                note_worst(&worst, check_rope(il, hd, n, heads, heads * hd, NULL, 0));
             }
     printf("  rope: worst error %.2e of max |x|\n", worst);
 }
@@ -400,7 +408,7 @@ static void test_rope_strided(void) {
                 int stride = (cfg[c].q_heads + 2 * cfg[c].kv_heads) * hd + cfg[c].pad;
                 WHERE("rope strided %s hd=%d n=%d heads=%d+%d stride=%d", il ? "interleaved" : "neox", hd, n,
                       cfg[c].q_heads, cfg[c].kv_heads, stride);
-                note_worst(&worst, check_rope(il, hd, n, heads, stride));
+                note_worst(&worst, check_rope(il, hd, n, heads, stride, NULL, 0));
             }
     printf("  rope on fused q|k|v rows: worst error %.2e of max |x|\n", worst);
 }
@@ -419,37 +427,12 @@ static void test_qk_norm_rope(void) {
             for (int d = 0; d < 4; d++)
                 for (int c = 0; c < 4; c++) {
                     int hd = hds[d], n = cfg[c].n, nq = cfg[c].q_heads, nkv = cfg[c].kv_heads;
-                    int stride = (nq + 2 * nkv) * hd + cfg[c].pad, half = hd / 2;
+                    int stride = (nq + 2 * nkv) * hd + cfg[c].pad;
                     WHERE("qk_norm_rope %s %s hd=%d n=%d heads=%d+%d stride=%d", nb_dtype_name((nb_dtype)t),
                           il ? "interleaved" : "neox", hd, n, nq, nkv, stride);
-                    size_t len = (size_t)n * stride, w = (size_t)(nq + nkv) * hd;
-                    float *inv = xmalloc(sizeof(float) * half);
-                    for (int i = 0; i < half; i++) inv[i] = (float)(1.0 / pow(1000000.0, 2.0 * i / hd));
-                    twin_weight qn = make_weight((nb_dtype)t, 1, hd, 1.0f), kn = make_weight((nb_dtype)t, 1, hd, 1.0f);
-                    plain_batch pb;
-                    plain_batch_init(&pb, n);
-                    for (int i = 3; i < n; i++) pb.pos[i] = irand(40000);
-                    float *x = randn(len, 3.0f), *x0 = copy_floats(x, len), *dx = to_gpu(x, sizeof(float) * len);
-                    float *dinv = to_gpu(inv, sizeof(float) * half);
-                    cpu->ops->set_batch(cpu, &pb.b);
-                    cpu->ops->qk_norm_rope(cpu, x, nq, nkv, hd, stride, &qn.c, &kn.c, 1e-6f, inv, il);
-                    gpu->ops->set_batch(gpu, &pb.b);
-                    gpu->ops->qk_norm_rope(gpu, dx, nq, nkv, hd, stride, &qn.g, &kn.g, 1e-6f, dinv, il);
-                    float *got = from_gpu(dx, len), *gr = xmalloc(sizeof(float) * n * w), *cr = xmalloc(sizeof(float) * n * w);
-                    size_t rest = 0;
-                    for (int i = 0; i < n; i++) {
-                        memcpy(gr + i * w, got + (size_t)i * stride, sizeof(float) * w);
-                        memcpy(cr + i * w, x + (size_t)i * stride, sizeof(float) * w);
-                        rest += n_mismatch(got + (size_t)i * stride + w, x0 + (size_t)i * stride + w, (size_t)stride - w);
-                    }
-                    double err = rel_max(gr, cr, (size_t)n * w);
-                    CHECK(err <= 1e-5, "%s: error %.3g of max |out|", t_where, err);
-                    CHECK(rest == 0, "%s: %zu floats past the q and k heads changed", t_where, rest);
-                    note_worst(&worst, err);
-                    gpu->ops->free(gpu, dx), gpu->ops->free(gpu, dinv);
-                    free(inv), free(x), free(x0), free(got), free(gr), free(cr);
-                    free_weight(&qn), free_weight(&kn);
-                    plain_batch_free(&pb);
+                    twin_weight norms[2] = {make_weight((nb_dtype)t, 1, hd, 1.0f), make_weight((nb_dtype)t, 1, hd, 1.0f)};
+                    note_worst(&worst, check_rope(il, hd, n, nq + nkv, stride, norms, nq));
+                    free_weight(&norms[0]), free_weight(&norms[1]);
                 }
     printf("  qk_norm_rope on fused q|k|v rows: worst error %.2e of max |out|\n", worst);
 }
