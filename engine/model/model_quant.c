@@ -109,8 +109,10 @@ static const void *cut(nb_model *m, const void *base, size_t row_bytes, int64_t 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* Row bytes of data for `cols` columns of format t. */
+static int is_plain(nb_dtype t) { return t == NB_F32 || t == NB_BF16 || t == NB_F16; }
+
 static size_t data_row_bytes(nb_dtype t, int64_t cols) {
-    return t == NB_F32 || t == NB_BF16 || t == NB_F16 ? (size_t)cols * nb_dtype_size(t) : quant_data_bytes(t, 1, cols);
+    return is_plain(t) ? (size_t)cols * nb_dtype_size(t) : quant_data_bytes(t, 1, cols);
 }
 
 /* Whether the part sl of an [N][K] weight of format t keeps whole groups
@@ -385,6 +387,14 @@ static void disown(nb_model *m, const void *p) {
         }
 }
 
+/* Frees the buffers of `made` (data, scale, scale2) that `kept` no longer
+ * points at, where the model owns them. */
+static void disown_unused(nb_model *m, const nb_weight *made, const nb_weight *kept) {
+    if (made->data != kept->data) disown(m, made->data);
+    if (made->scale != kept->scale) disown(m, made->scale);
+    if (made->scale2 != kept->scale2) disown(m, made->scale2);
+}
+
 /* Linear weight `name` (or its part sl) as model_bind_linear describes,
  * in w as host bytes: packed tensors where they lie, plain ones too, or
  * quantized now into buffers the model owns. Nothing is loaded. */
@@ -394,7 +404,7 @@ static int linear_host(nb_model *m, nb_weight *w, const char *name, int64_t N, i
     memset(w, 0, sizeof *w);
     if (t && (t->dtype == ST_I8 || t->dtype == ST_U8 || t->dtype == ST_F8_E4M3))
         return bind_packed(m, w, t, name, N, K, sl, e);
-    if (target == NB_BF16 || target == NB_F32 || target == NB_F16) return bind_host(m, w, name, N, K, sl, 0, e);
+    if (is_plain(target)) return bind_host(m, w, name, N, K, sl, 0, e);
     /* Quantize this rank's rows over all their columns, as a single rank
      * would, then cut the columns: a split never changes the codes or
      * scales (the cut must fall on the groups, as for offline tensors). */
@@ -430,13 +440,9 @@ static int linear_host(nb_model *m, nb_weight *w, const char *name, int64_t N, i
     free(W);
     if (slice_weight(m, name, &packed, sl && sl->dim == 1 ? sl : NULL, w, e)) return -1;
     /* what a column cut copied is not needed whole any more */
-    if (w->data != packed.data) disown(m, packed.data);
-    if (w->scale != packed.scale) disown(m, packed.scale);
-    if (w->scale2 != packed.scale2) disown(m, packed.scale2);
+    disown_unused(m, &packed, w);
     return 0;
 }
-
-static int is_plain(nb_dtype t) { return t == NB_F32 || t == NB_BF16 || t == NB_F16; }
 
 /* Hands host weight w to the backend, in place of its host bytes. The host
  * buffers the model made for it are freed where the backend took a copy
@@ -447,9 +453,7 @@ static int linear_load(nb_model *m, nb_weight *w, const char *name, nb_err *e) {
                                        name, e)
                                 : load_packed(m, w, name, e);
     if (rc) return -1;
-    if (host.data != w->data) disown(m, host.data);
-    if (host.scale != w->scale) disown(m, host.scale);
-    if (host.scale2 != w->scale2) disown(m, host.scale2);
+    disown_unused(m, &host, w);
     return 0;
 }
 

@@ -48,12 +48,8 @@ static void rope_tokens(const rope_job *j, int t0, int t1) {
         }
         for (int h = 0; h < j->n_heads; h++) {
             float *v = j->x + (size_t)t * j->stride + (size_t)h * j->head_dim;
-            if (j->norm) { /* rmsnorm's arithmetic (cpu_backend.c), on one head */
-                const float *w = h < j->norm->n_q ? j->norm->q_w : j->norm->k_w;
-                float ss = cpu_dot_f32(v, v, j->head_dim);
-                float scale = 1.0f / sqrtf(ss / (float)j->head_dim + j->norm->eps);
-                for (int i = 0; i < j->head_dim; i++) v[i] = (v[i] * scale) * w[i];
-            }
+            if (j->norm) /* rmsnorm's own row, on one head */
+                cpu_rmsnorm_row(v, v, h < j->norm->n_q ? j->norm->q_w : j->norm->k_w, j->head_dim, j->norm->eps);
             if (j->interleaved) {
                 for (int i = 0; i < half; i++) {
                     float a = v[2 * i], b = v[2 * i + 1];

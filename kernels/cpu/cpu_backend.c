@@ -116,6 +116,13 @@ static void cpu_embedding(nb_backend *b, float *out, const nb_weight *table, con
     }
 }
 
+void cpu_rmsnorm_row(float *out, const float *x, const float *w, int n, float eps) {
+    float ss = cpu_dot_f32(x, x, n);
+    float scale = 1.0f / sqrtf(ss / (float)n + eps);
+    /* HF order: (x * rsqrt(var + eps)) then * weight */
+    for (int i = 0; i < n; i++) out[i] = (x[i] * scale) * w[i];
+}
+
 typedef struct norm_job {
     float *out;
     const float *x;
@@ -126,14 +133,7 @@ typedef struct norm_job {
 
 static void norm_rows(void *arg, size_t r0, size_t r1) {
     const norm_job *j = arg;
-    for (size_t r = r0; r < r1; r++) {
-        const float *x = j->x + r * j->cols;
-        float *o = j->out + r * j->cols;
-        float ss = cpu_dot_f32(x, x, j->cols);
-        float scale = 1.0f / sqrtf(ss / (float)j->cols + j->eps);
-        /* HF order: (x * rsqrt(var + eps)) then * weight */
-        for (int i = 0; i < j->cols; i++) o[i] = (x[i] * scale) * j->w[i];
-    }
+    for (size_t r = r0; r < r1; r++) cpu_rmsnorm_row(j->out + r * j->cols, j->x + r * j->cols, j->w, j->cols, j->eps);
 }
 
 static void cpu_rmsnorm(nb_backend *b, float *out, const float *x, const nb_weight *w, int n, float eps) {
