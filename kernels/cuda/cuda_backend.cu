@@ -17,6 +17,7 @@
 
 extern "C" {
 #include "common/log.h"
+#include "common/util.h"
 #include "quant/quant.h"
 #include "quant/quant_tc.h"
 }
@@ -477,11 +478,31 @@ static int cu_graph_begin(nb_backend *b, uint64_t key) {
     return 0;
 }
 
+// Counts the recorded graph's kernel nodes and logs them with the other
+// nodes (copies, memsets), so that a fusion's effect on the kernels a decode
+// step launches can be measured, on a GPU as on the emulator.
+static void graph_report(cuda_backend *c, cudaGraph_t g) {
+    size_t n = 0;
+    CUDA_CHECK(cudaGraphGetNodes(g, NULL, &n));
+    cudaGraphNode_t *nodes = (cudaGraphNode_t *)xmalloc(sizeof(cudaGraphNode_t) * (n ? n : 1));
+    CUDA_CHECK(cudaGraphGetNodes(g, nodes, &n));
+    int kernels = 0;
+    for (size_t i = 0; i < n; i++) {
+        enum cudaGraphNodeType t;
+        CUDA_CHECK(cudaGraphNodeGetType(nodes[i], &t));
+        kernels += t == cudaGraphNodeTypeKernel;
+    }
+    free(nodes);
+    log_info("cuda:%d: recorded a decode step of %d tokens: %d kernels, %d other nodes", c->device,
+             c->batch.n_tokens, kernels, (int)n - kernels);
+}
+
 static void cu_graph_end(nb_backend *b) {
     cuda_backend *c = cuda_impl(b);
     if (!c->capturing) return;
     cudaGraph_t g = NULL;
     CUDA_CHECK(cudaStreamEndCapture(c->stream, &g));
+    graph_report(c, g);
     cudaGraphExec_t exec = NULL;
     cudaError_t rc = cudaGraphInstantiate(&exec, g, 0);
     if (rc != cudaSuccess) {

@@ -1,7 +1,7 @@
 // cuemu's runtime API: the CUDA runtime calls nibble makes, over host
 // memory: allocations, copies, streams (asynchronous: see emu_stream),
-// graph capture and replay, events, launches (checked, then queued for
-// cuemu_run_grid in cuemu.cc) and the devices.
+// graph capture, replay and node queries, events, launches (checked, then
+// queued for cuemu_run_grid in cuemu.cc) and the devices.
 //
 // Host threads: the allocation and attribute tables are shared with the
 // scheduler's lock (emu_mu); the sticky error and the current device are
@@ -27,14 +27,18 @@
 
 // ---- launches -----------------------------------------------------------------
 
-// A node of a stream's queue or of a graph: the work, and whether it blocks
-// on other host threads (an NCCL collective), which must not wait in a
-// queue that only its own thread drains.
-struct emu_work {
+// A node of a stream's queue or of a graph: the work, what a GPU would
+// record it as (cudaGraphNodeGetType), and whether it blocks on other host
+// threads (an NCCL collective), which must not wait in a queue that only
+// its own thread drains. A recorded graph's nodes are these: the handles
+// cudaGraphGetNodes gives point into the graph's shared_ptrs, so they live
+// as long as the graph (an instantiated graph holds its own references).
+struct CUgraphNode_st {
     std::function<void()> fn;
+    enum cudaGraphNodeType type;
     int collective;
 };
-typedef std::shared_ptr<emu_work> emu_node;
+typedef std::shared_ptr<CUgraphNode_st> emu_node;
 
 // Streams run their work later, as a GPU does: a stream's queue is drained
 // in order when the host waits for it (cudaStreamSynchronize, cudaFree,
@@ -135,8 +139,9 @@ static void stream_push(cudaStream_t s, emu_node n) {
     st->s.pending.push_back(std::move(n));
 }
 
-static void stream_enqueue(cudaStream_t s, std::function<void()> fn, int collective = 0) {
-    stream_push(s, std::make_shared<emu_work>(emu_work{std::move(fn), collective}));
+static void stream_enqueue(cudaStream_t s, std::function<void()> fn, enum cudaGraphNodeType type,
+                           int collective = 0) {
+    stream_push(s, std::make_shared<CUgraphNode_st>(CUgraphNode_st{std::move(fn), type, collective}));
 }
 
 
@@ -166,7 +171,7 @@ void cuemu_submit(const char *name, cuemu_cfg cfg, void (*run)(void *), void (*d
         last_error = cudaErrorInvalidConfiguration;
         return;
     }
-    stream_enqueue(cfg.stream, [=]() { cuemu_run_grid(name, cfg, run, owned.get()); });
+    stream_enqueue(cfg.stream, [=]() { cuemu_run_grid(name, cfg, run, owned.get()); }, cudaGraphNodeTypeKernel);
 }
 
 // ---- the runtime API ------------------------------------------------------------
@@ -303,7 +308,7 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind
         memcpy(dst, src, n);
         return cudaSuccess;
     }
-    stream_enqueue(s, [=]() { memcpy(dst, src, n); });
+    stream_enqueue(s, [=]() { memcpy(dst, src, n); }, cudaGraphNodeTypeMemcpy);
     return cudaSuccess;
 }
 
@@ -314,7 +319,7 @@ cudaError_t cudaMemset(void *p, int v, size_t n) {
 }
 
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s) {
-    stream_enqueue(s, [=]() { memset(p, v, n); });
+    stream_enqueue(s, [=]() { memset(p, v, n); }, cudaGraphNodeTypeMemset);
     return cudaSuccess;
 }
 
@@ -405,6 +410,29 @@ cudaError_t cudaGraphDestroy(cudaGraph_t g) {
     return cudaSuccess;
 }
 
+// As documented: with nodes NULL, the count; otherwise up to *numNodes
+// handles, the rest of the *numNodes entries NULL, and *numNodes set to how
+// many were filled. A captured stream's graph is a chain, so the order is
+// the order of capture.
+cudaError_t cudaGraphGetNodes(cudaGraph_t g, cudaGraphNode_t *nodes, size_t *numNodes) {
+    if (!g || !numNodes) return emu_error(cudaErrorInvalidValue);
+    size_t n = g->nodes.size();
+    if (!nodes) {
+        *numNodes = n;
+        return cudaSuccess;
+    }
+    size_t filled = *numNodes < n ? *numNodes : n;
+    for (size_t i = 0; i < *numNodes; i++) nodes[i] = i < filled ? g->nodes[i].get() : NULL;
+    *numNodes = filled;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphNodeGetType(cudaGraphNode_t node, enum cudaGraphNodeType *type) {
+    if (!node || !type) return emu_error(cudaErrorInvalidValue);
+    *type = node->type;
+    return cudaSuccess;
+}
+
 // ---- events: host clock readings taken when the stream reaches them -----------
 
 // An event stamps the host's clock when its stream runs the record, so the
@@ -430,10 +458,16 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     e->st = emu_stream_of(s);
     e->done = 0;
-    stream_enqueue(s, [e]() {
-        e->at = std::chrono::steady_clock::now();
-        e->done = 1;
-    });
+    // Captured on a GPU, a record adds no node (unless made with
+    // cudaEventRecordExternal); here it is a node that stamps the clock at
+    // each replay, so it counts as an event record node, not a kernel.
+    stream_enqueue(
+        s,
+        [e]() {
+            e->at = std::chrono::steady_clock::now();
+            e->done = 1;
+        },
+        cudaGraphNodeTypeEventRecord);
     return cudaSuccess;
 }
 
@@ -535,7 +569,8 @@ cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr attr, int d) {
     return cudaSuccess;
 }
 
-// cuemu_lt.cc enqueues its products on streams too.
-void cuemu_stream_enqueue(cudaStream_t s, std::function<void()> fn, int collective) {
-    stream_enqueue(s, std::move(fn), collective);
+// cuemu_lt.cc enqueues its products on streams too, cuemu_nccl.cc its
+// collectives.
+void cuemu_stream_enqueue(cudaStream_t s, std::function<void()> fn, enum cudaGraphNodeType type, int collective) {
+    stream_enqueue(s, std::move(fn), type, collective);
 }

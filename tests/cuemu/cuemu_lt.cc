@@ -270,11 +270,16 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
     float al = *(const float *)alpha, be = *(const float *)beta;
     int fp8 = is_fp8(la.type);
     // The descriptor is read now (as cuBLASLt does at the call); the data
-    // when the stream gets to it.
-    cuemu_stream_enqueue(stream, [=]() {
-        host_gemm(m, n, k, al, gemm_operand{A, la.type, la.ld, e.transa}, gemm_operand{B, lb.type, lb.ld, e.transb}, be,
-                  C, lc.type, lc.ld, Dp, ld.type, ld.ld, fp8 ? &e : NULL);
-    });
+    // when the stream gets to it. One kernel node, where a real cuBLASLt may
+    // record more (a split-K reduction, say): graph node counts taken here
+    // are a lower bound for the products.
+    cuemu_stream_enqueue(
+        stream,
+        [=]() {
+            host_gemm(m, n, k, al, gemm_operand{A, la.type, la.ld, e.transa}, gemm_operand{B, lb.type, lb.ld, e.transb},
+                      be, C, lc.type, lc.ld, Dp, ld.type, ld.ld, fp8 ? &e : NULL);
+        },
+        cudaGraphNodeTypeKernel);
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -329,9 +334,12 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t transa, cublasOp
     for (cudaDataType t : {at, bt, ct})
         if (t != CUDA_R_32F && t != CUDA_R_16BF && t != CUDA_R_16F) return CUBLAS_STATUS_NOT_SUPPORTED;
     float al = *(const float *)alpha, be = *(const float *)beta;
-    cuemu_stream_enqueue(h->stream, [=]() {
-        host_gemm(m, n, k, al, gemm_operand{A, at, lda, transa}, gemm_operand{B, bt, ldb, transb}, be, C, ct, ldc, C,
-                  ct, ldc, NULL);
-    });
+    cuemu_stream_enqueue(
+        h->stream,
+        [=]() {
+            host_gemm(m, n, k, al, gemm_operand{A, at, lda, transa}, gemm_operand{B, bt, ldb, transb}, be, C, ct, ldc,
+                      C, ct, ldc, NULL);
+        },
+        cudaGraphNodeTypeKernel);
     return CUBLAS_STATUS_SUCCESS;
 }

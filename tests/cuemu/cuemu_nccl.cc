@@ -4,10 +4,11 @@
 //    process (a "clique" here);
 //  - ncclAllReduce (float sum only) and ncclAllGather (float) are
 //    stream-ordered: they run when their stream gets to them, or are
-//    recorded into the graph the stream captures and run at each replay.
-//    Each rank's call waits for every other rank's (their threads meet
-//    here), then all receive the same sums, added in rank order, or the
-//    same concatenation of the ranks' inputs;
+//    recorded into the graph the stream captures and run at each replay,
+//    as kernel nodes (NCCL's collectives are kernels, and a GPU's graph
+//    records them as such). Each rank's call waits for every other
+//    rank's (their threads meet here), then all receive the same sums,
+//    added in rank order, or the same concatenation of the ranks' inputs;
 //  - teardown is collective among the ranks, as the documentation says of
 //    ncclCommFinalize and ncclCommDestroy: a rank's finalization waits for
 //    the others', so one thread must group the finalizations of several
@@ -181,7 +182,7 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, n
         return ncclInvalidArgument;
     const float *s = (const float *)sendbuff;
     float *r = (float *)recvbuff;
-    cuemu_stream_enqueue(stream, [=]() { clique_collective(c, s, r, count, 0); }, 1);
+    cuemu_stream_enqueue(stream, [=]() { clique_collective(c, s, r, count, 0); }, cudaGraphNodeTypeKernel, 1);
     return ncclSuccess;
 }
 
@@ -198,7 +199,7 @@ ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t sendcoun
         return ncclInvalidArgument;
     const float *s = (const float *)sendbuff;
     float *r = (float *)recvbuff;
-    cuemu_stream_enqueue(stream, [=]() { clique_collective(c, s, r, sendcount, 1); }, 1);
+    cuemu_stream_enqueue(stream, [=]() { clique_collective(c, s, r, sendcount, 1); }, cudaGraphNodeTypeKernel, 1);
     return ncclSuccess;
 }
 

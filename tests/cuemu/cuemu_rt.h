@@ -18,10 +18,11 @@
 #include <mutex>
 
 // Queues fn on the stream (it runs when the host waits for the stream), or
-// appends it to the graph the stream is recording. fn runs without the
+// appends it to the graph the stream is recording as a node of the given
+// type (what a GPU would record: cudaGraphNodeGetType). fn runs without the
 // emulator's lock: what it shares with other threads it guards. A
 // collective (it waits for other host threads' work) runs at the call.
-void cuemu_stream_enqueue(cudaStream_t s, std::function<void()> fn, int collective = 0);
+void cuemu_stream_enqueue(cudaStream_t s, std::function<void()> fn, enum cudaGraphNodeType type, int collective = 0);
 // The device a stream belongs to (the default stream: the caller's current).
 int cuemu_stream_device(cudaStream_t s);
 // The calling thread's current device, and how many there are.

@@ -1,6 +1,7 @@
 // The emulator's own checks, on small kernels written to break them: a
 // block that reads shared memory it never wrote reads NaN; static shared
-// memory over the device's 48 KiB fails the launch; and, built under the
+// memory over the device's 48 KiB fails the launch; a recorded graph gives
+// its nodes and their types (cudaGraphGetNodes); and, built under the
 // race detector (CUEMU_SAN=thread), each racing kernel is reported and its
 // correctly synchronised twin is not. A kernel whose failure is the test
 // runs in a child process (this binary again, with the case's name).
@@ -84,6 +85,8 @@ __global__ void too_much_static_kernel(float *out) {
     out[threadIdx.x] = big[threadIdx.x ^ 1];
 }
 
+__global__ void add_one_kernel(float *x) { x[threadIdx.x] += 1.0f; }
+
 static float *dev_zeros(size_t n) {
     float *d = NULL;
     if (cudaMalloc((void **)&d, n * sizeof(float)) != cudaSuccess) abort();
@@ -157,6 +160,63 @@ static void test_static_shared_limit(void) {
           "49 KiB of static shared memory: exit %d, %s", rc, err);
 }
 
+// A captured stream's graph holds its work as nodes in the order of
+// capture, each of the type a GPU records, and cudaGraphGetNodes answers as
+// documented: nodes NULL gives the count; a longer array gets the nodes,
+// NULL after them, and the count; a shorter one as many nodes as it holds.
+// The graph runs at each launch, not at capture.
+static void test_graph_nodes(void) {
+    const size_t bytes = N_THREADS * sizeof(float);
+    cudaStream_t s = NULL;
+    REQUIRE(cudaStreamCreate(&s) == cudaSuccess, "cudaStreamCreate");
+    float *x = dev_zeros(N_THREADS), *y = dev_zeros(N_THREADS);
+    cudaGraph_t g = NULL;
+    REQUIRE(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed) == cudaSuccess, "cudaStreamBeginCapture");
+    cudaMemsetAsync(x, 0, bytes, s);
+    add_one_kernel<<<1, N_THREADS, 0, s>>>(x);
+    add_one_kernel<<<1, N_THREADS, 0, s>>>(x);
+    cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice, s);
+    REQUIRE(cudaStreamEndCapture(s, &g) == cudaSuccess && g, "cudaStreamEndCapture");
+
+    size_t n = 0;
+    CHECK(cudaGraphGetNodes(g, NULL, &n) == cudaSuccess && n == 4, "%zu nodes counted, not 4", n);
+    cudaGraphNode_t nodes[6];
+    for (int i = 0; i < 6; i++) nodes[i] = (cudaGraphNode_t)&n; // not NULL: the call must clear the rest
+    n = 6;
+    REQUIRE(cudaGraphGetNodes(g, nodes, &n) == cudaSuccess && n == 4, "%zu nodes filled into 6, not 4", n);
+    CHECK(nodes[4] == NULL && nodes[5] == NULL, "the entries past the nodes are not NULL");
+    static const enum cudaGraphNodeType want[4] = {cudaGraphNodeTypeMemset, cudaGraphNodeTypeKernel,
+                                                   cudaGraphNodeTypeKernel, cudaGraphNodeTypeMemcpy};
+    for (int i = 0; i < 4; i++) {
+        enum cudaGraphNodeType t = cudaGraphNodeTypeCount;
+        CHECK(cudaGraphNodeGetType(nodes[i], &t) == cudaSuccess && t == want[i], "node %d: type %d, not %d", i,
+              (int)t, (int)want[i]);
+    }
+    cudaGraphNode_t first[2] = {NULL, NULL};
+    n = 2;
+    CHECK(cudaGraphGetNodes(g, first, &n) == cudaSuccess && n == 2 && first[0] == nodes[0] && first[1] == nodes[1],
+          "2 of 4 nodes: %zu filled", n);
+    CHECK(cudaGraphGetNodes(g, NULL, NULL) == cudaErrorInvalidValue, "no numNodes accepted");
+    cudaGetLastError();
+
+    float h[N_THREADS];
+    cudaMemcpy(h, y, bytes, cudaMemcpyDeviceToHost);
+    CHECK(h[0] == 0.0f, "capture ran the work: %g", h[0]);
+    cudaGraphExec_t e = NULL;
+    REQUIRE(cudaGraphInstantiate(&e, g, 0) == cudaSuccess, "cudaGraphInstantiate");
+    for (int run = 0; run < 2; run++) { // the memset makes every run start over
+        cudaGraphLaunch(e, s);
+        cudaStreamSynchronize(s);
+        cudaMemcpy(h, y, bytes, cudaMemcpyDeviceToHost);
+        for (int i = 0; i < N_THREADS; i++) CHECK(h[i] == 2.0f, "run %d: y[%d] = %g, not 2", run, i, h[i]);
+    }
+    cudaGraphExecDestroy(e);
+    cudaGraphDestroy(g);
+    cudaStreamDestroy(s);
+    cudaFree(x);
+    cudaFree(y);
+}
+
 // Under the race detector: every racing case is reported, naming its
 // kernel, and its twin runs clean.
 static void test_races(void) {
@@ -177,6 +237,7 @@ int main(int argc, char **argv) {
     if (argc > 1) return run_case(argv[1]);
     RUN(test_shared_starts_nan);
     RUN(test_static_shared_limit);
+    RUN(test_graph_nodes);
 #if defined(__SANITIZE_THREAD__)
     RUN(test_races);
 #else
