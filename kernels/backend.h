@@ -107,6 +107,11 @@ static inline int nb_attn_q_stride(const nb_attn_shape *s) {
 static inline int nb_attn_kv_stride(const nb_attn_shape *s) {
     return s->kv_stride ? s->kv_stride : s->n_kv_heads * s->head_dim;
 }
+/* Whether s describes rows of a fused q|k|v projection (rope_kv_write's
+ * input): q and k and v in one row, q_stride == kv_stride apart. */
+static inline int nb_attn_fused_rows(const nb_attn_shape *s) {
+    return s->q_stride == s->kv_stride && s->q_stride >= (s->n_heads + 2 * s->n_kv_heads) * s->head_dim;
+}
 
 /* One logits row's sampling (engine/sampler.h has the parameters' meaning):
  * the parameters, the uniform number the sequence's RNG drew for the step,
@@ -226,14 +231,18 @@ typedef struct nb_backend_ops {
      * (GPT-J, ERNIE). */
     void (*rope)(nb_backend *b, float *x, int n_heads, int head_dim, int stride,
                  const float *inv_freq, int interleaved);
-    /* Qwen3's per-head q/k norm and rope in one pass over a fused q|k|v
-     * buffer: in each token's row of x (rows `stride` floats apart), heads
-     * 0 .. n_q - 1 are normalized as rmsnorm does a row (by q_norm, of
-     * head_dim), heads n_q .. n_q + n_kv - 1 by k_norm, then all n_q + n_kv
-     * heads are rotated as rope does. The rest of the row is untouched. */
-    void (*qk_norm_rope)(nb_backend *b, float *x, int n_q, int n_kv, int head_dim, int stride,
-                         const nb_weight *q_norm, const nb_weight *k_norm, float eps, const float *inv_freq,
-                         int interleaved);
+    /* The step between a fused q|k|v projection and attention, in one
+     * pass over x's rows (s->q_stride == s->kv_stride floats apart, each
+     * [n_heads q heads | n_kv_heads k heads | n_kv_heads v heads], then
+     * any padding): with q_norm and k_norm (Qwen3's per-head norm; both
+     * NULL for none) the q and k heads are normalized as rmsnorm does a row
+     * of head_dim, then rotated as rope does, in place; then the rows' K
+     * and V are written into the cache as kv_write does. The same result as
+     * those ops in turn (on the CPU bit for bit); the V heads and padding
+     * are left as they are. */
+    void (*rope_kv_write)(nb_backend *b, float *x, void *k_cache, void *v_cache, const nb_attn_shape *s,
+                          const nb_weight *q_norm, const nb_weight *k_norm, float eps, const float *inv_freq,
+                          int interleaved);
     /* Writes the step's K and V (rows of n_kv_heads*head_dim, kv_stride
      * apart) into the layer's cache at the batch slots. */
     void (*kv_write)(nb_backend *b, void *k_cache, void *v_cache, const float *k,

@@ -3,8 +3,10 @@
  * scalar kernel), paged causal GQA attention over mixed prefill/decode
  * batches with scattered block tables, rope in both styles, the norms and
  * elementwise ops, greedy argmax ties through the sample op; every threaded op must give bitwise the same
- * result with 1 and 3 threads. Ends with a (non-gating) matmul bandwidth
- * line. */
+ * result with 1 and 3 threads. rope_kv_write on fused q|k|v rows (padded
+ * or not, every KV cache type, with and without Qwen3's head norms) must
+ * equal bit for bit rmsnorm, rope and kv_write on packed rows, V and
+ * padding untouched. Ends with a (non-gating) matmul bandwidth line. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -375,46 +377,98 @@ static void test_rope(void) {
     }
 }
 
-/* qk_norm_rope on fused q|k|v rows equals rmsnorm then rope on separate
- * packed q and k, bit for bit, and leaves v alone. */
-static void test_qk_norm_rope(void) {
+/* rope_kv_write on fused q|k|v rows equals, bit for bit, the separate ops on
+ * separate packed q, k and v: rmsnorm per head (when normed), rope on q and
+ * on k, then kv_write of the rotated k and of v; and leaves v and the
+ * padding after it alone. Caches start as the same random bytes, so a write
+ * to a wrong slot or of an unrotated k shows in the memcmp of the whole
+ * cache. */
+static void check_rope_kv_write(int n, int nq, int nkv, int hd, int pad, nb_kv_dtype kt, int norm_t,
+                                int il) {
+    size_t qd = (size_t)nq * hd, kvd = (size_t)nkv * hd, ld = qd + 2 * kvd + (size_t)pad;
+    float *inv = xmalloc(sizeof(float) * hd / 2), *qv = NULL, *kv = NULL;
+    for (int i = 0; i < hd / 2; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / hd));
+    /* norm_t < 0: no norms (both NULL) */
+    nb_weight qn = {0}, kn = {0};
+    if (norm_t >= 0) qn = make_weight((nb_dtype)norm_t, 1, hd, &qv), kn = make_weight((nb_dtype)norm_t, 1, hd, &kv);
+    const nb_weight *qnp = norm_t >= 0 ? &qn : NULL, *knp = norm_t >= 0 ? &kn : NULL;
+
+    /* one sequence over scattered slots of a cache of n_blocks blocks: the
+     * first n of a shuffled list of every slot, so no two tokens share one */
+    int n_blocks = (n + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE + 2, n_slots = n_blocks * NB_KV_BLOCK_SIZE;
+    int32_t *all = xmalloc(sizeof(int32_t) * n_slots), *table = xmalloc(sizeof(int32_t) * n_blocks);
+    for (int i = 0; i < n_slots; i++) all[i] = i;
+    for (int i = n_slots - 1; i > 0; i--) {
+        int j = irand(i + 1), tmp = all[i];
+        all[i] = all[j], all[j] = tmp;
+    }
+    for (int i = 0; i < n_blocks; i++) table[i] = i;
+    int32_t *pos = xmalloc(sizeof(int32_t) * n), *seq_of = xcalloc((size_t)n, sizeof(int32_t));
+    /* positions 0-2 (0: the identity rotation) then random; a lone token
+     * decodes at a random position, where rope moves it */
+    for (int i = 0; i < n; i++) pos[i] = i < 3 && n > 1 ? i : irand(4000);
+    nb_batch batch = {n, pos, seq_of, all, 1, n_blocks, table};
+
+    nb_attn_shape packed = {.n_heads = nq, .n_kv_heads = nkv, .head_dim = hd, .scale = 1.0f, .kv_dtype = kt};
+    nb_attn_shape fused_s = packed;
+    fused_s.q_stride = fused_s.kv_stride = (int)ld;
+    size_t cb = (size_t)n_blocks * nb_kv_block_bytes(kt, nkv, hd);
+    unsigned char *kc1 = be1->ops->alloc(be1, cb), *vc1 = be1->ops->alloc(be1, cb);
+    unsigned char *kc3 = be3->ops->alloc(be3, cb), *vc3 = be3->ops->alloc(be3, cb);
+    for (size_t i = 0; i < cb; i++) kc1[i] = (unsigned char)irand(256), vc1[i] = (unsigned char)irand(256);
+    memcpy(kc3, kc1, cb), memcpy(vc3, vc1, cb);
+
+    float *fused = rand_floats((size_t)n * ld), *in = xmalloc(sizeof(float) * n * ld);
+    float *q = xmalloc(sizeof(float) * n * qd), *k = xmalloc(sizeof(float) * n * kvd);
+    float *v = xmalloc(sizeof(float) * n * kvd);
+    for (int i = 0; i < n; i++) {
+        memcpy(q + i * qd, fused + i * ld, sizeof(float) * qd);
+        memcpy(k + i * kvd, fused + i * ld + qd, sizeof(float) * kvd);
+        memcpy(v + i * kvd, fused + i * ld + qd + kvd, sizeof(float) * kvd);
+    }
+    memcpy(in, fused, sizeof(float) * n * ld);
+
+    be1->ops->set_batch(be1, &batch), be3->ops->set_batch(be3, &batch);
+    if (qnp) {
+        be1->ops->rmsnorm(be1, q, q, qnp, n * nq, 1e-6f);
+        be1->ops->rmsnorm(be1, k, k, knp, n * nkv, 1e-6f);
+    }
+    be1->ops->rope(be1, q, nq, hd, (int)qd, inv, il);
+    be1->ops->rope(be1, k, nkv, hd, (int)kvd, inv, il);
+    be1->ops->kv_write(be1, kc1, vc1, k, v, &packed);
+    be3->ops->rope_kv_write(be3, fused, kc3, vc3, &fused_s, qnp, knp, 1e-6f, inv, il);
+
+    int bad_q = 0, bad_k = 0, bad_rest = 0;
+    for (int i = 0; i < n; i++) {
+        bad_q += memcmp(fused + i * ld, q + i * qd, sizeof(float) * qd) != 0;
+        bad_k += memcmp(fused + i * ld + qd, k + i * kvd, sizeof(float) * kvd) != 0;
+        bad_rest += memcmp(fused + i * ld + qd + kvd, in + i * ld + qd + kvd, sizeof(float) * (kvd + pad)) != 0;
+    }
+    char what[160];
+    snprintf(what, sizeof what, "rope_kv_write n=%d q=%d kv=%d hd=%d pad=%d kv %s norms %s%s", n, nq, nkv, hd, pad,
+             nb_kv_dtype_name(kt), norm_t >= 0 ? nb_dtype_name((nb_dtype)norm_t) : "none",
+             il ? " interleaved" : "");
+    CHECK(bad_q == 0 && bad_k == 0, "%s: %d q rows, %d k rows differ from the separate ops", what, bad_q, bad_k);
+    CHECK(bad_rest == 0, "%s: %d rows changed in v or the padding", what, bad_rest);
+    CHECK(memcmp(kc1, kc3, cb) == 0, "%s: K cache differs from kv_write's", what);
+    CHECK(memcmp(vc1, vc3, cb) == 0, "%s: V cache differs from kv_write's", what);
+
+    be1->ops->free(be1, kc1), be1->ops->free(be1, vc1), be3->ops->free(be3, kc3), be3->ops->free(be3, vc3);
+    if (qnp) free(qv), free(kv), free((void *)qn.data), free((void *)kn.data);
+    free(inv), free(all), free(table), free(pos), free(seq_of), free(fused), free(in), free(q), free(k), free(v);
+}
+
+static void test_rope_kv_write(void) {
     static const int shapes[][4] = {{5, 4, 2, 16}, {70, 8, 2, 128}, {1, 2, 1, 64}, {9, 6, 3, 32}}; /* n, q, kv, hd */
+    static const nb_kv_dtype kts[] = {NB_KV_F32, NB_KV_BF16, NB_KV_INT8, NB_KV_FP8};
+    static const int norm_ts[] = {-1, NB_F32, NB_BF16, NB_F16}; /* -1: no norms */
     for (int il = 0; il < 2; il++)
         for (int c = 0; c < 4; c++)
-            for (int wt = 0; wt < 2; wt++) {
-                int n = shapes[c][0], nq = shapes[c][1], nkv = shapes[c][2], hd = shapes[c][3];
-                size_t qd = (size_t)nq * hd, kvd = (size_t)nkv * hd, ld = qd + 2 * kvd;
-                float *inv = xmalloc(sizeof(float) * hd / 2), *qv, *kv;
-                for (int i = 0; i < hd / 2; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / hd));
-                nb_dtype t = wt ? NB_BF16 : NB_F32;
-                nb_weight qn = make_weight(t, 1, hd, &qv), kn = make_weight(t, 1, hd, &kv);
-                int32_t *pos = xmalloc(sizeof(int32_t) * n);
-                for (int i = 0; i < n; i++) pos[i] = i < 3 ? i : irand(4000);
-                nb_batch batch = {.n_tokens = n, .pos = pos};
-                float *fused = rand_floats((size_t)n * ld), *in = xmalloc(sizeof(float) * n * ld);
-                float *q = xmalloc(sizeof(float) * n * qd), *k = xmalloc(sizeof(float) * n * kvd);
-                for (int i = 0; i < n; i++) {
-                    memcpy(q + i * qd, fused + i * ld, sizeof(float) * qd);
-                    memcpy(k + i * kvd, fused + i * ld + qd, sizeof(float) * kvd);
-                }
-                memcpy(in, fused, sizeof(float) * n * ld);
-                be1->ops->set_batch(be1, &batch), be3->ops->set_batch(be3, &batch);
-                be1->ops->rmsnorm(be1, q, q, &qn, n * nq, 1e-6f);
-                be1->ops->rmsnorm(be1, k, k, &kn, n * nkv, 1e-6f);
-                be1->ops->rope(be1, q, nq, hd, (int)qd, inv, il);
-                be1->ops->rope(be1, k, nkv, hd, (int)kvd, inv, il);
-                be3->ops->qk_norm_rope(be3, fused, nq, nkv, hd, (int)ld, &qn, &kn, 1e-6f, inv, il);
-                int bad = 0;
-                for (int i = 0; i < n; i++) {
-                    bad += memcmp(fused + i * ld, q + i * qd, sizeof(float) * qd) != 0;
-                    bad += memcmp(fused + i * ld + qd, k + i * kvd, sizeof(float) * kvd) != 0;
-                    bad += memcmp(fused + i * ld + qd + kvd, in + i * ld + qd + kvd, sizeof(float) * kvd) != 0;
-                }
-                CHECK(bad == 0, "qk_norm_rope n=%d q=%d kv=%d hd=%d %s%s: %d rows differ from rmsnorm + rope", n, nq,
-                      nkv, hd, nb_dtype_name(t), il ? " interleaved" : "", bad);
-                free(inv), free(qv), free(kv), free((void *)qn.data), free((void *)kn.data), free(pos);
-                free(fused), free(in), free(q), free(k);
-            }
+            for (int kt = 0; kt < 4; kt++)
+                for (int nt = 0; nt < 4; nt++)
+                    for (int pad = 0; pad <= 3; pad += 3)
+                        check_rope_kv_write(shapes[c][0], shapes[c][1], shapes[c][2], shapes[c][3], pad, kts[kt],
+                                            norm_ts[nt], il);
 }
 
 /* ---- norms and elementwise --------------------------------------------- */
@@ -688,7 +742,7 @@ int main(void) {
     RUN(test_attention);
     RUN(test_attention_kv_dtypes);
     RUN(test_rope);
-    RUN(test_qk_norm_rope);
+    RUN(test_rope_kv_write);
     RUN(test_rmsnorm);
     RUN(test_embedding_bias);
     RUN(test_elementwise);

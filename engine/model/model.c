@@ -391,19 +391,14 @@ static void layer_forward(nb_model *m, int li, int n) {
     else op->add_rmsnorm(be, m->xn, m->x, m->xn, &L->attn_norm, n, c->rms_eps);
     CAPTURE(0, m->xn, H);
     if (L->wqkv.data) {
-        /* one product, rows [q | k | v]: rope (after Qwen3's per-head norm)
-         * turns the q and k heads of each row in one call; kv_write and
-         * attention read with the stride */
-        int ld = (int)(qd + 2 * (size_t)m->n_kv_heads * c->head_dim);
-        float *q = m->qkv, *k = q + qd, *v = k + (size_t)m->n_kv_heads * c->head_dim;
+        /* one product, rows [q | k | v]; one op turns the q and k heads
+         * (after Qwen3's per-head norm) and writes K and V to the cache;
+         * attention reads q with the stride */
+        s.q_stride = s.kv_stride = (int)(qd + 2 * (size_t)m->n_kv_heads * c->head_dim);
         linear(m, m->qkv, m->xn, &L->wqkv, &L->bqkv, n);
-        if (c->qk_norm)
-            op->qk_norm_rope(be, q, m->n_heads, m->n_kv_heads, c->head_dim, ld, &L->q_norm, &L->k_norm, c->rms_eps,
-                             m->inv_freq, c->rope_interleaved);
-        else op->rope(be, q, m->n_heads + m->n_kv_heads, c->head_dim, ld, m->inv_freq, c->rope_interleaved);
-        s.q_stride = s.kv_stride = ld;
-        op->kv_write(be, m->k_cache[li], m->v_cache[li], k, v, &s);
-        op->attention(be, m->att, q, m->k_cache[li], m->v_cache[li], &s);
+        op->rope_kv_write(be, m->qkv, m->k_cache[li], m->v_cache[li], &s, c->qk_norm ? &L->q_norm : NULL,
+                          c->qk_norm ? &L->k_norm : NULL, c->rms_eps, m->inv_freq, c->rope_interleaved);
+        op->attention(be, m->att, m->qkv, m->k_cache[li], m->v_cache[li], &s);
     } else {
         linear(m, m->q, m->xn, &L->wq, &L->bq, n);
         linear(m, m->k, m->xn, &L->wk, &L->bk, n);

@@ -223,21 +223,29 @@ static void cpu_rope_op(nb_backend *b, float *x, int n_heads, int head_dim, int 
     cpu_rope(impl(b)->pool, cur_batch(b, "rope"), x, n_heads, head_dim, stride, inv_freq, interleaved, NULL);
 }
 
-static void cpu_qk_norm_rope(nb_backend *b, float *x, int n_q, int n_kv, int head_dim, int stride,
-                             const nb_weight *q_norm, const nb_weight *k_norm, float eps, const float *inv_freq,
-                             int interleaved) {
-    float qw[CPU_MAX_HEAD_DIM], kw[CPU_MAX_HEAD_DIM];
-    if (q_norm->cols != head_dim || k_norm->cols != head_dim || head_dim > CPU_MAX_HEAD_DIM) {
-        /* the model loader binds them [head_dim]; reaching here is a bug */
-        fprintf(stderr, "nibble: cpu qk_norm_rope: norms of %lld / %lld for head_dim %d\n", (long long)q_norm->cols,
-                (long long)k_norm->cols, head_dim);
+static void cpu_rope_kv_write(nb_backend *b, float *x, void *k_cache, void *v_cache, const nb_attn_shape *s,
+                              const nb_weight *q_norm, const nb_weight *k_norm, float eps, const float *inv_freq,
+                              int interleaved) {
+    const nb_batch *batch = cur_batch(b, "rope_kv_write");
+    int hd = s->head_dim, ld = s->q_stride;
+    if (!nb_attn_fused_rows(s) || !q_norm != !k_norm ||
+        (q_norm && (q_norm->cols != hd || k_norm->cols != hd || hd > CPU_MAX_HEAD_DIM))) {
+        /* the model binds [head_dim] norms to fused rows; reaching here is a bug */
+        fprintf(stderr, "nibble: cpu rope_kv_write: strides %d / %d for %d + 2 x %d heads of %d, norms %lld / %lld\n",
+                s->q_stride, s->kv_stride, s->n_heads, s->n_kv_heads, hd, q_norm ? (long long)q_norm->cols : -1LL,
+                k_norm ? (long long)k_norm->cols : -1LL);
         abort();
     }
-    cpu_row_to_f32(qw, q_norm->data, q_norm->dtype, head_dim);
-    cpu_row_to_f32(kw, k_norm->data, k_norm->dtype, head_dim);
-    cpu_head_norm norm = {qw, kw, n_q, eps};
-    cpu_rope(impl(b)->pool, cur_batch(b, "qk_norm_rope"), x, n_q + n_kv, head_dim, stride, inv_freq, interleaved,
-             &norm);
+    float qw[CPU_MAX_HEAD_DIM], kw[CPU_MAX_HEAD_DIM];
+    cpu_head_norm norm = {qw, kw, s->n_heads, eps};
+    if (q_norm) {
+        cpu_row_to_f32(qw, q_norm->data, q_norm->dtype, hd);
+        cpu_row_to_f32(kw, k_norm->data, k_norm->dtype, hd);
+    }
+    cpu_rope(impl(b)->pool, batch, x, s->n_heads + s->n_kv_heads, hd, ld, inv_freq, interleaved,
+             q_norm ? &norm : NULL);
+    float *k = x + (size_t)s->n_heads * hd, *v = k + (size_t)s->n_kv_heads * hd;
+    cpu_kv_write(batch, k_cache, v_cache, k, v, s);
 }
 
 static void cpu_kv_write_op(nb_backend *b, void *k_cache, void *v_cache, const float *k,
@@ -365,7 +373,7 @@ static const nb_backend_ops CPU_OPS = {
     .add = cpu_add,
     .silu_mul = cpu_silu_mul,
     .rope = cpu_rope_op,
-    .qk_norm_rope = cpu_qk_norm_rope,
+    .rope_kv_write = cpu_rope_kv_write,
     .kv_write = cpu_kv_write_op,
     .attention = cpu_attention_op,
     .softmax = cpu_softmax,

@@ -49,8 +49,8 @@ float cpu_dot_f32(const float *a, const float *b, int n);
 void cpu_axpy_f32(float *y, float a, const float *x, int n); /* y += a*x */
 void cpu_scale_f32(float *y, float a, int n);                /* y *= a */
 /* out = x / sqrt(mean(x^2) + eps) * w over one row of n (FP32 weights), in
- * Hugging Face's order; out may equal x. rmsnorm and qk_norm_rope share it,
- * so a head normalized by either is the same bits. */
+ * Hugging Face's order; out may equal x. rmsnorm and rope_kv_write's head
+ * norm share it, so a head normalized by either is the same bits. */
 void cpu_rmsnorm_row(float *out, const float *x, const float *w, int n, float eps);
 
 /* Rotary embedding, kv-cache write and paged attention over a batch

@@ -1,9 +1,8 @@
-// KV-cache writes and causal paged attention on the GPU, for every KV cache
-// type (F32, BF16, INT8 and FP8 with a scale per token per head). Layout and
-// quantization are those of backend.h and kernels/cpu/cpu_attention.c. The
-// inputs' rows may lie apart (q_stride, kv_stride: slices of a fused q|k|v
-// projection); every kernel reads them with scalar loads, so any stride
-// works. The output is packed.
+// Causal paged attention on the GPU, for every KV cache type (F32, BF16,
+// INT8 and FP8 with a scale per token per head; cuda_kv.h reads them,
+// cuda_kv.cu writes them). The query rows may lie apart (q_stride: a fused
+// q|k|v projection's rows); every kernel reads them with scalar loads, so
+// any stride works. The output is packed.
 //
 // Decode (one token per sequence): the context is cut into parts of
 // ATTN_PART positions; a block per (token, kv head, z) takes parts z, z + Z,
@@ -19,9 +18,7 @@
 // shared memory with an online softmax (flash-style). head_dim a multiple of
 // 16 runs on tensor cores (BF16 mma, FP32 accumulation); other head_dims on
 // CUDA cores in FP32 (prefill_dispatch says exactly when each runs).
-#include <cuda_fp8.h>
-
-#include "kernels/cuda/cuda_int.h"
+#include "kernels/cuda/cuda_kv.h"
 #include "kernels/cuda/cuda_ptx.h"
 
 #define ATTN_PART 512
@@ -35,115 +32,6 @@
 #define TC_ROWS 64            // query rows (token, head) per block: one m16 tile per warp
 #define TC_KV 64              // KV positions per shared-memory chunk
 #define TC_VW ((TC_KV + 8) / 2) // V^T row stride in 32-bit words (see the bank note)
-
-// ---- cache access ---------------------------------------------------------
-
-// Values of (slot, kv head h) and, for INT8/FP8, its scale.
-struct kv_row {
-    const char *vals;
-    float scale;
-};
-
-template <int KV>
-__device__ __forceinline__ const char *kv_row_ptr(const char *cache, int slot, int h, int n_kv, int D,
-                                                  size_t block_bytes, const float **scale) {
-    constexpr int ES = KV == NB_KV_F32 ? 4 : KV == NB_KV_BF16 ? 2 : 1;
-    size_t blk = (size_t)(slot / NB_KV_BLOCK_SIZE), i = (size_t)(slot % NB_KV_BLOCK_SIZE);
-    size_t row = i * (size_t)n_kv + (size_t)h;
-    const char *base = cache + blk * block_bytes;
-    if (scale) *scale = (const float *)(base + (size_t)NB_KV_BLOCK_SIZE * n_kv * D * ES) + row;
-    return base + row * (size_t)D * ES;
-}
-
-template <int KV>
-__device__ __forceinline__ float kv_get(const char *vals, int d, float scale) {
-    if (KV == NB_KV_F32) return ((const float *)vals)[d];
-    if (KV == NB_KV_BF16) return __bfloat162float(((const __nv_bfloat16 *)vals)[d]);
-    if (KV == NB_KV_INT8) return (float)((const int8_t *)vals)[d] * scale;
-    __nv_fp8_e4m3 v;
-    v.__x = ((const __nv_fp8_storage_t *)vals)[d];
-    return (float)v * scale;
-}
-
-template <int KV>
-__device__ __forceinline__ kv_row kv_locate(const char *cache, int slot, int h, int n_kv, int D, size_t block_bytes) {
-    kv_row r;
-    const float *sp = NULL;
-    r.vals = kv_row_ptr<KV>(cache, slot, h, n_kv, D, block_bytes, KV >= NB_KV_INT8 ? &sp : NULL);
-    r.scale = KV >= NB_KV_INT8 ? *sp : 1.0f;
-    return r;
-}
-
-// ---- kv write -------------------------------------------------------------
-
-// grid (tokens, kv heads, 2: K then V); token t's K and V rows start at t *
-// stride (a fused q|k|v projection's rows hold them apart). INT8/FP8 compute
-// the row's scale exactly as the CPU does (max|x| / 127 or / 448, then x *
-// (1 / scale) rounded to nearest even), so both write the same bytes.
-template <int KV>
-__global__ void kv_write_kernel(char *k_cache, char *v_cache, const float *k, const float *v, const int32_t *slot,
-                                int n_kv, int D, int stride, size_t block_bytes) {
-    int t = blockIdx.x, h = blockIdx.y;
-    const float *src = (blockIdx.z ? v : k) + (size_t)t * stride + (size_t)h * D;
-    char *cache = blockIdx.z ? v_cache : k_cache;
-    const float *sp = NULL;
-    char *dst = (char *)kv_row_ptr<KV>(cache, slot[t], h, n_kv, D, block_bytes, &sp);
-    if (KV == NB_KV_F32) {
-        for (int d = threadIdx.x; d < D; d += blockDim.x) ((float *)dst)[d] = src[d];
-        return;
-    }
-    if (KV == NB_KV_BF16) {
-        for (int d = threadIdx.x; d < D; d += blockDim.x) ((__nv_bfloat16 *)dst)[d] = __float2bfloat16_rn(src[d]);
-        return;
-    }
-    float amax = 0.0f;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) amax = fmaxf(amax, fabsf(src[d]));
-    amax = cuda_block_max(amax);
-    float sc = amax / (KV == NB_KV_INT8 ? 127.0f : 448.0f), inv = sc > 0 ? 1.0f / sc : 0.0f;
-    if (threadIdx.x == 0) *(float *)sp = sc;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float x = src[d] * inv;
-        if (KV == NB_KV_INT8)
-            ((int8_t *)dst)[d] = (int8_t)__float2int_rn(fminf(fmaxf(x, -127.0f), 127.0f));
-        else
-            ((__nv_fp8_storage_t *)dst)[d] = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
-    }
-}
-
-static void check_shape(const char *op, const nb_attn_shape *s) {
-    if (s->head_dim <= 0 || s->head_dim > CUDA_MAX_HEAD_DIM || (s->head_dim & 1) || s->n_kv_heads <= 0 ||
-        s->n_heads % s->n_kv_heads) {
-        // the model loader validates shapes; reaching here is a bug
-        fprintf(stderr, "nibble: cuda %s: unsupported shape (%d heads, %d kv heads, head_dim %d; head_dim even, at most %d)\n",
-                op, s->n_heads, s->n_kv_heads, s->head_dim, CUDA_MAX_HEAD_DIM);
-        abort();
-    }
-    // rows narrower than their heads would overlap: a caller's bug too
-    if (nb_attn_q_stride(s) < s->n_heads * s->head_dim || nb_attn_kv_stride(s) < s->n_kv_heads * s->head_dim) {
-        fprintf(stderr, "nibble: cuda %s: q_stride %d / kv_stride %d below the rows' %d / %d floats\n", op,
-                s->q_stride, s->kv_stride, s->n_heads * s->head_dim, s->n_kv_heads * s->head_dim);
-        abort();
-    }
-}
-
-void cuda_kv_write(cuda_backend *c, void *k_cache, void *v_cache, const float *k, const float *v,
-                   const nb_attn_shape *s) {
-    check_shape("kv_write", s);
-    const cuda_batch *b = &c->batch;
-    if (b->n_tokens <= 0) return;
-    dim3 grid((unsigned)b->n_tokens, (unsigned)s->n_kv_heads, 2);
-    int th = s->head_dim >= 128 ? 128 : s->head_dim > 32 ? 64 : 32;
-    size_t bb = nb_kv_block_bytes(s->kv_dtype, s->n_kv_heads, s->head_dim);
-    int st = nb_attn_kv_stride(s);
-    char *kc = (char *)k_cache, *vc = (char *)v_cache;
-    switch (s->kv_dtype) {
-    case NB_KV_F32: kv_write_kernel<NB_KV_F32><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, st, bb); break;
-    case NB_KV_BF16: kv_write_kernel<NB_KV_BF16><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, st, bb); break;
-    case NB_KV_INT8: kv_write_kernel<NB_KV_INT8><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, st, bb); break;
-    case NB_KV_FP8: kv_write_kernel<NB_KV_FP8><<<grid, th, 0, c->stream>>>(kc, vc, k, v, b->slot, s->n_kv_heads, s->head_dim, st, bb); break;
-    }
-    CUDA_LAUNCHED();
-}
 
 // ---- decode -----------------------------------------------------------------
 
@@ -759,7 +647,7 @@ static void prefill_dispatch(cuda_backend *c, float *out, const attn_args &a) {
 
 void cuda_attention(cuda_backend *c, float *out, const float *q, const void *k_cache, const void *v_cache,
                     const nb_attn_shape *s) {
-    check_shape("attention", s);
+    cuda_attn_check_shape("attention", s);
     const cuda_batch *b = &c->batch;
     if (b->n_tokens <= 0) return;
     attn_args a = {q, (const char *)k_cache, (const char *)v_cache, s->n_heads, s->n_kv_heads, s->head_dim, s->scale,

@@ -365,12 +365,12 @@ static void cu_rope(nb_backend *b, float *x, int n_heads, int head_dim, int stri
     cuda_rope(c, x, n_heads, head_dim, stride, inv_freq, interleaved);
 }
 
-static void cu_qk_norm_rope(nb_backend *b, float *x, int n_q, int n_kv, int head_dim, int stride,
-                            const nb_weight *q_norm, const nb_weight *k_norm, float eps, const float *inv_freq,
-                            int interleaved) {
+static void cu_rope_kv_write(nb_backend *b, float *x, void *k_cache, void *v_cache, const nb_attn_shape *s,
+                             const nb_weight *q_norm, const nb_weight *k_norm, float eps, const float *inv_freq,
+                             int interleaved) {
     cuda_backend *c = cuda_impl(b);
-    cur_batch(c, "qk_norm_rope");
-    cuda_qk_norm_rope(c, x, n_q, n_kv, head_dim, stride, q_norm, k_norm, eps, inv_freq, interleaved);
+    cur_batch(c, "rope_kv_write");
+    cuda_rope_kv_write(c, x, k_cache, v_cache, s, q_norm, k_norm, eps, inv_freq, interleaved);
 }
 
 static void cu_kv_write(nb_backend *b, void *k_cache, void *v_cache, const float *k, const float *v,
@@ -573,7 +573,7 @@ static nb_backend_ops make_ops(void) {
     o.add = cu_add;
     o.silu_mul = cu_silu_mul;
     o.rope = cu_rope;
-    o.qk_norm_rope = cu_qk_norm_rope;
+    o.rope_kv_write = cu_rope_kv_write;
     o.kv_write = cu_kv_write;
     o.attention = cu_attention;
     o.softmax = cu_softmax;

@@ -177,6 +177,21 @@ __device__ __forceinline__ float cuda_warp_max(float v) {
     return v;
 }
 
+// Rotates pair i (of half = head_dim / 2) of the head at v in place by the
+// angle pos * inv_freq[i], as Hugging Face and the CPU do: the angle a
+// float32 product, then cos/sin in float32 (full-range, not the fast
+// intrinsics: positions reach the hundreds of thousands of radians).
+// interleaved = 0 pairs the two halves (NeoX/HF Llama), 1 adjacent values.
+__device__ __forceinline__ void cuda_rope_pair(float *v, int i, int half, float pos, const float *inv_freq,
+                                               int interleaved) {
+    float a = pos * inv_freq[i];
+    float cs = cosf(a), sn = sinf(a);
+    int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + half;
+    float p = v[i0], q = v[i1];
+    v[i0] = p * cs - q * sn;
+    v[i1] = q * cs + p * sn;
+}
+
 // Block-wide sum; every thread gets the result. blockDim.x is a multiple of
 // 32, at most 1024.
 static __device__ float cuda_block_sum(float v) {
@@ -247,9 +262,6 @@ void cuda_silu_mul(cuda_backend *c, float *out, const float *gate, const float *
 // token rows stride floats apart, the first n_heads * head_dim rotated
 void cuda_rope(cuda_backend *c, float *x, int n_heads, int head_dim, int stride, const float *inv_freq,
                int interleaved);
-// backend.h's qk_norm_rope
-void cuda_qk_norm_rope(cuda_backend *c, float *x, int n_q, int n_kv, int head_dim, int stride, const nb_weight *qn,
-                       const nb_weight *kn, float eps, const float *inv_freq, int interleaved);
 void cuda_softmax(cuda_backend *c, float *x, int n, int cols);
 void cuda_gather_rows(cuda_backend *c, float *out, const float *x, const int32_t *rows_dev, int n_rows, int cols);
 // x (FP32) to BF16 or F16, n elements
@@ -329,10 +341,16 @@ void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *t
 // and rows); copies in and out and waits, so it cannot be recorded.
 void cuda_sample(cuda_backend *c, int32_t *ids, float *x, int n, int cols, const nb_sample_row *rows);
 
-// cuda_attention.cu: k/v rows nb_attn_kv_stride(s) apart, q rows
-// nb_attn_q_stride(s) apart, out packed (backend.h)
+// cuda_kv.cu: aborts on a shape the kernels do not take (a caller's bug)
+void cuda_attn_check_shape(const char *op, const nb_attn_shape *s);
+// k/v rows nb_attn_kv_stride(s) apart (backend.h's kv_write),
+// and backend.h's rope_kv_write on fused q|k|v rows
 void cuda_kv_write(cuda_backend *c, void *k_cache, void *v_cache, const float *k, const float *v,
                    const nb_attn_shape *s);
+void cuda_rope_kv_write(cuda_backend *c, float *x, void *k_cache, void *v_cache, const nb_attn_shape *s,
+                        const nb_weight *q_norm, const nb_weight *k_norm, float eps, const float *inv_freq,
+                        int interleaved);
+// cuda_attention.cu: q rows nb_attn_q_stride(s) apart, out packed
 void cuda_attention(cuda_backend *c, float *out, const float *q, const void *k_cache, const void *v_cache,
                     const nb_attn_shape *s);
 

@@ -191,11 +191,9 @@ void cuda_convert(cuda_backend *c, void *out, nb_dtype t, const float *x, size_t
 
 // ---- rope -------------------------------------------------------------------
 
-// One thread per rotated pair. As Hugging Face and the CPU: the angle is a
-// float32 product, then cos/sin in float32 (full-range, not the fast
-// intrinsics: positions reach the hundreds of thousands of radians). Token
-// t's heads are the first n_heads * head_dim floats of its row at t *
-// stride; the rest of the row (a fused q|k|v row's V) is never touched.
+// One thread per rotated pair (cuda_rope_pair). Token t's heads are the
+// first n_heads * head_dim floats of its row at t * stride; the rest of
+// the row is never touched.
 __global__ void rope_kernel(float *x, const int32_t *pos, int n_tokens, int n_heads, int head_dim, int stride,
                             const float *inv_freq, int interleaved) {
     int half = head_dim / 2;
@@ -204,13 +202,7 @@ __global__ void rope_kernel(float *x, const int32_t *pos, int n_tokens, int n_he
         int i = (int)(k % half);
         size_t th = k / half; // token * n_heads + head
         int t = (int)(th / n_heads), h = (int)(th % n_heads);
-        float a = (float)pos[t] * inv_freq[i];
-        float cs = cosf(a), sn = sinf(a);
-        float *v = x + (size_t)t * stride + (size_t)h * head_dim;
-        int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + half;
-        float p = v[i0], q = v[i1];
-        v[i0] = p * cs - q * sn;
-        v[i1] = q * cs + p * sn;
+        cuda_rope_pair(x + (size_t)t * stride + (size_t)h * head_dim, i, half, (float)pos[t], inv_freq, interleaved);
     }
 }
 
@@ -221,68 +213,6 @@ void cuda_rope(cuda_backend *c, float *x, int n_heads, int head_dim, int stride,
     if (!n) return;
     rope_kernel<<<grid_for(n, ELEM_THREADS), ELEM_THREADS, 0, c->stream>>>(x, b->pos, b->n_tokens, n_heads, head_dim,
                                                                            stride, inv_freq, interleaved);
-    CUDA_LAUNCHED();
-}
-
-// Qwen3's per-head q/k norm then rope (backend.h's qk_norm_rope): one warp
-// per head of a token, QKN_WARPS heads per block. The head is normalized as
-// rmsnorm_kernel does a row (warp sum of squares, then (x * scale) * w),
-// staged in shared memory, and its pairs rotated as rope_kernel does.
-#define QKN_WARPS 4
-
-template <typename T>
-__global__ void __launch_bounds__(QKN_WARPS * 32)
-    qk_norm_rope_kernel(float *x, const int32_t *pos, int n_q, int n_heads, int head_dim, int stride, const T *qw,
-                        const T *kw, float eps, const float *inv_freq, int interleaved) {
-    __shared__ float hs[QKN_WARPS][CUDA_MAX_HEAD_DIM];
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x, h = blockIdx.y * QKN_WARPS + warp;
-    if (h >= n_heads) return; // whole warps leave; no block-wide barrier follows
-    float *v = x + (size_t)t * stride + (size_t)h * head_dim, *s = hs[warp];
-    const T *w = h < n_q ? qw : kw;
-    float ss = 0.0f;
-    for (int d = lane; d < head_dim; d += 32) ss += v[d] * v[d];
-    ss = cuda_warp_sum(ss);
-    float scale = 1.0f / sqrtf(ss / (float)head_dim + eps);
-    for (int d = lane; d < head_dim; d += 32) s[d] = (v[d] * scale) * cuda_to_f32(w[d]);
-    __syncwarp();
-    int half = head_dim / 2;
-    float p0 = (float)pos[t];
-    for (int i = lane; i < half; i += 32) {
-        float a = p0 * inv_freq[i];
-        float cs = cosf(a), sn = sinf(a);
-        int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + half;
-        float p = s[i0], q = s[i1];
-        v[i0] = p * cs - q * sn;
-        v[i1] = q * cs + p * sn;
-    }
-}
-
-void cuda_qk_norm_rope(cuda_backend *c, float *x, int n_q, int n_kv, int head_dim, int stride, const nb_weight *qn,
-                       const nb_weight *kn, float eps, const float *inv_freq, int interleaved) {
-    const cuda_batch *b = &c->batch;
-    int heads = n_q + n_kv;
-    if (b->n_tokens <= 0 || heads <= 0) return;
-    if (head_dim > CUDA_MAX_HEAD_DIM || (head_dim & 1) || qn->cols != head_dim || kn->cols != head_dim ||
-        qn->dtype != kn->dtype) {
-        // the model loader binds both norms [head_dim] of one dtype: a bug
-        fprintf(stderr, "nibble: cuda qk_norm_rope: head_dim %d, norms %lld / %lld (%s / %s)\n", head_dim,
-                (long long)qn->cols, (long long)kn->cols, nb_dtype_name(qn->dtype), nb_dtype_name(kn->dtype));
-        abort();
-    }
-    dim3 grid((unsigned)b->n_tokens, (unsigned)((heads + QKN_WARPS - 1) / QKN_WARPS));
-#define QKN(T)                                                                                                        \
-    qk_norm_rope_kernel<T><<<grid, QKN_WARPS * 32, 0, c->stream>>>(x, b->pos, n_q, heads, head_dim, stride,           \
-                                                                   (const T *)qn->data, (const T *)kn->data, eps,    \
-                                                                   inv_freq, interleaved)
-    switch (qn->dtype) {
-    case NB_F32: QKN(float); break;
-    case NB_BF16: QKN(__nv_bfloat16); break;
-    case NB_F16: QKN(__half); break;
-    default:
-        fprintf(stderr, "nibble: cuda qk_norm_rope: norm dtype %s\n", nb_dtype_name(qn->dtype));
-        abort();
-    }
-#undef QKN
     CUDA_LAUNCHED();
 }
 

@@ -5,23 +5,39 @@
  *    one code apart where it sits on a rounding tie (>= 99.9% identical);
  *    attention over them as tight as over F32/BF16 when no value differs;
  *  - prefill on tensor cores (head_dim % 16 == 0): BF16 operands, ATTN_TOL_BF16.
- * The same on the rows of a fused q|k|v projection (q_stride, kv_stride).
+ * The same on the rows of a fused q|k|v projection (q_stride, kv_stride),
+ * and there with rope_kv_write in kv_write's place (rope, after Qwen3's
+ * per-head norms of each weight dtype or none, and the KV write in one
+ * op): its rotated q and k heads within rope's 1e-5 of max |x|, V and
+ * padding untouched, a rotated F32 or BF16 K cache within the same bound
+ * (BF16: plus a code at ties), then attention as above.
  * Ends with CUDA graphs: a recorded decode step replayed with new positions,
  * slots and inputs must give what the same ops give issued one by one, also
- * when the GPU's step runs the fused projection.
+ * when the GPU's step runs the fused projection and rope_kv_write.
  * Needs a CUDA device; fails (not skips) without one. */
 #include "tests/gpu/gpu_test.h"
 
 /* ---- KV cache and attention --------------------------------------------------- */
 
+/* rope_kv_write's arguments on both backends, for steps on fused rows
+ * that rotate q and k (after Qwen3's per-head norms when q_norm is set)
+ * and write K and V in one op instead of kv_write. */
+typedef struct rope_twin {
+    int interleaved;
+    const float *inv_c, *inv_g;        /* inv_freq: host, device */
+    const twin_weight *q_norm, *k_norm; /* both NULL: no norms */
+    double worst;                      /* the rotated heads' worst error, of max |x| */
+} rope_twin;
+
 /* One layer's K and V caches on both backends. */
 typedef struct kv_twin {
     nb_attn_shape s;
     int n_blocks;
-    size_t bytes;   /* of one cache */
-    void *ck, *cv;  /* CPU */
-    void *gk, *gv;  /* GPU */
-    size_t written; /* token rows written, for the INT8/FP8 statistics */
+    size_t bytes;     /* of one cache */
+    void *ck, *cv;    /* CPU */
+    void *gk, *gv;    /* GPU */
+    size_t written;   /* token rows written, for the INT8/FP8 statistics */
+    rope_twin *rope;  /* NULL: steps write with kv_write, q and k as drawn */
 } kv_twin;
 
 static void kv_twin_init(kv_twin *c, const nb_attn_shape *s, int n_blocks) {
@@ -31,6 +47,7 @@ static void kv_twin_init(kv_twin *c, const nb_attn_shape *s, int n_blocks) {
     c->ck = cpu->ops->alloc(cpu, c->bytes), c->cv = cpu->ops->alloc(cpu, c->bytes);
     c->gk = gpu->ops->alloc(gpu, c->bytes), c->gv = gpu->ops->alloc(gpu, c->bytes);
     c->written = 0;
+    c->rope = NULL;
 }
 
 static void kv_twin_free(kv_twin *c) {
@@ -107,6 +124,37 @@ static void step_batch_init(step_batch *st, const seq_set *q, const seg *segs, i
 
 static void step_batch_free(step_batch *st) { free(st->pos), free(st->seq_of), free(st->slot); }
 
+/* rope_kv_write's q and k heads, GPU against CPU: the bound of rope's in
+ * test_cuda_ops.c, 1e-5 of max |x|. Without norms only cosf/sinf differ
+ * (an ulp or two of each factor). With norms the sum of squares is summed
+ * in another order too, which moves a head's scale by a few ulps (~1e-7
+ * relative even at head_dim 256), and the weight multiplies that: the
+ * error stays near 1e-7 of max |x|, so the norms need no looser bound (the
+ * former qk_norm_rope test held them to 1e-5 as well). A head rotated at a
+ * wrong position, not normalized or normalized by the other weight is off
+ * by order 1. */
+#define ROPE_TOL 1e-5
+
+/* After rope_kv_write on the fused rows: the CPU's rows are host, the
+ * GPU's dq. The q and k heads of each row within ROPE_TOL of the CPU's,
+ * the V heads and any padding bit for bit the input in0. */
+static void check_rotated(kv_twin *c, const float *host, const float *in0, const float *dq, size_t n) {
+    const nb_attn_shape *s = &c->s;
+    size_t row = (size_t)nb_attn_q_stride(s), w = (size_t)(s->n_heads + s->n_kv_heads) * s->head_dim, rest = 0;
+    float *got = from_gpu(dq, n * row);
+    float *gr = xmalloc(sizeof(float) * n * w), *cr = xmalloc(sizeof(float) * n * w);
+    for (size_t t = 0; t < n; t++) {
+        memcpy(gr + t * w, got + t * row, sizeof(float) * w);
+        memcpy(cr + t * w, host + t * row, sizeof(float) * w);
+        rest += n_mismatch(got + t * row + w, in0 + t * row + w, row - w);
+    }
+    double err = rel_max(gr, cr, n * w);
+    CHECK(err <= ROPE_TOL, "%s: rope_kv_write's q and k heads: error %.3g of max |x|", t_where, err);
+    CHECK(rest == 0, "%s: rope_kv_write changed %zu floats of V or padding", t_where, rest);
+    note_worst(&c->rope->worst, err);
+    free(got), free(gr), free(cr);
+}
+
 /* One step on both backends: set_batch, kv_write of random K/V and, when
  * attend, attention of random queries. Returns the attention output's
  * relative error (0 without attention). Packed shapes (q_stride and
@@ -115,7 +163,9 @@ static void step_batch_free(step_batch *st) { free(st->pos), free(st->seq_of), f
  * laid out as a fused q|k|v projection's: q at 0, k after the q heads, v
  * after the k heads, and random floats in any padding after v. So a
  * kernel that ignores a stride reads another token's or another part's
- * values and fails. */
+ * values and fails. With c->rope (fused rows only) rope_kv_write takes
+ * kv_write's place: each backend rotates its own copy of the rows in place
+ * (checked: check_rotated) and attention reads each one's rotated q. */
 static double step_both(kv_twin *c, const nb_batch *b, int attend) {
     const nb_attn_shape *s = &c->s;
     size_t n = (size_t)b->n_tokens, qd = (size_t)s->n_heads * s->head_dim, kvd = (size_t)s->n_kv_heads * s->head_dim;
@@ -123,6 +173,10 @@ static double step_both(kv_twin *c, const nb_batch *b, int attend) {
     int fused = s->q_stride || s->kv_stride;
     if (fused && (row != (size_t)nb_attn_kv_stride(s) || row < qd + 2 * kvd)) {
         fprintf(stderr, "test bug: strides %d / %d are not a fused q|k|v row\n", s->q_stride, s->kv_stride);
+        abort();
+    }
+    if (c->rope && !nb_attn_fused_rows(s)) {
+        fprintf(stderr, "test bug: rope_kv_write on rows that are not fused q|k|v rows\n");
         abort();
     }
     /* on the host: the fused rows, or q, k, v one after another; on the
@@ -139,9 +193,20 @@ static double step_both(kv_twin *c, const nb_batch *b, int attend) {
         dk = to_gpu(k, sizeof(float) * n * kvd), dv = to_gpu(v, sizeof(float) * n * kvd);
     }
     cpu->ops->set_batch(cpu, b);
-    cpu->ops->kv_write(cpu, c->ck, c->cv, k, v, s);
     gpu->ops->set_batch(gpu, b);
-    gpu->ops->kv_write(gpu, c->gk, c->gv, dk, dv, s);
+    if (c->rope) {
+        const rope_twin *r = c->rope;
+        float *in0 = copy_floats(buf, len);
+        cpu->ops->rope_kv_write(cpu, buf, c->ck, c->cv, s, r->q_norm ? &r->q_norm->c : NULL,
+                                r->k_norm ? &r->k_norm->c : NULL, 1e-6f, r->inv_c, r->interleaved);
+        gpu->ops->rope_kv_write(gpu, dq, c->gk, c->gv, s, r->q_norm ? &r->q_norm->g : NULL,
+                                r->k_norm ? &r->k_norm->g : NULL, 1e-6f, r->inv_g, r->interleaved);
+        check_rotated(c, buf, in0, dq, n);
+        free(in0);
+    } else {
+        cpu->ops->kv_write(cpu, c->ck, c->cv, k, v, s);
+        gpu->ops->kv_write(gpu, c->gk, c->gv, dk, dv, s);
+    }
     c->written += n;
     double err = 0;
     if (attend) {
@@ -159,8 +224,9 @@ static double step_both(kv_twin *c, const nb_batch *b, int attend) {
     return err;
 }
 
-/* Writes positions [0, upto[s]) of every sequence with kv_write only, in
- * steps of at most `chunk` tokens (earlier steps' context). */
+/* Writes positions [0, upto[s]) of every sequence without attention (with
+ * kv_write, or rope_kv_write in c->rope's mode), in steps of at most
+ * `chunk` tokens (earlier steps' context). */
 static void write_history(kv_twin *c, const seq_set *q, const int *upto, int chunk) {
     for (int s = 0; s < q->n_seqs; s++)
         for (int p0 = 0; p0 < upto[s]; p0 += chunk) {
@@ -175,11 +241,50 @@ static void write_history(kv_twin *c, const seq_set *q, const int *upto, int chu
 /* E4M3 codes ordered by value: sign and magnitude. */
 static int fp8_rank(uint8_t b) { return b & 0x80 ? -(int)(b & 0x7f) : (int)(b & 0x7f); }
 
+/* The K cache after rope_kv_writes, F32 or BF16: each backend wrote its own
+ * rotation of k, within ROPE_TOL of max |x| of the other's
+ * (check_rotated). F32: the same bound over the cache; the differences are
+ * not counted (attention's ATTN_TOL_SAME covers q and k moved by 1e-5).
+ * BF16: rounding adds at most a code where the two rotations straddle a
+ * tie (2^-7 of the value), so ROPE_TOL of max |x| plus that; not "one code
+ * apart", as near zero ROPE_TOL of max |x| spans many codes. At most 0.1%
+ * of the written values may differ at all (ties and values near zero: up
+ * to 1e-5 of them on the emulator, where only the norms' sums differ);
+ * rounding other than to nearest even differs in about half. Returns the
+ * values that differ. */
+static size_t check_rotated_k(const kv_twin *c, const unsigned char *h, const unsigned char *g, const char *what) {
+    const nb_attn_shape *s = &c->s;
+    if (s->kv_dtype == NB_KV_F32) {
+        double err = rel_max((const float *)g, (const float *)h, c->bytes / sizeof(float));
+        CHECK(err <= ROPE_TOL, "%s: K cache: error %.3g of max |x|", what, err);
+        return 0;
+    }
+    const uint16_t *hv = (const uint16_t *)h, *gv = (const uint16_t *)g;
+    size_t n = c->bytes / 2, diff = 0, far = 0, written = c->written * s->n_kv_heads * s->head_dim;
+    double amax = 0;
+    for (size_t i = 0; i < n; i++) amax = fmax(amax, fabs(bf16_to_f32(hv[i])));
+    for (size_t i = 0; i < n; i++) {
+        if (hv[i] == gv[i]) continue;
+        double x = bf16_to_f32(hv[i]), y = bf16_to_f32(gv[i]);
+        diff++;
+        far += !(fabs(x - y) <= ROPE_TOL * amax + 0x1p-7 * fmax(fabs(x), fabs(y)));
+    }
+    CHECK(far == 0, "%s: K cache: %zu values off by more than ROPE_TOL of max |x| and a code", what, far);
+    CHECK(diff * 1000 <= written, "%s: K cache: %zu of %zu written values differ (> 0.1%%)", what, diff, written);
+    return diff;
+}
+
 /* The caches after the same kv_writes: F32 and BF16 bit for bit (both round
  * to nearest even); INT8/FP8 values at most one code apart where they
  * differ, at least 99.9% of the written values identical, and scales
  * within 1e-6 relative (both compute max|x| / 127 or / 448). Returns the
- * number of bytes or values that differ. */
+ * number of bytes or values that differ. After rope_kv_writes (c->rope) the
+ * same, but for an F32 or BF16 K cache: check_rotated_k. (INT8/FP8 K
+ * values quantize each backend's rotation, a few ulps of the head's max |x|
+ * apart: far less than the smallest code, FP8's 2^-9 of max |x| / 448
+ * (4.4e-6 of it), so a value lands at most one code off, where the two
+ * straddle a tie, which the one code and 0.1% allow; the scales move by
+ * ulps.) */
 static size_t check_caches(const kv_twin *c, const char *what) {
     const nb_attn_shape *s = &c->s;
     size_t all_diff = 0;
@@ -188,7 +293,9 @@ static size_t check_caches(const kv_twin *c, const char *what) {
         unsigned char *g = xmalloc(c->bytes);
         gpu->ops->download(gpu, g, which ? c->gv : c->gk, c->bytes);
         const char *kv = which ? "V" : "K";
-        if (s->kv_dtype == NB_KV_F32 || s->kv_dtype == NB_KV_BF16) {
+        if (c->rope && !which && (s->kv_dtype == NB_KV_F32 || s->kv_dtype == NB_KV_BF16)) {
+            all_diff += check_rotated_k(c, h, g, what);
+        } else if (s->kv_dtype == NB_KV_F32 || s->kv_dtype == NB_KV_BF16) {
             size_t diff = 0;
             for (size_t i = 0; i < c->bytes; i++) diff += h[i] != g[i];
             CHECK(diff == 0, "%s: %s cache: %zu of %zu bytes differ", what, kv, diff, c->bytes);
@@ -255,13 +362,22 @@ static const nb_kv_dtype KV_TYPES[] = {NB_KV_F32, NB_KV_BF16, NB_KV_INT8, NB_KV_
 
 static int prefill_on_tensor_cores(int head_dim) { return head_dim % 16 == 0; }
 
+/* The bound on a step's attention error at head_dim hd when the caches
+ * differ in cache_diff values: on tensor cores a tie's code and BF16
+ * rounding add at most. */
+static double attn_tol(int prefill, int hd, size_t cache_diff) {
+    if (prefill && prefill_on_tensor_cores(hd)) return ATTN_TOL_BF16 + (cache_diff ? ATTN_TOL_TIES : 0);
+    return cache_diff ? ATTN_TOL_TIES : ATTN_TOL_SAME;
+}
+
 #define N_HEADS (int)(sizeof HEADS / sizeof HEADS[0])
 
 /* Decode only: five sequences of one token each at contexts 1 .. 5000,
  * their earlier positions written by kv_write steps of up to 1024 tokens;
  * two decode steps (the second reads the first's K/V), the step's tokens
- * in an order other than the sequences'. */
-static double check_decode(const nb_attn_shape *s, size_t *cache_diff) {
+ * in an order other than the sequences'. rope: NULL, or every step (the
+ * earlier positions' too) in its rope_kv_write mode (kv_twin). */
+static double check_decode(const nb_attn_shape *s, rope_twin *rope, size_t *cache_diff) {
     enum { NS = 5, STEPS = 2 };
     static const int ctx[NS] = {1, 17, 300, 2100, 5000}; /* at the first decode step, its token included */
     static const int order[NS] = {3, 0, 4, 1, 2};
@@ -275,6 +391,7 @@ static double check_decode(const nb_attn_shape *s, size_t *cache_diff) {
     seq_set_init(&q, NS, len, (5000 + STEPS + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE + 2, n_blocks);
     kv_twin c;
     kv_twin_init(&c, s, n_blocks);
+    c.rope = rope;
     write_history(&c, &q, hist, 1024);
     double worst = 0;
     for (int k = 0; k < STEPS; k++) {
@@ -293,8 +410,8 @@ static double check_decode(const nb_attn_shape *s, size_t *cache_diff) {
 
 /* Prefill: whole prompts, a chunk continuing a sequence, a first token, a
  * decode token and a 48-token chunk at position 2000 in one step; then two
- * sequences' tokens interleaved one by one. */
-static double check_prefill(const nb_attn_shape *s, size_t *cache_diff) {
+ * sequences' tokens interleaved one by one. rope as check_decode's. */
+static double check_prefill(const nb_attn_shape *s, rope_twin *rope, size_t *cache_diff) {
     enum { A, B, C, D, E, NS };
     static const int len[NS] = {96, 137, 1, 131, 2048};
     static const int hist[NS] = {0, 0, 0, 0, 2000}; /* E's context before the steps */
@@ -302,6 +419,7 @@ static double check_prefill(const nb_attn_shape *s, size_t *cache_diff) {
     seq_set_init(&q, NS, len, 2048 / NB_KV_BLOCK_SIZE + 2, 160);
     kv_twin c;
     kv_twin_init(&c, s, 160);
+    c.rope = rope;
     write_history(&c, &q, hist, 1000);
     static const seg step1[] = {{D, 0, 130}, {A, 0, 77}, {B, 0, 40}};
     static const seg step2[] = {{B, 40, 121}, {C, 0, 1}, {D, 130, 131}, {A, 77, 80}, {E, 2000, 2048}};
@@ -346,10 +464,8 @@ static void run_attention(int prefill, int n_heads_cfg, const int *head_dims, in
                       prefill ? "prefill" : "decode", nb_kv_dtype_name(s.kv_dtype), s.n_heads, s.n_kv_heads, hd,
                       s.q_stride, s.kv_stride, tc ? "tensor" : "CUDA");
                 size_t cache_diff = 0;
-                double err = prefill ? check_prefill(&s, &cache_diff) : check_decode(&s, &cache_diff);
-                /* on tensor cores a tie's code and BF16 rounding add at most */
-                double tol = tc ? ATTN_TOL_BF16 + (cache_diff ? ATTN_TOL_TIES : 0)
-                                : cache_diff ? ATTN_TOL_TIES : ATTN_TOL_SAME;
+                double err = prefill ? check_prefill(&s, NULL, &cache_diff) : check_decode(&s, NULL, &cache_diff);
+                double tol = attn_tol(prefill, hd, cache_diff);
                 CHECK(err <= tol, "%s: relative error %.3g > %g (caches %s)", t_where, err, tol,
                       cache_diff ? "differ" : "identical");
                 note_worst(tc ? &worst_tc : &worst, err);
@@ -380,11 +496,61 @@ static void test_attention_strided(int prefill) {
 static void test_attention_decode_strided(void) { test_attention_strided(0); }
 static void test_attention_prefill_strided(void) { test_attention_strided(1); }
 
+/* rope_kv_write in place of kv_write (step_both's rope mode) on fused
+ * q|k|v rows, in check_decode's and check_prefill's steps: the GPU's
+ * rotated q and k heads (check_rotated, at positions up to ~5000), its
+ * caches (check_caches) and attention over its rotated q against the
+ * CPU's. Not the full cross product (the emulator is slow): every KV type
+ * with every head dim (40 takes the CUDA-core prefill kernel), and for
+ * each pair one heads config of HEADS, one of the norms (none; F32, BF16,
+ * F16 weights) and one rope style, drawn in turn so that each KV type and
+ * each head dim meets every norm and both styles, and each norm and each
+ * heads config both styles; rows with 3 floats of padding after v once
+ * per KV type, each time at another head dim. Normed cases rotate with
+ * Qwen3's theta (1e6), the others with 1e4. */
+static void test_rope_kv_write(void) {
+    static const int norm_types[] = {-1, NB_F32, NB_BF16, NB_F16}; /* -1: no norms */
+    for (int kt = 0; kt < 4; kt++) {
+        double worst_rope = 0, worst[2] = {0, 0};
+        for (int d = 0; d < N_HEAD_DIMS; d++) {
+            int hd = HEAD_DIMS[d], h = (kt + d) % N_HEADS, nt = norm_types[(kt + d) % 4], il = (kt + d / 2) % 2;
+            int pad = d == kt ? 3 : 0;
+            nb_attn_shape s = {HEADS[h].heads, HEADS[h].kv_heads, hd, 1.0f / sqrtf((float)hd), KV_TYPES[kt], 0, 0};
+            set_strides(&s, pad);
+            float *inv = xmalloc(sizeof(float) * hd / 2);
+            double theta = nt >= 0 ? 1e6 : 1e4;
+            for (int i = 0; i < hd / 2; i++) inv[i] = (float)(1.0 / pow(theta, 2.0 * i / hd));
+            twin_weight norms[2];
+            for (int i = 0; i < 2 && nt >= 0; i++) norms[i] = make_weight((nb_dtype)nt, 1, hd, 1.0f);
+            rope_twin r = {il, inv, to_gpu(inv, sizeof(float) * hd / 2), nt >= 0 ? &norms[0] : NULL,
+                           nt >= 0 ? &norms[1] : NULL, 0};
+            for (int prefill = 0; prefill < 2; prefill++) {
+                WHERE("%s rope_kv_write kv %s heads=%d kv_heads=%d head_dim=%d stride %d, %s, norms %s",
+                      prefill ? "prefill" : "decode", nb_kv_dtype_name(s.kv_dtype), s.n_heads, s.n_kv_heads, hd,
+                      s.q_stride, il ? "interleaved" : "neox", nt >= 0 ? nb_dtype_name((nb_dtype)nt) : "none");
+                size_t cache_diff = 0;
+                double err = prefill ? check_prefill(&s, &r, &cache_diff) : check_decode(&s, &r, &cache_diff);
+                double tol = attn_tol(prefill, hd, cache_diff);
+                CHECK(err <= tol, "%s: relative error %.3g > %g (caches %s)", t_where, err, tol,
+                      cache_diff ? "differ" : "identical");
+                note_worst(&worst[prefill], err);
+            }
+            note_worst(&worst_rope, r.worst);
+            if (nt >= 0) free_weight(&norms[0]), free_weight(&norms[1]);
+            gpu->ops->free(gpu, (void *)r.inv_g);
+            free(inv);
+        }
+        printf("  rope_kv_write, kv %-13s: q/k heads worst error %.2e of max |x|, then attention %.2e decode, "
+               "%.2e prefill\n",
+               nb_kv_dtype_name(KV_TYPES[kt]), worst_rope, worst[0], worst[1]);
+    }
+}
+
 /* ---- CUDA graphs ---------------------------------------------------------------- */
 
 /* A small decoder layer on one backend: its buffers, weights and caches.
  * fused: one q|k|v projection (wqkv, rows of qkv) as the model's fused
- * layers have, so rope, kv_write and attention read strided rows. */
+ * layers have, so rope_kv_write and attention work on its strided rows. */
 typedef struct mini_layer {
     nb_backend *be;
     float *x, *xn, *q, *k, *v, *att, *o; /* for up to 12 tokens */
@@ -396,18 +562,19 @@ typedef struct mini_layer {
     int fused;
 } mini_layer;
 
-/* What a model's decode step issues: norm, projections, rope, KV write,
- * attention, output projection, residual. */
+/* What a model's decode step issues: norm, projections, rope, KV write
+ * (fused: rope_kv_write, as engine/model/model.c issues it), attention,
+ * output projection, residual. */
 static void mini_forward(const mini_layer *L, int n) {
     nb_backend *be = L->be;
     const nb_backend_ops *op = be->ops;
     int H = L->s.n_heads * L->s.head_dim, KVD = L->s.n_kv_heads * L->s.head_dim;
     op->rmsnorm(be, L->xn, L->x, &L->norm, n, 1e-5f);
     if (L->fused) {
-        /* q and k heads rotated in one call; v follows them in the row */
+        /* q and k heads rotated and K and V written in one op (no head
+         * norms: eps unused); attention reads q from the rows */
         op->matmul(be, L->qkv, L->xn, &L->wqkv, n);
-        op->rope(be, L->qkv, L->s.n_heads + L->s.n_kv_heads, L->s.head_dim, L->s.q_stride, L->inv_freq, 0);
-        op->kv_write(be, L->kc, L->vc, L->qkv + H, L->qkv + H + KVD, &L->s);
+        op->rope_kv_write(be, L->qkv, L->kc, L->vc, &L->s, NULL, NULL, 1e-6f, L->inv_freq, 0);
         op->attention(be, L->att, L->qkv, L->kc, L->vc, &L->s);
         op->matmul(be, L->o, L->att, &L->wo, n);
         op->add(be, L->x, L->x, L->o, (size_t)n * H);
@@ -534,8 +701,8 @@ static void mini_free(mini_layer *L, int gpu_side) {
  * (longer than any the key-4 graph was recorded with); key 0 records
  * nothing. Every batch shape change (token count, block table width) comes
  * before the first recording, so the backend has no reason to drop graphs.
- * fused: the GPU's layer runs the fused q|k|v projection (strided rope,
- * kv_write and attention, recorded and replayed), the CPU's the separate
+ * fused: the GPU's layer runs the fused q|k|v projection (rope_kv_write
+ * and strided attention, recorded and replayed), the CPU's the separate
  * ones, under keys of their own (key_base). */
 static void run_graphs(int fused, uint64_t key_base) {
     graph_rig *r = xcalloc(1, sizeof *r);
@@ -611,6 +778,7 @@ int main(void) {
     RUN(test_attention_prefill);
     RUN(test_attention_decode_strided);
     RUN(test_attention_prefill_strided);
+    RUN(test_rope_kv_write);
     RUN(test_graphs);
     RUN(test_graphs_fused);
     backend_destroy(gpu);

@@ -14,7 +14,9 @@
  *    128k terms is itself ~2e-4 off);
  *  - matmul: FP32 activations for M <= 8 (the GEMV path: 1e-4 of the output
  *    norm), BF16/F16 activations on tensor cores above (1e-2);
- * KV cache writes, attention and recorded steps: test_cuda_attention.c.
+ * KV cache writes, rope_kv_write (rope, with Qwen3's per-head norms or
+ * without, and the KV write in one op on fused q|k|v rows), attention and
+ * recorded steps: test_cuda_attention.c.
  * Needs a CUDA device; fails (not skips) without one. */
 #include "tests/gpu/gpu_test.h"
 
@@ -335,10 +337,7 @@ static void test_silu_mul_strided(void) {
  * first heads * hd floats of each row rotated, the rest of the row (a fused
  * q|k|v row's V, or padding) untouched on the GPU, bit for bit. Returns the
  * error of the rotated part (of max |x|). */
-/* rope (norms NULL) or qk_norm_rope (norms[0] for the first n_q heads,
- * norms[1] for the rest) over heads of hd in rows of stride floats, GPU
- * against CPU; floats past the heads must come back as they went in. */
-static double check_rope(int il, int hd, int n, int heads, int stride, const twin_weight *norms, int n_q) {
+static double check_rope(int il, int hd, int n, int heads, int stride) {
     int half = hd / 2;
     size_t len = (size_t)n * stride;
     float *inv = xmalloc(sizeof(float) * half);
@@ -351,13 +350,8 @@ static double check_rope(int il, int hd, int n, int heads, int stride, const twi
     float *dinv = to_gpu(inv, sizeof(float) * half);
     cpu->ops->set_batch(cpu, &pb.b);
     gpu->ops->set_batch(gpu, &pb.b);
-    if (norms) {
-        cpu->ops->qk_norm_rope(cpu, x, n_q, heads - n_q, hd, stride, &norms[0].c, &norms[1].c, 1e-6f, inv, il);
-        gpu->ops->qk_norm_rope(gpu, dx, n_q, heads - n_q, hd, stride, &norms[0].g, &norms[1].g, 1e-6f, dinv, il);
-    } else {
-        cpu->ops->rope(cpu, x, heads, hd, stride, inv, il);
-        gpu->ops->rope(gpu, dx, heads, hd, stride, dinv, il);
-    }
+    cpu->ops->rope(cpu, x, heads, hd, stride, inv, il);
+    gpu->ops->rope(gpu, dx, heads, hd, stride, dinv, il);
     float *got = from_gpu(dx, len);
     /* the rotated part, compared row by row; the rest must be the input */
     size_t w = (size_t)heads * hd, rest = 0;
@@ -368,7 +362,7 @@ static double check_rope(int il, int hd, int n, int heads, int stride, const twi
         rest += n_mismatch(got + (size_t)t * stride + w, x0 + (size_t)t * stride + w, (size_t)stride - w);
     }
     double err = rel_max(gr, cr, (size_t)n * w);
-    CHECK(err <= 1e-5, "%s: error %.3g of max |out|", t_where, err);
+    CHECK(err <= 1e-5, "%s: error %.3g of max |x|", t_where, err);
     CHECK(rest == 0, "%s: %zu floats past the rotated heads changed", t_where, rest);
     gpu->ops->free(gpu, dx), gpu->ops->free(gpu, dinv);
     free(inv), free(x), free(x0), free(got), free(gr), free(cr);
@@ -387,7 +381,7 @@ static void test_rope(void) {
             for (int c = 0; c < 3; c++) {
                 int hd = hds[d], n = cfg[c].n, heads = cfg[c].heads;
                 WHERE("rope %s hd=%d n=%d heads=%d", il ? "interleaved" : "neox", hd, n, heads);
-                note_worst(&worst, check_rope(il, hd, n, heads, heads * hd, NULL, 0));
+                note_worst(&worst, check_rope(il, hd, n, heads, heads * hd));
             }
     printf("  rope: worst error %.2e of max |x|\n", worst);
 }
@@ -408,33 +402,9 @@ static void test_rope_strided(void) {
                 int stride = (cfg[c].q_heads + 2 * cfg[c].kv_heads) * hd + cfg[c].pad;
                 WHERE("rope strided %s hd=%d n=%d heads=%d+%d stride=%d", il ? "interleaved" : "neox", hd, n,
                       cfg[c].q_heads, cfg[c].kv_heads, stride);
-                note_worst(&worst, check_rope(il, hd, n, heads, stride, NULL, 0));
+                note_worst(&worst, check_rope(il, hd, n, heads, stride));
             }
     printf("  rope on fused q|k|v rows: worst error %.2e of max |x|\n", worst);
-}
-
-/* Qwen3's per-head q/k norm and rope on fused q|k|v rows, against the
- * CPU's (itself rmsnorm then rope bit for bit: tests/test_kernels_cpu.c):
- * norm weights of every dtype, V and padding untouched. */
-static void test_qk_norm_rope(void) {
-    static const int hds[] = {16, 64, 128, 256};
-    static const struct {
-        int n, q_heads, kv_heads, pad;
-    } cfg[] = {{1, 2, 1, 0}, {5, 4, 4, 0}, {70, 8, 2, 0}, {6, 5, 1, 3}};
-    double worst = 0;
-    for (int il = 0; il < 2; il++)
-        for (int t = 0; t < 3; t++)
-            for (int d = 0; d < 4; d++)
-                for (int c = 0; c < 4; c++) {
-                    int hd = hds[d], n = cfg[c].n, nq = cfg[c].q_heads, nkv = cfg[c].kv_heads;
-                    int stride = (nq + 2 * nkv) * hd + cfg[c].pad;
-                    WHERE("qk_norm_rope %s %s hd=%d n=%d heads=%d+%d stride=%d", nb_dtype_name((nb_dtype)t),
-                          il ? "interleaved" : "neox", hd, n, nq, nkv, stride);
-                    twin_weight norms[2] = {make_weight((nb_dtype)t, 1, hd, 1.0f), make_weight((nb_dtype)t, 1, hd, 1.0f)};
-                    note_worst(&worst, check_rope(il, hd, n, nq + nkv, stride, norms, nq));
-                    free_weight(&norms[0]), free_weight(&norms[1]);
-                }
-    printf("  qk_norm_rope on fused q|k|v rows: worst error %.2e of max |out|\n", worst);
 }
 
 /* ---- rows ------------------------------------------------------------------- */
@@ -557,7 +527,6 @@ int main(void) {
     RUN(test_silu_mul_strided);
     RUN(test_rope);
     RUN(test_rope_strided);
-    RUN(test_qk_norm_rope);
     RUN(test_softmax);
     RUN(test_gather_rows);
     RUN(test_zero);
