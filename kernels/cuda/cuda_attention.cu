@@ -8,7 +8,8 @@
 // ATTN_PART positions; a block per (token, kv head, z) takes parts z, z + Z,
 // z + 2Z, ... (Z = gridDim.z), computes all the query heads of the group
 // against each and folds them into one running (max, sum, output) with the
-// online-softmax rescaling; a second kernel merges the Z partials. Z depends
+// online-softmax rescaling; a second kernel merges the Z partials (with Z
+// = 1, at large batches, the first normalizes its own). Z depends
 // only on the step's token count (enough blocks to fill the GPU twice, at
 // most the parts of the longest context the block tables allow), so a
 // recorded step replays at any context length and short contexts launch no
@@ -22,8 +23,6 @@
 #include "kernels/cuda/cuda_ptx.h"
 
 #define ATTN_PART 512
-#define DEC_THREADS 128
-#define DEC_HEADS 8 // query heads accumulated per pass over V
 #define PF_THREADS 128
 #define PF_TK 32    // KV positions per shared-memory chunk
 #define PF_ACC 64   // output accumulators per thread
@@ -46,112 +45,199 @@ struct attn_args {
     int q_stride;
 };
 
-// Shared memory: qs [G][D], scores [G][ATTN_PART], slots [ATTN_PART],
-// running max/sum [G][2], this part's rescale factors [G][2], running
-// output [G][D].
-template <int KV>
-__global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *part_o, float *part_ml, attn_args a,
-                                                                  cuda_batch b, int n_parts) {
+// A block per (token, kv head, z): its DEC_WARPS warps take 32-position
+// tiles of its parts in turn, each warp keeping its own running (max, sum,
+// output) per query head, merged across the warps at the end. Every load
+// is independent of the arithmetic before it, so a warp keeps many in
+// flight (a memory-bound kernel must: HBM's latency times its bandwidth is
+// ~20 KB per SM):
+//  - scores: a lane per position, reading its K row in chunks of E values
+//    (16 bytes for BF16, 8 for INT8/FP8, 32 for F32) against q in shared
+//    memory (the same address for every lane: one broadcast read);
+//  - weighted V: lanes across the row in chunks of E, 32 / (D / E) rows a
+//    step (BF16, D = 128: 16 lanes a row, 2 rows a step), each lane adding
+//    its chunk's weighted values into registers; the row groups' sums meet
+//    by shuffles at the end.
+// HM query heads a pass (4 or 8: the registers hold HM x E x CPL sums);
+// larger groups take several passes over K and V. CPL > 1 only for head
+// dims no vector chunk divides (E = 2): a lane then takes chunks lane,
+// lane + 32, ... of a row.
+//
+// Shared memory (floats): qs [G][QD] (QD = D rounded up to 4, for vector
+// reads), then per warp: weights [HM][32], slots [32], (max, sum) [HM][2]
+// and output [HM][D] of the pass.
+#define DEC_WARPS 4
+#define DEC_THREADS (DEC_WARPS * 32)
+
+static int dec_qd(int D) { return (D + 3) & ~3; }
+static size_t dec_warp_floats(int HM, int D) { return (size_t)HM * 32 + 32 + (size_t)HM * 2 + (size_t)HM * D; }
+
+// E floats of shared memory at p (16-byte aligned for E % 4 == 0, else 8).
+template <int E> __device__ __forceinline__ void dec_lds(float (&f)[E], const float *p) {
+#pragma unroll
+    for (int e = 0; e < E; e += (E % 4 == 0 ? 4 : 2)) {
+        if constexpr (E % 4 == 0) {
+            float4 v = *(const float4 *)(p + e);
+            f[e] = v.x, f[e + 1] = v.y, f[e + 2] = v.z, f[e + 3] = v.w;
+        } else {
+            float2 v = *(const float2 *)(p + e);
+            f[e] = v.x, f[e + 1] = v.y;
+        }
+    }
+}
+
+template <int KV, int E, int CPL, int HM>
+__global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *out, float *part_o, float *part_ml,
+                                                                  attn_args a, cuda_batch b, int n_parts) {
     extern __shared__ float sm[];
-    int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
-    int G = a.n_heads / a.n_kv, D = a.D;
-    int ctx = b.pos[t] + 1;
+    const int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
+    const int G = a.n_heads / a.n_kv, D = a.D, QD = (D + 3) & ~3, CPR = D / E;
+    const int ctx = b.pos[t] + 1;
     if (z * ATTN_PART >= ctx) return; // the merge reads only the partials a context has
-    float *qs = sm, *sc = qs + G * D;
-    int *slots = (int *)(sc + G * ATTN_PART);
-    float *ml = (float *)(slots + ATTN_PART), *ab = ml + 2 * G, *os = ab + 2 * G;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // weighted V: CL lanes a row, RPW rows a step; lane's row group and first chunk
+    const int CL = CPR < 32 ? CPR : 32, RPW = 32 / CL, rg = lane / CL, c0 = lane % CL;
+    const size_t WF = (size_t)HM * 32 + 32 + (size_t)HM * 2 + (size_t)HM * D;
+    float *qs = sm, *wbase = qs + (size_t)G * QD;
+    float *ps = wbase + warp * WF, *wml = ps + HM * 32 + 32, *wo = wml + HM * 2;
+    int *slots = (int *)(ps + HM * 32);
     const int32_t *table = b.block_tables + (size_t)b.seq_of[t] * b.bt_stride;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
     const float *qt = a.q + (size_t)t * a.q_stride + (size_t)h * G * D;
-    for (int i = threadIdx.x; i < G * D; i += DEC_THREADS) qs[i] = qt[i], os[i] = 0.0f;
-    for (int g = threadIdx.x; g < G; g += DEC_THREADS) ml[2 * g] = -INFINITY, ml[2 * g + 1] = 0.0f;
-
-    for (int start = z * ATTN_PART; start < ctx; start += (int)gridDim.z * ATTN_PART) {
-        int len = min(ctx - start, ATTN_PART);
-        __syncthreads(); // the previous part's slots and scores are no longer read
-        for (int i = threadIdx.x; i < len; i += DEC_THREADS) {
-            int p = start + i;
-            slots[i] = table[p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
-        }
-        __syncthreads();
-
-        // scores: a warp per position, lanes across the head dimension
-        for (int i = warp; i < len; i += DEC_THREADS / 32) {
-            kv_row kr = kv_locate<KV>(a.k_cache, slots[i], h, a.n_kv, D, a.block_bytes);
-            float kd[CUDA_MAX_HEAD_DIM / 32];
-#pragma unroll
-            for (int j = 0; j < CUDA_MAX_HEAD_DIM / 32; j++) {
-                int d = lane + 32 * j;
-                kd[j] = d < D ? kv_get<KV>(kr.vals, d, kr.scale) : 0.0f;
-            }
-            for (int g = 0; g < G; g++) {
-                float s = 0.0f;
-#pragma unroll
-                for (int j = 0; j < CUDA_MAX_HEAD_DIM / 32; j++) {
-                    int d = lane + 32 * j;
-                    if (d < D) s += qs[g * D + d] * kd[j];
-                }
-                s = cuda_warp_sum(s);
-                if (lane == 0) sc[g * ATTN_PART + i] = s * a.scale;
-            }
-        }
-        __syncthreads();
-
-        // softmax pieces per head (a warp per head), folded into the running
-        // max and sum: ab = (scale of what was there, scale of this part)
-        for (int g = warp; g < G; g += DEC_THREADS / 32) {
-            float *r = sc + g * ATTN_PART;
-            float m = -INFINITY;
-            for (int i = lane; i < len; i += 32) m = fmaxf(m, r[i]);
-            m = cuda_warp_max(m);
-            float l = 0.0f;
-            for (int i = lane; i < len; i += 32) {
-                float e = expf(r[i] - m);
-                r[i] = e;
-                l += e;
-            }
-            l = cuda_warp_sum(l);
-            if (lane == 0) {
-                float M = fmaxf(ml[2 * g], m);
-                float al = expf(ml[2 * g] - M), be = expf(m - M); // al = 0 for the first part (-inf)
-                ml[2 * g] = M, ml[2 * g + 1] = ml[2 * g + 1] * al + l * be;
-                ab[2 * g] = al, ab[2 * g + 1] = be;
-            }
-        }
-        __syncthreads();
-
-        // weighted V: a thread per head-dimension element, DEC_HEADS heads a pass
-        for (int g0 = 0; g0 < G; g0 += DEC_HEADS) {
-            for (int d = threadIdx.x; d < D; d += DEC_THREADS) {
-                float acc[DEC_HEADS];
-#pragma unroll
-                for (int j = 0; j < DEC_HEADS; j++) acc[j] = 0.0f;
-                for (int i = 0; i < len; i++) {
-                    kv_row vr = kv_locate<KV>(a.v_cache, slots[i], h, a.n_kv, D, a.block_bytes);
-                    float v = kv_get<KV>(vr.vals, d, vr.scale);
-#pragma unroll
-                    for (int j = 0; j < DEC_HEADS; j++)
-                        if (g0 + j < G) acc[j] += sc[(g0 + j) * ATTN_PART + i] * v;
-                }
-#pragma unroll
-                for (int j = 0; j < DEC_HEADS; j++)
-                    if (g0 + j < G) {
-                        int g = g0 + j;
-                        os[g * D + d] = os[g * D + d] * ab[2 * g] + acc[j] * ab[2 * g + 1];
-                    }
-            }
-        }
-    }
+    for (int i = threadIdx.x; i < G * D; i += DEC_THREADS) qs[(i / D) * QD + i % D] = qt[i];
     __syncthreads();
-    for (int i = threadIdx.x; i < G * D; i += DEC_THREADS) {
-        size_t head = (size_t)t * a.n_heads + (size_t)h * G + i / D;
-        part_o[(head * n_parts + z) * D + i % D] = os[i];
-    }
-    for (int g = threadIdx.x; g < G; g += DEC_THREADS) {
-        size_t head = (size_t)t * a.n_heads + (size_t)h * G + g;
-        part_ml[(head * n_parts + z) * 2] = ml[2 * g];
-        part_ml[(head * n_parts + z) * 2 + 1] = ml[2 * g + 1];
+
+    for (int g0 = 0; g0 < G; g0 += HM) {
+        const int nh = min(HM, G - g0);
+        float m[HM], l[HM], acc[HM][CPL][E];
+#pragma unroll
+        for (int j = 0; j < HM; j++) {
+            m[j] = -INFINITY, l[j] = 0.0f;
+#pragma unroll
+            for (int k = 0; k < CPL; k++)
+#pragma unroll
+                for (int e = 0; e < E; e++) acc[j][k][e] = 0.0f;
+        }
+        for (int start = z * ATTN_PART; start < ctx; start += (int)gridDim.z * ATTN_PART) {
+            const int end = min(ctx, start + ATTN_PART);
+            for (int ts = start + warp * 32; ts < end; ts += DEC_THREADS) {
+                const int n = min(32, end - ts), p = ts + lane;
+                const bool valid = lane < n;
+                // scores of this lane's position for the pass's heads
+                float s[HM];
+#pragma unroll
+                for (int j = 0; j < HM; j++) s[j] = 0.0f;
+                int slot = 0;
+                if (valid) {
+                    slot = table[p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
+                    kv_row kr = kv_locate<KV>(a.k_cache, slot, h, a.n_kv, D, a.block_bytes);
+#pragma unroll 4
+                    for (int c = 0; c < CPR; c++) {
+                        float kv[E], qv[E];
+                        kv_chunk<KV, E>(kr.vals, c, kr.scale, kv);
+#pragma unroll
+                        for (int j = 0; j < HM; j++) {
+                            if (j >= nh) break;
+                            dec_lds<E>(qv, qs + (size_t)(g0 + j) * QD + c * E);
+#pragma unroll
+                            for (int e = 0; e < E; e++) s[j] += qv[e] * kv[e];
+                        }
+                    }
+                }
+                slots[lane] = slot;
+                // fold the tile into the running max and sum; its weights
+                // go to shared memory for the V step
+#pragma unroll
+                for (int j = 0; j < HM; j++) {
+                    if (j >= nh) break; // nh is the same for the whole warp
+                    const float sj = valid ? s[j] * a.scale : -INFINITY;
+                    const float mn = fmaxf(m[j], cuda_warp_max(sj));
+                    const float al = expf(m[j] - mn); // 0 on the first tile (m = -inf)
+                    const float pj = valid ? expf(sj - mn) : 0.0f;
+                    l[j] = l[j] * al + cuda_warp_sum(pj);
+                    m[j] = mn;
+#pragma unroll
+                    for (int k = 0; k < CPL; k++)
+#pragma unroll
+                        for (int e = 0; e < E; e++) acc[j][k][e] *= al;
+                    ps[j * 32 + lane] = pj;
+                }
+                __syncwarp();
+                if (rg < RPW) {
+#pragma unroll 4
+                    for (int r = rg; r < n; r += RPW) {
+                        kv_row vr = kv_locate<KV>(a.v_cache, slots[r], h, a.n_kv, D, a.block_bytes);
+#pragma unroll
+                        for (int k = 0; k < CPL; k++) {
+                            const int c = c0 + k * CL;
+                            if (c >= CPR) break;
+                            float vv[E];
+                            kv_chunk<KV, E>(vr.vals, c, vr.scale, vv);
+#pragma unroll
+                            for (int j = 0; j < HM; j++) {
+                                if (j >= nh) break;
+                                const float w = ps[j * 32 + r];
+#pragma unroll
+                                for (int e = 0; e < E; e++) acc[j][k][e] += w * vv[e];
+                            }
+                        }
+                    }
+                }
+                __syncwarp(); // ps and slots are rewritten by the next tile
+            }
+        }
+        // the row groups' sums into the first group's lanes (lanes of one
+        // chunk are CL apart), then the warp's pass into shared memory
+        for (int sft = 1; sft < RPW; sft <<= 1)
+#pragma unroll
+            for (int j = 0; j < HM; j++)
+#pragma unroll
+                for (int k = 0; k < CPL; k++)
+#pragma unroll
+                    for (int e = 0; e < E; e++) {
+                        const float o = __shfl_down_sync(0xffffffffu, acc[j][k][e], sft * CL);
+                        if (rg % (2 * sft) == 0 && rg + sft < RPW) acc[j][k][e] += o;
+                    }
+        if (rg == 0)
+#pragma unroll
+            for (int j = 0; j < HM; j++) {
+                if (j >= nh) break;
+#pragma unroll
+                for (int k = 0; k < CPL; k++) {
+                    const int c = c0 + k * CL;
+                    if (c >= CPR) break;
+#pragma unroll
+                    for (int e = 0; e < E; e++) wo[j * D + c * E + e] = acc[j][k][e];
+                }
+            }
+        if (lane == 0) // m and l are the same in every lane
+#pragma unroll
+            for (int j = 0; j < HM; j++)
+                if (j < nh) wml[2 * j] = m[j], wml[2 * j + 1] = l[j];
+        __syncthreads();
+        // the warps' passes merged: out = sum_w e^(m_w - M) o_w / sum_w e^(m_w - M) l_w
+        for (int i = threadIdx.x; i < nh * D; i += DEC_THREADS) {
+            const int j = i / D, d = i % D;
+            float M = -INFINITY;
+            for (int w = 0; w < DEC_WARPS; w++) M = fmaxf(M, wbase[w * WF + HM * 32 + 32 + 2 * j]);
+            float O = 0.0f, L = 0.0f;
+            for (int w = 0; w < DEC_WARPS; w++) {
+                const float *wm = wbase + w * WF + HM * 32 + 32;
+                const float f = expf(wm[2 * j] - M); // 0 for a warp that had no positions
+                O += wm[HM * 2 + j * D + d] * f;
+                L += wm[2 * j + 1] * f;
+            }
+            const size_t head = (size_t)t * a.n_heads + (size_t)h * G + g0 + j;
+            if (n_parts == 1) {
+                // the whole context in one partial: normalized here, as
+                // the merge would, and no merge launched
+                out[head * D + d] = O * (1.0f / L);
+            } else {
+                part_o[(head * n_parts + z) * D + d] = O;
+                if (d == 0) part_ml[(head * n_parts + z) * 2] = M, part_ml[(head * n_parts + z) * 2 + 1] = L;
+            }
+        }
+        __syncthreads(); // the next pass rewrites the warps' areas
     }
 }
 
@@ -175,6 +261,29 @@ __global__ void attn_merge_kernel(float *out, const float *part_o, const float *
     }
 }
 
+template <int KV, int E, int CPL, int HM>
+static void decode_run(cuda_backend *c, float *out, float *part_o, float *part_ml, const attn_args &a, int n_parts) {
+    const cuda_batch *b = &c->batch;
+    int G = a.n_heads / a.n_kv;
+    size_t smem = sizeof(float) * ((size_t)G * dec_qd(a.D) + DEC_WARPS * dec_warp_floats(HM, a.D));
+    if (smem > 48 * 1024)
+        CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<KV, E, CPL, HM>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid((unsigned)b->n_tokens, (unsigned)a.n_kv, (unsigned)n_parts);
+    attn_decode_kernel<KV, E, CPL, HM><<<grid, DEC_THREADS, smem, c->stream>>>(out, part_o, part_ml, a, *b, n_parts);
+    CUDA_LAUNCHED();
+}
+
+// The chunk width: E values (16 bytes of BF16, 8 of INT8/FP8, 32 of F32)
+// where E divides the head dim, else pairs (E = 2, a lane up to 4 chunks:
+// any even head dim up to 256).
+template <int KV, int HM>
+static void decode_pick(cuda_backend *c, float *out, float *part_o, float *part_ml, const attn_args &a, int n_parts) {
+    constexpr int E = 8;
+    if (a.D % E == 0) decode_run<KV, E, 1, HM>(c, out, part_o, part_ml, a, n_parts);
+    else decode_run<KV, 2, 4, HM>(c, out, part_o, part_ml, a, n_parts);
+}
+
 template <int KV>
 static void decode_launch(cuda_backend *c, float *out, const attn_args &a) {
     const cuda_batch *b = &c->batch;
@@ -189,14 +298,14 @@ static void decode_launch(cuda_backend *c, float *out, const attn_args &a) {
     if (n_parts < 1) n_parts = 1;
     size_t heads = (size_t)b->n_tokens * a.n_heads;
     size_t po = heads * n_parts * a.D, pml = heads * n_parts * 2;
-    cuda_scratch(c, (void **)&c->attn_part, &c->attn_part_cap, sizeof(float) * (po + pml));
-    float *part_o = c->attn_part, *part_ml = c->attn_part + po;
-    size_t smem = sizeof(float) * (2 * (size_t)G * a.D + (size_t)G * ATTN_PART + ATTN_PART + 4 * (size_t)G);
-    if (smem > 48 * 1024)
-        CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    dim3 grid((unsigned)b->n_tokens, (unsigned)a.n_kv, (unsigned)n_parts);
-    attn_decode_kernel<KV><<<grid, DEC_THREADS, smem, c->stream>>>(part_o, part_ml, a, *b, n_parts);
-    CUDA_LAUNCHED();
+    float *part_o = NULL, *part_ml = NULL;
+    if (n_parts > 1) {
+        cuda_scratch(c, (void **)&c->attn_part, &c->attn_part_cap, sizeof(float) * (po + pml));
+        part_o = c->attn_part, part_ml = c->attn_part + po;
+    }
+    if (G <= 4) decode_pick<KV, 4>(c, out, part_o, part_ml, a, n_parts);
+    else decode_pick<KV, 8>(c, out, part_o, part_ml, a, n_parts);
+    if (n_parts == 1) return;
     int th = a.D >= 128 ? 128 : a.D > 32 ? 64 : 32;
     attn_merge_kernel<<<dim3((unsigned)b->n_tokens, (unsigned)a.n_heads), th, 0, c->stream>>>(
         out, part_o, part_ml, b->pos, a.n_heads, a.D, n_parts);

@@ -408,6 +408,37 @@ static double check_decode(const nb_attn_shape *s, rope_twin *rope, size_t *cach
     return worst;
 }
 
+/* Decode of 80 sequences at once (contexts 1 .. ~1300, so some span
+ * several ATTN_PART parts): with 4 or more KV heads that is at least 320
+ * (token, kv head) pairs, enough to fill twice any GPU of up to 160 SMs,
+ * so the decode kernel runs each pair's whole context in one block and
+ * normalizes its own output (no merge kernel; cuda_attention.cu). */
+static double check_decode_wide(const nb_attn_shape *s, size_t *cache_diff) {
+    enum { NS = 80 };
+    int len[NS], hist[NS], order[NS], n_blocks = 3;
+    for (int i = 0; i < NS; i++) {
+        hist[i] = (i * 337) % 1300; /* 0 .. 1299 earlier positions */
+        len[i] = hist[i] + 1;
+        order[i] = (i * 31) % NS; /* 31 and 80 are coprime: a permutation */
+        n_blocks += (len[i] + NB_KV_BLOCK_SIZE - 1) / NB_KV_BLOCK_SIZE;
+    }
+    seq_set q;
+    seq_set_init(&q, NS, len, 1300 / NB_KV_BLOCK_SIZE + 2, n_blocks);
+    kv_twin c;
+    kv_twin_init(&c, s, n_blocks);
+    write_history(&c, &q, hist, 2048);
+    seg segs[NS];
+    for (int i = 0; i < NS; i++) segs[i] = (seg){order[i], hist[order[i]], hist[order[i]] + 1};
+    step_batch st;
+    step_batch_init(&st, &q, segs, NS, 0);
+    double err = step_both(&c, &st.b, 1);
+    step_batch_free(&st);
+    *cache_diff = check_caches(&c, t_where);
+    kv_twin_free(&c);
+    free(q.tables);
+    return err;
+}
+
 /* Prefill: whole prompts, a chunk continuing a sequence, a first token, a
  * decode token and a 48-token chunk at position 2000 in one step; then two
  * sequences' tokens interleaved one by one. rope as check_decode's. */
@@ -481,6 +512,47 @@ static void run_attention(int prefill, int n_heads_cfg, const int *head_dims, in
 
 static void test_attention_decode(void) { run_attention(0, N_HEADS, HEAD_DIMS, N_HEAD_DIMS, -1); }
 static void test_attention_prefill(void) { run_attention(1, N_HEADS, HEAD_DIMS, N_HEAD_DIMS, -1); }
+
+/* The decode kernel's other shapes, every KV type: query groups of 8 (one
+ * pass of 8 heads), 10 (a pass of 8 and one of 2) and 16 (two of 8); head
+ * dims no 8-value chunk divides (36: 18 chunks of 2; 100 and 250: more
+ * chunks than lanes, so a lane takes 2 and 4); and a batch wide enough
+ * that each (token, kv head) takes its whole context in one block
+ * (check_decode_wide). */
+static void test_attention_decode_shapes(void) {
+    static const struct {
+        int heads, kv_heads, hd;
+    } shapes[] = {{16, 2, 64}, {20, 2, 128}, {32, 2, 64}, {4, 2, 36}, {6, 2, 100}, {8, 4, 250}};
+    for (int kt = 0; kt < 4; kt++) {
+        double worst = 0;
+        for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+            int hd = shapes[i].hd;
+            nb_attn_shape s = {shapes[i].heads, shapes[i].kv_heads, hd, 1.0f / sqrtf((float)hd), KV_TYPES[kt], 0, 0};
+            WHERE("decode attention kv %s heads=%d kv_heads=%d head_dim=%d", nb_kv_dtype_name(s.kv_dtype), s.n_heads,
+                  s.n_kv_heads, hd);
+            size_t cache_diff = 0;
+            double err = check_decode(&s, NULL, &cache_diff), tol = attn_tol(0, hd, cache_diff);
+            CHECK(err <= tol, "%s: relative error %.3g > %g", t_where, err, tol);
+            note_worst(&worst, err);
+        }
+        static const struct {
+            int heads, kv_heads, hd;
+        } wide[] = {{12, 4, 64}, {8, 8, 128}};
+        for (size_t i = 0; i < sizeof wide / sizeof wide[0]; i++) {
+            int hd = wide[i].hd;
+            nb_attn_shape s = {wide[i].heads, wide[i].kv_heads, hd, 1.0f / sqrtf((float)hd), KV_TYPES[kt], 0, 0};
+            WHERE("decode attention, 80 sequences, kv %s heads=%d kv_heads=%d head_dim=%d",
+                  nb_kv_dtype_name(s.kv_dtype), s.n_heads, s.n_kv_heads, hd);
+            size_t cache_diff = 0;
+            double err = check_decode_wide(&s, &cache_diff), tol = attn_tol(0, hd, cache_diff);
+            CHECK(err <= tol, "%s: relative error %.3g > %g", t_where, err, tol);
+            note_worst(&worst, err);
+        }
+        printf("  decode  attention, kv %-13s, groups of 8-16, odd head dims, 80 sequences: worst relative error "
+               "%.2e\n",
+               nb_kv_dtype_name(KV_TYPES[kt]), worst);
+    }
+}
 
 /* kv_write reading k/v rows and attention reading q rows of a fused q|k|v
  * buffer (step_both): the caches must hold what the CPU writes from the
@@ -776,6 +848,7 @@ int main(void) {
     if (gpu_tests_start()) TEST_DONE("test_cuda_attention");
     RUN(test_attention_decode);
     RUN(test_attention_prefill);
+    RUN(test_attention_decode_shapes);
     RUN(test_attention_decode_strided);
     RUN(test_attention_prefill_strided);
     RUN(test_rope_kv_write);
