@@ -42,54 +42,82 @@ __device__ __forceinline__ void load_vec(float *dst, const __half *w) {
     }
 }
 
-// Output column n of MT activation rows (K apart) for one warp: lanes walk
-// the weight row wr in 16-byte vectors, each multiplied into all MT rows;
-// the warp's sums are left in acc (lane 0's are whole). vec: the row
-// length is a multiple of the vector width (else one element per lane per
-// step).
-template <typename T, int MT>
-__device__ __forceinline__ void gemv_col(float (&acc)[MT], const float *x, const T *wr, int K, int vec, int lane) {
+// Output columns n0 .. n0 + nr - 1 (nr <= R) of MT activation rows (K
+// apart) for one warp: lanes walk the R weight rows (w, K apart) in
+// 16-byte vectors, each activation vector read once and multiplied into
+// all R rows; the warp's sums are left in acc (lane 0's are whole). vec:
+// the row length is a multiple of the vector width (else one element per
+// lane per step). Each sum is added in the same order whatever R is.
+template <typename T, int MT, int R>
+__device__ __forceinline__ void gemv_rows(float (&acc)[R][MT], const float *x, const T *w, int K, int vec, int lane,
+                                          int nr) {
     constexpr int V = 16 / sizeof(T);
 #pragma unroll
-    for (int m = 0; m < MT; m++) acc[m] = 0.0f;
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
     if (vec) {
-#pragma unroll 4
+#pragma unroll(R >= 4 ? 1 : 4 / R)
         for (int k = lane * V; k < K; k += 32 * V) {
-            float wv[V];
-            load_vec(wv, wr + k);
+            float wv[R][V];
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                if (r < nr) load_vec(wv[r], w + (size_t)r * K + k);
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 const float *xr = x + (size_t)m * K + k;
 #pragma unroll
                 for (int i = 0; i < V; i += 4) {
                     float4 xv = *(const float4 *)(xr + i);
-                    acc[m] += wv[i] * xv.x + wv[i + 1] * xv.y + wv[i + 2] * xv.z + wv[i + 3] * xv.w;
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+                        acc[r][m] += wv[r][i] * xv.x + wv[r][i + 1] * xv.y + wv[r][i + 2] * xv.z + wv[r][i + 3] * xv.w;
                 }
             }
         }
     } else {
         for (int k = lane; k < K; k += 32) {
-            float wv = cuda_to_f32(wr[k]);
+            float wv[R];
 #pragma unroll
-            for (int m = 0; m < MT; m++) acc[m] += wv * x[(size_t)m * K + k];
+            for (int r = 0; r < R; r++) wv[r] = r < nr ? cuda_to_f32(w[(size_t)r * K + k]) : 0.0f;
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                const float xv = x[(size_t)m * K + k];
+#pragma unroll
+                for (int r = 0; r < R; r++) acc[r][m] += wv[r] * xv;
+            }
         }
     }
 #pragma unroll
-    for (int m = 0; m < MT; m++) acc[m] = cuda_warp_sum(acc[m]);
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int m = 0; m < MT; m++) acc[r][m] = cuda_warp_sum(acc[r][m]);
 }
 
-// One warp per output column n.
+// Weight rows per warp for MT activation rows: enough that the FP32
+// activations, read from L1 for every weight vector, stay within ~4 bytes
+// per weight byte (2 * MT / R for BF16). One row per warp read 16 bytes of
+// x per weight byte at MT = 8, more than L1 serves per SM while HBM feeds
+// its share of weights (~128 vs ~14 bytes a clock on an H100).
+template <int MT> __host__ __device__ constexpr int gemv_rows_per_warp() { return MT <= 2 ? 1 : MT <= 4 ? 2 : 4; }
+
+// A warp per R = gemv_rows_per_warp output columns.
 template <typename T, int MT>
 __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_kernel(float *out, const float *x, const T *w, int N, int K,
                                                                int vec) {
+    constexpr int R = gemv_rows_per_warp<MT>();
     int lane = threadIdx.x & 31;
-    int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (n >= N) return;
-    float acc[MT];
-    gemv_col<T, MT>(acc, x, w + (size_t)n * K, K, vec, lane);
+    int n0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
+    if (n0 >= N) return;
+    int nr = N - n0 < R ? N - n0 : R;
+    float acc[R][MT];
+    gemv_rows<T, MT, R>(acc, x, w + (size_t)n0 * K, K, vec, lane, nr);
     if (lane == 0)
 #pragma unroll
-        for (int m = 0; m < MT; m++) out[(size_t)m * N + n] = acc[m];
+        for (int r = 0; r < R; r++)
+            if (r < nr)
+#pragma unroll
+                for (int m = 0; m < MT; m++) out[(size_t)m * N + n0 + r] = acc[r][m];
 }
 
 // An expert's cnt rows from r0 at the narrowest MT that takes them in one
@@ -106,12 +134,12 @@ __device__ __forceinline__ void gemv_expert_rows(float *out, const float *x, con
         }
     }
     for (int c0 = 0; c0 < cnt; c0 += MT) {
-        float acc[MT];
-        gemv_col<T, MT>(acc, x + (size_t)(r0 + c0) * K, wr, K, vec, lane);
+        float acc[1][MT];
+        gemv_rows<T, MT, 1>(acc, x + (size_t)(r0 + c0) * K, wr, K, vec, lane, 1);
         if (lane == 0)
 #pragma unroll
             for (int m = 0; m < MT; m++)
-                if (c0 + m < cnt) out[(size_t)(r0 + c0 + m) * N + n] = acc[m];
+                if (c0 + m < cnt) out[(size_t)(r0 + c0 + m) * N + n] = acc[0][m];
     }
 }
 
@@ -134,10 +162,14 @@ template <typename T>
 static void gemv_launch(cudaStream_t st, float *out, const float *x, const T *w, int M, int N, int K) {
     constexpr int V = 16 / sizeof(T);
     int vec = K % V == 0 && ((uintptr_t)x % 16) == 0 && ((uintptr_t)w % 16) == 0;
-    dim3 grid((unsigned)((N + GEMV_WARPS - 1) / GEMV_WARPS)), block(GEMV_WARPS * 32);
+    dim3 block(GEMV_WARPS * 32);
     switch (M) {
-#define CASE(m) \
-    case m: gemv_kernel<T, m><<<grid, block, 0, st>>>(out, x, w, N, K, vec); break;
+#define CASE(m)                                                                                                       \
+    case m: {                                                                                                         \
+        const int per_block = GEMV_WARPS * gemv_rows_per_warp<m>();                                                  \
+        gemv_kernel<T, m><<<(unsigned)((N + per_block - 1) / per_block), block, 0, st>>>(out, x, w, N, K, vec);      \
+        break;                                                                                                        \
+    }
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
     default: abort();
