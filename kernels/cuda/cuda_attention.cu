@@ -455,40 +455,6 @@ static void prefill_launch(cuda_backend *c, float *out, const attn_args &a) {
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
-// Eight values of a cache row from element d (a multiple of 8), as the CPU
-// reads them (kv_get): F32 as stored, BF16 widened, INT8/FP8 code times the
-// row's scale in FP32. Vector loads: rows start 16-byte aligned when
-// head_dim % 16 == 0 and the cache is (the launcher checks).
-template <int KV>
-__device__ __forceinline__ void kv_load8(const char *vals, int d, float scale, float (&x)[8]) {
-    if (KV == NB_KV_F32) {
-        const float4 *p = (const float4 *)((const float *)vals + d);
-        float4 u = p[0], v = p[1];
-        x[0] = u.x, x[1] = u.y, x[2] = u.z, x[3] = u.w, x[4] = v.x, x[5] = v.y, x[6] = v.z, x[7] = v.w;
-    } else if (KV == NB_KV_BF16) {
-        uint4 u = *(const uint4 *)((const __nv_bfloat16 *)vals + d);
-        uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            x[2 * i] = __uint_as_float(w[i] << 16);
-            x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        }
-    } else {
-        uint2 u = *(const uint2 *)(vals + d);
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            uint32_t byte = ((i < 4 ? u.x : u.y) >> (8 * (i & 3))) & 0xffu;
-            if (KV == NB_KV_INT8) {
-                x[i] = (float)(int8_t)byte * scale;
-            } else {
-                __nv_fp8_e4m3 v;
-                v.__x = (__nv_fp8_storage_t)byte;
-                x[i] = (float)v * scale;
-            }
-        }
-    }
-}
-
 // Eight values of position p (zeros past the context, whose table entries
 // may be -1) for kv head h.
 template <int KV>
@@ -501,7 +467,7 @@ __device__ __forceinline__ void kv_fetch8(const char *cache, const int32_t *tabl
     }
     int slot = table[p / NB_KV_BLOCK_SIZE] * NB_KV_BLOCK_SIZE + p % NB_KV_BLOCK_SIZE;
     kv_row r = kv_locate<KV>(cache, slot, h, a.n_kv, a.D, a.block_bytes);
-    kv_load8<KV>(r.vals, d, r.scale, x);
+    kv_chunk<KV, 8>(r.vals, d / 8, r.scale, x); // d is a multiple of 8
 }
 
 // Dynamic shared memory of the tensor-core kernel for head_dim D: the main
