@@ -52,6 +52,17 @@ size_t nb_kv_block_bytes(nb_kv_dtype t, int n_kv_heads, int head_dim) {
     return 0;
 }
 
+void nb_rope_kv_write_check(const char *backend, const nb_attn_shape *s, const nb_weight *q_norm,
+                            const nb_weight *k_norm) {
+    int hd = s->head_dim;
+    if (nb_attn_fused_rows(s) && !q_norm == !k_norm && (!q_norm || (q_norm->cols == hd && k_norm->cols == hd)))
+        return;
+    fprintf(stderr, "nibble: %s rope_kv_write: strides %d / %d for %d + 2 x %d heads of %d, norms %lld / %lld\n",
+            backend, s->q_stride, s->kv_stride, s->n_heads, s->n_kv_heads, hd,
+            q_norm ? (long long)q_norm->cols : -1LL, k_norm ? (long long)k_norm->cols : -1LL);
+    abort();
+}
+
 #ifdef NB_HAVE_CUDA
 /* Parses "cuda" or "cuda:N" into the device index N (0 for "cuda"). */
 static int cuda_index(const char *dev, int *id, nb_err *e) {

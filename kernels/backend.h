@@ -112,6 +112,11 @@ static inline int nb_attn_kv_stride(const nb_attn_shape *s) {
 static inline int nb_attn_fused_rows(const nb_attn_shape *s) {
     return s->q_stride == s->kv_stride && s->q_stride >= (s->n_heads + 2 * s->n_kv_heads) * s->head_dim;
 }
+/* Aborts, naming the backend, unless rope_kv_write's arguments keep its
+ * contract: rows of a fused q|k|v projection, and q_norm and k_norm both
+ * NULL or both [head_dim]. The model binds them so; failing is a bug. */
+void nb_rope_kv_write_check(const char *backend, const nb_attn_shape *s, const nb_weight *q_norm,
+                            const nb_weight *k_norm);
 
 /* One logits row's sampling (engine/sampler.h has the parameters' meaning):
  * the parameters, the uniform number the sequence's RNG drew for the step,

@@ -228,12 +228,10 @@ static void cpu_rope_kv_write(nb_backend *b, float *x, void *k_cache, void *v_ca
                               int interleaved) {
     const nb_batch *batch = cur_batch(b, "rope_kv_write");
     int hd = s->head_dim, ld = s->q_stride;
-    if (!nb_attn_fused_rows(s) || !q_norm != !k_norm ||
-        (q_norm && (q_norm->cols != hd || k_norm->cols != hd || hd > CPU_MAX_HEAD_DIM))) {
-        /* the model binds [head_dim] norms to fused rows; reaching here is a bug */
-        fprintf(stderr, "nibble: cpu rope_kv_write: strides %d / %d for %d + 2 x %d heads of %d, norms %lld / %lld\n",
-                s->q_stride, s->kv_stride, s->n_heads, s->n_kv_heads, hd, q_norm ? (long long)q_norm->cols : -1LL,
-                k_norm ? (long long)k_norm->cols : -1LL);
+    nb_rope_kv_write_check("cpu", s, q_norm, k_norm);
+    if (q_norm && hd > CPU_MAX_HEAD_DIM) {
+        /* the norms' rows below are read into buffers of this size */
+        fprintf(stderr, "nibble: cpu rope_kv_write: head_dim %d above %d\n", hd, CPU_MAX_HEAD_DIM);
         abort();
     }
     float qw[CPU_MAX_HEAD_DIM], kw[CPU_MAX_HEAD_DIM];

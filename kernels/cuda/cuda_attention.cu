@@ -69,8 +69,13 @@ struct attn_args {
 #define DEC_WARPS 4
 #define DEC_THREADS (DEC_WARPS * 32)
 
-static int dec_qd(int D) { return (D + 3) & ~3; }
-static size_t dec_warp_floats(int HM, int D) { return (size_t)HM * 32 + 32 + (size_t)HM * 2 + (size_t)HM * D; }
+// The layout, for the launcher's size and the kernel's pointers alike: q's
+// row stride, a warp's area, and where its (max, sum) pairs start in it.
+__host__ __device__ static inline int dec_qd(int D) { return (D + 3) & ~3; }
+__host__ __device__ static inline size_t dec_warp_floats(int HM, int D) {
+    return (size_t)HM * 32 + 32 + (size_t)HM * 2 + (size_t)HM * D;
+}
+__host__ __device__ static inline int dec_ml_at(int HM) { return HM * 32 + 32; }
 
 // E floats of shared memory at p (16-byte aligned for E % 4 == 0, else 8).
 template <int E> __device__ __forceinline__ void dec_lds(float (&f)[E], const float *p) {
@@ -91,15 +96,16 @@ __global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *out, fl
                                                                   attn_args a, cuda_batch b, int n_parts) {
     extern __shared__ float sm[];
     const int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
-    const int G = a.n_heads / a.n_kv, D = a.D, QD = (D + 3) & ~3, CPR = D / E;
+    const int G = a.n_heads / a.n_kv, D = a.D, QD = dec_qd(D), CPR = D / E;
     const int ctx = b.pos[t] + 1;
     if (z * ATTN_PART >= ctx) return; // the merge reads only the partials a context has
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // weighted V: CL lanes a row, RPW rows a step; lane's row group and first chunk
     const int CL = CPR < 32 ? CPR : 32, RPW = 32 / CL, rg = lane / CL, c0 = lane % CL;
-    const size_t WF = (size_t)HM * 32 + 32 + (size_t)HM * 2 + (size_t)HM * D;
+    const size_t WF = dec_warp_floats(HM, D);
+    const int ML = dec_ml_at(HM);
     float *qs = sm, *wbase = qs + (size_t)G * QD;
-    float *ps = wbase + warp * WF, *wml = ps + HM * 32 + 32, *wo = wml + HM * 2;
+    float *ps = wbase + warp * WF, *wml = ps + ML, *wo = wml + HM * 2;
     int *slots = (int *)(ps + HM * 32);
     const int32_t *table = b.block_tables + (size_t)b.seq_of[t] * b.bt_stride;
 
@@ -219,10 +225,10 @@ __global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *out, fl
         for (int i = threadIdx.x; i < nh * D; i += DEC_THREADS) {
             const int j = i / D, d = i % D;
             float M = -INFINITY;
-            for (int w = 0; w < DEC_WARPS; w++) M = fmaxf(M, wbase[w * WF + HM * 32 + 32 + 2 * j]);
+            for (int w = 0; w < DEC_WARPS; w++) M = fmaxf(M, wbase[w * WF + ML + 2 * j]);
             float O = 0.0f, L = 0.0f;
             for (int w = 0; w < DEC_WARPS; w++) {
-                const float *wm = wbase + w * WF + HM * 32 + 32;
+                const float *wm = wbase + w * WF + ML;
                 const float f = expf(wm[2 * j] - M); // 0 for a warp that had no positions
                 O += wm[HM * 2 + j * D + d] * f;
                 L += wm[2 * j + 1] * f;

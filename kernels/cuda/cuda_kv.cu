@@ -129,13 +129,12 @@ void cuda_rope_kv_write(cuda_backend *c, float *x, void *k_cache, void *v_cache,
                         const nb_weight *q_norm, const nb_weight *k_norm, float eps, const float *inv_freq,
                         int interleaved) {
     cuda_attn_check_shape("rope_kv_write", s);
+    nb_rope_kv_write_check("cuda", s, q_norm, k_norm);
     int hd = s->head_dim;
-    if (!nb_attn_fused_rows(s) || !q_norm != !k_norm ||
-        (q_norm && (q_norm->cols != hd || k_norm->cols != hd || q_norm->dtype != k_norm->dtype))) {
-        // the model binds [head_dim] norms of one dtype to fused rows: a bug
-        fprintf(stderr, "nibble: cuda rope_kv_write: strides %d / %d for %d + 2 x %d heads of %d, norms %lld / %lld\n",
-                s->q_stride, s->kv_stride, s->n_heads, s->n_kv_heads, hd, q_norm ? (long long)q_norm->cols : -1LL,
-                k_norm ? (long long)k_norm->cols : -1LL);
+    if (q_norm && q_norm->dtype != k_norm->dtype) {
+        // the kernel reads both norms as one type; the model binds them so
+        fprintf(stderr, "nibble: cuda rope_kv_write: norms of %s and %s\n", nb_dtype_name(q_norm->dtype),
+                nb_dtype_name(k_norm->dtype));
         abort();
     }
     if (c->batch.n_tokens <= 0) return;

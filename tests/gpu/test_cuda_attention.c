@@ -521,30 +521,19 @@ static void test_attention_prefill(void) { run_attention(1, N_HEADS, HEAD_DIMS, 
  * (check_decode_wide). */
 static void test_attention_decode_shapes(void) {
     static const struct {
-        int heads, kv_heads, hd;
-    } shapes[] = {{16, 2, 64}, {20, 2, 128}, {32, 2, 64}, {4, 2, 36}, {6, 2, 100}, {8, 4, 250}};
+        int heads, kv_heads, hd, wide;
+    } shapes[] = {{16, 2, 64, 0}, {20, 2, 128, 0}, {32, 2, 64, 0}, {4, 2, 36, 0},
+                  {6, 2, 100, 0}, {8, 4, 250, 0},  {12, 4, 64, 1}, {8, 8, 128, 1}};
     for (int kt = 0; kt < 4; kt++) {
         double worst = 0;
         for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
             int hd = shapes[i].hd;
             nb_attn_shape s = {shapes[i].heads, shapes[i].kv_heads, hd, 1.0f / sqrtf((float)hd), KV_TYPES[kt], 0, 0};
-            WHERE("decode attention kv %s heads=%d kv_heads=%d head_dim=%d", nb_kv_dtype_name(s.kv_dtype), s.n_heads,
-                  s.n_kv_heads, hd);
-            size_t cache_diff = 0;
-            double err = check_decode(&s, NULL, &cache_diff), tol = attn_tol(0, hd, cache_diff);
-            CHECK(err <= tol, "%s: relative error %.3g > %g", t_where, err, tol);
-            note_worst(&worst, err);
-        }
-        static const struct {
-            int heads, kv_heads, hd;
-        } wide[] = {{12, 4, 64}, {8, 8, 128}};
-        for (size_t i = 0; i < sizeof wide / sizeof wide[0]; i++) {
-            int hd = wide[i].hd;
-            nb_attn_shape s = {wide[i].heads, wide[i].kv_heads, hd, 1.0f / sqrtf((float)hd), KV_TYPES[kt], 0, 0};
-            WHERE("decode attention, 80 sequences, kv %s heads=%d kv_heads=%d head_dim=%d",
+            WHERE("decode attention%s kv %s heads=%d kv_heads=%d head_dim=%d", shapes[i].wide ? ", 80 sequences," : "",
                   nb_kv_dtype_name(s.kv_dtype), s.n_heads, s.n_kv_heads, hd);
             size_t cache_diff = 0;
-            double err = check_decode_wide(&s, &cache_diff), tol = attn_tol(0, hd, cache_diff);
+            double err = shapes[i].wide ? check_decode_wide(&s, &cache_diff) : check_decode(&s, NULL, &cache_diff);
+            double tol = attn_tol(0, hd, cache_diff);
             CHECK(err <= tol, "%s: relative error %.3g > %g", t_where, err, tol);
             note_worst(&worst, err);
         }
