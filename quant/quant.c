@@ -101,7 +101,8 @@ size_t quant_scale_bytes(nb_dtype t, int64_t rows, int64_t cols, int group) {
 size_t quant_scale2_bytes(nb_dtype t, int64_t rows) { return t == NB_WINT2 ? sizeof(float) * (size_t)rows : 0; }
 
 size_t quant_weight_bytes(const nb_weight *w) {
-    if (w->layout == NB_LAYOUT_TC) return quant_tc_data_bytes(w) + quant_tc_scale_bytes(w);
+    if (w->layout == NB_LAYOUT_TC)
+        return quant_tc_data_bytes(w) + quant_tc_scale_bytes(w) + quant_scale2_bytes(w->dtype, w->rows);
     return quant_data_bytes(w->dtype, w->rows, w->cols) + quant_scale_bytes(w->dtype, w->rows, w->cols, w->group) +
            quant_scale2_bytes(w->dtype, w->rows);
 }

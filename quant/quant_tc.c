@@ -1,4 +1,4 @@
-/* The tensor-core layout of WINT8 / WINT4 weights (quant/quant_tc.h):
+/* The tensor-core layout of WINT8 / WINT4 / WINT2 weights (quant/quant_tc.h):
  * checks, sizes and the reordering from quant/quant.h's layout. */
 #include "quant/quant_tc.h"
 
@@ -13,7 +13,7 @@
 static int64_t chunks(const nb_weight *w) { return (w->rows + QUANT_TC_CHUNK - 1) / QUANT_TC_CHUNK; }
 
 int quant_tc_check(const nb_weight *w, nb_err *e) {
-    if (w->dtype != NB_WINT8 && w->dtype != NB_WINT4)
+    if (w->dtype != NB_WINT8 && w->dtype != NB_WINT4 && w->dtype != NB_WINT2)
         return nb_errf(e, "%s weights have no tensor-core layout", nb_dtype_name(w->dtype));
     if (quant_check(w->dtype, w->rows, w->cols, w->group, e)) return -1;
     if (w->layout != NB_LAYOUT_PLAIN) return nb_errf(e, "the weight is not in quant/quant.h's layout");
@@ -30,11 +30,14 @@ int quant_tc_check(const nb_weight *w, nb_err *e) {
 
 int quant_tc_grouped(const nb_weight *w) { return w->dtype == NB_WINT4 && w->group != w->cols; }
 
+int quant_tc_new_scale(const nb_weight *w) { return quant_tc_grouped(w) || w->dtype == NB_WINT2; }
+
 size_t quant_tc_data_bytes(const nb_weight *w) {
     return quant_data_bytes(w->dtype, chunks(w) * QUANT_TC_CHUNK, w->cols);
 }
 
 size_t quant_tc_scale_bytes(const nb_weight *w) {
+    if (w->dtype == NB_WINT2) return (size_t)(w->cols / QUANT_WINT2_GROUP) * (size_t)(chunks(w) * QUANT_TC_CHUNK);
     if (!quant_tc_grouped(w)) return quant_scale_bytes(w->dtype, w->rows, w->cols, w->group);
     return sizeof(uint16_t) * (size_t)(w->cols / w->group) * (size_t)(chunks(w) * QUANT_TC_CHUNK);
 }
@@ -172,15 +175,35 @@ static void step_wint8(uint8_t *d, const tile_t tile, int s, int nt) {
 
 #endif
 
+/* One WINT2 step block (256 bytes at d) from k-step s of a tile, whose
+ * rows hold 4 bytes a k-step (kk at bits 2 kk of the little-endian word):
+ * lane (gi, t)'s word w at d + 8 (4 gi + t) + 4 w takes, for pair P of
+ * n-tile 4w + P / 2 (row 8 (4w + P / 2) + gi), register r = P % 2, the q
+ * of kk = 2t + 8r into bits 2P and of kk + 1 into bits 16 + 2P. */
+static void step_wint2(uint8_t *d, const tile_t tile, int s) {
+    for (int gi = 0; gi < 8; gi++)
+        for (int t = 0; t < 4; t++)
+            for (int w = 0; w < 2; w++) {
+                uint32_t v = 0;
+                for (int P = 0; P < 8; P++) {
+                    uint32_t x;
+                    memcpy(&x, (const uint8_t *)tile[8 * (4 * w + P / 2) + gi] + 4 * s, 4);
+                    const int kk = 2 * t + 8 * (P % 2);
+                    v |= (x >> 2 * kk & 3u) << 2 * P | (x >> (2 * kk + 2) & 3u) << (16 + 2 * P);
+                }
+                memcpy(d + 8 * (4 * gi + t) + 4 * w, &v, 4);
+            }
+}
+
 /* The KS step blocks (`step` bytes each) of chunk c at dst, from the plain
  * rows at src, prefetching chunk `next` (none if it is NC), through the
  * caller's tile. nt: see store16. */
 static void chunk_data(nb_dtype t, uint8_t *dst, const uint8_t *src, int64_t N, int64_t KS, int64_t c, int64_t next,
                        int nt, uint64_t (*tile)[TILE_WORDS]) {
-    const int wint4 = t == NB_WINT4, spb = wint4 ? 8 : 16; /* a row's bytes per k-step */
-    const size_t step = wint4 ? QUANT_TC_STEP : 2 * QUANT_TC_STEP;
+    const int wint4 = t == NB_WINT4, spb = t == NB_WINT2 ? 4 : wint4 ? 8 : 16; /* a row's bytes per k-step */
+    const size_t step = t == NB_WINT2 ? QUANT_TC_STEP / 2 : wint4 ? QUANT_TC_STEP : 2 * QUANT_TC_STEP;
     const int64_t rowb = spb * KS, n0 = QUANT_TC_CHUNK * c, rows = N - n0 < QUANT_TC_CHUNK ? N - n0 : QUANT_TC_CHUNK;
-    /* past N: q = 0 (0x88 is its own wint4_prep) */
+    /* past N: q = 0 (0x88 is its own wint4_prep; WINT2's q = 0 is bits 0) */
     memset(tile[rows], wint4 ? 0x88 : 0, (size_t)(QUANT_TC_CHUNK - rows) * TILE_BYTES);
     uint8_t *d = dst + (size_t)(c * KS) * step;
     /* Read a tile at a time, a chunk's rows are 64 streams thousands of
@@ -202,7 +225,8 @@ static void chunk_data(nb_dtype t, uint8_t *dst, const uint8_t *src, int64_t N, 
                     if (i < words) tile[nn][i] = wint4_prep(tile[nn][i]);
         }
         for (int s = 0; s < words * 8 / spb; s++, d += step) {
-            if (wint4) step_wint4(d, (const uint64_t(*)[TILE_WORDS])tile, s, nt);
+            if (t == NB_WINT2) step_wint2(d, (const uint64_t(*)[TILE_WORDS])tile, s);
+            else if (wint4) step_wint4(d, (const uint64_t(*)[TILE_WORDS])tile, s, nt);
             else step_wint8(d, (const uint64_t(*)[TILE_WORDS])tile, s, nt);
         }
     }
@@ -231,12 +255,23 @@ static void chunk_scale(uint16_t *out, const float *sc, int64_t N, int64_t G, in
         memcpy(out + (g * NC + c) * QUANT_TC_CHUNK, tile + g * QUANT_TC_CHUNK, sizeof(uint16_t) * QUANT_TC_CHUNK);
 }
 
+/* WINT2's code bytes of chunk c: for group g the 64 at ((g * NC + c) * 8 +
+ * gi) * 8 + j, row 64 c + 8 j + gi, 0 past N. A chunk has a row of G bytes
+ * for each of its rows (G = K / 64, small): read in place. */
+static void chunk_codes(uint8_t *out, const uint8_t *codes, int64_t N, int64_t G, int64_t NC, int64_t c) {
+    for (int64_t g = 0; g < G; g++)
+        for (int nn = 0; nn < QUANT_TC_CHUNK; nn++) {
+            const int64_t n = QUANT_TC_CHUNK * c + nn;
+            out[(g * NC + c) * QUANT_TC_CHUNK + 8 * (nn % 8) + nn / 8] = n < N ? codes[n * G + g] : 0;
+        }
+}
+
 /* A repack shared by threads, which take chunks one at a time: a busy
  * core then delays one chunk, not a fixed share of them. */
 typedef struct tc_work {
     const nb_weight *src;
     uint8_t *data;
-    uint16_t *scale; /* NULL unless grouped */
+    void *scale; /* NULL unless quant_tc_new_scale */
     int nt;
     atomic_llong next; /* the first chunk no thread has taken */
 } tc_work;
@@ -245,7 +280,8 @@ static void *tc_run(void *arg) {
     tc_work *wk = arg;
     const nb_weight *w = wk->src;
     const int64_t NC = chunks(w), G = wk->scale ? w->cols / w->group : 0;
-    uint16_t *stile = G ? xmalloc(sizeof(uint16_t) * QUANT_TC_CHUNK * (size_t)G) : NULL;
+    const int wint2 = w->dtype == NB_WINT2;
+    uint16_t *stile = G && !wint2 ? xmalloc(sizeof(uint16_t) * QUANT_TC_CHUNK * (size_t)G) : NULL;
     /* the tile: 64-byte aligned (a row a cache line), on the heap (as an
      * array on the stack, some placements of it measured up to twice as
      * slow, for a reason not found) */
@@ -257,6 +293,7 @@ static void *tc_run(void *arg) {
         int64_t next = atomic_fetch_add(&wk->next, 1);
         if (next > NC) next = NC;
         if (stile) chunk_scale(wk->scale, w->scale, w->rows, G, NC, c, stile);
+        if (wint2) chunk_codes(wk->scale, w->scale, w->rows, G, NC, c);
         chunk_data(w->dtype, wk->data, w->data, w->rows, w->cols / QUANT_TC_KSTEP, c, next, wk->nt, tile);
         c = next;
     }
@@ -300,7 +337,7 @@ int quant_tc_repack(const nb_weight *src, void *data, void *scale, nb_err *e) {
                     return nb_errf(e, "wint4 scale %g (row %lld) is not a BF16 value", (double)r[g], (long long)n);
         }
     }
-    tc_work wk = {.src = src, .data = data, .scale = grouped ? scale : NULL};
+    tc_work wk = {.src = src, .data = data, .scale = quant_tc_new_scale(src) ? scale : NULL};
 #if defined(__SSE2__)
     wk.nt = (uintptr_t)data % 16 == 0;
 #endif

@@ -120,7 +120,7 @@ static const void *cu_weight_load(nb_backend *b, const void *host, size_t bytes)
 
 static void cu_weight_free(nb_backend *b, const void *p) { cu_free(b, (void *)p); }
 
-// WINT8 and WINT4 weights go into the tensor-core layout of
+// WINT8, WINT4 and WINT2 weights go into the tensor-core layout of
 // quant/quant_tc.h, which cuda_wint_tc.cu reads: the host bytes are
 // reordered by plain C (quant_tc_repack, tested on the CPU) into a pinned
 // staging buffer, reused from weight to weight (fresh buffers would cost
@@ -131,7 +131,7 @@ static size_t cu_weight_pack(nb_backend *b, nb_weight *w) {
     cuda_backend *c = cuda_impl(b);
     nb_err e;
     if (quant_tc_check(w, &e)) return 0;
-    const int grouped = quant_tc_grouped(w);
+    const int grouped = quant_tc_new_scale(w); // scales (WINT2: codes) rewritten too
     const size_t tdb = quant_tc_data_bytes(w), tsb = grouped ? quant_tc_scale_bytes(w) : 0;
     int prev = cuda_device_enter(c);
     if (tdb + tsb > c->pack_cap) {
@@ -150,12 +150,16 @@ static size_t cu_weight_pack(nb_backend *b, nb_weight *w) {
     const void *scale = !data    ? NULL
                         : grouped ? cu_weight_load(b, c->pack_host + tdb, tsb)
                                   : cu_weight_load(b, w->scale, quant_scale_bytes(w->dtype, w->rows, w->cols, w->group));
-    if (!scale) {
+    const size_t s2b = quant_scale2_bytes(w->dtype, w->rows); // WINT2's super scales, as they are
+    const void *scale2 = scale && s2b ? cu_weight_load(b, w->scale2, s2b) : NULL;
+    if (!scale || (s2b && !scale2)) {
         if (data) cu_weight_free(b, data);
+        if (scale) cu_weight_free(b, scale);
         cuda_device_leave(c, prev);
         return NB_WEIGHT_NO_MEMORY;
     }
     w->data = data, w->scale = scale;
+    if (s2b) w->scale2 = scale2;
     w->layout = NB_LAYOUT_TC;
     cuda_device_leave(c, prev);
     return quant_weight_bytes(w);

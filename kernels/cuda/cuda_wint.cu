@@ -1,19 +1,19 @@
 // Weight-only quantized matmul on the GPU: NB_WINT8, NB_WINT4 and NB_WINT2
 // weights, FP32 activations in, FP32 out: out[M,N] = x[M,K] @ dequant(w)^T.
 //
-// WINT8 and WINT4 weights that the backend's weight_pack moved into the
-// tensor-core layout of quant/quant_tc.h (w->layout == NB_LAYOUT_TC: what
-// the model loader does for every shape the layout takes, i.e. K % 16 == 0
-// and a WINT4 group that is the whole row or divides or is a multiple of
-// 64) go to cuda_wint_tc.cu for every M: dequantized in registers straight
-// into mma fragments. Only one copy of a weight is resident, so the GEMV
-// below cannot serve them even at M = 1. This file keeps the kernels for
-// weights in quant.h's own layout, packed exactly as quant/quant.h lays
-// them out and uploaded byte for byte: NB_WINT2 (not repacked: its 2-bit
-// codes and per-group offsets would need a layout of their own), shapes
-// the tensor-core layout refuses (WINT4 groups such as 48 or 96, K not a
-// multiple of 16, group scales that are not BF16 values), and weights no
-// one packed (e.g. loaded by hand with weight_load).
+// WINT8, WINT4 and WINT2 weights that the backend's weight_pack moved into
+// the tensor-core layout of quant/quant_tc.h (w->layout == NB_LAYOUT_TC:
+// what the model loader does for every dense shape the layout takes, i.e.
+// K % 16 == 0 and a WINT4 group that is the whole row or divides or is a
+// multiple of 64) go to cuda_wint_tc.cu for every M: dequantized in
+// registers straight into mma fragments. Only one copy of a weight is
+// resident, so the GEMV below cannot serve them even at M = 1. This file
+// keeps the kernels for weights in quant.h's own layout, packed exactly as
+// quant/quant.h lays them out and uploaded byte for byte: a mixture's
+// experts (cuda_moe.cu), shapes the tensor-core layout refuses (WINT4
+// groups such as 48 or 96, K not a multiple of 16, group scales that are
+// not BF16 values), and weights no one packed (e.g. loaded by hand with
+// weight_load).
 //
 // M <= 16 (decode): wint_gemv_kernel, one warp per output column n, 8 warps
 // per block. Lanes stream the column's packed row with 16-byte loads, widen

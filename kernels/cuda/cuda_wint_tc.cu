@@ -1,13 +1,15 @@
-// Weight-only matmul on tensor cores for NB_WINT8 and NB_WINT4 weights in
-// the tensor-core layout of quant/quant_tc.h, which the backend's
-// weight_pack gives them at load: out[M,N] = x[M,K] @ dequant(w)^T, FP32
-// activations in, FP32 out, every M from 1 up. (NB_WINT2, and WINT8/WINT4
-// shapes the layout does not take, stay on cuda_wint.cu's kernels.)
+// Weight-only matmul on tensor cores for NB_WINT8, NB_WINT4 and NB_WINT2
+// weights in the tensor-core layout of quant/quant_tc.h, which the
+// backend's weight_pack gives them at load: out[M,N] = x[M,K] @
+// dequant(w)^T, FP32 activations in, FP32 out, every M from 1 up. (Shapes
+// the layout does not take, and a mixture's experts, stay on cuda_wint.cu's
+// kernels.)
 //
 // A block has 8 warps and computes BM rows x 128 columns (two 64-column
 // chunks of the layout) over a range of pipeline stages of BK columns of K.
 // Per stage, cp.async brings the weights' step blocks (and, for grouped
-// WINT4, the stage's BF16 scales) into shared memory, STAGES - 1 stages
+// WINT4, the stage's BF16 scales; for WINT2, its group's code bytes) into
+// shared memory, STAGES - 1 stages
 // ahead; the activations of the same stage are loaded as FP32 into
 // registers one iteration ahead of the shared-memory stage they are stored
 // to (rounded to BF16), so the product needs no conversion kernel of its
@@ -42,6 +44,15 @@
 //  - grouped WINT4: as above, then one BF16 multiply by the group's scale
 //    (a BF16 value): w = bf16(q * scale), rounded once, as cuda_wint.cu's
 //    tensor-core path rounds its dequantized tile.
+//  - WINT2: the B fragments are (q - zc/4) * (ls + 1), made exactly in BF16
+//    by two multiply-adds (tc_wint2_word); the FP32 sum is multiplied by
+//    the row's super scale / 16, so each weight is quant.h's
+//    (q - zc/4) * super * (ls + 1) / 16 to FP32 rounding. A lane spends
+//    about 2.5 instructions a register pair (mask, two BF16 FMAs, a shift
+//    every third) where WINT4 spends 2: ~75 issue slots a k-step for 256
+//    bytes of weights, against ~80 that HBM's rate leaves a warp (H100:
+//    ~3 TB/s over 132 SMs x 4 schedulers at ~1.75 GHz is ~3.2 bytes a slot),
+//    so WINT2 at small M is near the issue limit, unlike the other two.
 // The repack (quant_tc_repack) runs on the host and is tested on the CPU
 // against a mirror of the addressing below (tests/test_quant_tc.c).
 #include <string.h>
@@ -83,18 +94,31 @@ __host__ __device__ constexpr int tc_lda(int C) { return tc_bk(C) + 8; }
 // float4s of activations each thread loads per stage (1, 2, 4)
 __host__ __device__ constexpr int tc_af4(int C) { return tc_bm(C) * tc_bk(C) / 4 / TC_THREADS; }
 
-// Step blocks per k-step: WINT8 has two (32 columns each per lane load).
-template <nb_dtype T> __host__ __device__ constexpr int tc_subs() { return T == NB_WINT8 ? 2 : 1; }
-// One stage in shared memory: step blocks [chunk][k-step][sub], then the
-// grouped scales [group row][chunk][8 lanes' 16 bytes], then the BF16
+// Bytes of a k-step's step block(s): WINT8 has two (32 columns each per
+// lane load), WINT2's is half a block (8 bytes a lane).
+template <nb_dtype T> __host__ __device__ constexpr int tc_step_bytes() {
+    return T == NB_WINT8 ? 2 * QUANT_TC_STEP : T == NB_WINT2 ? QUANT_TC_STEP / 2 : QUANT_TC_STEP;
+}
+// One stage in shared memory: step blocks [chunk][k-step], then the
+// grouped scales [group row][chunk][8 lanes' 16 bytes] (WINT2: the codes
+// of the stage's group, [chunk][8 lanes' 8 bytes]), then the BF16
 // activations [BM][lda].
 template <nb_dtype T, int C> __host__ __device__ constexpr int tc_b_bytes() {
-    return TC_WN * tc_kps(C) * tc_subs<T>() * QUANT_TC_STEP;
+    return TC_WN * tc_kps(C) * tc_step_bytes<T>();
 }
-template <bool GRP, int C> __host__ __device__ constexpr int tc_s_bytes() { return GRP ? tc_kps(C) * TC_WN * 128 : 0; }
+template <nb_dtype T, bool GRP, int C> __host__ __device__ constexpr int tc_s_bytes() {
+    return T == NB_WINT2 ? TC_WN * 64 : GRP ? tc_kps(C) * TC_WN * 128 : 0;
+}
 template <nb_dtype T, bool GRP, int C> __host__ __device__ constexpr int tc_stage_bytes() {
-    return tc_b_bytes<T, C>() + tc_s_bytes<GRP, C>() + tc_bm(C) * tc_lda(C) * 2;
+    return tc_b_bytes<T, C>() + tc_s_bytes<T, GRP, C>() + tc_bm(C) * tc_lda(C) * 2;
 }
+// A WINT2 stage lies in one group of codes.
+static_assert(QUANT_WINT2_GROUP % tc_bk(TC_SMALL) == 0 && QUANT_WINT2_GROUP % tc_bk(TC_LARGE) == 0 &&
+                  QUANT_WINT2_GROUP % tc_bk(TC_MEDIUM) == 0,
+              "a WINT2 stage must lie in one group");
+// What multiplies a finished sum besides the row's scale: WINT2's weights
+// are made without the 1/16 of its group step.
+template <nb_dtype T> __host__ __device__ constexpr float tc_out_mul() { return T == NB_WINT2 ? 0.0625f : 1.0f; }
 // After the loop the same memory holds the K-split warps' sums.
 template <int C> __host__ __device__ constexpr int tc_red_bytes() {
     return (tc_wk(C) - 1) * tc_wm(C) * TC_WN * 32 * tc_mt(C) * 32 * 4;
@@ -127,8 +151,8 @@ struct tc_args {
     float *part;           // [S][M][N] when S > 1
     int *cnt;              // [tiles] when S > 1
     const uint8_t *data;   // step blocks (quant_tc.h)
-    const uint8_t *gscale; // grouped WINT4: BF16 scales in the layout
-    const float *cscale;   // otherwise: float [N], applied to finished sums
+    const uint8_t *gscale; // grouped WINT4: BF16 scales in the layout; WINT2: its codes
+    const float *cscale;   // otherwise: float [N], applied to finished sums (WINT2: super)
     int M, N, K, group;
     int KS, NC, G;   // k-steps, chunks, groups
     int nst, sps, S; // stages of K, stages per split, splits
@@ -179,16 +203,27 @@ template <int C> __device__ __forceinline__ void tc_store_a(__nv_bfloat16 *as, c
 // filled without reading (their address stays a real one).
 template <nb_dtype T, bool GRP, int C>
 __device__ __forceinline__ void tc_copy_b(uint8_t *stg, const tc_args &a, int cg0, int st) {
-    constexpr int SUB = tc_subs<T>(), PPC = tc_kps(C) * SUB * 32, P = TC_WN * PPC; // 16-byte pieces
+    constexpr int PKS = tc_step_bytes<T>() / 16, PPC = tc_kps(C) * PKS, P = TC_WN * PPC; // 16-byte pieces
     const int ks0 = st * tc_kps(C);
 #pragma unroll
     for (int i0 = 0; i0 < P; i0 += TC_THREADS) {
         const int i = i0 + threadIdx.x;
         if (P % TC_THREADS == 0 || i < P) {
-            const int ch = i / PPC, off = i % PPC, cg = cg0 + ch, ks = ks0 + off / (SUB * 32);
+            const int ch = i / PPC, off = i % PPC, cg = cg0 + ch, ks = ks0 + off / PKS;
             const bool ok = cg < a.NC && ks < a.KS;
-            const uint8_t *src = ok ? a.data + (((size_t)cg * a.KS + ks0) * SUB * 32 + off) * 16 : a.data;
+            const uint8_t *src = ok ? a.data + (((size_t)cg * a.KS + ks0) * PKS + off) * 16 : a.data;
             cuda_cp_async16(stg + i * 16, src, ok);
+        }
+    }
+    if constexpr (T == NB_WINT2) {
+        // the 64 code bytes of each chunk in the stage's group
+        const int grp = st * tc_bk(C) / QUANT_WINT2_GROUP;
+        uint8_t *ss = stg + tc_b_bytes<T, C>();
+        if (threadIdx.x < TC_WN * 4) {
+            const int cg = cg0 + threadIdx.x / 4;
+            const bool ok = cg < a.NC && grp < a.G;
+            const uint8_t *src = ok ? a.gscale + ((size_t)grp * a.NC + cg) * 64 + threadIdx.x % 4 * 16 : a.gscale;
+            cuda_cp_async16(ss + threadIdx.x * 16, src, ok);
         }
     }
     if constexpr (GRP) {
@@ -204,13 +239,36 @@ __device__ __forceinline__ void tc_copy_b(uint8_t *stg, const tc_args &a, int cg
     }
 }
 
+// WINT2: the BF16 weights of one lane's n-tiles 4w..4w+3 (word wv of its
+// step block; cw: their code bytes) into bf[4w..4w+3]. Pair P of the word
+// is field i = P - sh / 2 of (wv >> sh) in each half (sh 0, 6, 12): OR-ed
+// into BF16 128.0 it reads 128 + 4^i q, and times 4^-i minus 128 * 4^-i
+// it is q; then q * (ls + 1) - zc / 4 * (ls + 1), the code's pair from the
+// lut, is the weight (q - zc / 4) * (ls + 1). Every step is exact (tested
+// in test_quant_tc), so one BF16 rounding never rounds anything.
+__device__ __forceinline__ void tc_wint2_word(uint32_t (&bf)[8][2], uint32_t wv, uint32_t cw, int w, const uint2 *lut) {
+#pragma unroll
+    for (int jj = 0; jj < 4; jj++) {
+        const uint2 ac = lut[(cw >> (8 * jj)) & 0xffu];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int P = 2 * jj + r, sh = P < 3 ? 0 : P < 6 ? 6 : 12, i = P - sh / 2;
+            // BF16 4^-i and -128 * 4^-i: exponent lowered by 2i
+            const uint32_t mul = (0x3F80u - 0x100u * i) * 0x10001u, add = (0xC300u - 0x100u * i) * 0x10001u;
+            const __nv_bfloat162 h = tc_bf2(((wv >> sh) & (0x00030003u << (2 * i))) | 0x43004300u);
+            const __nv_bfloat162 q = __hfma2(h, tc_bf2(mul), tc_bf2(add));
+            bf[4 * w + jj][r] = tc_u32(__hfma2(q, tc_bf2(ac.x), tc_bf2(ac.y)));
+        }
+    }
+}
+
 // This warp's k-steps of stage st (in slot stg) into acc.
 template <nb_dtype T, bool GRP, int C>
 __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const uint8_t *stg, const tc_args &a, int st,
-                                           int wm, int wn, int wk) {
-    constexpr int MT = tc_mt(C), SUB = tc_subs<T>(), LDA = tc_lda(C);
+                                           int wm, int wn, int wk, const uint2 *lut) {
+    constexpr int MT = tc_mt(C), LDA = tc_lda(C);
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const __nv_bfloat16 *as = (const __nv_bfloat16 *)(stg + tc_b_bytes<T, C>() + tc_s_bytes<GRP, C>());
+    const __nv_bfloat16 *as = (const __nv_bfloat16 *)(stg + tc_b_bytes<T, C>() + tc_s_bytes<T, GRP, C>());
 #pragma unroll
     for (int ksl = 0; ksl < tc_ksw(C); ksl++) {
         const int ks = wk * tc_ksw(C) + ksl; // k-step within the stage
@@ -224,11 +282,16 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
             af[i][2] = tc_ld32(p + 8);
             af[i][3] = tc_ld32(p + 8 * LDA + 8);
         }
-        // this lane's 16 bytes of the step block(s): all 8 n-tiles' B
-        const uint8_t *bp = stg + (wn * tc_kps(C) + ks) * SUB * QUANT_TC_STEP + lane * 16;
+        // this lane's bytes of the step block(s): all 8 n-tiles' B
+        const uint8_t *bp = stg + (wn * tc_kps(C) + ks) * tc_step_bytes<T>();
         uint32_t bf[8][2];
-        if constexpr (T == NB_WINT4) {
-            const uint4 v = *(const uint4 *)bp;
+        if constexpr (T == NB_WINT2) {
+            const uint2 v = *(const uint2 *)(bp + lane * 8);
+            const uint2 cv = *(const uint2 *)(stg + tc_b_bytes<T, C>() + (wn * 8 + g) * 8);
+            tc_wint2_word(bf, v.x, cv.x, 0, lut);
+            tc_wint2_word(bf, v.y, cv.y, 1, lut);
+        } else if constexpr (T == NB_WINT4) {
+            const uint4 v = *(const uint4 *)(bp + lane * 16);
             const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
             uint32_t sc[4] = {0, 0, 0, 0}; // grouped: the 8 rows' BF16 scales, two per word
             if constexpr (GRP) {
@@ -253,7 +316,7 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
         } else {
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const uint4 v = *(const uint4 *)(bp + h * QUANT_TC_STEP);
+                const uint4 v = *(const uint4 *)(bp + h * QUANT_TC_STEP + lane * 16);
                 const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
                 for (int w = 0; w < 4; w++) {
@@ -277,9 +340,17 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
 // Block (x: 128 columns, y: BM rows, z: split of K).
 template <nb_dtype T, bool GRP, int C> __global__ void __launch_bounds__(TC_THREADS) wint_tc_kernel(tc_args a) {
     constexpr int MT = tc_mt(C), WM = tc_wm(C), WK = tc_wk(C), STAGES = tc_stages(C), BM = tc_bm(C);
-    constexpr int SB = tc_stage_bytes<T, GRP, C>(), A_OFF = tc_b_bytes<T, C>() + tc_s_bytes<GRP, C>();
+    constexpr int SB = tc_stage_bytes<T, GRP, C>(), A_OFF = tc_b_bytes<T, C>() + tc_s_bytes<T, GRP, C>();
     __shared__ __align__(16) uint8_t smem[tc_smem_bytes<T, GRP, C>()];
     __shared__ int last_block;
+    // WINT2: BF16 pairs (ls + 1, ls + 1) and -zc / 4 * (ls + 1) twice, by
+    // code byte; made before the first barrier of the loop below
+    __shared__ uint2 lut[T == NB_WINT2 ? 256 : 1];
+    if constexpr (T == NB_WINT2)
+        for (int code = threadIdx.x; code < 256; code += TC_THREADS) {
+            const float m = (float)((code & 15) + 1), c = -(float)(code >> 4) * 0.25f * m;
+            lut[code] = make_uint2(cuda_bf16x2(m, m), cuda_bf16x2(c, c));
+        }
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int wmn = warp % (WM * TC_WN), wk = warp / (WM * TC_WN), wm = wmn / TC_WN, wn = wmn % TC_WN;
@@ -314,7 +385,7 @@ template <nb_dtype T, bool GRP, int C> __global__ void __launch_bounds__(TC_THRE
         __syncthreads(); // everyone's are; and slot nxt % STAGES (stage it - 1) is no longer read
         if (nxt < nst) tc_copy_b<T, GRP, C>(nstg, a, cg0, st0 + nxt);
         cuda_cp_async_commit();
-        tc_compute<T, GRP, C>(acc, smem + (it % STAGES) * SB, a, st0 + it, wm, wn, wk);
+        tc_compute<T, GRP, C>(acc, smem + (it % STAGES) * SB, a, st0 + it, wm, wn, wk, lut);
         if (nxt < nst) tc_store_a<C>((__nv_bfloat16 *)(nstg + A_OFF), ar);
     }
     cuda_cp_async_wait<0>();
@@ -358,7 +429,7 @@ template <nb_dtype T, bool GRP, int C> __global__ void __launch_bounds__(TC_THRE
                     const int n = (cg0 + wn) * QUANT_TC_CHUNK + 8 * j + 2 * t + (e & 1);
                     if (m >= a.M || n >= a.N) continue;
                     if (split) a.part[((size_t)blockIdx.z * a.M + m) * a.N + n] = acc[i][j][e];
-                    else a.out[(size_t)m * a.N + n] = GRP ? acc[i][j][e] : acc[i][j][e] * a.cscale[n];
+                    else a.out[(size_t)m * a.N + n] = GRP ? acc[i][j][e] : acc[i][j][e] * a.cscale[n] * tc_out_mul<T>();
                 }
     }
     if (!split) return;
@@ -378,7 +449,7 @@ template <nb_dtype T, bool GRP, int C> __global__ void __launch_bounds__(TC_THRE
         if (m >= a.M || n >= a.N) continue;
         float s = 0.0f;
         for (int z = 0; z < a.S; z++) s += *(volatile const float *)(a.part + ((size_t)z * a.M + m) * a.N + n);
-        a.out[(size_t)m * a.N + n] = GRP ? s : s * a.cscale[n];
+        a.out[(size_t)m * a.N + n] = GRP ? s : s * a.cscale[n] * tc_out_mul<T>();
     }
     if (threadIdx.x == 0) a.cnt[tile] = 0; // for the next launch
 }
@@ -463,6 +534,11 @@ void cuda_wint_tc_matmul(cuda_backend *c, float *out, const float *x, const nb_w
     if (w->dtype == NB_WINT8) {
         a.cscale = (const float *)w->scale;
         tc_run<NB_WINT8, false>(c, a);
+    } else if (w->dtype == NB_WINT2) {
+        a.gscale = (const uint8_t *)w->scale;
+        a.cscale = (const float *)w->scale2;
+        a.G = a.K / QUANT_WINT2_GROUP;
+        tc_run<NB_WINT2, false>(c, a);
     } else if (quant_tc_grouped(w)) {
         a.gscale = (const uint8_t *)w->scale;
         a.G = a.K / a.group;

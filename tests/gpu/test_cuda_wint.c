@@ -6,15 +6,15 @@
  * with quant_pack; data, scale and scale2 go to the GPU with
  * ops->weight_load, byte for byte, as the model loader does. Two paths:
  *  - weights left in quant.h's layout (cuda_wint.cu: GEMV for M <= 16, the
- *    shared-memory BF16 tile kernel above; what WINT2 and the shapes the
- *    tensor-core layout refuses always take). Every shape runs M in
+ *    shared-memory BF16 tile kernel above; what a mixture's experts and
+ *    the shapes the tensor-core layout refuses always take). Every shape runs M in
  *    {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 64, 100, 257}, N odd or 1, K at
  *    the edges each kernel has (not a multiple of the 64-column tile,
  *    packed rows that are not whole 16-byte chunks);
  *  - weights then passed through ops->weight_pack, as the model loader
  *    does, into the tensor-core layout (quant/quant_tc.h, cuda_wint_tc.cu)
  *    for WINT8, WINT4 group 128 and per channel and the other groups the
- *    layout takes: M in {1, 2, 3, 5, 8, 16, 17, 33, 64, 129} (each block
+ *    layout takes, and WINT2: M in {1, 2, 3, 5, 8, 16, 17, 33, 64, 129} (each block
  *    shape, its edges, split K), N odd, K with a partial last stage;
  *    weight_pack must report the resident bytes and leave refused shapes
  *    as they were.
@@ -345,13 +345,14 @@ static void run_tc_shapes(nb_dtype t, int group, const char *name) {
 static void test_tc_wint8(void) { run_tc_shapes(NB_WINT8, 0, "tc wint8"); }
 static void test_tc_wint4_g128(void) { run_tc_shapes(NB_WINT4, 128, "tc wint4 g128"); }
 static void test_tc_wint4_per_channel(void) { run_tc_shapes(NB_WINT4, 0, "tc wint4 channel"); }
+static void test_tc_wint2(void) { run_tc_shapes(NB_WINT2, QUANT_WINT2_GROUP, "tc wint2"); }
 
 /* The other groups the layout takes: 64 (a fixture's K = 192 and stages
  * of 32 columns inside one group), 16 and 32 (several groups per stage),
  * 256 and 192 (a group over several stages); per channel with K = 160 (a
  * fixture's MLP). Then shapes weight_pack must leave alone (make_qweight
  * checks that), still right on the old kernels: group 48, per channel with
- * K = 200, WINT2. */
+ * K = 200. */
 static void test_tc_groups_and_refusals(void) {
     static const shape s[] = {{65, 192, 64}, {33, 256, 16}, {7, 512, 32}, {130, 768, 256}, {9, 576, 192}, {65, 160, 0}};
     double worst[3] = {0, 0, 0};
@@ -360,16 +361,15 @@ static void test_tc_groups_and_refusals(void) {
            "tc wint4 groups", worst[1], worst[2]);
     static const shape refused[] = {{7, 384, 48}, {5, 200, 0}};
     for (int i = 0; i < 2; i++) check_shape(NB_WINT4, refused[i], worst, 1);
-    check_shape(NB_WINT2, (shape){19, 64, 0}, worst, 1);
 }
 
 /* Activations 4 bytes off 16-byte alignment: the GEMV kernel's byte path
  * for shapes that would take 16-byte chunks, whatever the format; the
  * tensor-core layout's scalar activation loads. */
 static void test_unaligned_x(void) {
-    static const nb_dtype ts[] = {NB_WINT8, NB_WINT4, NB_WINT2, NB_WINT8, NB_WINT4};
+    static const nb_dtype ts[] = {NB_WINT8, NB_WINT4, NB_WINT2, NB_WINT8, NB_WINT4, NB_WINT2};
     static const int Ms[] = {1, 5, 16, 40, 100};
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < 6; i++) {
         int64_t N = 33, K = 256;
         int group = ts[i] == NB_WINT4 ? 128 : ts[i] == NB_WINT2 ? QUANT_WINT2_GROUP : 0, pack = i >= 3;
         WHERE("unaligned x %s%s", nb_dtype_name(ts[i]), pack ? " (packed)" : "");
@@ -491,6 +491,7 @@ int main(void) {
         RUN(test_tc_wint8);
         RUN(test_tc_wint4_g128);
         RUN(test_tc_wint4_per_channel);
+        RUN(test_tc_wint2);
         RUN(test_tc_groups_and_refusals);
         RUN(test_unaligned_x);
         RUN(test_graph);
