@@ -7,10 +7,10 @@
 // cuBLASLt's block-scaled FP8 GEMM on tensor cores where the device and the
 // shape allow it, and where they do not (Ada, N % 4 != 0) to
 // fp8_mma_kernel (K % 16 == 0, compute capability 8.9+: FP8 mma on the
-// codes, scaled per 128-wide K block); decode-sized M, and the rest (sm_80
-// has no FP8 mma), go to fp8_gemv_kernel (one warp per output column, FP32
-// accumulation), which streams the weight bytes once per 16 activation
-// rows.
+// codes, scaled per 128-wide K block); decode-sized M to cuda_fp8_small.cu
+// (FP8 mma too, for K % 128 == 0), and the rest (sm_80 has no FP8 mma) to
+// fp8_gemv_kernel (one warp per output column, FP32 accumulation), which
+// streams the weight bytes once per 16 activation rows.
 //
 // What cuBLASLt requires (NVIDIA cuBLAS documentation, "Using the cuBLASLt
 // API"; verify these first on a GPU):
@@ -64,7 +64,7 @@ extern "C" {
 
 // Largest M the GEMV kernel takes in one pass (accumulators in registers);
 // up to it, a GEMV reading the weights once beats a tensor-core GEMM.
-#define FP8_GEMV_MAX_M 16
+#define FP8_GEMV_MAX_M CUDA_FP8_SMALL_MAX_M
 #define FP8_GEMV_WARPS 8
 #define FP8_QUANT_WARPS 8
 // Scratch regions start on this boundary (cuBLASLt's default assumption
@@ -389,8 +389,9 @@ __global__ void __launch_bounds__(F8_THREADS)
 
 // out rows [0, rows) of the product from quantized rows xq (row stride K)
 // with scales xs[kb * ld + m]: more than FP8_GEMV_MAX_M rows on tensor
-// cores where the rows are whole 16-byte chunks, else the GEMV,
-// FP8_GEMV_MAX_M rows per launch.
+// cores where the rows are whole 16-byte chunks, fewer where K is whole
+// 128-column blocks (cuda_fp8_small), else the GEMV, FP8_GEMV_MAX_M rows
+// per launch.
 static cuda_fp8_state *fp8_state(cuda_backend *c);
 
 static void product_rows(cuda_backend *c, float *out, const uint8_t *xq, const float *xs, int ld, int rows,
@@ -399,6 +400,10 @@ static void product_rows(cuda_backend *c, float *out, const uint8_t *xq, const f
     int vec = K % 16 == 0 && (uintptr_t)w->data % 16 == 0 && (uintptr_t)xq % 16 == 0;
     const uint8_t *wd = (const uint8_t *)w->data;
     const float *ws = (const float *)w->scale;
+    if (rows <= FP8_GEMV_MAX_M && cuda_fp8_small_ok(rows, K, wd, xq) && fp8_state(c)->mma_ok) {
+        cuda_fp8_small(c->stream, out, xq, xs, ld, rows, wd, ws, N, K);
+        return;
+    }
     if (vec && rows > FP8_GEMV_MAX_M && rows <= 65535 * F8_BM && fp8_state(c)->mma_ok) {
         dim3 tiles((unsigned)((N + F8_BN - 1) / F8_BN), (unsigned)((rows + F8_BM - 1) / F8_BM));
         fp8_mma_kernel<<<tiles, F8_THREADS, 0, c->stream>>>(out, xq, xs, ld, rows, wd, ws, N, K, L);
