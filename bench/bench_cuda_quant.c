@@ -7,8 +7,8 @@
  * with plausible scales: packing 117M weights through quant_pack (WINT2's
  * code search especially) would take minutes and changes no timing. They
  * reach the device as the model loader puts them there (weight_load, then
- * weight_pack), so WINT8 and WINT4 are timed in the tensor-core layout
- * (kernels/cuda/cuda_wint_tc.cu) and the rest on their own kernels. Each
+ * weight_pack), so WINT8, WINT4 and WINT2 are timed in the tensor-core
+ * layout (kernels/cuda/cuda_wint_tc.cu) and FP8 on its own kernels. Each
  * figure's first output row is checked against quant_matmul_ref on the host
  * (the exact format semantics), so what is timed is also right. */
 #include <math.h>

@@ -60,6 +60,15 @@ __device__ __forceinline__ void cuda_mma_e4m3(float (&d)[4], const uint32_t (&a)
 #endif
 }
 
+// a * b + c on two BF16 pairs (.x in the low half), one rounding each: on
+// the .b32 registers themselves, which the __nv_bfloat162 intrinsic would
+// take apart and put together again.
+__device__ __forceinline__ uint32_t cuda_fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
 // 16 bytes from global to shared memory without passing through registers;
 // valid == false reads nothing and fills the 16 bytes with zeros (src-size 0).
 __device__ __forceinline__ void cuda_cp_async16(void *smem, const void *gmem, bool valid) {

@@ -21,6 +21,7 @@
 // its own k-steps of every stage; their sums meet in shared memory at the
 // end, in warp order). Three shapes, by M (named thresholds below):
 //   small  M <= 16: BM 16,  MT 1, 1 x 2 x 4 warps, BK 64, 4 stages
+//     (WINT2: BK 128, two k-steps a warp, TC_SMALL_W2)
 //   medium M <= 64: BM 64,  MT 2, 2 x 2 x 2 warps, BK 32, 4 stages
 //   large  M > 64:  BM 128, MT 2, 4 x 2 x 1 warps, BK 32, 3 stages
 // Small M is a stream of weight bytes: there are too few output tiles for
@@ -47,12 +48,13 @@
 //  - WINT2: the B fragments are (q - zc/4) * (ls + 1), made exactly in BF16
 //    by two multiply-adds (tc_wint2_word); the FP32 sum is multiplied by
 //    the row's super scale / 16, so each weight is quant.h's
-//    (q - zc/4) * super * (ls + 1) / 16 to FP32 rounding. A lane spends
-//    about 2.5 instructions a register pair (mask, two BF16 FMAs, a shift
-//    every third) where WINT4 spends 2: ~75 issue slots a k-step for 256
-//    bytes of weights, against ~80 that HBM's rate leaves a warp (H100:
-//    ~3 TB/s over 132 SMs x 4 schedulers at ~1.75 GHz is ~3.2 bytes a slot),
-//    so WINT2 at small M is near the issue limit, unlike the other two.
+//    (q - zc/4) * super * (ls + 1) / 16 to FP32 rounding. A register
+//    pair costs a mask-and-OR and two BF16 FMAs (WINT4: one subtraction)
+//    and a byte of WINT2 holds two pairs, so with the code lookups and the
+//    pipeline a warp spends ~185 issue slots per 512 bytes of weights
+//    against the ~160 that HBM's rate leaves it (H100: ~3 TB/s over 132
+//    SMs x 4 schedulers at ~1.75 GHz): WINT2 at small M is bound by issue,
+//    the other two by memory (docs/BENCHMARKS.md).
 // The repack (quant_tc_repack) runs on the host and is tested on the CPU
 // against a mirror of the addressing below (tests/test_quant_tc.c).
 #include <string.h>
@@ -76,13 +78,17 @@ extern "C" {
 #define TC_SPLIT_WAVES 2
 #define TC_MIN_SPLIT_STAGES 4
 
-enum { TC_SMALL, TC_MEDIUM, TC_LARGE };
+enum { TC_SMALL, TC_MEDIUM, TC_LARGE, TC_SMALL_W2 };
 
-// The block shapes of the header comment, by config C.
-__host__ __device__ constexpr int tc_mt(int C) { return C == TC_SMALL ? 1 : 2; } // m-tiles per warp
-__host__ __device__ constexpr int tc_wm(int C) { return C == TC_SMALL ? 1 : C == TC_MEDIUM ? 2 : 4; }
-__host__ __device__ constexpr int tc_wk(int C) { return C == TC_SMALL ? 4 : C == TC_MEDIUM ? 2 : 1; }
-__host__ __device__ constexpr int tc_ksw(int C) { return C == TC_LARGE ? 2 : 1; } // k-steps per warp per stage
+// The block shapes of the header comment, by config C. TC_SMALL_W2 is the
+// small shape for WINT2: two k-steps a warp per stage (BK 128), so that a
+// stage holds as many weight bytes as WINT4's and a warp looks its rows'
+// code constants up once for both k-steps (they lie in one group).
+__host__ __device__ constexpr bool tc_small(int C) { return C == TC_SMALL || C == TC_SMALL_W2; }
+__host__ __device__ constexpr int tc_mt(int C) { return tc_small(C) ? 1 : 2; } // m-tiles per warp
+__host__ __device__ constexpr int tc_wm(int C) { return tc_small(C) ? 1 : C == TC_MEDIUM ? 2 : 4; }
+__host__ __device__ constexpr int tc_wk(int C) { return tc_small(C) ? 4 : C == TC_MEDIUM ? 2 : 1; }
+__host__ __device__ constexpr int tc_ksw(int C) { return C == TC_LARGE || C == TC_SMALL_W2 ? 2 : 1; } // k-steps per warp per stage
 __host__ __device__ constexpr int tc_stages(int C) { return C == TC_LARGE ? 3 : 4; }
 __host__ __device__ constexpr int tc_bm(int C) { return 16 * tc_mt(C) * tc_wm(C); }
 __host__ __device__ constexpr int tc_kps(int C) { return tc_ksw(C) * tc_wk(C); } // k-steps per stage
@@ -106,16 +112,24 @@ template <nb_dtype T> __host__ __device__ constexpr int tc_step_bytes() {
 template <nb_dtype T, int C> __host__ __device__ constexpr int tc_b_bytes() {
     return TC_WN * tc_kps(C) * tc_step_bytes<T>();
 }
+// WINT2: the groups a stage holds codes for (a stage of 64 or fewer
+// columns lies in one).
+__host__ __device__ constexpr int tc_w2_groups(int C) {
+    return tc_bk(C) > QUANT_WINT2_GROUP ? tc_bk(C) / QUANT_WINT2_GROUP : 1;
+}
 template <nb_dtype T, bool GRP, int C> __host__ __device__ constexpr int tc_s_bytes() {
-    return T == NB_WINT2 ? TC_WN * 64 : GRP ? tc_kps(C) * TC_WN * 128 : 0;
+    return T == NB_WINT2 ? tc_w2_groups(C) * TC_WN * 64 : GRP ? tc_kps(C) * TC_WN * 128 : 0;
 }
 template <nb_dtype T, bool GRP, int C> __host__ __device__ constexpr int tc_stage_bytes() {
     return tc_b_bytes<T, C>() + tc_s_bytes<T, GRP, C>() + tc_bm(C) * tc_lda(C) * 2;
 }
-// A WINT2 stage lies in one group of codes.
-static_assert(QUANT_WINT2_GROUP % tc_bk(TC_SMALL) == 0 && QUANT_WINT2_GROUP % tc_bk(TC_LARGE) == 0 &&
-                  QUANT_WINT2_GROUP % tc_bk(TC_MEDIUM) == 0,
-              "a WINT2 stage must lie in one group");
+// A WINT2 stage holds whole groups or lies in one, and a warp's k-steps of
+// a stage lie in one group.
+__host__ __device__ constexpr bool tc_w2_fits(int C) {
+    return (tc_bk(C) % QUANT_WINT2_GROUP == 0 || QUANT_WINT2_GROUP % tc_bk(C) == 0) &&
+           QUANT_WINT2_GROUP % (tc_ksw(C) * QUANT_TC_KSTEP) == 0;
+}
+static_assert(tc_w2_fits(TC_SMALL_W2) && tc_w2_fits(TC_MEDIUM) && tc_w2_fits(TC_LARGE), "WINT2 stages and groups");
 // What multiplies a finished sum besides the row's scale: WINT2's weights
 // are made without the 1/16 of its group step.
 template <nb_dtype T> __host__ __device__ constexpr float tc_out_mul() { return T == NB_WINT2 ? 0.0625f : 1.0f; }
@@ -172,12 +186,18 @@ __device__ __forceinline__ uint32_t tc_u32(__nv_bfloat162 h) {
 __device__ __forceinline__ uint32_t tc_ld32(const __nv_bfloat16 *p) { return *(const uint32_t *)p; }
 
 // The FP32 activations of stage st (rows m0.., zero past M and K) into
-// registers.
+// registers. In the small shape, rows past M are neither loaded nor stored
+// (tc_store_a), so a decode step of one row does the work of one row, not
+// of the tile's 16: whatever those shared-memory rows hold only reaches
+// the same rows of the mma's result (row m of D is row m of A times B),
+// which are never stored. (The larger shapes have rows past M in their
+// last tile only; skipping there costs ptxas more registers than it saves.)
 template <int C> __device__ __forceinline__ void tc_load_a(float4 (&r)[tc_af4(C)], const tc_args &a, int m0, int st) {
     constexpr int C4 = tc_bk(C) / 4;
 #pragma unroll
     for (int i = 0; i < tc_af4(C); i++) {
         const int idx = threadIdx.x + i * TC_THREADS, m = m0 + idx / C4, k = st * tc_bk(C) + 4 * (idx % C4);
+        if (tc_small(C) && m >= a.M) break; // idx grows with i: so do the rows
         r[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (m < a.M && k < a.K) { // K % 16 == 0: a float4 is wholly in or out
             const float *p = a.x + (size_t)m * a.K + k;
@@ -186,12 +206,15 @@ template <int C> __device__ __forceinline__ void tc_load_a(float4 (&r)[tc_af4(C)
     }
 }
 
-// ... and from registers into a stage's activation tile, as BF16.
-template <int C> __device__ __forceinline__ void tc_store_a(__nv_bfloat16 *as, const float4 (&r)[tc_af4(C)]) {
+// ... and from registers into a stage's activation tile, as BF16 (small
+// shape: rows below mv = M - m0 only).
+template <int C>
+__device__ __forceinline__ void tc_store_a(__nv_bfloat16 *as, const float4 (&r)[tc_af4(C)], int mv) {
     constexpr int C4 = tc_bk(C) / 4;
 #pragma unroll
     for (int i = 0; i < tc_af4(C); i++) {
         const int idx = threadIdx.x + i * TC_THREADS;
+        if (tc_small(C) && idx / C4 >= mv) break;
         uint2 v;
         v.x = cuda_bf16x2(r[i].x, r[i].y), v.y = cuda_bf16x2(r[i].z, r[i].w);
         *(uint2 *)(as + (idx / C4) * tc_lda(C) + 4 * (idx % C4)) = v;
@@ -216,11 +239,13 @@ __device__ __forceinline__ void tc_copy_b(uint8_t *stg, const tc_args &a, int cg
         }
     }
     if constexpr (T == NB_WINT2) {
-        // the 64 code bytes of each chunk in the stage's group
-        const int grp = st * tc_bk(C) / QUANT_WINT2_GROUP;
+        // the 64 code bytes of each chunk in each of the stage's groups:
+        // [group row][chunk][64]
+        constexpr int NG = tc_w2_groups(C);
+        const int grp0 = st * tc_bk(C) / QUANT_WINT2_GROUP;
         uint8_t *ss = stg + tc_b_bytes<T, C>();
-        if (threadIdx.x < TC_WN * 4) {
-            const int cg = cg0 + threadIdx.x / 4;
+        if (threadIdx.x < NG * TC_WN * 4) {
+            const int row = threadIdx.x / (TC_WN * 4), cg = cg0 + threadIdx.x / 4 % TC_WN, grp = grp0 + row;
             const bool ok = cg < a.NC && grp < a.G;
             const uint8_t *src = ok ? a.gscale + ((size_t)grp * a.NC + cg) * 64 + threadIdx.x % 4 * 16 : a.gscale;
             cuda_cp_async16(ss + threadIdx.x * 16, src, ok);
@@ -240,24 +265,23 @@ __device__ __forceinline__ void tc_copy_b(uint8_t *stg, const tc_args &a, int cg
 }
 
 // WINT2: the BF16 weights of one lane's n-tiles 4w..4w+3 (word wv of its
-// step block; cw: their code bytes) into bf[4w..4w+3]. Pair P of the word
-// is field i = P - sh / 2 of (wv >> sh) in each half (sh 0, 6, 12): OR-ed
-// into BF16 128.0 it reads 128 + 4^i q, and times 4^-i minus 128 * 4^-i
-// it is q; then q * (ls + 1) - zc / 4 * (ls + 1), the code's pair from the
-// lut, is the weight (q - zc / 4) * (ls + 1). Every step is exact (tested
-// in test_quant_tc), so one BF16 rounding never rounds anything.
-__device__ __forceinline__ void tc_wint2_word(uint32_t (&bf)[8][2], uint32_t wv, uint32_t cw, int w, const uint2 *lut) {
+// step block; ac: their rows' code constants from the lut) into
+// bf[4w..4w+3]. Pair P of the word is field i = P - sh / 2 of (wv >> sh)
+// in each half (sh 0, 6, 12): OR-ed into BF16 128.0 it reads 128 + 4^i q,
+// and times 4^-i minus 128 * 4^-i it is q; then q * (ls + 1) - zc / 4 *
+// (ls + 1) is the weight (q - zc / 4) * (ls + 1). Every step is exact
+// (tested in test_quant_tc), so one BF16 rounding never rounds anything.
+__device__ __forceinline__ void tc_wint2_word(uint32_t (&bf)[8][2], uint32_t wv, const uint2 (&ac8)[8], int w) {
 #pragma unroll
     for (int jj = 0; jj < 4; jj++) {
-        const uint2 ac = lut[(cw >> (8 * jj)) & 0xffu];
+        const uint2 ac = ac8[4 * w + jj];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             const int P = 2 * jj + r, sh = P < 3 ? 0 : P < 6 ? 6 : 12, i = P - sh / 2;
             // BF16 4^-i and -128 * 4^-i: exponent lowered by 2i
             const uint32_t mul = (0x3F80u - 0x100u * i) * 0x10001u, add = (0xC300u - 0x100u * i) * 0x10001u;
-            const __nv_bfloat162 h = tc_bf2(((wv >> sh) & (0x00030003u << (2 * i))) | 0x43004300u);
-            const __nv_bfloat162 q = __hfma2(h, tc_bf2(mul), tc_bf2(add));
-            bf[4 * w + jj][r] = tc_u32(__hfma2(q, tc_bf2(ac.x), tc_bf2(ac.y)));
+            const uint32_t h = ((wv >> sh) & (0x00030003u << (2 * i))) | 0x43004300u;
+            bf[4 * w + jj][r] = cuda_fma_bf16x2(cuda_fma_bf16x2(h, mul, add), ac.x, ac.y);
         }
     }
 }
@@ -269,6 +293,13 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
     constexpr int MT = tc_mt(C), LDA = tc_lda(C);
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const __nv_bfloat16 *as = (const __nv_bfloat16 *)(stg + tc_b_bytes<T, C>() + tc_s_bytes<T, GRP, C>());
+    uint2 ac[8]; // WINT2: the constants of this lane's 8 rows in its k-steps' group
+    if constexpr (T == NB_WINT2) {
+        const int row = tc_bk(C) > QUANT_WINT2_GROUP ? wk * tc_ksw(C) * QUANT_TC_KSTEP / QUANT_WINT2_GROUP : 0;
+        const uint2 cv = *(const uint2 *)(stg + tc_b_bytes<T, C>() + ((row * TC_WN + wn) * 8 + g) * 8);
+#pragma unroll
+        for (int j = 0; j < 8; j++) ac[j] = lut[((j < 4 ? cv.x : cv.y) >> (8 * (j % 4))) & 0xffu];
+    }
 #pragma unroll
     for (int ksl = 0; ksl < tc_ksw(C); ksl++) {
         const int ks = wk * tc_ksw(C) + ksl; // k-step within the stage
@@ -287,9 +318,8 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
         uint32_t bf[8][2];
         if constexpr (T == NB_WINT2) {
             const uint2 v = *(const uint2 *)(bp + lane * 8);
-            const uint2 cv = *(const uint2 *)(stg + tc_b_bytes<T, C>() + (wn * 8 + g) * 8);
-            tc_wint2_word(bf, v.x, cv.x, 0, lut);
-            tc_wint2_word(bf, v.y, cv.y, 1, lut);
+            tc_wint2_word(bf, v.x, ac, 0);
+            tc_wint2_word(bf, v.y, ac, 1);
         } else if constexpr (T == NB_WINT4) {
             const uint4 v = *(const uint4 *)(bp + lane * 16);
             const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
@@ -365,13 +395,14 @@ template <nb_dtype T, bool GRP, int C> __global__ void __launch_bounds__(TC_THRE
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
 
+    const int mv = a.M - m0; // rows of the tile that exist
     float4 ar[tc_af4(C)];
 #pragma unroll
     for (int i = 0; i < STAGES - 1; i++) {
         if (i < nst) {
             tc_copy_b<T, GRP, C>(smem + i * SB, a, cg0, st0 + i);
             tc_load_a<C>(ar, a, m0, st0 + i);
-            tc_store_a<C>((__nv_bfloat16 *)(smem + i * SB + A_OFF), ar);
+            tc_store_a<C>((__nv_bfloat16 *)(smem + i * SB + A_OFF), ar, mv);
         }
         cuda_cp_async_commit(); // possibly empty, so that group i is stage i
     }
@@ -386,7 +417,7 @@ template <nb_dtype T, bool GRP, int C> __global__ void __launch_bounds__(TC_THRE
         if (nxt < nst) tc_copy_b<T, GRP, C>(nstg, a, cg0, st0 + nxt);
         cuda_cp_async_commit();
         tc_compute<T, GRP, C>(acc, smem + (it % STAGES) * SB, a, st0 + it, wm, wn, wk, lut);
-        if (nxt < nst) tc_store_a<C>((__nv_bfloat16 *)(nstg + A_OFF), ar);
+        if (nxt < nst) tc_store_a<C>((__nv_bfloat16 *)(nstg + A_OFF), ar, mv);
     }
     cuda_cp_async_wait<0>();
     __syncthreads(); // the stages' memory is free for the K-split sums
@@ -508,7 +539,7 @@ template <nb_dtype T, bool GRP, int C> static void tc_launch(cuda_backend *c, co
 }
 
 template <nb_dtype T, bool GRP> static void tc_run(cuda_backend *c, const tc_args &a) {
-    if (a.M <= TC_SMALL_MAX_M) tc_launch<T, GRP, TC_SMALL>(c, a);
+    if (a.M <= TC_SMALL_MAX_M) tc_launch<T, GRP, T == NB_WINT2 ? TC_SMALL_W2 : TC_SMALL>(c, a);
     else if (a.M <= TC_MEDIUM_MAX_M) tc_launch<T, GRP, TC_MEDIUM>(c, a);
     else tc_launch<T, GRP, TC_LARGE>(c, a);
 }

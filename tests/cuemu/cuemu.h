@@ -261,17 +261,6 @@ static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 static inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 static inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
 static inline int __ffs(int x) { return __builtin_ffs(x); }
-// BF16 fused multiply-add, which the CUDA headers give the device only:
-// a * b + c of BF16 values is exact in double (16-bit products) unless
-// the terms lie more than 37 binades apart, so one rounding to BF16 from
-// there is the GPU's single rounding (the kernels' sums are all exact).
-static inline __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
-    const float2 x = __bfloat1622float2(a), y = __bfloat1622float2(b), z = __bfloat1622float2(c);
-    __nv_bfloat162 r;
-    r.x = __double2bfloat16((double)x.x * y.x + z.x);
-    r.y = __double2bfloat16((double)x.y * y.y + z.y);
-    return r;
-}
 
 #define CUEMU_MINMAX(T)                                                                                                \
     static inline T min(T a, T b) { return a < b ? a : b; }                                                            \

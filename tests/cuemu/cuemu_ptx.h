@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
@@ -98,6 +99,19 @@ static inline void cuda_mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t
         }
         for (int i = 0; i < 8; i++) B[4 * t + (i % 4) + 16 * (i >= 4)][g] = cuemu_e4m3_bits(f.b[i / 4], i % 4);
     });
+}
+
+// fma.rn.bf16x2: per half, a * b + c rounded once to BF16 (nearest even).
+// BF16 products have 16 significant bits, so the sum is exact in double
+// unless the terms lie more than 37 binades apart (the kernels' never do)
+// and one rounding from double is the instruction's.
+static inline uint32_t cuda_fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d = 0;
+    for (int h = 0; h < 2; h++) {
+        double v = (double)cuemu_bf16_bits(a, h) * cuemu_bf16_bits(b, h) + cuemu_bf16_bits(c, h);
+        d |= (uint32_t)__bfloat16_as_ushort(__double2bfloat16(v)) << (16 * h);
+    }
+    return d;
 }
 
 // cp.async: queued per thread and performed when a wait_group retires its
