@@ -13,7 +13,8 @@
  * must also equal those of ref_repack, a plain element-by-element repack
  * written from quant_tc.h's description (quant_tc.c builds the same bytes
  * a tile and a vector at a time, split over threads for large weights).
- * Also: the kernel's integer-to-BF16 tricks are exact, sizes, refusals. */
+ * Also: the integer-to-float tricks of the kernel (and of cuda_wint.cu's
+ * GEMV on the plain layout) are exact, sizes, refusals. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -326,6 +327,12 @@ static void test_large(void) {
     }
 }
 
+static float bits_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* The conversions the kernel does in registers, done here bit for bit on
  * every input, against their meaning. */
 static void test_conversions(void) {
@@ -355,6 +362,22 @@ static void test_conversions(void) {
             float v = bf16_to_f32((uint16_t)(0x4300 | q << 2 * i)), inv = 1.0f / (float)(1 << 2 * i);
             CHECK(v == 128.0f + (float)(q << 2 * i), "field %d q %d reads %g", i, q, v);
             CHECK(quant_round_bf16(fmaf(v, inv, -128.0f * inv)) == (float)q, "field %d q %d", i, q);
+        }
+    /* cuda_wint.cu's GEMV (quant.h's layout): the same exponent magic in
+     * FP32 gives each q as the integer conversion would, and WINT2's q at
+     * mantissa bits 2-3 of 2^21 minus 2^21 + zc/4 is q - zc/4, so times
+     * the group step it is quant_wint2_value bit for bit */
+    for (int b = 0; b < 256; b++)
+        CHECK(bits_f32(0x4B000000u | ((uint32_t)b ^ 0x80u)) - 8388736.0f == (float)(int8_t)b, "i8 %02x", b);
+    for (int u = 0; u < 16; u++) CHECK(bits_f32(0x4B000000u | (uint32_t)u) - 8388616.0f == (float)(u - 8), "u4 %d", u);
+    for (int code = 0; code < 256; code++)
+        for (int q = 0; q < 4; q++) {
+            const float base = 2097152.0f + (float)(code >> 4) * 0.25f;
+            const float d = bits_f32(0x4A000000u | (uint32_t)q << 2) - base;
+            const float super = quant_round_bf16(0.0137f * (float)(1 + code % 7));
+            CHECK(d == (float)q - (float)(code >> 4) * 0.25f, "w2 code %02x q %d: %g", code, q, d);
+            CHECK(d * quant_wint2_step((uint8_t)code, super) == quant_wint2_value(q, (uint8_t)code, super),
+                  "w2 code %02x q %d: the weight", code, q);
         }
     for (int code = 0; code < 256; code++) {
         const float a = (float)((code & 15) + 1), c = -(float)(code >> 4) * 0.25f * a;

@@ -80,20 +80,36 @@ template <nb_dtype T> __host__ __device__ constexpr int wint_row_bytes(int k) {
 
 // ---- dequantization: the arithmetic of quant_dequant_row -------------------
 
-// Byte i (0..3) of a little-endian word as the int8 q of WINT8.
-__device__ __forceinline__ float q_i8(uint32_t word, int i) { return (float)(int8_t)(uint8_t)(word >> (8 * i)); }
+// The integers become floats by exponent magic, not conversions: integer
+// to float (I2F) issues at a quarter of the FP32 rate on sm_80/sm_90 and
+// was this GEMV's bound (WINT2: one a weight). An integer u < 2^23 OR-ed
+// into the mantissa of 2^23 reads 2^23 + u exactly, and subtracting a
+// float of the same binade is exact, so each q is the same float as the
+// conversion's (test_quant_tc checks every input).
+// Byte i (0..3) of a little-endian word as the int8 q of WINT8: byte ^
+// 0x80 is q + 128.
+__device__ __forceinline__ float q_i8(uint32_t word, int i) {
+    return __uint_as_float(0x4B000000u | (((word >> (8 * i)) & 0xffu) ^ 0x80u)) - 8388736.0f; // 2^23 + 128
+}
 // Nibble i (0..7) of a word: column 2*byte + (0: low, 1: high nibble), so
 // nibble i is column i of the word's 8; q = u - 8.
-__device__ __forceinline__ float q_u4(uint32_t word, int i) { return (float)((int)((word >> (4 * i)) & 15u) - 8); }
-// 2-bit field i (0..15) of a word: byte i/4, bits 2*(i%4), i.e. column i.
-__device__ __forceinline__ float q_u2(uint32_t word, int i) { return (float)((word >> (2 * i)) & 3u); }
+__device__ __forceinline__ float q_u4(uint32_t word, int i) {
+    return __uint_as_float(0x4B000000u | ((word >> (4 * i)) & 15u)) - 8388616.0f; // 2^23 + 8
+}
 
 // WINT2 group constants from its code byte, as quant_wint2_step and
-// quant_wint2_value compute them: w = (q - off) * step.
+// quant_wint2_value compute them: w = (q - zc/4) * step.
 __device__ __forceinline__ float w2_step(uint8_t code, float super) {
     return super * (float)((code & 15) + 1) * 0.0625f;
 }
-__device__ __forceinline__ float w2_off(uint8_t code) { return (float)(code >> 4) * 0.25f; }
+// 2^21 + zc/4, exact (2^21's ulp is 1/4): what w2_q subtracts.
+__device__ __forceinline__ float w2_base(uint8_t code) { return 2097152.0f + (float)(code >> 4) * 0.25f; }
+// q - zc/4 of 2-bit field i (0..15) of a word (byte i/4, bits 2*(i%4),
+// i.e. column i): q at mantissa bits 2-3 of 2^21 reads 2^21 + q, and the
+// difference with base = w2_base(code) is q - zc/4 exactly.
+__device__ __forceinline__ float w2_q(uint32_t word, int i, float base) {
+    return __uint_as_float(0x4A000000u | ((word >> (2 * i)) & 3u) << 2) - base;
+}
 
 // ---- M <= 16: GEMV -----------------------------------------------------------
 
@@ -148,14 +164,14 @@ __device__ __forceinline__ void gemv_chunk(float (&acc)[MT], const float *x, con
         // 64 columns k0..k0+63: exactly one group of 64 (b % 16 == 0)
         const int k0 = 4 * b;
         const uint8_t code = a.codes[(size_t)n * (K / QUANT_WINT2_GROUP) + k0 / QUANT_WINT2_GROUP];
-        const float step = w2_step(code, a.super[n]), off = w2_off(code);
+        const float step = w2_step(code, a.super[n]), base = w2_base(code);
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int c = 0; c < 4; c++) {
                 const int i = 4 * c;
-                fma4(acc, x, K, k0 + 16 * j + i, (q_u2(word[j], i) - off) * step, (q_u2(word[j], i + 1) - off) * step,
-                     (q_u2(word[j], i + 2) - off) * step, (q_u2(word[j], i + 3) - off) * step);
+                fma4(acc, x, K, k0 + 16 * j + i, w2_q(word[j], i, base) * step, w2_q(word[j], i + 1, base) * step,
+                     w2_q(word[j], i + 2, base) * step, w2_q(word[j], i + 3, base) * step);
             }
     }
 }
@@ -177,9 +193,9 @@ __device__ __forceinline__ void gemv_byte(float (&acc)[MT], const float *x, cons
     } else {
         const int k = 4 * b;
         const uint8_t code = a.codes[(size_t)n * (K / QUANT_WINT2_GROUP) + k / QUANT_WINT2_GROUP];
-        const float step = w2_step(code, a.super[n]), off = w2_off(code);
+        const float step = w2_step(code, a.super[n]), base = w2_base(code);
 #pragma unroll
-        for (int i = 0; i < 4; i++) fma1(acc, x, K, k + i, (q_u2(byte, i) - off) * step);
+        for (int i = 0; i < 4; i++) fma1(acc, x, K, k + i, w2_q(byte, i, base) * step);
     }
 }
 
@@ -347,13 +363,13 @@ __device__ __forceinline__ void mma_dequant(__nv_bfloat16 *bs, const uint8_t *bp
         for (int u = 0; u < 4; u++) *(uint4 *)(dst + 8 * u) = *(const uint4 *)(src + 16 * u);
         return;
     }
-    float s = 0.0f, off = 0.0f;
+    float s = 0.0f, base = 0.0f;
     if (n < a.N) {
         if constexpr (T == NB_WINT8) s = a.scale[n];
         if constexpr (T == NB_WINT2) {
             // the tile's 64 columns are one group (K % 64 == 0)
             const uint8_t code = a.codes[(size_t)n * (K / QUANT_WINT2_GROUP) + kt * WT_BK / QUANT_WINT2_GROUP];
-            s = w2_step(code, a.super[n]), off = w2_off(code);
+            s = w2_step(code, a.super[n]), base = w2_base(code);
         }
     }
 #pragma unroll
@@ -373,7 +389,7 @@ __device__ __forceinline__ void mma_dequant(__nv_bfloat16 *bs, const uint8_t *bp
             } else {
                 const uint32_t v = *(const uint16_t *)(src + 2 * u);
 #pragma unroll
-                for (int i = 0; i < 8; i++) w[i] = (q_u2(v, i) - off) * s;
+                for (int i = 0; i < 8; i++) w[i] = w2_q(v, i, base) * s;
             }
         } else {
 #pragma unroll
