@@ -239,11 +239,8 @@ __global__ void __launch_bounds__(FP8_GEMV_WARPS * 32)
                      lane);
 }
 
-// One expert of a mixture, as the grouped kernel reads it.
-struct fp8_expert {
-    const uint8_t *w;
-    const float *ws;
-};
+// One expert of a mixture, as the grouped kernels read it (cuda_int.h).
+typedef cuda_fp8_expert fp8_expert;
 
 // The experts of a mixture (matmul_experts), as cuda_matmul.cu's
 // gemv_experts_kernel: block row j takes the j-th expert in use and walks
@@ -606,6 +603,10 @@ void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *t
         dim3 tiles((unsigned)((N + F8_BN - 1) / F8_BN), (unsigned)(max_active + n_rows / F8_BM));
         fp8_mma_experts_kernel<<<tiles, F8_THREADS, 0, c->stream>>>(out, xq, xs, n_rows, tab, groups, E, N, K, L);
         CUDA_LAUNCHED();
+        return;
+    }
+    if (K % QUANT_FP8_BLOCK == 0 && vec && f->mma_ok && (uintptr_t)xq % 16 == 0) {
+        cuda_fp8_small_experts(c->stream, out, xq, xs, n_rows, tab, groups, E, max_active, N, K);
         return;
     }
     int mt = 1;

@@ -30,7 +30,9 @@
 //
 // NT grows with the rows (1 up to 4 rows, 2 up to 8, 4 above) so that the
 // activations a block reads (rows x K codes, from L1 or L2) stay at most
-// half its weight bytes.
+// half its weight bytes. A mixture's experts take the same tile with NT 1,
+// a block row per expert in use (their rows, 16 at a time, are known on
+// the device only).
 #include "kernels/cuda/cuda_int.h"
 #include "kernels/cuda/cuda_ptx.h"
 
@@ -53,13 +55,14 @@ __device__ __forceinline__ void f8s_load(uint4 (&v)[2], const uint8_t *p, bool o
     v[1] = ok ? __ldg((const uint4 *)(p + 16)) : z;
 }
 
+// Output columns n0 .. n0 + 8 NT - 1 of rows [0, rows) (rows <= 16), by
+// the whole block; red is the block's shared memory for the warps' sums,
+// free again when this returns.
 template <int NT>
-__global__ void __launch_bounds__(F8S_WARPS * 32)
-    fp8_small_kernel(float *out, const uint8_t *xq, const float *xs, int ld, int rows, const uint8_t *w,
-                     const float *ws, int N, int K, int L) {
-    __shared__ float red[F8S_WARPS - 1][NT][4][32];
+__device__ __forceinline__ void fp8_small_tile(float (*red)[NT][4][32], float *out, const uint8_t *xq, const float *xs,
+                                               int ld, int rows, const uint8_t *w, const float *ws, int N, int K,
+                                               int L, int n0) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * 8 * NT;
     const int kb0 = warp * L / F8S_WARPS, kb1 = (warp + 1) * L / F8S_WARPS;
 
     // this lane's rows: weight row n0 + 8j + g of each n-tile, activation
@@ -119,24 +122,61 @@ __global__ void __launch_bounds__(F8S_WARPS * 32)
 #pragma unroll
             for (int e = 0; e < 4; e++) red[warp - 1][j][e][lane] = acc[j][e];
     __syncthreads();
-    if (warp > 0) return;
-    for (int w2 = 0; w2 < F8S_WARPS - 1; w2++)
+    if (warp == 0) {
+        for (int w2 = 0; w2 < F8S_WARPS - 1; w2++)
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[j][e] += red[w2][j][e][lane];
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) acc[j][e] += red[w2][j][e][lane];
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int m = g + 8 * (e >> 1), n = n0 + 8 * j + 2 * t + (e & 1);
-            if (m < rows && n < N) out[(size_t)m * N + n] = acc[j][e];
-        }
+            for (int e = 0; e < 4; e++) {
+                const int m = g + 8 * (e >> 1), n = n0 + 8 * j + 2 * t + (e & 1);
+                if (m < rows && n < N) out[(size_t)m * N + n] = acc[j][e];
+            }
+    }
+    __syncthreads(); // red is read
+}
+
+template <int NT>
+__global__ void __launch_bounds__(F8S_WARPS * 32)
+    fp8_small_kernel(float *out, const uint8_t *xq, const float *xs, int ld, int rows, const uint8_t *w,
+                     const float *ws, int N, int K, int L) {
+    __shared__ float red[F8S_WARPS - 1][NT][4][32];
+    fp8_small_tile<NT>(red, out, xq, xs, ld, rows, w, ws, N, K, L, blockIdx.x * 8 * NT);
+}
+
+// The experts of a mixture (matmul_experts), as cuda_fp8.cu's
+// fp8_gemv_experts_kernel: block row j takes the j-th expert in use, its
+// rows 16 at a time; xq/xs are the quantized grouped rows (ld: all). Two
+// blocks an SM at least: left alone, ptxas gives the loop over an
+// expert's rows 134 registers and an SM one block, too few loads in flight.
+__global__ void __launch_bounds__(F8S_WARPS * 32, 2)
+    fp8_small_experts_kernel(float *out, const uint8_t *xq, const float *xs, int ld, const cuda_fp8_expert *tab,
+                             const int32_t *groups, int E, int N, int K, int L) {
+    __shared__ float red[F8S_WARPS - 1][1][4][32];
+    const int j = blockIdx.y;
+    if (j >= groups[E + 1]) return; // the whole block
+    const int e = groups[E + 2 + j], r0 = groups[e], cnt = groups[e + 1] - r0;
+    const cuda_fp8_expert x = tab[e];
+    for (int c0 = 0; c0 < cnt; c0 += CUDA_FP8_SMALL_MAX_M) {
+        const int r = r0 + c0, rows = cnt - c0 < CUDA_FP8_SMALL_MAX_M ? cnt - c0 : CUDA_FP8_SMALL_MAX_M;
+        fp8_small_tile<1>(red, out + (size_t)r * N, xq + (size_t)r * K, xs + r, ld, rows, x.w, x.ws, N, K, L,
+                          blockIdx.x * 8);
+    }
 }
 
 int cuda_fp8_small_ok(int rows, int K, const void *w, const void *xq) {
     return rows >= 1 && rows <= CUDA_FP8_SMALL_MAX_M && K % QUANT_FP8_BLOCK == 0 && (uintptr_t)w % 16 == 0 &&
            (uintptr_t)xq % 16 == 0;
+}
+
+void cuda_fp8_small_experts(cudaStream_t st, float *out, const uint8_t *xq, const float *xs, int ld,
+                            const cuda_fp8_expert *tab, const int32_t *groups, int E, int max_active, int N, int K) {
+    const dim3 grid((unsigned)((N + 7) / 8), (unsigned)max_active), block(F8S_WARPS * 32);
+    fp8_small_experts_kernel<<<grid, block, 0, st>>>(out, xq, xs, ld, tab, groups, E, N, K, K / QUANT_FP8_BLOCK);
+    CUDA_LAUNCHED();
 }
 
 void cuda_fp8_small(cudaStream_t st, float *out, const uint8_t *xq, const float *xs, int ld, int rows,

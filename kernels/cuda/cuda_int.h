@@ -337,6 +337,14 @@ void cuda_fp8_free(cuda_backend *c);
 int cuda_fp8_small_ok(int rows, int K, const void *w, const void *xq);
 void cuda_fp8_small(cudaStream_t st, float *out, const uint8_t *xq, const float *xs, int ld, int rows,
                     const uint8_t *w, const float *ws, int N, int K);
+// The same for a mixture's experts (cuda_fp8_experts' grouped rows and
+// device table; max_active: a bound on the experts in use).
+struct cuda_fp8_expert {
+    const uint8_t *w; // codes [N][K]
+    const float *ws;  // block scales
+};
+void cuda_fp8_small_experts(cudaStream_t st, float *out, const uint8_t *xq, const float *xs, int ld,
+                            const cuda_fp8_expert *tab, const int32_t *groups, int E, int max_active, int N, int K);
 // A mixture's FP8 experts (as cuda_gemv_experts): the device table of n
 // (cudaFree'd by the caller; vec: rows of whole 16-byte chunks) and one
 // grouped launch, the grouped rows quantized once: tensor cores where

@@ -25,8 +25,9 @@
 //    ones are dequantized), which also takes any step past
 //    CUDA_EXPERTS_GEMV_MAX_TOKENS tokens;
 //  - FP8 (the grouped rows quantized per token per 128 columns first):
-//    cuda_fp8.cu's GEMV, and its tensor-core kernel (K % 16 == 0, compute
-//    capability 8.9+);
+//    cuda_fp8_small.cu's FP8 mma tile per expert in use (K % 128 == 0,
+//    compute capability 8.9+; else cuda_fp8.cu's GEMV), and cuda_fp8.cu's
+//    tensor-core kernel (K % 16 == 0, compute capability 8.9+);
 //  - F16/F32 (and BF16 of other K, FP8 of other K) up to
 //    CUDA_EXPERTS_GEMV_MAX_TOKENS tokens: the GEMV.
 // Larger F16/F32 and FP8 steps (prefill) read the expert counts back and

@@ -289,8 +289,8 @@ static double check_expert(nb_dtype t, const float *got, const float *ref, const
     if (t == NB_BF16) { /* test_cuda_ops: the output norm, floored by the size of uncancelled products */
         double floor = norm2(x, (size_t)cnt * K) * wn / sqrt((double)K);
         err = rel_l2(got, ref, no, floor), tol = tc ? 1e-2 : 1e-4;
-    } else if (t == NB_FP8_B128) { /* test_cuda_fp8 */
-        err = rel_max(got, ref, no), tol = tc ? 2e-3 : 1e-3;
+    } else if (t == NB_FP8_B128) { /* test_cuda_fp8: FP8 mma (K whole 128-column blocks) or the GEMV */
+        err = rel_max(got, ref, no), tol = tc || K % QUANT_FP8_BLOCK == 0 ? 2e-3 : 1e-3;
     } else { /* test_cuda_wint's check_rows, relative to max |ref| */
         double rmax = max_abs(ref, no), d = 0, scale = tc && ref_floor > rmax ? ref_floor : rmax;
         for (size_t i = 0; i < no; i++) {
@@ -488,7 +488,8 @@ static void graph_case(nb_dtype t, int group, int n, int whole) {
               "%s: %zu expert outputs and %zu block outputs differ from the eager run", t_where,
               n_mismatch(ye0, ye1, (size_t)nk * D), n_mismatch(o0, o1, (size_t)n * D));
         double e_ye = rel_l2(ye0, cye, (size_t)nk * D, 0), e_out = rel_l2(o0, cout, (size_t)n * D, 0);
-        double tol = tc_step(t, nk, E) ? 1e-2 : 1e-4;
+        /* FP8 (H = 128) takes FP8 mma at every step: test_cuda_fp8's bound */
+        double tol = tc_step(t, nk, E) ? 1e-2 : t == NB_FP8_B128 ? 2e-3 : 1e-4;
         CHECK(e_ye <= tol && e_out <= tol, "%s: expert outputs off the cpu by %.3g, block outputs by %.3g (limit %g)",
               t_where, e_ye, e_out, tol);
         if (step == 0) memcpy(first_groups, c.groups, sizeof first_groups);
