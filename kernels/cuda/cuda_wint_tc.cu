@@ -173,16 +173,13 @@ struct tc_args {
     int xal;         // x is 16-byte aligned: float4 loads
 };
 
-__device__ __forceinline__ __nv_bfloat162 tc_bf2(uint32_t u) {
-    __nv_bfloat162_raw r;
-    r.x = (unsigned short)(u & 0xffffu), r.y = (unsigned short)(u >> 16); // .x is the low half
-    return __nv_bfloat162(r);
-}
-__device__ __forceinline__ uint32_t tc_u32(__nv_bfloat162 h) {
-    uint32_t u;
-    memcpy(&u, &h, 4);
-    return u;
-}
+// BF16 pair constants (.x, the lower k, in the low half), for
+// cuda_fma_bf16x2 on the registers as they are: x * 1 - 136 is a
+// subtraction, x * s + (-0) a multiplication (-0 leaves every product,
+// +0 included, as it is). sm_80 has no BF16 add or multiply of its own.
+#define TC_BF2_ONE 0x3F803F80u
+#define TC_BF2_M136 0xC308C308u
+#define TC_BF2_NEG0 0x80008000u
 __device__ __forceinline__ uint32_t tc_ld32(const __nv_bfloat16 *p) { return *(const uint32_t *)p; }
 
 // The FP32 activations of stage st (rows m0.., zero past M and K) into
@@ -335,13 +332,11 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
                 for (int r = 0; r < 4; r++) {
                     // nibbles r and r + 4: register r % 2 of n-tile 2w + r / 2
                     const int j = 2 * w + r / 2;
-                    __nv_bfloat162 q =
-                        __hsub2(tc_bf2(((wv[w] >> (4 * r)) & 0x000F000Fu) | 0x43004300u), tc_bf2(0x43084308u));
-                    if constexpr (GRP) {
-                        const uint32_t h = (sc[j >> 1] >> (16 * (j & 1))) & 0xffffu;
-                        q = __hmul2(q, tc_bf2(h | h << 16));
-                    }
-                    bf[j][r & 1] = tc_u32(q);
+                    uint32_t q = cuda_fma_bf16x2(((wv[w] >> (4 * r)) & 0x000F000Fu) | 0x43004300u, TC_BF2_ONE,
+                                                 TC_BF2_M136);
+                    if constexpr (GRP) // row j's scale in both halves
+                        q = cuda_fma_bf16x2(q, __byte_perm(sc[j >> 1], 0, j & 1 ? 0x3232 : 0x1010), TC_BF2_NEG0);
+                    bf[j][r & 1] = q;
                 }
         } else {
 #pragma unroll
@@ -368,7 +363,12 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
 }
 
 // Block (x: 128 columns, y: BM rows, z: split of K).
-template <nb_dtype T, bool GRP, int C> __global__ void __launch_bounds__(TC_THREADS) wint_tc_kernel(tc_args a) {
+// Two blocks an SM for the larger shapes (at most 128 registers): left
+// alone, ptxas gives some of them 150 or more, and an SM one block.
+__host__ __device__ constexpr int tc_min_blocks(int C) { return tc_small(C) ? 1 : 2; }
+
+template <nb_dtype T, bool GRP, int C>
+__global__ void __launch_bounds__(TC_THREADS, tc_min_blocks(C)) wint_tc_kernel(tc_args a) {
     constexpr int MT = tc_mt(C), WM = tc_wm(C), WK = tc_wk(C), STAGES = tc_stages(C), BM = tc_bm(C);
     constexpr int SB = tc_stage_bytes<T, GRP, C>(), A_OFF = tc_b_bytes<T, C>() + tc_s_bytes<T, GRP, C>();
     __shared__ __align__(16) uint8_t smem[tc_smem_bytes<T, GRP, C>()];

@@ -261,6 +261,13 @@ static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 static inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 static inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
 static inline int __ffs(int x) { return __builtin_ffs(x); }
+// Byte n of the result is byte (s >> 4n) & 7 of the 8 bytes y:x (x the low four).
+static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long v = (unsigned long long)y << 32 | x;
+    unsigned r = 0;
+    for (int n = 0; n < 4; n++) r |= (unsigned)(v >> (8 * ((s >> (4 * n)) & 7u)) & 0xffu) << (8 * n);
+    return r;
+}
 
 #define CUEMU_MINMAX(T)                                                                                                \
     static inline T min(T a, T b) { return a < b ? a : b; }                                                            \
