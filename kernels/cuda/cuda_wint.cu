@@ -16,14 +16,15 @@
 // weight_load).
 //
 // M <= 16 (decode): wint_gemv_kernel, one warp per output column n, 8 warps
-// per block. Lanes stream the column's packed row with 16-byte loads, widen
-// each weight to FP32 with the very expression quant_dequant_row uses (so
-// every weight equals the CPU reference's bit for bit), and multiply it into
-// all MT activation rows, which stay FP32; the warp then sums. Only the FP32
-// summation order differs from quant_matmul_ref. MT is a template parameter
-// for every M in 1..16, so the weights are read once per call rather than
-// once per 8 rows: ptxas fits MT = 16 in at most 143 registers without
-// spills (a weight is dequantized 4 at a time and used for all MT rows).
+// per block. Lanes stream the column's packed row with 16-byte loads, turn
+// each q (WINT2: q - zc/4) into the exact FP32 value quant_dequant_row
+// starts from, and multiply it into all MT activation rows, which stay
+// FP32; each run of one scale is summed and then scaled, and the warp
+// sums. Only the order and grouping of FP32 roundings differ from
+// quant_matmul_ref (the scale multiplies a sum, not each weight). MT is a
+// template parameter for every M in 1..16, so the weights are read once
+// per call rather than once per 8 rows (a weight is dequantized 4 at a
+// time and used for all MT rows).
 //
 // M > 16 (prefill): wint_mma_kernel on tensor cores. The activations are
 // rounded to BF16 once per call into a zero-padded scratch copy; each block
@@ -132,47 +133,61 @@ template <int MT> __device__ __forceinline__ void fma1(float (&acc)[MT], const f
     for (int m = 0; m < MT; m++) acc[m] += w * x[(size_t)m * K + k];
 }
 
+// acc[m] += part[m] * s: a run of products of one scale, scaled once.
+template <int MT> __device__ __forceinline__ void add_scaled(float (&acc)[MT], const float (&part)[MT], float s) {
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m] = fmaf(part[m], s, acc[m]);
+}
+
 // One 16-byte chunk of column n's packed row at byte b (its first column is
-// b * per_byte; b is a multiple of 16).
+// b * per_byte; b is a multiple of 16). Each run of the chunk under one
+// scale (WINT8 the chunk, WINT4 each half, WINT2 the chunk: one group) is
+// summed as q . x (WINT2: (q - zc/4) . x) and multiplied by the scale
+// once: a multiply a weight fewer than dequantizing first.
 template <nb_dtype T, int MT>
 __device__ __forceinline__ void gemv_chunk(float (&acc)[MT], const float *x, const wint_args &a, int n, int b,
                                            uint4 v) {
     const int K = a.K;
     const uint32_t word[4] = {v.x, v.y, v.z, v.w};
+    float part[MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) part[m] = 0.0f;
     if constexpr (T == NB_WINT8) {
-        const float s = a.scale[n];
 #pragma unroll
         for (int j = 0; j < 4; j++)
-            fma4(acc, x, K, b + 4 * j, q_i8(word[j], 0) * s, q_i8(word[j], 1) * s, q_i8(word[j], 2) * s,
-                 q_i8(word[j], 3) * s);
+            fma4(part, x, K, b + 4 * j, q_i8(word[j], 0), q_i8(word[j], 1), q_i8(word[j], 2), q_i8(word[j], 3));
+        add_scaled(acc, part, a.scale[n]);
     } else if constexpr (T == NB_WINT4) {
         // 32 columns k0..k0+31; groups are multiples of 16 here (chunked),
         // so each half of the chunk has one scale
         const int k0 = 2 * b, G = K / a.group;
         const float *srow = a.scale + (size_t)n * G;
-        const float sh[2] = {srow[k0 / a.group], srow[(k0 + 16) / a.group]};
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const float s = sh[j >> 1];
-            const int k = k0 + 8 * j;
-            fma4(acc, x, K, k, q_u4(word[j], 0) * s, q_u4(word[j], 1) * s, q_u4(word[j], 2) * s,
-                 q_u4(word[j], 3) * s);
-            fma4(acc, x, K, k + 4, q_u4(word[j], 4) * s, q_u4(word[j], 5) * s, q_u4(word[j], 6) * s,
-                 q_u4(word[j], 7) * s);
+        for (int h = 0; h < 2; h++) {
+#pragma unroll
+            for (int j = 2 * h; j < 2 * h + 2; j++) {
+                const int k = k0 + 8 * j;
+                fma4(part, x, K, k, q_u4(word[j], 0), q_u4(word[j], 1), q_u4(word[j], 2), q_u4(word[j], 3));
+                fma4(part, x, K, k + 4, q_u4(word[j], 4), q_u4(word[j], 5), q_u4(word[j], 6), q_u4(word[j], 7));
+            }
+            add_scaled(acc, part, srow[(k0 + 16 * h) / a.group]);
+#pragma unroll
+            for (int m = 0; m < MT; m++) part[m] = 0.0f;
         }
     } else {
         // 64 columns k0..k0+63: exactly one group of 64 (b % 16 == 0)
         const int k0 = 4 * b;
         const uint8_t code = a.codes[(size_t)n * (K / QUANT_WINT2_GROUP) + k0 / QUANT_WINT2_GROUP];
-        const float step = w2_step(code, a.super[n]), base = w2_base(code);
+        const float base = w2_base(code);
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int c = 0; c < 4; c++) {
                 const int i = 4 * c;
-                fma4(acc, x, K, k0 + 16 * j + i, w2_q(word[j], i, base) * step, w2_q(word[j], i + 1, base) * step,
-                     w2_q(word[j], i + 2, base) * step, w2_q(word[j], i + 3, base) * step);
+                fma4(part, x, K, k0 + 16 * j + i, w2_q(word[j], i, base), w2_q(word[j], i + 1, base),
+                     w2_q(word[j], i + 2, base), w2_q(word[j], i + 3, base));
             }
+        add_scaled(acc, part, w2_step(code, a.super[n]));
     }
 }
 
