@@ -19,9 +19,9 @@
  *    weight_pack must report the resident bytes and leave refused shapes
  *    as they were.
  * Bounds (max |diff| against max |ref|):
- *  - quant.h layout, M <= 16 (GEMV, FP32 activations, each weight equal to
- *    the reference's): only the FP32 summation order differs: 1e-4 (+ 1e-6
- *    absolute);
+ *  - quant.h layout, M <= 16 (GEMV, FP32 activations, each q exact, the
+ *    scale applied to a run's sum): only the order and grouping of FP32
+ *    roundings differ: 1e-4 (+ 1e-6 absolute);
  *  - everything on tensor cores (activations, and grouped WINT4's scaled
  *    weights, rounded to BF16): 2e-2 (expected ~2e-3).
  * Outputs are poisoned with NaN before each run, so an element the GPU
