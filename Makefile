@@ -74,6 +74,9 @@ CUEMU_RACE_BIN := $(addprefix build/cuemu-thread/tests/,test_cuemu test_cuda_ops
 # bench_cuda on the emulator: tests/test_bench_cuda.py runs make bench's GPU
 # part with --smoke
 CUEMU_BENCH := $(CUEMU_DIR)/bench/bench_cuda
+# nibble on the emulator: tests/test_graph_nodes.py counts the kernels of a
+# recorded decode step
+CUEMU_NIBBLE := $(CUEMU_DIR)/nibble
 endif
 CUEMU_TESTS ?= $(notdir $(CUEMU_TEST_BIN))
 COMPUTE_SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || ls $(CUDA_HOME)/bin/compute-sanitizer 2>/dev/null)
@@ -171,11 +174,12 @@ $(PY):
 	python3 -m venv .venv
 
 test: deps test-venv
-	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN) $(CUEMU_TEST_BIN) $(CUEMU_BENCH)
+	@$(MAKE) --no-print-directory all $(TEST_BIN) $(GPU_TEST_BIN) $(CUEMU_TEST_BIN) $(CUEMU_BENCH) $(CUEMU_NIBBLE)
 	@$(if $(CUEMU_TEST_BIN),$(MAKE) --no-print-directory CUEMU_SAN=thread $(CUEMU_RACE_BIN))
 	@BENCH_CUDA=$(CUEMU_BENCH) scripts/run_tests.sh $(TEST_BIN) tests/test_cli.py tests/test_server.py \
 		tests/test_openai_client.py $(CUEMU_TEST_BIN) \
-		$(if $(CUEMU_TEST_BIN),tests/test_bench_cuda.py NB_GPU_TEST_QUICK=1 $(CUEMU_RACE_BIN))
+		$(if $(CUEMU_TEST_BIN),tests/test_bench_cuda.py NIBBLE_CUEMU=$(CUEMU_NIBBLE) tests/test_graph_nodes.py \
+		NB_GPU_TEST_QUICK=1 $(CUEMU_RACE_BIN))
 
 # Only the GPU tests under the emulator (CUEMU_TESTS=test_cuda_wint picks some).
 test-cuemu:
