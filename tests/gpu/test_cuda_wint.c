@@ -345,7 +345,16 @@ static void run_tc_shapes(nb_dtype t, int group, const char *name) {
 static void test_tc_wint8(void) { run_tc_shapes(NB_WINT8, 0, "tc wint8"); }
 static void test_tc_wint4_g128(void) { run_tc_shapes(NB_WINT4, 128, "tc wint4 g128"); }
 static void test_tc_wint4_per_channel(void) { run_tc_shapes(NB_WINT4, 0, "tc wint4 channel"); }
-static void test_tc_wint2(void) { run_tc_shapes(NB_WINT2, QUANT_WINT2_GROUP, "tc wint2"); }
+/* WINT2 also with K = 64 and 192: half of the small shape's 128-column
+ * stage, and one and a half (a last stage whose second group is past K). */
+static void test_tc_wint2(void) {
+    run_tc_shapes(NB_WINT2, QUANT_WINT2_GROUP, "tc wint2");
+    double worst[3] = {0, 0, 0};
+    check_shape(NB_WINT2, (shape){19, 64, 0}, worst, 1);
+    check_shape(NB_WINT2, (shape){70, 192, 0}, worst, 1);
+    printf("  %-16s worst max|diff| / max|ref|: %.2e; off the emulated BF16 arithmetic: %.2e of sum |term|\n",
+           "tc wint2 K 64/192", worst[1], worst[2]);
+}
 
 /* The other groups the layout takes: 64 (a fixture's K = 192 and stages
  * of 32 columns inside one group), 16 and 32 (several groups per stage),
