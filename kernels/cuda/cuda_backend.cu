@@ -131,8 +131,8 @@ static size_t cu_weight_pack(nb_backend *b, nb_weight *w) {
     cuda_backend *c = cuda_impl(b);
     nb_err e;
     if (quant_tc_check(w, &e)) return 0;
-    const int grouped = quant_tc_new_scale(w); // scales (WINT2: codes) rewritten too
-    const size_t tdb = quant_tc_data_bytes(w), tsb = grouped ? quant_tc_scale_bytes(w) : 0;
+    const int new_scale = quant_tc_new_scale(w); // scales (WINT2: codes) rewritten too
+    const size_t tdb = quant_tc_data_bytes(w), tsb = new_scale ? quant_tc_scale_bytes(w) : 0;
     int prev = cuda_device_enter(c);
     if (tdb + tsb > c->pack_cap) {
         // the last upload from it has finished: cu_upload waits for it
@@ -140,16 +140,16 @@ static size_t cu_weight_pack(nb_backend *b, nb_weight *w) {
         CUDA_CHECK(cudaMallocHost((void **)&c->pack_host, tdb + tsb));
         c->pack_cap = tdb + tsb;
     }
-    if (quant_tc_repack(w, c->pack_host, grouped ? c->pack_host + tdb : NULL, &e)) {
+    if (quant_tc_repack(w, c->pack_host, new_scale ? c->pack_host + tdb : NULL, &e)) {
         log_debug("cuda: %s [%lld, %lld] keeps quant.h's layout: %s", nb_dtype_name(w->dtype), (long long)w->rows,
                   (long long)w->cols, e.msg);
         cuda_device_leave(c, prev);
         return 0;
     }
     const void *data = cu_weight_load(b, c->pack_host, tdb);
-    const void *scale = !data    ? NULL
-                        : grouped ? cu_weight_load(b, c->pack_host + tdb, tsb)
-                                  : cu_weight_load(b, w->scale, quant_scale_bytes(w->dtype, w->rows, w->cols, w->group));
+    const void *scale = !data      ? NULL
+                        : new_scale ? cu_weight_load(b, c->pack_host + tdb, tsb)
+                                    : cu_weight_load(b, w->scale, quant_scale_bytes(w->dtype, w->rows, w->cols, w->group));
     const size_t s2b = quant_scale2_bytes(w->dtype, w->rows); // WINT2's super scales, as they are
     const void *scale2 = scale && s2b ? cu_weight_load(b, w->scale2, s2b) : NULL;
     if (!scale || (s2b && !scale2)) {

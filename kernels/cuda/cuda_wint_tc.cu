@@ -235,27 +235,18 @@ __device__ __forceinline__ void tc_copy_b(uint8_t *stg, const tc_args &a, int cg
             cuda_cp_async16(stg + i * 16, src, ok);
         }
     }
-    if constexpr (T == NB_WINT2) {
-        // the 64 code bytes of each chunk in each of the stage's groups:
-        // [group row][chunk][64]
-        constexpr int NG = tc_w2_groups(C);
-        const int grp0 = st * tc_bk(C) / QUANT_WINT2_GROUP;
+    if constexpr (GRP || T == NB_WINT2) {
+        // the stage holds BK / group whole groups, or lies in one group:
+        // [group row][chunk][PPG 16-byte pieces] (grouped WINT4: 64 BF16
+        // scales a chunk, WINT2: 64 code bytes)
+        constexpr int PPG = T == NB_WINT2 ? 4 : 8;
+        const int group = T == NB_WINT2 ? QUANT_WINT2_GROUP : a.group;
+        const int ngr = group < tc_bk(C) ? tc_bk(C) / group : 1, grp0 = st * tc_bk(C) / group;
         uint8_t *ss = stg + tc_b_bytes<T, C>();
-        if (threadIdx.x < NG * TC_WN * 4) {
-            const int row = threadIdx.x / (TC_WN * 4), cg = cg0 + threadIdx.x / 4 % TC_WN, grp = grp0 + row;
+        for (int i = threadIdx.x; i < ngr * TC_WN * PPG; i += TC_THREADS) {
+            const int row = i / (TC_WN * PPG), cg = cg0 + (i / PPG) % TC_WN, grp = grp0 + row;
             const bool ok = cg < a.NC && grp < a.G;
-            const uint8_t *src = ok ? a.gscale + ((size_t)grp * a.NC + cg) * 64 + threadIdx.x % 4 * 16 : a.gscale;
-            cuda_cp_async16(ss + threadIdx.x * 16, src, ok);
-        }
-    }
-    if constexpr (GRP) {
-        // the stage holds BK / group whole groups, or lies in one group
-        const int ngr = a.group < tc_bk(C) ? tc_bk(C) / a.group : 1, grp0 = st * tc_bk(C) / a.group;
-        uint8_t *ss = stg + tc_b_bytes<T, C>();
-        for (int i = threadIdx.x; i < ngr * TC_WN * 8; i += TC_THREADS) {
-            const int row = i / (TC_WN * 8), cg = cg0 + (i / 8) % TC_WN, grp = grp0 + row;
-            const bool ok = cg < a.NC && grp < a.G;
-            const uint8_t *src = ok ? a.gscale + (((size_t)grp * a.NC + cg) * 8 + i % 8) * 16 : a.gscale;
+            const uint8_t *src = ok ? a.gscale + (((size_t)grp * a.NC + cg) * PPG + i % PPG) * 16 : a.gscale;
             cuda_cp_async16(ss + i * 16, src, ok);
         }
     }
@@ -362,11 +353,11 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
     }
 }
 
-// Block (x: 128 columns, y: BM rows, z: split of K).
 // Two blocks an SM for the larger shapes (at most 128 registers): left
 // alone, ptxas gives some of them 150 or more, and an SM one block.
 __host__ __device__ constexpr int tc_min_blocks(int C) { return tc_small(C) ? 1 : 2; }
 
+// Block (x: 128 columns, y: BM rows, z: split of K).
 template <nb_dtype T, bool GRP, int C>
 __global__ void __launch_bounds__(TC_THREADS, tc_min_blocks(C)) wint_tc_kernel(tc_args a) {
     constexpr int MT = tc_mt(C), WM = tc_wm(C), WK = tc_wk(C), STAGES = tc_stages(C), BM = tc_bm(C);
