@@ -391,13 +391,19 @@ __global__ void __launch_bounds__(F8_THREADS)
 // per launch.
 static cuda_fp8_state *fp8_state(cuda_backend *c);
 
+// Whether cuda_fp8_small.cu may take a product: FP8 mma on the device, K
+// whole 128-column blocks, and (vec) the codes in 16-byte aligned rows.
+static int small_ok(cuda_backend *c, int vec, int K) {
+    return vec && K % QUANT_FP8_BLOCK == 0 && fp8_state(c)->mma_ok;
+}
+
 static void product_rows(cuda_backend *c, float *out, const uint8_t *xq, const float *xs, int ld, int rows,
                          const nb_weight *w) {
     int N = (int)w->rows, K = (int)w->cols, L = (K + QUANT_FP8_BLOCK - 1) / QUANT_FP8_BLOCK;
     int vec = K % 16 == 0 && (uintptr_t)w->data % 16 == 0 && (uintptr_t)xq % 16 == 0;
     const uint8_t *wd = (const uint8_t *)w->data;
     const float *ws = (const float *)w->scale;
-    if (rows <= FP8_GEMV_MAX_M && cuda_fp8_small_ok(rows, K, wd, xq) && fp8_state(c)->mma_ok) {
+    if (rows <= FP8_GEMV_MAX_M && small_ok(c, vec, K)) {
         cuda_fp8_small(c->stream, out, xq, xs, ld, rows, wd, ws, N, K);
         return;
     }
@@ -605,7 +611,7 @@ void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *t
         CUDA_LAUNCHED();
         return;
     }
-    if (K % QUANT_FP8_BLOCK == 0 && vec && f->mma_ok && (uintptr_t)xq % 16 == 0) {
+    if (small_ok(c, vec, K)) { // xq: the scratch's start, 256-byte aligned
         cuda_fp8_small_experts(c->stream, out, xq, xs, n_rows, tab, groups, E, max_active, N, K);
         return;
     }

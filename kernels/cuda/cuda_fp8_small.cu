@@ -167,11 +167,6 @@ __global__ void __launch_bounds__(F8S_WARPS * 32, 2)
     }
 }
 
-int cuda_fp8_small_ok(int rows, int K, const void *w, const void *xq) {
-    return rows >= 1 && rows <= CUDA_FP8_SMALL_MAX_M && K % QUANT_FP8_BLOCK == 0 && (uintptr_t)w % 16 == 0 &&
-           (uintptr_t)xq % 16 == 0;
-}
-
 void cuda_fp8_small_experts(cudaStream_t st, float *out, const uint8_t *xq, const float *xs, int ld,
                             const cuda_fp8_expert *tab, const int32_t *groups, int E, int max_active, int N, int K) {
     const dim3 grid((unsigned)((N + 7) / 8), (unsigned)max_active), block(F8S_WARPS * 32);

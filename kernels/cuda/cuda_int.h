@@ -328,13 +328,12 @@ static inline int cuda_experts_tc(int n_rows, int E, int pass_rows) { return n_r
 // columns (quant/quant.h), the same contract as cuda_matmul.
 void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
 void cuda_fp8_free(cuda_backend *c);
-// cuda_fp8_small.cu: rows <= CUDA_FP8_SMALL_MAX_M quantized activation
-// rows (codes xq [rows][K], scale of row m, block kb at xs[kb * ld + m])
-// times an FP8 weight (codes w [N][K], block scales ws) on FP8 tensor
-// cores (the caller checks compute capability 8.9+), where _ok says the
-// shape and alignment allow it (K % 128 == 0, 16-byte aligned codes).
+// cuda_fp8_small.cu: 1 to CUDA_FP8_SMALL_MAX_M quantized activation rows
+// (codes xq [rows][K], scale of row m, block kb at xs[kb * ld + m]) times
+// an FP8 weight (codes w [N][K], block scales ws) on FP8 tensor cores. The
+// caller checks what it needs: compute capability 8.9+, K % 128 == 0,
+// 16-byte aligned code rows.
 #define CUDA_FP8_SMALL_MAX_M 16
-int cuda_fp8_small_ok(int rows, int K, const void *w, const void *xq);
 void cuda_fp8_small(cudaStream_t st, float *out, const uint8_t *xq, const float *xs, int ld, int rows,
                     const uint8_t *w, const float *ws, int N, int K);
 // The same for a mixture's experts (cuda_fp8_experts' grouped rows and
