@@ -23,8 +23,8 @@ int quant_tc_check(const nb_weight *w, nb_err *e) {
         return nb_errf(e, "[%lld, %lld] is too large", (long long)w->rows, (long long)w->cols);
     if (w->cols % QUANT_TC_KSTEP)
         return nb_errf(e, "%lld input columns are not a multiple of %d", (long long)w->cols, QUANT_TC_KSTEP);
-    if (w->dtype == NB_WINT4 && w->group != w->cols && QUANT_TC_GROUP_UNIT % w->group && w->group % QUANT_TC_GROUP_UNIT)
-        return nb_errf(e, "wint4 group %d neither divides nor is a multiple of %d", w->group, QUANT_TC_GROUP_UNIT);
+    if (w->dtype == NB_WINT4 && w->group != w->cols && (w->group & (w->group - 1)))
+        return nb_errf(e, "wint4 group %d is not a power of two", w->group);
     return 0;
 }
 

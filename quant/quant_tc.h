@@ -55,9 +55,10 @@
  *    up to FP32 rounding.
  *
  * Taken: WINT8, WINT4 and WINT2 weights that pass quant_check, with K % 16 == 0,
- * N and K below 2^31, and a WINT4 group that is the whole row or divides
- * or is a multiple of QUANT_TC_GROUP_UNIT (so that every pipeline stage of
- * the kernel, 32 or 64 columns, holds whole groups or lies in one). Host
+ * N and K below 2^31, and a WINT4 group that is the whole row or a power
+ * of two (so that every pipeline stage of the kernel, 32 to 128 columns,
+ * holds whole groups or lies in one, and the kernel finds a column's
+ * group by a shift; the groups checkpoints use, 32 to 256, all are). Host
  * code that reads weights (quant_dequant_row, quant_matmul_ref) takes
  * the plain layout only. */
 #ifndef NB_QUANT_TC_H
@@ -72,7 +73,6 @@
 #define QUANT_TC_CHUNK 64      /* rows (output columns) per chunk */
 #define QUANT_TC_KSTEP 16      /* input columns per k-step (the mma's k) */
 #define QUANT_TC_STEP 512      /* bytes of a step block: 32 lanes x 16 */
-#define QUANT_TC_GROUP_UNIT 64 /* see "Taken" above */
 
 /* 0 if w (dtype, shape and group; not its values) can take the layout,
  * else -1 with the reason in e. */

@@ -292,12 +292,12 @@ static void test_wint4_groups(void) {
         check_shape(NB_WINT4, NS[i], 384, 128);
         check_shape(NB_WINT4, NS[i], 1024, 128);
     }
-    /* the other groups the layout takes: dividing 64, and multiples of 64 */
+    /* the other groups the layout takes: powers of two */
     check_shape(NB_WINT4, 65, 192, 64);
     check_shape(NB_WINT4, 33, 256, 16);
     check_shape(NB_WINT4, 7, 256, 32);
     check_shape(NB_WINT4, 130, 768, 256);
-    check_shape(NB_WINT4, 9, 576, 192);
+    check_shape(NB_WINT4, 9, 1024, 512);
 }
 
 /* Weights large enough to be split over threads (8 MiB or more of
@@ -404,6 +404,8 @@ static void test_refusals(void) {
     CHECK(quant_tc_check(&w, &e) != 0, "group 48 accepted");
     w = (nb_weight){.dtype = NB_WINT4, .rows = 8, .cols = 192, .group = 96};
     CHECK(quant_tc_check(&w, &e) != 0, "group 96 accepted");
+    w = (nb_weight){.dtype = NB_WINT4, .rows = 8, .cols = 576, .group = 192};
+    CHECK(quant_tc_check(&w, &e) != 0, "group 192 accepted");
     w = (nb_weight){.dtype = NB_WINT4, .rows = 8, .cols = 256, .group = 128, .layout = NB_LAYOUT_TC};
     CHECK(quant_tc_check(&w, &e) != 0, "an already repacked weight accepted");
     /* a group scale BF16 cannot hold */

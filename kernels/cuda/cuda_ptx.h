@@ -69,6 +69,30 @@ __device__ __forceinline__ uint32_t cuda_fma_bf16x2(uint32_t a, uint32_t b, uint
     return d;
 }
 
+// a * s.hi (hi = 1) or a * s.lo (hi = 0) on both halves, rounded once: the
+// half is taken by the instruction's operand selector, which ptxas uses
+// for a splat written so (a __byte_perm splat costs a PRMT).
+__device__ __forceinline__ uint32_t cuda_mul_bf16x2_half(uint32_t a, uint32_t s, int hi) {
+    uint32_t d;
+    if (hi)
+        asm("{.reg .b16 l, h; .reg .b32 ss; mov.b32 {l, h}, %2; mov.b32 ss, {h, h};\n"
+            " fma.rn.bf16x2 %0, %1, ss, %3; }\n"
+            : "=r"(d) : "r"(a), "r"(s), "r"(0x80008000u)); // + -0 leaves every product as it is
+    else
+        asm("{.reg .b16 l, h; .reg .b32 ss; mov.b32 {l, h}, %2; mov.b32 ss, {l, l};\n"
+            " fma.rn.bf16x2 %0, %1, ss, %3; }\n"
+            : "=r"(d) : "r"(a), "r"(s), "r"(0x80008000u));
+    return d;
+}
+
+// (a & mask) | bits in one LOP3 (0xEA is the table of (A & B) | C): given
+// the two constants as they are, ptxas makes an AND and an OR of them.
+__device__ __forceinline__ uint32_t cuda_and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(bits));
+    return d;
+}
+
 // 16 bytes from global to shared memory without passing through registers;
 // valid == false reads nothing and fills the 16 bytes with zeros (src-size 0).
 __device__ __forceinline__ void cuda_cp_async16(void *smem, const void *gmem, bool valid) {

@@ -20,8 +20,8 @@
 // m-tiles each), 2 along N (one chunk each) and WK along K (each warp takes
 // its own k-steps of every stage; their sums meet in shared memory at the
 // end, in warp order). Three shapes, by M (named thresholds below):
-//   small  M <= 16: BM 16,  MT 1, 1 x 2 x 4 warps, BK 64, 4 stages
-//     (WINT2: BK 128, two k-steps a warp, TC_SMALL_W2)
+//   small  M <= 16: BM 16,  MT 1, 1 x 2 x 4 warps, BK 64, 4 stages (WINT8)
+//     or BK 128, two k-steps a warp (TC_SMALL2: WINT4, 3 stages; WINT2, 4)
 //   medium M <= 64: BM 64,  MT 2, 2 x 2 x 2 warps, BK 32, 4 stages
 //   large  M > 64:  BM 128, MT 2, 4 x 2 x 1 warps, BK 32, 3 stages
 // Small M is a stream of weight bytes: there are too few output tiles for
@@ -78,18 +78,25 @@ extern "C" {
 #define TC_SPLIT_WAVES 2
 #define TC_MIN_SPLIT_STAGES 4
 
-enum { TC_SMALL, TC_MEDIUM, TC_LARGE, TC_SMALL_W2 };
+enum { TC_SMALL, TC_MEDIUM, TC_LARGE, TC_SMALL2 };
 
-// The block shapes of the header comment, by config C. TC_SMALL_W2 is the
-// small shape for WINT2: two k-steps a warp per stage (BK 128), so that a
-// stage holds as many weight bytes as WINT4's and a warp looks its rows'
-// code constants up once for both k-steps (they lie in one group).
-__host__ __device__ constexpr bool tc_small(int C) { return C == TC_SMALL || C == TC_SMALL_W2; }
+// The block shapes of the header comment, by config C. TC_SMALL2 is the
+// small shape with two k-steps a warp per stage (BK 128): the work of a
+// stage that is the same whatever its size (the barrier, the copies'
+// addresses, the loop) is spread over twice the weight bytes of
+// TC_SMALL's, and WINT2's warps look their rows' code constants up once
+// for both k-steps (they lie in one group). WINT8's stages would be too
+// large for it.
+__host__ __device__ constexpr bool tc_small(int C) { return C == TC_SMALL || C == TC_SMALL2; }
 __host__ __device__ constexpr int tc_mt(int C) { return tc_small(C) ? 1 : 2; } // m-tiles per warp
 __host__ __device__ constexpr int tc_wm(int C) { return tc_small(C) ? 1 : C == TC_MEDIUM ? 2 : 4; }
 __host__ __device__ constexpr int tc_wk(int C) { return tc_small(C) ? 4 : C == TC_MEDIUM ? 2 : 1; }
-__host__ __device__ constexpr int tc_ksw(int C) { return C == TC_LARGE || C == TC_SMALL_W2 ? 2 : 1; } // k-steps per warp per stage
-__host__ __device__ constexpr int tc_stages(int C) { return C == TC_LARGE ? 3 : 4; }
+__host__ __device__ constexpr int tc_ksw(int C) { return C == TC_LARGE || C == TC_SMALL2 ? 2 : 1; } // k-steps per warp per stage
+// Pipeline stages: 3 for the large shape and for WINT4's TC_SMALL2 (four
+// of its 12.5 KB stages would pass the 48 KB of static shared memory).
+template <nb_dtype T> __host__ __device__ constexpr int tc_stages(int C) {
+    return C == TC_LARGE || (C == TC_SMALL2 && T == NB_WINT4) ? 3 : 4;
+}
 __host__ __device__ constexpr int tc_bm(int C) { return 16 * tc_mt(C) * tc_wm(C); }
 __host__ __device__ constexpr int tc_kps(int C) { return tc_ksw(C) * tc_wk(C); } // k-steps per stage
 __host__ __device__ constexpr int tc_bk(int C) { return QUANT_TC_KSTEP * tc_kps(C); }
@@ -129,7 +136,7 @@ __host__ __device__ constexpr bool tc_w2_fits(int C) {
     return (tc_bk(C) % QUANT_WINT2_GROUP == 0 || QUANT_WINT2_GROUP % tc_bk(C) == 0) &&
            QUANT_WINT2_GROUP % (tc_ksw(C) * QUANT_TC_KSTEP) == 0;
 }
-static_assert(tc_w2_fits(TC_SMALL_W2) && tc_w2_fits(TC_MEDIUM) && tc_w2_fits(TC_LARGE), "WINT2 stages and groups");
+static_assert(tc_w2_fits(TC_SMALL2) && tc_w2_fits(TC_MEDIUM) && tc_w2_fits(TC_LARGE), "WINT2 stages and groups");
 // What multiplies a finished sum besides the row's scale: WINT2's weights
 // are made without the 1/16 of its group step.
 template <nb_dtype T> __host__ __device__ constexpr float tc_out_mul() { return T == NB_WINT2 ? 0.0625f : 1.0f; }
@@ -138,7 +145,7 @@ template <int C> __host__ __device__ constexpr int tc_red_bytes() {
     return (tc_wk(C) - 1) * tc_wm(C) * TC_WN * 32 * tc_mt(C) * 32 * 4;
 }
 template <nb_dtype T, bool GRP, int C> __host__ __device__ constexpr int tc_smem_bytes() {
-    return tc_stages(C) * tc_stage_bytes<T, GRP, C>() > tc_red_bytes<C>() ? tc_stages(C) * tc_stage_bytes<T, GRP, C>()
+    return tc_stages<T>(C) * tc_stage_bytes<T, GRP, C>() > tc_red_bytes<C>() ? tc_stages<T>(C) * tc_stage_bytes<T, GRP, C>()
                                                                             : tc_red_bytes<C>();
 }
 
@@ -167,19 +174,23 @@ struct tc_args {
     const uint8_t *data;   // step blocks (quant_tc.h)
     const uint8_t *gscale; // grouped WINT4: BF16 scales in the layout; WINT2: its codes
     const float *cscale;   // otherwise: float [N], applied to finished sums (WINT2: super)
-    int M, N, K, group;
+    int M, N, K, gsh; // gsh: grouped WINT4's log2(group) (a power of two)
     int KS, NC, G;   // k-steps, chunks, groups
     int nst, sps, S; // stages of K, stages per split, splits
     int xal;         // x is 16-byte aligned: float4 loads
 };
 
+// log2 of the group whose scales or codes a stage copies
+template <nb_dtype T> __device__ __forceinline__ int tc_gsh(const tc_args &a) {
+    static_assert(QUANT_WINT2_GROUP == 64, "WINT2 groups of 64");
+    return T == NB_WINT2 ? 6 : a.gsh;
+}
+
 // BF16 pair constants (.x, the lower k, in the low half), for
 // cuda_fma_bf16x2 on the registers as they are: x * 1 - 136 is a
-// subtraction, x * s + (-0) a multiplication (-0 leaves every product,
-// +0 included, as it is). sm_80 has no BF16 add or multiply of its own.
+// subtraction (sm_80 has no BF16 add of its own).
 #define TC_BF2_ONE 0x3F803F80u
 #define TC_BF2_M136 0xC308C308u
-#define TC_BF2_NEG0 0x80008000u
 __device__ __forceinline__ uint32_t tc_ld32(const __nv_bfloat16 *p) { return *(const uint32_t *)p; }
 
 // The FP32 activations of stage st (rows m0.., zero past M and K) into
@@ -231,19 +242,24 @@ __device__ __forceinline__ void tc_copy_b(uint8_t *stg, const tc_args &a, int cg
         if (P % TC_THREADS == 0 || i < P) {
             const int ch = i / PPC, off = i % PPC, cg = cg0 + ch, ks = ks0 + off / PKS;
             const bool ok = cg < a.NC && ks < a.KS;
-            const uint8_t *src = ok ? a.data + (((size_t)cg * a.KS + ks0) * PKS + off) * 16 : a.data;
-            cuda_cp_async16(stg + i * 16, src, ok);
+            // the piece's offset in the chunk apart from the stage's, so
+            // that only the stage's is computed per stage
+            const uint8_t *src = a.data + ((size_t)cg * a.KS * PKS + off) * 16;
+            cuda_cp_async16(stg + i * 16, ok ? src + (size_t)ks0 * (PKS * 16) : a.data, ok);
         }
     }
     if constexpr (GRP || T == NB_WINT2) {
         // the stage holds BK / group whole groups, or lies in one group:
         // [group row][chunk][PPG 16-byte pieces] (grouped WINT4: 64 BF16
         // scales a chunk, WINT2: 64 code bytes)
-        constexpr int PPG = T == NB_WINT2 ? 4 : 8;
-        const int group = T == NB_WINT2 ? QUANT_WINT2_GROUP : a.group;
-        const int ngr = group < tc_bk(C) ? tc_bk(C) / group : 1, grp0 = st * tc_bk(C) / group;
+        // (at most a group of 16 per k-step: straight-line code)
+        constexpr int PPG = T == NB_WINT2 ? 4 : 8, MAXP = tc_kps(C) * TC_WN * PPG;
+        const int gsh = tc_gsh<T>(a), ngr = tc_bk(C) >> gsh ? tc_bk(C) >> gsh : 1, grp0 = st * tc_bk(C) >> gsh;
         uint8_t *ss = stg + tc_b_bytes<T, C>();
-        for (int i = threadIdx.x; i < ngr * TC_WN * PPG; i += TC_THREADS) {
+#pragma unroll
+        for (int i0 = 0; i0 < MAXP; i0 += TC_THREADS) {
+            const int i = i0 + threadIdx.x;
+            if (i >= ngr * TC_WN * PPG) break;
             const int row = i / (TC_WN * PPG), cg = cg0 + (i / PPG) % TC_WN, grp = grp0 + row;
             const bool ok = cg < a.NC && grp < a.G;
             const uint8_t *src = ok ? a.gscale + (((size_t)grp * a.NC + cg) * PPG + i % PPG) * 16 : a.gscale;
@@ -268,7 +284,7 @@ __device__ __forceinline__ void tc_wint2_word(uint32_t (&bf)[8][2], uint32_t wv,
             const int P = 2 * jj + r, sh = P < 3 ? 0 : P < 6 ? 6 : 12, i = P - sh / 2;
             // BF16 4^-i and -128 * 4^-i: exponent lowered by 2i
             const uint32_t mul = (0x3F80u - 0x100u * i) * 0x10001u, add = (0xC300u - 0x100u * i) * 0x10001u;
-            const uint32_t h = ((wv >> sh) & (0x00030003u << (2 * i))) | 0x43004300u;
+            const uint32_t h = cuda_and_or(wv >> sh, 0x00030003u << (2 * i), 0x43004300u);
             bf[4 * w + jj][r] = cuda_fma_bf16x2(cuda_fma_bf16x2(h, mul, add), ac.x, ac.y);
         }
     }
@@ -283,7 +299,7 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
     const __nv_bfloat16 *as = (const __nv_bfloat16 *)(stg + tc_b_bytes<T, C>() + tc_s_bytes<T, GRP, C>());
     uint2 ac[8]; // WINT2: the constants of this lane's 8 rows in its k-steps' group
     if constexpr (T == NB_WINT2) {
-        const int row = tc_bk(C) > QUANT_WINT2_GROUP ? wk * tc_ksw(C) * QUANT_TC_KSTEP / QUANT_WINT2_GROUP : 0;
+        const int row = wk * tc_ksw(C) * QUANT_TC_KSTEP >> tc_gsh<T>(a);
         const uint2 cv = *(const uint2 *)(stg + tc_b_bytes<T, C>() + ((row * TC_WN + wn) * 8 + g) * 8);
 #pragma unroll
         for (int j = 0; j < 8; j++) ac[j] = lut[((j < 4 ? cv.x : cv.y) >> (8 * (j % 4))) & 0xffu];
@@ -313,7 +329,7 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
             const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
             uint32_t sc[4] = {0, 0, 0, 0}; // grouped: the 8 rows' BF16 scales, two per word
             if constexpr (GRP) {
-                const int row = a.group < tc_bk(C) ? ks * QUANT_TC_KSTEP / a.group : 0;
+                const int row = ks * QUANT_TC_KSTEP >> a.gsh;
                 const uint4 s = *(const uint4 *)(stg + tc_b_bytes<T, C>() + ((row * TC_WN + wn) * 8 + g) * 16);
                 sc[0] = s.x, sc[1] = s.y, sc[2] = s.z, sc[3] = s.w;
             }
@@ -323,10 +339,9 @@ __device__ __forceinline__ void tc_compute(float (&acc)[tc_mt(C)][8][4], const u
                 for (int r = 0; r < 4; r++) {
                     // nibbles r and r + 4: register r % 2 of n-tile 2w + r / 2
                     const int j = 2 * w + r / 2;
-                    uint32_t q = cuda_fma_bf16x2(((wv[w] >> (4 * r)) & 0x000F000Fu) | 0x43004300u, TC_BF2_ONE,
+                    uint32_t q = cuda_fma_bf16x2(cuda_and_or(wv[w] >> (4 * r), 0x000F000Fu, 0x43004300u), TC_BF2_ONE,
                                                  TC_BF2_M136);
-                    if constexpr (GRP) // row j's scale in both halves
-                        q = cuda_fma_bf16x2(q, __byte_perm(sc[j >> 1], 0, j & 1 ? 0x3232 : 0x1010), TC_BF2_NEG0);
+                    if constexpr (GRP) q = cuda_mul_bf16x2_half(q, sc[j >> 1], j & 1); // row j's scale
                     bf[j][r & 1] = q;
                 }
         } else {
@@ -360,7 +375,7 @@ __host__ __device__ constexpr int tc_min_blocks(int C) { return tc_small(C) ? 1 
 // Block (x: 128 columns, y: BM rows, z: split of K).
 template <nb_dtype T, bool GRP, int C>
 __global__ void __launch_bounds__(TC_THREADS, tc_min_blocks(C)) wint_tc_kernel(tc_args a) {
-    constexpr int MT = tc_mt(C), WM = tc_wm(C), WK = tc_wk(C), STAGES = tc_stages(C), BM = tc_bm(C);
+    constexpr int MT = tc_mt(C), WM = tc_wm(C), WK = tc_wk(C), STAGES = tc_stages<T>(C), BM = tc_bm(C);
     constexpr int SB = tc_stage_bytes<T, GRP, C>(), A_OFF = tc_b_bytes<T, C>() + tc_s_bytes<T, GRP, C>();
     __shared__ __align__(16) uint8_t smem[tc_smem_bytes<T, GRP, C>()];
     __shared__ int last_block;
@@ -495,12 +510,7 @@ static cuda_wint_tc_state *tc_state(cuda_backend *c) {
 }
 
 template <nb_dtype T, bool GRP, int C> static void tc_launch(cuda_backend *c, const tc_args &a0) {
-    constexpr int BM = tc_bm(C), BK = tc_bk(C);
-    if (GRP && BK % a0.group && a0.group % BK) {
-        // quant_tc_check admits only groups that fit every stage size here
-        fprintf(stderr, "nibble: cuda wint tc: group %d does not fit stages of %d columns\n", a0.group, BK);
-        abort();
-    }
+    constexpr int BM = tc_bm(C);
     cuda_wint_tc_state *s = tc_state(c);
     const int gx = (a0.N + TC_BN - 1) / TC_BN, max_rows = 65535 * BM, target = TC_SPLIT_WAVES * c->n_sm;
     for (int r0 = 0; r0 < a0.M; r0 += max_rows) {
@@ -530,7 +540,7 @@ template <nb_dtype T, bool GRP, int C> static void tc_launch(cuda_backend *c, co
 }
 
 template <nb_dtype T, bool GRP> static void tc_run(cuda_backend *c, const tc_args &a) {
-    if (a.M <= TC_SMALL_MAX_M) tc_launch<T, GRP, T == NB_WINT2 ? TC_SMALL_W2 : TC_SMALL>(c, a);
+    if (a.M <= TC_SMALL_MAX_M) tc_launch<T, GRP, T == NB_WINT8 ? TC_SMALL : TC_SMALL2>(c, a);
     else if (a.M <= TC_MEDIUM_MAX_M) tc_launch<T, GRP, TC_MEDIUM>(c, a);
     else tc_launch<T, GRP, TC_LARGE>(c, a);
 }
@@ -549,7 +559,7 @@ void cuda_wint_tc_matmul(cuda_backend *c, float *out, const float *x, const nb_w
     memset(&a, 0, sizeof a);
     a.x = x, a.out = out;
     a.data = (const uint8_t *)w->data;
-    a.M = M, a.N = (int)w->rows, a.K = (int)w->cols, a.group = w->group;
+    a.M = M, a.N = (int)w->rows, a.K = (int)w->cols;
     a.KS = a.K / QUANT_TC_KSTEP;
     a.NC = (a.N + QUANT_TC_CHUNK - 1) / QUANT_TC_CHUNK;
     a.xal = (uintptr_t)x % 16 == 0;
@@ -563,7 +573,8 @@ void cuda_wint_tc_matmul(cuda_backend *c, float *out, const float *x, const nb_w
         tc_run<NB_WINT2, false>(c, a);
     } else if (quant_tc_grouped(w)) {
         a.gscale = (const uint8_t *)w->scale;
-        a.G = a.K / a.group;
+        while (1 << a.gsh < w->group) a.gsh++; // a power of two (quant_tc_check)
+        a.G = a.K >> a.gsh;
         tc_run<NB_WINT4, true>(c, a);
     } else {
         a.cscale = (const float *)w->scale;

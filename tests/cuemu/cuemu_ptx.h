@@ -114,6 +114,16 @@ static inline uint32_t cuda_fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
     return d;
 }
 
+// fma.rn.bf16x2 by one half of s in both halves, plus -0 (a product,
+// +0 included, as it is).
+static inline uint32_t cuda_mul_bf16x2_half(uint32_t a, uint32_t s, int hi) {
+    const uint32_t h = hi ? s >> 16 : s & 0xffffu;
+    return cuda_fma_bf16x2(a, h | h << 16, 0x80008000u);
+}
+
+// lop3.b32 with the table of (a & mask) | bits.
+static inline uint32_t cuda_and_or(uint32_t a, uint32_t mask, uint32_t bits) { return (a & mask) | bits; }
+
 // cp.async: queued per thread and performed when a wait_group retires its
 // group (cuemu.cc), so data read before the wait is stale, as it may be on
 // the device.

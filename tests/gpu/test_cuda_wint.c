@@ -356,20 +356,20 @@ static void test_tc_wint2(void) {
            "tc wint2 K 64/192", worst[1], worst[2]);
 }
 
-/* The other groups the layout takes: 64 (a fixture's K = 192 and stages
- * of 32 columns inside one group), 16 and 32 (several groups per stage),
- * 256 and 192 (a group over several stages); per channel with K = 160 (a
- * fixture's MLP). Then shapes weight_pack must leave alone (make_qweight
- * checks that), still right on the old kernels: group 48, per channel with
- * K = 200. */
+/* The other groups the layout takes (powers of two): 64 (a fixture's
+ * K = 192 and stages of 32 columns inside one group), 16 and 32 (several
+ * groups per stage), 256 and 512 (a group over several stages); per
+ * channel with K = 160 (a fixture's MLP). Then shapes weight_pack must
+ * leave alone (make_qweight checks that), still right on the old kernels:
+ * groups 48 and 192, per channel with K = 200. */
 static void test_tc_groups_and_refusals(void) {
-    static const shape s[] = {{65, 192, 64}, {33, 256, 16}, {7, 512, 32}, {130, 768, 256}, {9, 576, 192}, {65, 160, 0}};
+    static const shape s[] = {{65, 192, 64}, {33, 256, 16}, {7, 512, 32}, {130, 768, 256}, {9, 1024, 512}, {65, 160, 0}};
     double worst[3] = {0, 0, 0};
     for (int i = 0; i < 6; i++) check_shape(NB_WINT4, s[i], worst, 1);
     printf("  %-16s worst max|diff| / max|ref|: %.2e; off the emulated BF16 arithmetic: %.2e of sum |term|\n",
            "tc wint4 groups", worst[1], worst[2]);
-    static const shape refused[] = {{7, 384, 48}, {5, 200, 0}};
-    for (int i = 0; i < 2; i++) check_shape(NB_WINT4, refused[i], worst, 1);
+    static const shape refused[] = {{7, 384, 48}, {9, 576, 192}, {5, 200, 0}};
+    for (int i = 0; i < 3; i++) check_shape(NB_WINT4, refused[i], worst, 1);
 }
 
 /* Activations 4 bytes off 16-byte alignment: the GEMV kernel's byte path
