@@ -60,13 +60,32 @@ void cuda_wint_free(cuda_backend *c) {
     c->wint = NULL;
 }
 
+// n / d for 0 <= n < 2^31 by a multiply-high, an add and a shift (the
+// rounded-up reciprocal of Granlund and Montgomery, "Division by invariant
+// integers using multiplication"): the kernels find a WINT4 column's group
+// so, where a division by a runtime int is some 20 instructions a chunk.
+struct wint_div {
+    uint32_t mul;
+    int shift;
+};
+static wint_div wint_div_make(uint32_t d) { // d >= 1
+    int l = 0;
+    while ((1ull << l) < d) l++;
+    return wint_div{(uint32_t)(((1ull << 32) * ((1ull << l) - d)) / d + 1), l};
+}
+__device__ __forceinline__ int wint_divide(int n, wint_div d) {
+    return (int)((__umulhi((uint32_t)n, d.mul) + (uint32_t)n) >> d.shift);
+}
+
 // Device pointers and shape of one packed weight, by value to the kernels.
 struct wint_args {
     const uint8_t *data;  // packed rows, K / per_byte bytes each
-    const float *scale;   // WINT8 [N]; WINT4 [N][K / group]
+    const float *scale;   // WINT8 [N]; WINT4 [N][G]
     const uint8_t *codes; // WINT2 [N][K / 64] (ls | zc << 4)
     const float *super;   // WINT2 [N]
     int N, K, group;
+    int G;        // WINT4: groups a row, K / group
+    wint_div gdiv; // WINT4: division by group
 };
 
 // Weights per packed byte.
@@ -86,7 +105,8 @@ template <nb_dtype T> __host__ __device__ constexpr int wint_row_bytes(int k) {
 // was this GEMV's bound (WINT2: one a weight). An integer u < 2^23 OR-ed
 // into the mantissa of 2^23 reads 2^23 + u exactly, and subtracting a
 // float of the same binade is exact, so each q is the same float as the
-// conversion's (test_quant_tc checks every input).
+// conversion's (test_quant_tc checks every input). The mask and the OR of
+// a WINT4 or WINT2 field are one LOP3 (cuda_and_or); ptxas finds WINT8's.
 // Byte i (0..3) of a little-endian word as the int8 q of WINT8: byte ^
 // 0x80 is q + 128.
 __device__ __forceinline__ float q_i8(uint32_t word, int i) {
@@ -95,7 +115,7 @@ __device__ __forceinline__ float q_i8(uint32_t word, int i) {
 // Nibble i (0..7) of a word: column 2*byte + (0: low, 1: high nibble), so
 // nibble i is column i of the word's 8; q = u - 8.
 __device__ __forceinline__ float q_u4(uint32_t word, int i) {
-    return __uint_as_float(0x4B000000u | ((word >> (4 * i)) & 15u)) - 8388616.0f; // 2^23 + 8
+    return __uint_as_float(cuda_and_or(word >> (4 * i), 15u, 0x4B000000u)) - 8388616.0f; // 2^23 + 8
 }
 
 // WINT2 group constants from its code byte, as quant_wint2_step and
@@ -109,7 +129,8 @@ __device__ __forceinline__ float w2_base(uint8_t code) { return 2097152.0f + (fl
 // i.e. column i): q at mantissa bits 2-3 of 2^21 reads 2^21 + q, and the
 // difference with base = w2_base(code) is q - zc/4 exactly.
 __device__ __forceinline__ float w2_q(uint32_t word, int i, float base) {
-    return __uint_as_float(0x4A000000u | ((word >> (2 * i)) & 3u) << 2) - base;
+    const uint32_t at2 = i == 0 ? word << 2 : word >> (2 * i - 2); // field i at bits 2-3
+    return __uint_as_float(cuda_and_or(at2, 0xCu, 0x4A000000u)) - base;
 }
 
 // ---- M <= 16: GEMV -----------------------------------------------------------
@@ -160,8 +181,8 @@ __device__ __forceinline__ void gemv_chunk(float (&acc)[MT], const float *x, con
     } else if constexpr (T == NB_WINT4) {
         // 32 columns k0..k0+31; groups are multiples of 16 here (chunked),
         // so each half of the chunk has one scale
-        const int k0 = 2 * b, G = K / a.group;
-        const float *srow = a.scale + (size_t)n * G;
+        const int k0 = 2 * b;
+        const float *srow = a.scale + (size_t)n * a.G;
 #pragma unroll
         for (int h = 0; h < 2; h++) {
 #pragma unroll
@@ -170,7 +191,7 @@ __device__ __forceinline__ void gemv_chunk(float (&acc)[MT], const float *x, con
                 fma4(part, x, K, k, q_u4(word[j], 0), q_u4(word[j], 1), q_u4(word[j], 2), q_u4(word[j], 3));
                 fma4(part, x, K, k + 4, q_u4(word[j], 4), q_u4(word[j], 5), q_u4(word[j], 6), q_u4(word[j], 7));
             }
-            add_scaled(acc, part, srow[(k0 + 16 * h) / a.group]);
+            add_scaled(acc, part, srow[wint_divide(k0 + 16 * h, a.gdiv)]);
 #pragma unroll
             for (int m = 0; m < MT; m++) part[m] = 0.0f;
         }
@@ -202,7 +223,7 @@ __device__ __forceinline__ void gemv_byte(float (&acc)[MT], const float *x, cons
         fma1(acc, x, K, b, q_i8(byte, 0) * a.scale[n]);
     } else if constexpr (T == NB_WINT4) {
         const int k = 2 * b;
-        const float s = a.scale[(size_t)n * (K / a.group) + k / a.group];
+        const float s = a.scale[(size_t)n * a.G + wint_divide(k, a.gdiv)];
         fma1(acc, x, K, k, q_u4(byte, 0) * s);
         fma1(acc, x, K, k + 1, q_u4(byte, 1) * s);
     } else {
@@ -398,7 +419,7 @@ __device__ __forceinline__ void mma_dequant(__nv_bfloat16 *bs, const uint8_t *bp
                 for (int i = 0; i < 4; i++) w[i] = q_i8(v.x, i) * s, w[4 + i] = q_i8(v.y, i) * s;
             } else if constexpr (T == NB_WINT4) {
                 const uint32_t v = *(const uint32_t *)(src + 4 * u);
-                const float sg = a.scale[(size_t)n * (K / a.group) + k / a.group];
+                const float sg = a.scale[(size_t)n * a.G + wint_divide(k, a.gdiv)];
 #pragma unroll
                 for (int i = 0; i < 8; i++) w[i] = q_u4(v, i) * sg;
             } else {
@@ -529,7 +550,12 @@ static int wint_make_args(const nb_weight *w, wint_args *a) {
     a->codes = (const uint8_t *)w->scale;
     a->super = (const float *)w->scale2;
     a->N = (int)w->rows, a->K = (int)w->cols, a->group = w->group;
-    if (w->dtype == NB_WINT4) return a->group <= 0 || a->K % a->group != 0 || a->group % 2 != 0;
+    if (w->dtype == NB_WINT4) {
+        if (a->group <= 0 || a->K % a->group != 0 || a->group % 2 != 0) return 1;
+        a->G = a->K / a->group;
+        a->gdiv = wint_div_make((uint32_t)a->group);
+        return 0;
+    }
     if (w->dtype == NB_WINT2) return a->K % QUANT_WINT2_GROUP != 0;
     if (w->dtype == NB_BF16) return a->K % 8 != 0; // whole 16-byte chunks
     return 0;

@@ -268,6 +268,8 @@ static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
     for (int n = 0; n < 4; n++) r |= (unsigned)(v >> (8 * ((s >> (4 * n)) & 7u)) & 0xffu) << (8 * n);
     return r;
 }
+// The high 32 bits of the 64-bit product.
+static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)((unsigned long long)a * b >> 32); }
 
 #define CUEMU_MINMAX(T)                                                                                                \
     static inline T min(T a, T b) { return a < b ? a : b; }                                                            \

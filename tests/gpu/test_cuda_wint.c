@@ -307,11 +307,13 @@ static void test_wint4_per_channel(void) {
 
 /* Groups other than 128 and K: 64 (what a K = 192 fixture layer gets), 16
  * and 48 (two scales in one 16-byte chunk, 48 not a power of two), 32 with
- * K = 96 (a last K tile of 32 columns). */
+ * K = 96 (a last K tile of 32 columns), 192 (the kernels divide by the
+ * group by multiply-high: a divisor that is not a power of two, over a
+ * long row). */
 static void test_wint4_groups(void) {
-    static const shape s[] = {{65, 192, 64}, {33, 256, 16}, {7, 384, 48}, {130, 96, 32}, {257, 1024, 64}};
+    static const shape s[] = {{65, 192, 64}, {33, 256, 16}, {7, 384, 48}, {130, 96, 32}, {257, 1024, 64}, {9, 4224, 192}};
     double worst[3] = {0, 0, 0};
-    for (int i = 0; i < 5; i++) check_shape(NB_WINT4, s[i], worst, 0);
+    for (int i = 0; i < 6; i++) check_shape(NB_WINT4, s[i], worst, 0);
     printf("  %-16s worst max|diff| / max|ref|: %.2e for M <= 16, %.2e above\n", "wint4 groups", worst[0], worst[1]);
 }
 
