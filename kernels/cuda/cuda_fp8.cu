@@ -276,7 +276,9 @@ __global__ void __launch_bounds__(FP8_GEMV_WARPS * 32)
 // per 16 columns, which also bounds what the MMA's short internal sums
 // lose to one block's worth. This kernel serves the experts of a mixture
 // and the shapes cuBLASLt refuses, where it replaces GEMV passes per 16
-// rows.
+// rows. (On sm_90 the mma.sync becomes E4M3 -> FP16 unpacks and FP16 HMMA
+// in the SASS: the FP16 mma.sync rate, not Hopper's FP8 rate, which only
+// wgmma, i.e. cuBLASLt here, reaches.)
 #define F8_BM 64
 #define F8_BN 64
 #define F8_BK 64

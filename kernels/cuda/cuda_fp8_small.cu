@@ -24,9 +24,13 @@
 // + r (register 1 or 3; B register 1) is column 32t + 8s + 4 + r, so every
 // register is one aligned word of the lane's own loads and the 4 k-steps
 // cover the block's 128 columns once. Each block's sum is kept apart and
-// scaled into FP32 (Hopper's FP8 mma adds inside with fewer bits than FP32,
-// about 14 per the DeepSeek-V3 report; promoting every 128 columns bounds
-// what that loses), as fp8_mma_kernel does.
+// scaled into FP32 (an FP8 mma may add inside with fewer bits than FP32,
+// about 14 for Hopper's wgmma per the DeepSeek-V3 report; promoting every
+// 128 columns bounds what that loses), as fp8_mma_kernel does. On sm_90
+// ptxas lowers this mma.sync to E4M3 -> FP16 unpacks (F2FP) and FP16
+// HMMA with FP32 accumulation (the SASS; FP8 rate is wgmma's): exact
+// products, 12 to 24 conversions per 512 weight bytes, well within what
+// decode's memory rate leaves (docs/BENCHMARKS.md, "SASS counts").
 //
 // NT grows with the rows (1 up to 4 rows, 2 up to 8, 4 above) so that the
 // activations a block reads (rows x K codes, from L1 or L2) stay at most
