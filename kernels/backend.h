@@ -227,6 +227,14 @@ typedef struct nb_backend_ops {
      * gate|up projection's rows hold both, ld = 2 * cols). out may equal
      * gate when ld == cols. */
     void (*silu_mul)(nb_backend *b, float *out, const float *gate, const float *up, int n, int cols, int ld);
+    /* Optional (NULL: never): out[M,N] = (silu(gate) * up)[M,K] @ w^T
+     * without the silu_mul op and its buffer, gate's and up's rows ld
+     * floats apart as silu_mul's, the same values as silu_mul then matmul.
+     * Returns 0 when done, 1 when it does not fuse for w (nothing done: the
+     * caller runs the two ops). CUDA fuses block_wise_fp8, whose products
+     * quantize their activations in a kernel of their own anyway. */
+    int (*matmul_silu)(nb_backend *b, float *out, const float *gate, const float *up, int ld, const nb_weight *w,
+                       int M);
     /* Rotary embedding in place on the first n_heads * head_dim floats of
      * each token's row of x, rows `stride` floats apart (n_heads * head_dim
      * for packed rows; a fused q|k|v row rotates its q and k heads in one

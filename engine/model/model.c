@@ -366,12 +366,17 @@ static void linear(nb_model *m, float *out, const float *x, const nb_weight *w, 
     if (bias->data) m->be->ops->add_bias(m->be, out, bias, n);
 }
 
-/* A row-parallel linear layer: each rank's partial product over its input
- * columns, summed over the ranks, then the bias once. */
-static void linear_sum(nb_model *m, float *out, const float *x, const nb_weight *w, const nb_weight *bias, int n) {
-    m->be->ops->matmul(m->be, out, x, w, n);
+/* The rest of a row-parallel linear layer once out holds this rank's
+ * partial product over its input columns: summed over the ranks, then the
+ * bias once. */
+static void linear_sum_tail(nb_model *m, float *out, const nb_weight *w, const nb_weight *bias, int n) {
     if (m->n_ranks > 1) m->be->ops->all_reduce(m->be, out, (size_t)n * (size_t)w->rows);
     if (bias->data) m->be->ops->add_bias(m->be, out, bias, n);
+}
+
+static void linear_sum(nb_model *m, float *out, const float *x, const nb_weight *w, const nb_weight *bias, int n) {
+    m->be->ops->matmul(m->be, out, x, w, n);
+    linear_sum_tail(m, out, w, bias, n);
 }
 
 static void layer_forward(nb_model *m, int li, int n) {
@@ -421,19 +426,23 @@ static void layer_forward(nb_model *m, int li, int n) {
         model_moe_forward(m, li, n); /* its output in xn too */
         return;
     }
-    int F = (int)m->ffn;
-    float *act = m->gate;
+    int F = (int)m->ffn, ld = F;
+    float *act = m->gate, *g = m->gate, *u = m->up;
     if (L->gate_up.data) {
         linear(m, m->gu, m->xn, &L->gate_up, &L->b_gate_up, n); /* rows [gate | up] */
-        act = m->act;
-        op->silu_mul(be, act, m->gu, m->gu + F, n, F, 2 * F);
+        act = m->act, g = m->gu, u = m->gu + F, ld = 2 * F;
     } else {
         linear(m, m->gate, m->xn, &L->gate, &L->b_gate, n);
         linear(m, m->up, m->xn, &L->up, &L->b_up, n);
-        op->silu_mul(be, act, m->gate, m->up, n, F, F);
     }
+    /* the down product's output is added by the next layer's norm */
+    if (!m->capture && op->matmul_silu && op->matmul_silu(be, m->xn, g, u, ld, &L->down, n) == 0) {
+        linear_sum_tail(m, m->xn, &L->down, &L->b_down, n);
+        return;
+    }
+    op->silu_mul(be, act, g, u, n, F, ld);
     CAPTURE(3, act, F);
-    linear_sum(m, m->xn, act, &L->down, &L->b_down, n); /* added by the next layer's norm */
+    linear_sum(m, m->xn, act, &L->down, &L->b_down, n);
 #undef CAPTURE
 }
 

@@ -350,6 +350,13 @@ static void cu_matmul(nb_backend *b, float *out, const float *x, const nb_weight
     cuda_matmul(cuda_impl(b), out, x, w, M);
 }
 
+static int cu_matmul_silu(nb_backend *b, float *out, const float *gate, const float *up, int ld, const nb_weight *w,
+                          int M) {
+    if (w->dtype != NB_FP8_B128) return 1;
+    cuda_fp8_matmul_silu(cuda_impl(b), out, gate, up, ld, w, M);
+    return 0;
+}
+
 static void cu_add_bias(nb_backend *b, float *x, const nb_weight *bias, int M) {
     cuda_add_bias(cuda_impl(b), x, bias, M);
 }
@@ -576,6 +583,7 @@ static nb_backend_ops make_ops(void) {
     o.add_bias = cu_add_bias;
     o.add = cu_add;
     o.silu_mul = cu_silu_mul;
+    o.matmul_silu = cu_matmul_silu;
     o.rope = cu_rope;
     o.rope_kv_write = cu_rope_kv_write;
     o.kv_write = cu_kv_write;

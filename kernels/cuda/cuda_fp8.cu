@@ -142,20 +142,22 @@ __device__ __forceinline__ size_t act_scale_at(int m, int kb, int M, int L, int 
 
 // One warp per (row, 128-column block): sx = max|x| / 448, codes
 // e4m3(x / sx) (0 where sx == 0), as quant_act_rows. Lanes take columns
-// lane + 32 j so every load and store of the warp is contiguous.
+// lane + 32 j so every load and store of the warp is contiguous. x's rows
+// are ld floats apart; with up, the row quantized is silu(x) * up (up's
+// rows ld apart too), the values silu_mul would have written.
 __global__ void __launch_bounds__(FP8_QUANT_WARPS * 32)
-    fp8_quant_kernel(uint8_t *xq, float *xs, const float *x, int M, int K, int L, int head) {
+    fp8_quant_kernel(uint8_t *xq, float *xs, const float *x, const float *up, int ld, int M, int K, int L, int head) {
     int lane = threadIdx.x & 31;
     int64_t idx = (int64_t)blockIdx.x * FP8_QUANT_WARPS + (threadIdx.x >> 5);
     if (idx >= (int64_t)M * L) return;
     int m = (int)(idx / L), kb = (int)(idx % L);
     int k0 = kb * QUANT_FP8_BLOCK, n = K - k0 < QUANT_FP8_BLOCK ? K - k0 : QUANT_FP8_BLOCK;
-    const float *xr = x + (size_t)m * K + k0;
+    const float *xr = x + (size_t)m * ld + k0, *ur = up ? up + (size_t)m * ld + k0 : NULL;
     float v[QUANT_FP8_BLOCK / 32], amax = 0.0f;
 #pragma unroll
     for (int j = 0; j < QUANT_FP8_BLOCK / 32; j++) {
         int col = lane + 32 * j;
-        v[j] = col < n ? xr[col] : 0.0f;
+        v[j] = col >= n ? 0.0f : ur ? cuda_silu_mul1(xr[col], ur[col]) : xr[col];
         amax = fmaxf(amax, fabsf(v[j]));
     }
     amax = cuda_warp_max(amax);
@@ -535,7 +537,9 @@ static int lt_eligible(const cuda_fp8_state *f, const float *out, const nb_weigh
            (uintptr_t)w->scale % FP8_ALIGN == 0;
 }
 
-void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+// x's rows ld floats apart; with up, the product of silu(x) * up.
+static void fp8_matmul(cuda_backend *c, float *out, const float *x, const float *up, int ld, const nb_weight *w,
+                       int M) {
     if (M <= 0 || w->rows <= 0) return;
     cuda_fp8_state *f = fp8_state(c);
     int N = (int)w->rows, K = (int)w->cols;
@@ -557,7 +561,7 @@ void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weigh
 
     int64_t units = (int64_t)M * L;
     fp8_quant_kernel<<<(unsigned)((units + FP8_QUANT_WARPS - 1) / FP8_QUANT_WARPS), FP8_QUANT_WARPS * 32, 0,
-                       c->stream>>>(xq, xs, x, M, K, L, head);
+                       c->stream>>>(xq, xs, x, up, ld, M, K, L, head);
     CUDA_LAUNCHED();
 
     int lt_rows = 0;
@@ -572,6 +576,15 @@ void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weigh
     if (lt_rows < head) product_rows(c, out, xq, xs, head, head, w);
     if (head < M)
         product_rows(c, out + (size_t)head * N, xq + (size_t)head * K, xs + (size_t)head * L, M - head, M - head, w);
+}
+
+void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+    fp8_matmul(c, out, x, NULL, (int)w->cols, w, M);
+}
+
+void cuda_fp8_matmul_silu(cuda_backend *c, float *out, const float *gate, const float *up, int ld, const nb_weight *w,
+                          int M) {
+    fp8_matmul(c, out, gate, up, ld, w, M);
 }
 
 // ---- experts --------------------------------------------------------------------
@@ -602,7 +615,7 @@ void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *t
     float *xs = (float *)((char *)f->buf + q_bytes);
     int64_t units = (int64_t)n_rows * L;
     fp8_quant_kernel<<<(unsigned)((units + FP8_QUANT_WARPS - 1) / FP8_QUANT_WARPS), FP8_QUANT_WARPS * 32, 0,
-                       c->stream>>>(xq, xs, x, n_rows, K, L, n_rows);
+                       c->stream>>>(xq, xs, x, (const float *)NULL, K, n_rows, K, L, n_rows);
     CUDA_LAUNCHED();
     const int max_active = E < n_rows ? E : n_rows;
     const fp8_expert *tab = (const fp8_expert *)table;

@@ -168,6 +168,10 @@ __device__ __forceinline__ float cuda_to_f32(float v) { return v; }
 __device__ __forceinline__ float cuda_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float cuda_to_f32(__half v) { return __half2float(v); }
 
+// silu(g) * u, as backend.h's silu_mul: one formula for every kernel that
+// makes it, so that a fused product reads the values the op would write.
+__device__ __forceinline__ float cuda_silu_mul1(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 __device__ __forceinline__ float cuda_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -327,6 +331,10 @@ static inline int cuda_experts_tc(int n_rows, int E, int pass_rows) { return n_r
 // cuda_fp8.cu: NB_FP8_B128 with activations quantized per token per 128
 // columns (quant/quant.h), the same contract as cuda_matmul.
 void cuda_fp8_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
+// The same of silu(gate) * up (rows ld floats apart), made where the
+// activations are quantized: backend.h's matmul_silu.
+void cuda_fp8_matmul_silu(cuda_backend *c, float *out, const float *gate, const float *up, int ld, const nb_weight *w,
+                          int M);
 void cuda_fp8_free(cuda_backend *c);
 // cuda_fp8_small.cu: 1 to CUDA_FP8_SMALL_MAX_M quantized activation rows
 // (codes xq [rows][K], scale of row m, block kb at xs[kb * ld + m]) times

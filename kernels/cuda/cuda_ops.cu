@@ -151,8 +151,7 @@ __global__ void silu_mul_kernel(float *out, const float *gate, const float *up, 
         const float *g = gate + (size_t)r * ld, *u = up + (size_t)r * ld;
         float *o = out + (size_t)r * cols;
         for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x) {
-            float x = g[i];
-            o[i] = x / (1.0f + expf(-x)) * u[i];
+            o[i] = cuda_silu_mul1(g[i], u[i]);
         }
     }
 }

@@ -263,6 +263,55 @@ static void test_graph(void) {
     fp8_free(&w);
 }
 
+/* ---- matmul_silu --------------------------------------------------------------------- */
+
+/* matmul_silu on FP8 weights makes silu(gate) * up in the activation
+ * quantization kernel: the values silu_mul writes, so the product must
+ * equal silu_mul then matmul bit for bit (the same kernels after the
+ * quantization), on every path M takes (cuda_fp8_small.cu, the GEMV for
+ * K % 128 != 0, cuBLASLt with a tail), gate and up in one buffer (a fused
+ * gate|up projection's rows, ld = 2K) or apart (ld = K). Other dtypes
+ * decline (1) and write nothing. */
+static void test_matmul_silu(void) {
+    static const int Ms[] = {1, 5, 16, 17, 40};
+    static const int64_t Ks[] = {512, 200};
+    enum { M_MAX = 40, N = 96 };
+    for (int ki = 0; ki < 2; ki++) {
+        const int64_t K = Ks[ki];
+        fp8_twin w = fp8_random(N, K);
+        float *gu = randn((size_t)M_MAX * 2 * (size_t)K, 2.0f);
+        float *dgu = to_gpu(gu, sizeof(float) * M_MAX * 2 * (size_t)K);
+        float *dact = gpu->ops->alloc(gpu, sizeof(float) * M_MAX * (size_t)K);
+        float *dref = gpu->ops->alloc(gpu, sizeof(float) * M_MAX * N), *dout = gpu->ops->alloc(gpu, sizeof(float) * M_MAX * N);
+        for (int fused = 0; fused < 2; fused++) {
+            const int ld = fused ? 2 * (int)K : (int)K;
+            const float *g = dgu, *u = fused ? dgu + K : dgu + (size_t)M_MAX * K;
+            for (int i = 0; i < 5; i++) {
+                const int M = Ms[i];
+                WHERE("fp8 matmul_silu M=%d K=%lld ld=%d", M, (long long)K, ld);
+                gpu->ops->silu_mul(gpu, dact, g, u, M, (int)K, ld);
+                gpu->ops->matmul(gpu, dref, dact, &w.g, M);
+                CHECK(gpu->ops->matmul_silu(gpu, dout, g, u, ld, &w.g, M) == 0, "%s: declined", t_where);
+                float *ref = from_gpu(dref, (size_t)M * N), *got = from_gpu(dout, (size_t)M * N);
+                size_t bad = n_mismatch(got, ref, (size_t)M * N);
+                CHECK(bad == 0, "%s: %zu of %zu values differ from silu_mul then matmul", t_where, bad, (size_t)M * N);
+                free(ref), free(got);
+            }
+        }
+        /* a BF16 weight: declined, out untouched */
+        twin_weight bw = make_weight(NB_BF16, N, K, 0.05f);
+        float *before = from_gpu(dout, (size_t)N);
+        CHECK(gpu->ops->matmul_silu(gpu, dout, dgu, dgu + K, 2 * (int)K, &bw.g, 1) == 1, "bf16 weight not declined");
+        float *after = from_gpu(dout, (size_t)N);
+        CHECK(n_mismatch(before, after, (size_t)N) == 0, "a declined matmul_silu wrote its output");
+        free(before), free(after);
+        free_weight(&bw);
+        gpu->ops->free(gpu, dgu), gpu->ops->free(gpu, dact), gpu->ops->free(gpu, dref), gpu->ops->free(gpu, dout);
+        free(gu);
+        fp8_free(&w);
+    }
+}
+
 static void test_supported(void) { CHECK(gpu->ops->supports(gpu, NB_FP8_B128), "supports(NB_FP8_B128)"); }
 
 int main(void) {
@@ -271,6 +320,7 @@ int main(void) {
     RUN(test_graph);
     RUN(test_quantization);
     RUN(test_products);
+    RUN(test_matmul_silu);
     backend_destroy(gpu);
     backend_destroy(cpu);
     TEST_DONE("test_cuda_fp8");
