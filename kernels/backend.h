@@ -232,7 +232,9 @@ typedef struct nb_backend_ops {
      * floats apart as silu_mul's, the same values as silu_mul then matmul.
      * Returns 0 when done, 1 when it does not fuse for w (nothing done: the
      * caller runs the two ops). CUDA fuses block_wise_fp8, whose products
-     * quantize their activations in a kernel of their own anyway. */
+     * quantize their activations in a kernel of their own anyway, and
+     * tensor-core-layout WINT8/4/2 up to 4 rows (decode), whose kernel
+     * loads its activations itself. */
     int (*matmul_silu)(nb_backend *b, float *out, const float *gate, const float *up, int ld, const nb_weight *w,
                        int M);
     /* Rotary embedding in place on the first n_heads * head_dim floats of

@@ -352,9 +352,12 @@ static void cu_matmul(nb_backend *b, float *out, const float *x, const nb_weight
 
 static int cu_matmul_silu(nb_backend *b, float *out, const float *gate, const float *up, int ld, const nb_weight *w,
                           int M) {
-    if (w->dtype != NB_FP8_B128) return 1;
-    cuda_fp8_matmul_silu(cuda_impl(b), out, gate, up, ld, w, M);
-    return 0;
+    if (w->dtype == NB_FP8_B128) {
+        cuda_fp8_matmul_silu(cuda_impl(b), out, gate, up, ld, w, M);
+        return 0;
+    }
+    if (w->layout == NB_LAYOUT_TC) return cuda_wint_tc_matmul_silu(cuda_impl(b), out, gate, up, ld, w, M);
+    return 1;
 }
 
 static void cu_add_bias(nb_backend *b, float *x, const nb_weight *bias, int M) {

@@ -316,6 +316,11 @@ void cuda_matmul_experts(cuda_backend *c, float *out, const float *x, const void
 // cuda_wint_tc.cu: the same product for NB_WINT8 / NB_WINT4 weights in the
 // tensor-core layout of quant/quant_tc.h (w->layout == NB_LAYOUT_TC), any M.
 void cuda_wint_tc_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M);
+// The same of silu(gate) * up (rows ld floats apart), made where the
+// activations are loaded, for M up to TC_SILU_MAX_M (4) and weights in the
+// layout: backend.h's matmul_silu (0 done, 1 declined, nothing done).
+int cuda_wint_tc_matmul_silu(cuda_backend *c, float *out, const float *gate, const float *up, int ld,
+                             const nb_weight *w, int M);
 void cuda_wint_tc_free(cuda_backend *c);
 
 // Whether a grouped expert product of n_rows rows over E experts goes to

@@ -75,6 +75,14 @@ extern "C" {
 // M thresholds between the three block shapes
 #define TC_SMALL_MAX_M 16
 #define TC_MEDIUM_MAX_M 64
+// matmul_silu fuses up to this many rows: the threads of the rows below M
+// make silu(gate) * up, ~29 SASS instructions a value (expf and an IEEE
+// division, as silu_mul), ~116 a stage for a warp that loads a row. Up to
+// 4 rows that is half the warps of a block at most, about a tenth more
+// issue in all, which the small shape's margin under HBM's rate takes
+// (docs/BENCHMARKS.md, "SASS counts"); at 8 every warp pays it and the
+// product could become bound by issue, to save one small kernel.
+#define TC_SILU_MAX_M 4
 // split-K: aim for this many blocks per SM, each with at least this many
 // stages (fewer would be mostly pipeline fill)
 #define TC_SPLIT_WAVES 2
@@ -179,7 +187,9 @@ struct tc_args {
     int M, N, K, gsh; // gsh: grouped WINT4's log2(group) (a power of two)
     int KS, NC, G;   // k-steps, chunks, groups
     int nst, sps, S; // stages of K, stages per split, splits
-    int xal;         // x is 16-byte aligned: float4 loads
+    int xal;         // x (and up) 16-byte aligned, rows too: float4 loads
+    int ldx;         // floats from one row of x (and up) to the next
+    const float *up; // small shape: the activations are silu(x) * up
 };
 
 // log2 of the group whose scales or codes a stage copies
@@ -202,16 +212,25 @@ __device__ __forceinline__ uint32_t tc_ld32(const __nv_bfloat16 *p) { return *(c
 // the same rows of the mma's result (row m of D is row m of A times B),
 // which are never stored. (The larger shapes have rows past M in their
 // last tile only; skipping there costs ptxas more registers than it saves.)
-template <int C> __device__ __forceinline__ void tc_load_a(float4 (&r)[tc_af4(C)], const tc_args &a, int m0, int st) {
+// With up (small shape only: cuda_wint_tc_matmul_silu), the same of up
+// into ru; tc_store_a makes silu(x) * up of them, after the mma have been
+// issued, so that the loads stay in flight meanwhile.
+__device__ __forceinline__ float4 tc_ld4(const float *p, int al) {
+    return al ? *(const float4 *)p : make_float4(p[0], p[1], p[2], p[3]);
+}
+template <int C>
+__device__ __forceinline__ void tc_load_a(float4 (&r)[tc_af4(C)], float4 (&ru)[tc_af4(C)], const tc_args &a, int m0,
+                                          int st) {
     constexpr int C4 = tc_bk(C) / 4;
 #pragma unroll
     for (int i = 0; i < tc_af4(C); i++) {
         const int idx = threadIdx.x + i * TC_THREADS, m = m0 + idx / C4, k = st * tc_bk(C) + 4 * (idx % C4);
         if (tc_small(C) && m >= a.M) break; // idx grows with i: so do the rows
-        r[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        r[i] = ru[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (m < a.M && k < a.K) { // K % 16 == 0: a float4 is wholly in or out
-            const float *p = a.x + (size_t)m * a.K + k;
-            r[i] = a.xal ? *(const float4 *)p : make_float4(p[0], p[1], p[2], p[3]);
+            const size_t at = (size_t)m * a.ldx + k;
+            r[i] = tc_ld4(a.x + at, a.xal);
+            if (tc_small(C) && a.up) ru[i] = tc_ld4(a.up + at, a.xal);
         }
     }
 }
@@ -219,12 +238,17 @@ template <int C> __device__ __forceinline__ void tc_load_a(float4 (&r)[tc_af4(C)
 // ... and from registers into a stage's activation tile, as BF16 (small
 // shape: rows below mv = M - m0 only).
 template <int C>
-__device__ __forceinline__ void tc_store_a(__nv_bfloat16 *as, const float4 (&r)[tc_af4(C)], int mv) {
+__device__ __forceinline__ void tc_store_a(__nv_bfloat16 *as, float4 (&r)[tc_af4(C)], const float4 (&ru)[tc_af4(C)],
+                                           const tc_args &a, int mv) {
     constexpr int C4 = tc_bk(C) / 4;
 #pragma unroll
     for (int i = 0; i < tc_af4(C); i++) {
         const int idx = threadIdx.x + i * TC_THREADS;
         if (tc_small(C) && idx / C4 >= mv) break;
+        if (tc_small(C) && a.up) {
+            r[i].x = cuda_silu_mul1(r[i].x, ru[i].x), r[i].y = cuda_silu_mul1(r[i].y, ru[i].y);
+            r[i].z = cuda_silu_mul1(r[i].z, ru[i].z), r[i].w = cuda_silu_mul1(r[i].w, ru[i].w);
+        }
         uint2 v;
         v.x = cuda_bf16x2(r[i].x, r[i].y), v.y = cuda_bf16x2(r[i].z, r[i].w);
         *(uint2 *)(as + (idx / C4) * tc_lda(C) + 4 * (idx % C4)) = v;
@@ -404,13 +428,16 @@ __global__ void __launch_bounds__(TC_THREADS, tc_min_blocks(C)) wint_tc_kernel(t
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
 
     const int mv = a.M - m0; // rows of the tile that exist
-    float4 ar[tc_af4(C)];
+    float4 ar[tc_af4(C)], au[tc_af4(C)]; // (zeroed: the host compiler of the emulator cannot
+    // tell that tc_store_a reads only what tc_load_a wrote)
+#pragma unroll
+    for (int i = 0; i < tc_af4(C); i++) ar[i] = au[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
     for (int i = 0; i < STAGES - 1; i++) {
         if (i < nst) {
             tc_copy_b<T, GRP, C>(smem + i * SB, a, cg0, st0 + i);
-            tc_load_a<C>(ar, a, m0, st0 + i);
-            tc_store_a<C>((__nv_bfloat16 *)(smem + i * SB + A_OFF), ar, mv);
+            tc_load_a<C>(ar, au, a, m0, st0 + i);
+            tc_store_a<C>((__nv_bfloat16 *)(smem + i * SB + A_OFF), ar, au, a, mv);
         }
         cuda_cp_async_commit(); // possibly empty, so that group i is stage i
     }
@@ -419,13 +446,13 @@ __global__ void __launch_bounds__(TC_THREADS, tc_min_blocks(C)) wint_tc_kernel(t
         uint8_t *nstg = smem + (nxt % STAGES) * SB;
         // the activations of stage nxt are in flight during the wait and
         // the mma below
-        if (nxt < nst) tc_load_a<C>(ar, a, m0, st0 + nxt);
+        if (nxt < nst) tc_load_a<C>(ar, au, a, m0, st0 + nxt);
         cuda_cp_async_wait<STAGES - 2>(); // this thread's copies of stage it are in
         __syncthreads(); // everyone's are; and slot nxt % STAGES (stage it - 1) is no longer read
         if (nxt < nst) tc_copy_b<T, GRP, C>(nstg, a, cg0, st0 + nxt);
         cuda_cp_async_commit();
         tc_compute<T, GRP, C>(acc, smem + (it % STAGES) * SB, a, st0 + it, wm, wn, wk, lut);
-        if (nxt < nst) tc_store_a<C>((__nv_bfloat16 *)(nstg + A_OFF), ar, mv);
+        if (nxt < nst) tc_store_a<C>((__nv_bfloat16 *)(nstg + A_OFF), ar, au, a, mv);
     }
     cuda_cp_async_wait<0>();
     __syncthreads(); // the stages' memory is free for the K-split sums
@@ -518,7 +545,8 @@ template <nb_dtype T, bool GRP, int C> static void tc_launch(cuda_backend *c, co
     for (int r0 = 0; r0 < a0.M; r0 += max_rows) {
         tc_args a = a0;
         a.M = a0.M - r0 < max_rows ? a0.M - r0 : max_rows;
-        a.x = a0.x + (size_t)r0 * a0.K;
+        a.x = a0.x + (size_t)r0 * a0.ldx;
+        if (a0.up) a.up = a0.up + (size_t)r0 * a0.ldx;
         a.out = a0.out + (size_t)r0 * a0.N;
         a.nst = (a.KS + tc_kps(C) - 1) / tc_kps(C);
         const int gy = (a.M + BM - 1) / BM, tiles = gx * gy;
@@ -547,11 +575,17 @@ template <nb_dtype T, bool GRP> static void tc_run(cuda_backend *c, const tc_arg
     else tc_launch<T, GRP, TC_LARGE>(c, a);
 }
 
-void cuda_wint_tc_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+static int tc_layout_ok(const nb_weight *w) {
     nb_err e;
     nb_weight plain = *w;
     plain.layout = NB_LAYOUT_PLAIN; // quant_tc_check takes the weight before its repack
-    if (w->layout != NB_LAYOUT_TC || quant_tc_check(&plain, &e)) {
+    return w->layout == NB_LAYOUT_TC && !quant_tc_check(&plain, &e);
+}
+
+// x's rows ld floats apart; with up, the product of silu(x) * up (the
+// small shape only).
+static void tc_matmul(cuda_backend *c, float *out, const float *x, const float *up, int ld, const nb_weight *w, int M) {
+    if (!tc_layout_ok(w)) {
         fprintf(stderr, "nibble: cuda wint tc: %s [%lld, %lld] is not in the tensor-core layout\n",
                 nb_dtype_name(w->dtype), (long long)w->rows, (long long)w->cols);
         abort();
@@ -559,12 +593,12 @@ void cuda_wint_tc_matmul(cuda_backend *c, float *out, const float *x, const nb_w
     if (M <= 0) return;
     tc_args a;
     memset(&a, 0, sizeof a);
-    a.x = x, a.out = out;
+    a.x = x, a.up = up, a.ldx = ld, a.out = out;
     a.data = (const uint8_t *)w->data;
     a.M = M, a.N = (int)w->rows, a.K = (int)w->cols;
     a.KS = a.K / QUANT_TC_KSTEP;
     a.NC = (a.N + QUANT_TC_CHUNK - 1) / QUANT_TC_CHUNK;
-    a.xal = (uintptr_t)x % 16 == 0;
+    a.xal = (uintptr_t)x % 16 == 0 && (uintptr_t)up % 16 == 0 && ld % 4 == 0;
     if (w->dtype == NB_WINT8) {
         a.cscale = (const float *)w->scale;
         tc_run<NB_WINT8, false>(c, a);
@@ -582,4 +616,15 @@ void cuda_wint_tc_matmul(cuda_backend *c, float *out, const float *x, const nb_w
         a.cscale = (const float *)w->scale;
         tc_run<NB_WINT4, false>(c, a);
     }
+}
+
+void cuda_wint_tc_matmul(cuda_backend *c, float *out, const float *x, const nb_weight *w, int M) {
+    tc_matmul(c, out, x, NULL, (int)w->cols, w, M);
+}
+
+int cuda_wint_tc_matmul_silu(cuda_backend *c, float *out, const float *gate, const float *up, int ld,
+                             const nb_weight *w, int M) {
+    if (M > TC_SILU_MAX_M || !tc_layout_ok(w)) return 1;
+    tc_matmul(c, out, gate, up, ld, w, M);
+    return 0;
 }

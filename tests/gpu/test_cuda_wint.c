@@ -402,6 +402,69 @@ static void test_unaligned_x(void) {
     }
 }
 
+/* ---- matmul_silu ------------------------------------------------------------------ */
+
+/* matmul_silu on weights in the tensor-core layout: up to 4 rows the
+ * kernel makes silu(gate) * up as it loads its activations (the values
+ * silu_mul writes), so the product must equal silu_mul then matmul bit for
+ * bit, for every format; gate|up rows in one buffer (ld = 2K) or apart
+ * (ld = K, and 4 floats off 16-byte alignment: the scalar loads); K = 144
+ * (WINT2: 192) has a short last stage. 5 rows, and a weight in quant.h's layout, are
+ * declined (1) with nothing written. */
+static void test_tc_matmul_silu(void) {
+    static const nb_dtype ts[] = {NB_WINT8, NB_WINT4, NB_WINT4, NB_WINT2};
+    static const int grouped[] = {0, 1, 0, 0};
+    static const int64_t Ks[] = {256, 144};
+    static const int Ms[] = {1, 3, 4};
+    enum { N = 130, ROWS = 5 };
+    for (int fi = 0; fi < 4; fi++)
+        for (int ki = 0; ki < 2; ki++) {
+            const nb_dtype t = ts[fi];
+            const int64_t K = t == NB_WINT2 && ki ? 192 : Ks[ki]; /* WINT2: whole groups of 64 */
+            if (grouped[fi] && K % 128) continue;
+            const int group = t == NB_WINT4 ? (grouped[fi] ? 128 : (int)K) : t == NB_WINT2 ? QUANT_WINT2_GROUP : 0;
+            qweight w = make_qweight(t, N, K, group, 1);
+            REQUIRE(w.g.layout == NB_LAYOUT_TC, "%s [%d, %lld] not repacked", nb_dtype_name(t), N, (long long)K);
+            const size_t xn = (size_t)ROWS * 2 * (size_t)K + 4;
+            float *gu = randn(xn, 2.0f), *dgu = to_gpu(gu, sizeof(float) * xn);
+            float *dact = gpu->ops->alloc(gpu, sizeof(float) * ROWS * (size_t)K);
+            float *dref = gpu->ops->alloc(gpu, sizeof(float) * ROWS * N);
+            float *dout = gpu->ops->alloc(gpu, sizeof(float) * ROWS * N);
+            for (int fused = 0; fused < 2; fused++) {
+                const int ld = fused ? 2 * (int)K : (int)K;
+                const float *g = fused ? dgu : dgu + 4, *u = fused ? dgu + K : dgu + 4 + (size_t)ROWS * K;
+                for (int i = 0; i < 3; i++) {
+                    const int M = Ms[i];
+                    WHERE("tc matmul_silu %s%s K=%lld M=%d ld=%d", nb_dtype_name(t), grouped[fi] ? " g128" : "",
+                          (long long)K, M, ld);
+                    gpu->ops->silu_mul(gpu, dact, g, u, M, (int)K, ld);
+                    gpu->ops->matmul(gpu, dref, dact, &w.g, M);
+                    CHECK(gpu->ops->matmul_silu(gpu, dout, g, u, ld, &w.g, M) == 0, "%s: declined", t_where);
+                    float *ref = from_gpu(dref, (size_t)M * N), *got = from_gpu(dout, (size_t)M * N);
+                    size_t bad = n_mismatch(got, ref, (size_t)M * N);
+                    CHECK(bad == 0, "%s: %zu of %zu values differ from silu_mul then matmul", t_where, bad,
+                          (size_t)M * N);
+                    free(ref), free(got);
+                }
+            }
+            float *before = from_gpu(dout, (size_t)N);
+            CHECK(gpu->ops->matmul_silu(gpu, dout, dgu, dgu + K, 2 * (int)K, &w.g, ROWS) == 1,
+                  "%s: 5 rows not declined", nb_dtype_name(t));
+            float *after = from_gpu(dout, (size_t)N);
+            CHECK(n_mismatch(before, after, (size_t)N) == 0, "a declined matmul_silu wrote its output");
+            free(before), free(after);
+            gpu->ops->free(gpu, dgu), gpu->ops->free(gpu, dact), gpu->ops->free(gpu, dref), gpu->ops->free(gpu, dout);
+            free(gu);
+            free_qweight(&w);
+        }
+    /* quant.h's layout (the GEMV's): declined */
+    qweight w = make_qweight(NB_WINT4, N, 256, 128, 0);
+    float *d = gpu->ops->alloc(gpu, sizeof(float) * 2 * 256 + sizeof(float) * N);
+    CHECK(gpu->ops->matmul_silu(gpu, d + 512, d, d + 256, 512, &w.g, 1) == 1, "a plain-layout weight not declined");
+    gpu->ops->free(gpu, d);
+    free_qweight(&w);
+}
+
 /* ---- CUDA graphs ---------------------------------------------------------------- */
 
 /* A product recorded under a key (graph_begin 0, graph_end runs it), then a
@@ -505,6 +568,7 @@ int main(void) {
         RUN(test_tc_wint2);
         RUN(test_tc_groups_and_refusals);
         RUN(test_unaligned_x);
+        RUN(test_tc_matmul_silu);
         RUN(test_graph);
         backend_destroy(cpu);
         backend_destroy(gpu);
