@@ -6,8 +6,8 @@ the decode step: the counts are exact, so a change that adds or removes
 kernels fails here until it updates them (and docs/BENCHMARKS.md, "Kernels
 per recorded decode step"). The emulator records what a GPU would: the
 same code picks the same kernels; CUEMU_SMS sets the SM count the backend
-sees (the decode attention skips its merge kernel when the batch alone
-fills the GPU). NIBBLE_CUEMU names the binary (default: the emulator's
+sees (the decode attention splits a context into fewer partials when the
+batch alone fills the GPU). NIBBLE_CUEMU names the binary (default: the emulator's
 build)."""
 import os
 import re
@@ -20,17 +20,19 @@ MODELS = "tests/fixtures/models"
 
 # (what, model, extra args, SMs, kernels, other nodes)
 CASES = [
-    # llama: 4 layers of 10 kernels, one more for the step
-    ("llama bf16", "llama", [], 132, 41, 0),
-    ("llama bf16, batch fills the GPU (no merge)", "llama", [], 1, 37, 0),
-    # the down product makes silu(gate) * up itself (matmul_silu): 9 a layer
-    ("llama wint4", "llama", ["--quantization", "wint4"], 132, 37, 0),
-    ("llama int8 kv", "llama", ["--kv-cache-dtype", "int8"], 132, 41, 0),
+    # llama: 4 layers of 9 kernels, one more for the step (the decode
+    # attention's last block merges its partials: no merge kernel)
+    ("llama bf16", "llama", [], 132, 37, 0),
+    # one partial per (token, kv head): nothing to merge, the same count
+    ("llama bf16, batch fills the GPU (one partial)", "llama", [], 1, 37, 0),
+    # the down product makes silu(gate) * up itself (matmul_silu): 8 a layer
+    ("llama wint4", "llama", ["--quantization", "wint4"], 132, 33, 0),
+    ("llama int8 kv", "llama", ["--kv-cache-dtype", "int8"], 132, 37, 0),
     # unaligned dims: q, k, v, gate, up unfused, every product quantizes its
     # input; the down product's quantization makes silu(gate) * up itself
-    ("llama-fp8 checkpoint", "llama-fp8", [], 132, 77, 0),
-    ("qwen3 bf16", "qwen3", [], 132, 21, 0),
-    ("qwen3-moe bf16", "qwen3-moe", [], 132, 43, 2),
+    ("llama-fp8 checkpoint", "llama-fp8", [], 132, 73, 0),
+    ("qwen3 bf16", "qwen3", [], 132, 19, 0),
+    ("qwen3-moe bf16", "qwen3-moe", [], 132, 40, 2),
 ]
 
 REPORT = re.compile(r"recorded a decode step of (\d+) tokens: (\d+) kernels, (\d+) other nodes")

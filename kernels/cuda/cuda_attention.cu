@@ -8,8 +8,10 @@
 // ATTN_PART positions; a block per (token, kv head, z) takes parts z, z + Z,
 // z + 2Z, ... (Z = gridDim.z), computes all the query heads of the group
 // against each and folds them into one running (max, sum, output) with the
-// online-softmax rescaling; a second kernel merges the Z partials (with Z
-// = 1, at large batches, the first normalizes its own). Z depends
+// online-softmax rescaling; the last block of a (token, kv head) to finish
+// merges the Z partials (a counter per pair; past CUDA_ATTN_MAX_KV kv heads
+// a second kernel does; with Z = 1, at large batches, each block
+// normalizes its own). Z depends
 // only on the step's token count (enough blocks to fill the GPU twice, at
 // most the parts of the longest context the block tables allow), so a
 // recorded step replays at any context length and short contexts launch no
@@ -91,8 +93,30 @@ template <int E> __device__ __forceinline__ void dec_lds(float (&f)[E], const fl
     }
 }
 
+// Output element d of query head `head` (token * n_heads + head) from the
+// first np of its n_parts partials: out = sum_p e^(m_p - M) o_p / sum_p
+// e^(m_p - M) l_p, summed in part order. Volatile reads: in the decode
+// kernel the partials come from other blocks, past this SM's L1.
+__device__ __forceinline__ void attn_merge_elem(float *out, const float *part_o, const float *part_ml, size_t head,
+                                                int n_parts, int np, int D, int d) {
+    const volatile float *ml = part_ml + head * n_parts * 2, *po = part_o + head * n_parts * D + d;
+    float M = -INFINITY;
+    for (int p = 0; p < np; p++) M = fmaxf(M, ml[2 * p]);
+    float L = 0.0f;
+    for (int p = 0; p < np; p++) L += expf(ml[2 * p] - M) * ml[2 * p + 1];
+    float inv = 1.0f / L, o = 0.0f;
+    for (int p = 0; p < np; p++) o += expf(ml[2 * p] - M) * po[(size_t)p * D];
+    out[head * D + d] = o * inv;
+}
+
+// Partials of a context of ctx positions: one per part, at most n_parts.
+__device__ __forceinline__ int attn_live_parts(int ctx, int n_parts) {
+    const int np = (ctx + ATTN_PART - 1) / ATTN_PART;
+    return np < n_parts ? np : n_parts;
+}
+
 template <int KV, int E, int CPL, int HM>
-__global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *out, float *part_o, float *part_ml,
+__global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *out, float *part_o, float *part_ml, int *cnt,
                                                                   attn_args a, cuda_batch b, int n_parts) {
     extern __shared__ float sm[];
     const int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
@@ -245,30 +269,40 @@ __global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *out, fl
         }
         __syncthreads(); // the next pass rewrites the warps' areas
     }
+    if (n_parts == 1 || !cnt) return;
+
+    // The last block of (t, h) to finish merges the group's partials, in
+    // part order (the same sums whichever block is last), so no merge
+    // kernel runs. Each thread's partial stores are made visible before its
+    // block counts itself in; blocks past the context never count (the
+    // merge takes only the partials a context has).
+    __shared__ int last;
+    const int np = attn_live_parts(ctx, n_parts);
+    int *ct = cnt + (size_t)t * CUDA_ATTN_MAX_KV + h;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(ct, 1) == np - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < G * D; i += DEC_THREADS)
+        attn_merge_elem(out, part_o, part_ml, (size_t)t * a.n_heads + (size_t)h * G + i / D, n_parts, np, D, i % D);
+    if (threadIdx.x == 0) *ct = 0; // for the next launch
 }
 
 // grid (tokens, heads): out = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p
+// (for more than CUDA_ATTN_MAX_KV kv heads, where the decode kernel has
+// no counters to merge by)
 __global__ void attn_merge_kernel(float *out, const float *part_o, const float *part_ml, const int32_t *pos,
                                   int n_heads, int D, int n_parts) {
-    int t = blockIdx.x, hq = blockIdx.y;
-    int np = (pos[t] + ATTN_PART) / ATTN_PART; // parts of a pos+1 context,
-    if (np > n_parts) np = n_parts;            // folded into at most n_parts partials
-    size_t head = (size_t)t * n_heads + hq;
-    const float *ml = part_ml + head * n_parts * 2;
-    float M = -INFINITY;
-    for (int p = 0; p < np; p++) M = fmaxf(M, ml[2 * p]);
-    float L = 0.0f;
-    for (int p = 0; p < np; p++) L += expf(ml[2 * p] - M) * ml[2 * p + 1];
-    float inv = 1.0f / L;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float o = 0.0f;
-        for (int p = 0; p < np; p++) o += expf(ml[2 * p] - M) * part_o[(head * n_parts + p) * D + d];
-        out[head * D + d] = o * inv;
-    }
+    const int t = blockIdx.x, np = attn_live_parts(pos[t] + 1, n_parts);
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+        attn_merge_elem(out, part_o, part_ml, (size_t)t * n_heads + blockIdx.y, n_parts, np, D, d);
 }
 
 template <int KV, int E, int CPL, int HM>
-static void decode_run(cuda_backend *c, float *out, float *part_o, float *part_ml, const attn_args &a, int n_parts) {
+static void decode_run(cuda_backend *c, float *out, float *part_o, float *part_ml, int *cnt, const attn_args &a,
+                       int n_parts) {
     const cuda_batch *b = &c->batch;
     int G = a.n_heads / a.n_kv;
     size_t smem = sizeof(float) * ((size_t)G * dec_qd(a.D) + DEC_WARPS * dec_warp_floats(HM, a.D));
@@ -276,7 +310,8 @@ static void decode_run(cuda_backend *c, float *out, float *part_o, float *part_m
         CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<KV, E, CPL, HM>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)b->n_tokens, (unsigned)a.n_kv, (unsigned)n_parts);
-    attn_decode_kernel<KV, E, CPL, HM><<<grid, DEC_THREADS, smem, c->stream>>>(out, part_o, part_ml, a, *b, n_parts);
+    attn_decode_kernel<KV, E, CPL, HM>
+        <<<grid, DEC_THREADS, smem, c->stream>>>(out, part_o, part_ml, cnt, a, *b, n_parts);
     CUDA_LAUNCHED();
 }
 
@@ -284,10 +319,11 @@ static void decode_run(cuda_backend *c, float *out, float *part_o, float *part_m
 // where E divides the head dim, else pairs (E = 2, a lane up to 4 chunks:
 // any even head dim up to 256).
 template <int KV, int HM>
-static void decode_pick(cuda_backend *c, float *out, float *part_o, float *part_ml, const attn_args &a, int n_parts) {
+static void decode_pick(cuda_backend *c, float *out, float *part_o, float *part_ml, int *cnt, const attn_args &a,
+                        int n_parts) {
     constexpr int E = 8;
-    if (a.D % E == 0) decode_run<KV, E, 1, HM>(c, out, part_o, part_ml, a, n_parts);
-    else decode_run<KV, 2, 4, HM>(c, out, part_o, part_ml, a, n_parts);
+    if (a.D % E == 0) decode_run<KV, E, 1, HM>(c, out, part_o, part_ml, cnt, a, n_parts);
+    else decode_run<KV, 2, 4, HM>(c, out, part_o, part_ml, cnt, a, n_parts);
 }
 
 template <int KV>
@@ -309,9 +345,10 @@ static void decode_launch(cuda_backend *c, float *out, const attn_args &a) {
         cuda_scratch(c, (void **)&c->attn_part, &c->attn_part_cap, sizeof(float) * (po + pml));
         part_o = c->attn_part, part_ml = c->attn_part + po;
     }
-    if (G <= 4) decode_pick<KV, 4>(c, out, part_o, part_ml, a, n_parts);
-    else decode_pick<KV, 8>(c, out, part_o, part_ml, a, n_parts);
-    if (n_parts == 1) return;
+    int *cnt = a.n_kv <= CUDA_ATTN_MAX_KV ? c->attn_cnt : NULL; // the kernel merges
+    if (G <= 4) decode_pick<KV, 4>(c, out, part_o, part_ml, cnt, a, n_parts);
+    else decode_pick<KV, 8>(c, out, part_o, part_ml, cnt, a, n_parts);
+    if (n_parts == 1 || cnt) return;
     int th = a.D >= 128 ? 128 : a.D > 32 ? 64 : 32;
     attn_merge_kernel<<<dim3((unsigned)b->n_tokens, (unsigned)a.n_heads), th, 0, c->stream>>>(
         out, part_o, part_ml, b->pos, a.n_heads, a.D, n_parts);

@@ -207,9 +207,13 @@ static void meta_reserve(cuda_backend *c, const nb_batch *bt) {
     size_t bytes = meta_bytes(ct, cs, st);
     if (c->meta_host) CUDA_CHECK(cudaFreeHost(c->meta_host));
     if (c->meta_dev) CUDA_CHECK(cudaFree(c->meta_dev));
+    if (c->attn_cnt) CUDA_CHECK(cudaFree(c->attn_cnt));
     free(c->host_pos);
     CUDA_CHECK(cudaMallocHost((void **)&c->meta_host, bytes));
     CUDA_CHECK(cudaMalloc((void **)&c->meta_dev, bytes));
+    const size_t cnt_bytes = sizeof(int) * (size_t)ct * CUDA_ATTN_MAX_KV;
+    CUDA_CHECK(cudaMalloc((void **)&c->attn_cnt, cnt_bytes));
+    CUDA_CHECK(cudaMemsetAsync(c->attn_cnt, 0, cnt_bytes, c->stream)); // not recorded: no step is
     c->host_pos = (int32_t *)malloc(sizeof(int32_t) * (size_t)ct);
     if (!c->host_pos) abort();
     c->meta_cap = bytes;
@@ -554,6 +558,7 @@ static void cu_destroy(nb_backend *b) {
     cudaFree(c->lt_ws);
     cudaFree(c->conv);
     cudaFree(c->attn_part);
+    cudaFree(c->attn_cnt);
     cudaFree(c->meta_dev);
     if (c->meta_host) cudaFreeHost(c->meta_host);
     if (c->pack_host) cudaFreeHost(c->pack_host);

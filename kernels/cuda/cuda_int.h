@@ -27,6 +27,9 @@ void cublas_check(cublasStatus_t rc, const char *what, const char *file, int lin
 
 // Largest head_dim the attention kernels take.
 #define CUDA_MAX_HEAD_DIM 256
+// KV heads up to which the decode attention merges its partials itself
+// (more: a merge kernel of its own).
+#define CUDA_ATTN_MAX_KV 64
 // Query tokens per prefill attention tile.
 #define CUDA_ATTN_TILE_TOKENS 16
 
@@ -95,6 +98,10 @@ typedef struct cuda_backend {
     size_t lt_ws_size;
     float *attn_part;
     size_t attn_part_cap;
+    // one arrival counter per (token, kv head) of the decode attention,
+    // [cap_tokens][CUDA_ATTN_MAX_KV], zero between launches (made with the
+    // batch metadata, never while a step is being recorded)
+    int *attn_cnt;
     // Buffers replaced while graphs may still point at them: freed only
     // when the graphs go.
     void **retired;
