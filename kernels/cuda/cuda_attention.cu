@@ -276,14 +276,16 @@ __global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *out, fl
     // kernel runs. Each thread's partial stores are made visible before its
     // block counts itself in; blocks past the context never count (the
     // merge takes only the partials a context has).
-    __shared__ int last;
+    // (The flag lives where q was, free now: a static __shared__ variable
+    // would count against the dynamic size the launcher allows.)
+    int *last = (int *)qs;
     const int np = attn_live_parts(ctx, n_parts);
     int *ct = cnt + (size_t)t * CUDA_ATTN_MAX_KV + h;
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(ct, 1) == np - 1;
+    if (threadIdx.x == 0) *last = atomicAdd(ct, 1) == np - 1;
     __syncthreads();
-    if (!last) return;
+    if (!*last) return;
     __threadfence();
     for (int i = threadIdx.x; i < G * D; i += DEC_THREADS)
         attn_merge_elem(out, part_o, part_ml, (size_t)t * a.n_heads + (size_t)h * G + i / D, n_parts, np, D, i % D);
