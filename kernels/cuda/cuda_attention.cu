@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(float *out, fl
     // kernel runs. Each thread's partial stores are made visible before its
     // block counts itself in; blocks past the context never count (the
     // merge takes only the partials a context has).
-    // (The flag lives where q was, free now: a static __shared__ variable
+    // (The flag lives where q was, free now: a static shared variable
     // would count against the dynamic size the launcher allows.)
     int *last = (int *)qs;
     const int np = attn_live_parts(ctx, n_parts);
