@@ -171,6 +171,15 @@ __global__ void __launch_bounds__(FP8_QUANT_WARPS * 32)
     if (lane == 0) xs[act_scale_at(m, kb, M, L, head)] = sx;
 }
 
+// fp8_quant_kernel over M rows of K columns (L blocks), a warp a block.
+static void fp8_quantize(cuda_backend *c, uint8_t *xq, float *xs, const float *x, const float *up, int ld, int M, int K,
+                         int L, int head) {
+    const int64_t units = (int64_t)M * L;
+    fp8_quant_kernel<<<(unsigned)((units + FP8_QUANT_WARPS - 1) / FP8_QUANT_WARPS), FP8_QUANT_WARPS * 32, 0,
+                       c->stream>>>(xq, xs, x, up, ld, M, K, L, head);
+    CUDA_LAUNCHED();
+}
+
 // dst [NB][L4] = src [NB][L], the K blocks past L zero: the column stride
 // cuBLASLt's BLK128x128 layout needs.
 __global__ void fp8_scale_pad_kernel(float *dst, const float *src, int NB, int L, int L4) {
@@ -559,10 +568,7 @@ static void fp8_matmul(cuda_backend *c, float *out, const float *x, const float 
     if (g && !g->ok) g = NULL;
     int head = g ? g->rows : M; // rows whose scales are laid out for cuBLASLt
 
-    int64_t units = (int64_t)M * L;
-    fp8_quant_kernel<<<(unsigned)((units + FP8_QUANT_WARPS - 1) / FP8_QUANT_WARPS), FP8_QUANT_WARPS * 32, 0,
-                       c->stream>>>(xq, xs, x, up, ld, M, K, L, head);
-    CUDA_LAUNCHED();
+    fp8_quantize(c, xq, xs, x, up, ld, M, K, L, head);
 
     int lt_rows = 0;
     if (g) {
@@ -613,10 +619,7 @@ void cuda_fp8_experts(cuda_backend *c, float *out, const float *x, const void *t
     cuda_scratch(c, &f->buf, &f->cap, q_bytes + sizeof(float) * (size_t)n_rows * L);
     uint8_t *xq = (uint8_t *)f->buf;
     float *xs = (float *)((char *)f->buf + q_bytes);
-    int64_t units = (int64_t)n_rows * L;
-    fp8_quant_kernel<<<(unsigned)((units + FP8_QUANT_WARPS - 1) / FP8_QUANT_WARPS), FP8_QUANT_WARPS * 32, 0,
-                       c->stream>>>(xq, xs, x, (const float *)NULL, K, n_rows, K, L, n_rows);
-    CUDA_LAUNCHED();
+    fp8_quantize(c, xq, xs, x, NULL, K, n_rows, K, L, n_rows);
     const int max_active = E < n_rows ? E : n_rows;
     const fp8_expert *tab = (const fp8_expert *)table;
     if (vec && cuda_experts_tc(n_rows, E, FP8_GEMV_MAX_M) && f->mma_ok) {

@@ -51,11 +51,11 @@
 //    (q - zc/4) * super * (ls + 1) / 16 to FP32 rounding. A register
 //    pair costs a mask-and-OR and two BF16 FMAs (WINT4: one subtraction)
 //    and a byte of WINT2 holds two pairs, so with the code lookups and the
-//    pipeline a warp spends ~256 SASS instructions per 512 bytes of
+//    pipeline a warp spends ~245 SASS instructions per 512 bytes of
 //    weights against the ~160 issue slots that HBM's rate leaves it (H100:
 //    ~3 TB/s over 132 SMs x 4 schedulers at ~1.75 GHz): WINT2 at small M is
-//    bound by issue, WINT4 (~103 per channel, ~145 grouped) and WINT8
-//    (~107) by memory (scripts/sass_loops.py; docs/BENCHMARKS.md, "SASS
+//    bound by issue, WINT4 (~96 per channel, ~129 grouped) and WINT8
+//    (~109) by memory (scripts/sass_loops.py; docs/BENCHMARKS.md, "SASS
 //    counts").
 // The repack (quant_tc_repack) runs on the host and is tested on the CPU
 // against a mirror of the addressing below (tests/test_quant_tc.c).

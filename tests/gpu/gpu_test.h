@@ -139,6 +139,31 @@ static inline size_t n_mismatch(const float *a, const float *b, size_t n) {
     return bad;
 }
 
+/* matmul_silu of gate/up (rows ld apart) times w into dout, against
+ * silu_mul into dact then matmul into dref: CHECKs that it fused (0) and
+ * that every output equals the two ops' bit for bit. */
+static inline void check_matmul_silu(float *dout, float *dref, float *dact, const float *g, const float *u, int ld,
+                                     const nb_weight *w, int M) {
+    const size_t n = (size_t)M * (size_t)w->rows;
+    gpu->ops->silu_mul(gpu, dact, g, u, M, (int)w->cols, ld);
+    gpu->ops->matmul(gpu, dref, dact, w, M);
+    CHECK(gpu->ops->matmul_silu(gpu, dout, g, u, ld, w, M) == 0, "%s: declined", t_where);
+    float *ref = from_gpu(dref, n), *got = from_gpu(dout, n);
+    size_t bad = n_mismatch(got, ref, n);
+    CHECK(bad == 0, "%s: %zu of %zu values differ from silu_mul then matmul", t_where, bad, n);
+    free(ref), free(got);
+}
+
+/* matmul_silu must decline (1) and leave dout's first row as it was. */
+static inline void check_matmul_silu_declined(float *dout, const float *g, const float *u, int ld, const nb_weight *w,
+                                              int M, const char *what) {
+    float *before = from_gpu(dout, (size_t)w->rows);
+    CHECK(gpu->ops->matmul_silu(gpu, dout, g, u, ld, w, M) == 1, "%s not declined", what);
+    float *after = from_gpu(dout, (size_t)w->rows);
+    CHECK(n_mismatch(before, after, (size_t)w->rows) == 0, "%s: a declined matmul_silu wrote its output", what);
+    free(before), free(after);
+}
+
 static inline void note_worst(double *worst, double err) {
     if (isnan(err) || err > *worst) *worst = err;
 }

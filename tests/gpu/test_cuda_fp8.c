@@ -289,22 +289,12 @@ static void test_matmul_silu(void) {
             for (int i = 0; i < 5; i++) {
                 const int M = Ms[i];
                 WHERE("fp8 matmul_silu M=%d K=%lld ld=%d", M, (long long)K, ld);
-                gpu->ops->silu_mul(gpu, dact, g, u, M, (int)K, ld);
-                gpu->ops->matmul(gpu, dref, dact, &w.g, M);
-                CHECK(gpu->ops->matmul_silu(gpu, dout, g, u, ld, &w.g, M) == 0, "%s: declined", t_where);
-                float *ref = from_gpu(dref, (size_t)M * N), *got = from_gpu(dout, (size_t)M * N);
-                size_t bad = n_mismatch(got, ref, (size_t)M * N);
-                CHECK(bad == 0, "%s: %zu of %zu values differ from silu_mul then matmul", t_where, bad, (size_t)M * N);
-                free(ref), free(got);
+                check_matmul_silu(dout, dref, dact, g, u, ld, &w.g, M);
             }
         }
         /* a BF16 weight: declined, out untouched */
         twin_weight bw = make_weight(NB_BF16, N, K, 0.05f);
-        float *before = from_gpu(dout, (size_t)N);
-        CHECK(gpu->ops->matmul_silu(gpu, dout, dgu, dgu + K, 2 * (int)K, &bw.g, 1) == 1, "bf16 weight not declined");
-        float *after = from_gpu(dout, (size_t)N);
-        CHECK(n_mismatch(before, after, (size_t)N) == 0, "a declined matmul_silu wrote its output");
-        free(before), free(after);
+        check_matmul_silu_declined(dout, dgu, dgu + K, 2 * (int)K, &bw.g, 1, "a bf16 weight");
         free_weight(&bw);
         gpu->ops->free(gpu, dgu), gpu->ops->free(gpu, dact), gpu->ops->free(gpu, dref), gpu->ops->free(gpu, dout);
         free(gu);

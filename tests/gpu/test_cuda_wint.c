@@ -437,22 +437,11 @@ static void test_tc_matmul_silu(void) {
                     const int M = Ms[i];
                     WHERE("tc matmul_silu %s%s K=%lld M=%d ld=%d", nb_dtype_name(t), grouped[fi] ? " g128" : "",
                           (long long)K, M, ld);
-                    gpu->ops->silu_mul(gpu, dact, g, u, M, (int)K, ld);
-                    gpu->ops->matmul(gpu, dref, dact, &w.g, M);
-                    CHECK(gpu->ops->matmul_silu(gpu, dout, g, u, ld, &w.g, M) == 0, "%s: declined", t_where);
-                    float *ref = from_gpu(dref, (size_t)M * N), *got = from_gpu(dout, (size_t)M * N);
-                    size_t bad = n_mismatch(got, ref, (size_t)M * N);
-                    CHECK(bad == 0, "%s: %zu of %zu values differ from silu_mul then matmul", t_where, bad,
-                          (size_t)M * N);
-                    free(ref), free(got);
+                    check_matmul_silu(dout, dref, dact, g, u, ld, &w.g, M);
                 }
             }
-            float *before = from_gpu(dout, (size_t)N);
-            CHECK(gpu->ops->matmul_silu(gpu, dout, dgu, dgu + K, 2 * (int)K, &w.g, ROWS) == 1,
-                  "%s: 5 rows not declined", nb_dtype_name(t));
-            float *after = from_gpu(dout, (size_t)N);
-            CHECK(n_mismatch(before, after, (size_t)N) == 0, "a declined matmul_silu wrote its output");
-            free(before), free(after);
+            WHERE("tc matmul_silu %s, 5 rows", nb_dtype_name(t));
+            check_matmul_silu_declined(dout, dgu, dgu + K, 2 * (int)K, &w.g, ROWS, t_where);
             gpu->ops->free(gpu, dgu), gpu->ops->free(gpu, dact), gpu->ops->free(gpu, dref), gpu->ops->free(gpu, dout);
             free(gu);
             free_qweight(&w);
@@ -460,7 +449,7 @@ static void test_tc_matmul_silu(void) {
     /* quant.h's layout (the GEMV's): declined */
     qweight w = make_qweight(NB_WINT4, N, 256, 128, 0);
     float *d = gpu->ops->alloc(gpu, sizeof(float) * 2 * 256 + sizeof(float) * N);
-    CHECK(gpu->ops->matmul_silu(gpu, d + 512, d, d + 256, 512, &w.g, 1) == 1, "a plain-layout weight not declined");
+    check_matmul_silu_declined(d + 512, d, d + 256, 512, &w.g, 1, "a plain-layout weight");
     gpu->ops->free(gpu, d);
     free_qweight(&w);
 }
